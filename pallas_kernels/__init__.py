@@ -1,0 +1,5 @@
+"""Pallas kernels for Twilight sparse decode attention (GPU via Triton lowering, TPU via Mosaic).
+
+Layouts and entry points: docs/kernel_api.md. Every op has ``op(..., backend="auto")``, a jnp
+``op_reference``, ``op_gpu`` and ``op_tpu``.
+"""
