@@ -1,0 +1,379 @@
+"""Times every Pallas kernel at LLaMA-3.1-8B attention shapes on a GPU.
+
+32 query heads, 8 KV heads, head_dim 128, bf16, page size 16; batch 1, 16, 64 and context 8K,
+32K, 128K. For each kernel: time per call, the bytes it must move (each input read once, each
+output written once), achieved TB/s and the fraction of the copy bandwidth measured in the same
+run. Dense decode is compared with jax cuDNN `dot_product_attention` and, where torch is
+importable, torch SDPA, on the same shapes.
+
+    python scripts/bench_kernels.py --out docs/results/kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchlib  # noqa: E402
+
+from pallas_kernels import attention, int4, quest, spgemv, topp  # noqa: E402
+
+HQ, HKV, D, S = 32, 8, 128, 16
+G = HQ // HKV
+DT = jnp.bfloat16
+MIN_POOL_BYTES = 1 << 30  # the page pool is at least this large so repeated calls miss L2
+N_ROT = 4  # input sets rotated through inside one timing loop
+
+
+def make_pool(key, batch, ctx):
+    """A random paged cache big enough for batch x ctx tokens and at least MIN_POOL_BYTES."""
+    pages_per_seq = ctx // S
+    need = batch * pages_per_seq
+    page_bytes = HKV * S * D * 2 * 2
+    pool = max(need, math.ceil(MIN_POOL_BYTES / page_bytes)) + 1
+    ks = jax.random.split(key, 6)
+    k_pages = jax.random.normal(ks[0], (HKV, pool, S, D), DT)
+    v_pages = jax.random.normal(ks[1], (HKV, pool, S, D), DT)
+    k_int4 = jax.random.randint(ks[2], (HKV, pool, S, D // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    k_scale = jax.random.uniform(ks[3], (HKV, pool, S), jnp.float32, 0.01, 0.1)
+    k_zero = -8 * k_scale
+    k_min = jnp.minimum(k_pages.min(axis=2), 0).astype(DT)
+    k_max = jnp.maximum(k_pages.max(axis=2), 0).astype(DT)
+    tables = []
+    for r in range(N_ROT):
+        perm = jax.random.permutation(jax.random.fold_in(ks[4], r), pool - 1)[:need] + 1
+        tables.append(perm.reshape(batch, pages_per_seq).astype(jnp.int32))
+    pool_arrays = dict(
+        k_pages=k_pages,
+        v_pages=v_pages,
+        k_int4=k_int4,
+        k_scale=k_scale,
+        k_zero=k_zero,
+        k_min=k_min,
+        k_max=k_max,
+    )
+    return pool_arrays, tables
+
+
+def queries(key, batch):
+    return [jax.random.normal(jax.random.fold_in(key, r), (batch, HQ, D), DT) for r in range(N_ROT)]
+
+
+def bench_config(batch, ctx, args, key, peak, record, attempt):
+    """Runs every kernel benchmark for one (batch, context) and records the rows."""
+    pool, tables = make_pool(jax.random.fold_in(key, batch * 1000 + ctx), batch, ctx)
+    qs = queries(key, batch)
+    lengths = jnp.full((batch,), ctx, jnp.int32)
+    pps = ctx // S
+    kv_bytes = 2 * batch * HKV * ctx * D * 2
+    q_bytes = 2 * batch * HQ * D * 2  # q in, out back
+
+    # Dense paged decode attention.
+    def dense():
+        t = benchlib.time_fn(
+            lambda q, pt, kp, vp: attention.paged_decode_attention(
+                q, kp, vp, pt, lengths, backend="pallas"
+            ),
+            list(zip(qs, tables)),
+            (pool["k_pages"], pool["v_pages"]),
+        )
+        record("dense_paged_attention", batch, ctx, f"{ctx} tok", t, kv_bytes + q_bytes)
+
+    attempt("dense_paged_attention", dense)
+
+    # jax cuDNN dense attention on contiguous [B, T, Hkv, D].
+    def cudnn():
+        kd = jax.random.normal(key, (batch, ctx, HKV, D), DT)
+        vd = jax.random.normal(jax.random.fold_in(key, 1), (batch, ctx, HKV, D), DT)
+
+        def f(q, k, v):
+            return jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")[:, 0]
+
+        t = benchlib.time_fn(f, [(q,) for q in qs], (kd, vd))
+        record(
+            "jax_cudnn_dense",
+            batch,
+            ctx,
+            f"{ctx} tok",
+            t,
+            kv_bytes + q_bytes,
+            "contiguous K/V",
+        )
+        del kd, vd
+
+    attempt("jax_cudnn_dense", cudnn)
+
+    if args.torch:
+
+        def torch_sdpa():
+            import torch
+            import torch.nn.functional as F
+
+            qt = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+            kt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+            vt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+            t = benchlib.time_torch(
+                lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+            )
+            record(
+                "torch_sdpa_dense",
+                batch,
+                ctx,
+                f"{ctx} tok",
+                t,
+                kv_bytes + q_bytes,
+                f"torch {torch.__version__}",
+            )
+            del qt, kt, vt
+            torch.cuda.empty_cache()
+
+        attempt("torch_sdpa_dense", torch_sdpa)
+
+    # Sparse decode attention over token lists of a few lengths.
+    for n_tok in sorted({min(8192, ctx), 512}):
+
+        def sparse(n_tok=n_tok):
+            rng = np.random.default_rng(n_tok)
+            pos = np.sort(
+                np.stack([rng.choice(ctx, n_tok, replace=False) for _ in range(batch * HKV)]),
+                axis=-1,
+            )
+            pos = jnp.asarray(pos.reshape(batch, HKV, n_tok), jnp.int32)
+            counts = jnp.full((batch, HKV), n_tok, jnp.int32)
+            t = benchlib.time_fn(
+                lambda q, pt, kp, vp: attention.sparse_decode_attention(
+                    q, kp, vp, pt, pos, counts, backend="pallas"
+                ),
+                list(zip(qs, tables)),
+                (pool["k_pages"], pool["v_pages"]),
+            )
+            nbytes = 2 * batch * HKV * n_tok * D * 2 + q_bytes + pos.size * 4
+            record("sparse_attention", batch, ctx, f"{n_tok} tok", t, nbytes)
+
+        attempt("sparse_attention", sparse)
+
+    # Block SpGEMV over B0 = min(8192, ctx) candidate tokens (whole pages).
+    b0 = min(8192, ctx)
+    n_cand = b0 // S
+    rng = np.random.default_rng(1)
+    cand = np.sort(
+        np.stack([rng.choice(pps, n_cand, replace=False) for _ in range(batch * HKV)]),
+        axis=-1,
+    )
+    cand = jnp.asarray(cand.reshape(batch, HKV, n_cand), jnp.int32)
+    cand_count = jnp.full((batch, HKV), n_cand, jnp.int32)
+
+    def spg():
+        t = benchlib.time_fn(
+            lambda q, pt, k4, sc, zr: spgemv.block_spgemv(
+                q, k4, sc, zr, pt, lengths, cand, cand_count, block_size=S, backend="pallas"
+            ),
+            list(zip(qs, tables)),
+            (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
+        )
+        nbytes = (
+            batch * HKV * b0 * (D // 2 + 8)
+            + cand.size * 4
+            + batch * HQ * D * 2
+            + batch * HQ * b0 * 4
+        )
+        record("block_spgemv", batch, ctx, f"{b0} cand", t, nbytes)
+
+    attempt("block_spgemv", spg)
+
+    # Top-p over the B0 estimated logits, GQA groups of G heads, union selection.
+    def tp():
+        logit_sets = [
+            (jax.random.normal(jax.random.fold_in(key, r), (batch * HKV, G, b0), jnp.float32) * 3,)
+            for r in range(N_ROT)
+        ]
+        valid = jnp.ones((batch * HKV, b0), bool)
+        p = jnp.full((batch * HKV,), 0.85, jnp.float32)
+        cap = 2048
+        t = benchlib.time_fn(
+            lambda lg, v, pp: topp.topp_select_grouped(lg, v, pp, cap, backend="pallas"),
+            logit_sets,
+            (valid, p),
+        )
+        read_once = batch * HQ * b0 * 4 + batch * HKV * b0
+        nbytes = read_once + batch * HKV * (cap * 4 + 8)
+        record(
+            "topp_select_grouped",
+            batch,
+            ctx,
+            f"{b0} x G{G}",
+            t,
+            nbytes,
+            f"read-once floor {read_once / peak * 1e6:.1f} us",
+        )
+
+    attempt("topp_select_grouped", tp)
+
+    # Quest page scores over every page of the context.
+    def qs_scores():
+        t = benchlib.time_fn(
+            lambda q, pt, kmin, kmax: quest.quest_page_scores(
+                q, kmin, kmax, pt, lengths, backend="pallas"
+            ),
+            list(zip(qs, tables)),
+            (pool["k_min"], pool["k_max"]),
+        )
+        nbytes = (
+            2 * batch * HKV * pps * D * 2
+            + batch * pps * 4
+            + batch * HQ * D * 2
+            + batch * HQ * pps * 4
+        )
+        record("quest_page_scores", batch, ctx, f"{pps} pages", t, nbytes)
+
+    attempt("quest_page_scores", qs_scores)
+
+    if ctx == args.contexts[0]:
+        # Decode-time appends: one token per sequence and KV head.
+        positions = jnp.full((batch,), ctx - 1, jnp.int32)
+
+        def pack_dec():
+            kn = [
+                (
+                    jax.random.normal(jax.random.fold_in(key, r), (batch, HKV, D), DT),
+                    tables[r],
+                )
+                for r in range(N_ROT)
+            ]
+            t = benchlib.time_update(
+                lambda k, pt, k4, sc, zr: int4.int4_pack_decode(
+                    k4, sc, zr, k, pt, positions, backend="pallas"
+                ),
+                kn,
+                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
+            )
+            nbytes = batch * HKV * (D * 2 + D // 2 + 8)
+            record("int4_pack_decode", batch, ctx, "1 tok", t, nbytes)
+
+        attempt("int4_pack_decode", pack_dec)
+
+        def quest_dec():
+            kn = [
+                (
+                    jax.random.normal(jax.random.fold_in(key, r), (batch, HKV, D), DT),
+                    tables[r],
+                )
+                for r in range(N_ROT)
+            ]
+            t = benchlib.time_update(
+                lambda k, pt, kmin, kmax: quest.quest_update_decode(
+                    kmin, kmax, k, pt, positions, backend="pallas"
+                ),
+                kn,
+                (pool["k_min"], pool["k_max"]),
+            )
+            nbytes = batch * HKV * D * 2 * 5
+            record("quest_update_decode", batch, ctx, "1 tok", t, nbytes)
+
+        attempt("quest_update_decode", quest_dec)
+
+    if batch == args.batches[0]:
+        # Prefill-time bulk writes of a whole context (one sequence per batch entry).
+        def pack_pre():
+            kn = [
+                (
+                    jax.random.normal(jax.random.fold_in(key, r), (batch, ctx, HKV, D), DT),
+                    tables[r],
+                )
+                for r in range(2)
+            ]
+            start = jnp.zeros((batch,), jnp.int32)
+            count = jnp.full((batch,), ctx, jnp.int32)
+            t = benchlib.time_update(
+                lambda k, pt, k4, sc, zr: int4.int4_pack_prefill(
+                    k4, sc, zr, k, pt, start, count, backend="pallas"
+                ),
+                kn,
+                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
+                iters=5,
+            )
+            nbytes = batch * ctx * HKV * (D * 2 + D // 2 + 8)
+            record("int4_pack_prefill", batch, ctx, f"{ctx} tok", t, nbytes)
+
+        attempt("int4_pack_prefill", pack_pre)
+
+        def quest_ref():
+            rot = [(jnp.zeros((1,), jnp.float32), tables[r]) for r in range(2)]
+            t = benchlib.time_update(
+                lambda _, pt, kmin, kmax, kp: (
+                    quest.quest_refresh(kmin, kmax, kp, pt, lengths, backend="pallas") + (kp,)
+                ),
+                rot,
+                (pool["k_min"], pool["k_max"], pool["k_pages"]),
+                iters=5,
+            )
+            nbytes = batch * ctx * HKV * D * 2 + 2 * batch * pps * HKV * D * 2
+            record("quest_refresh", batch, ctx, f"{ctx} tok", t, nbytes)
+
+        attempt("quest_refresh", quest_ref)
+
+
+def run(args):
+    peak = benchlib.measure_copy_bandwidth()
+    print(f"measured copy bandwidth: {peak / 1e12:.2f} TB/s", flush=True)
+    table = benchlib.Table(
+        ["kernel", "batch", "ctx", "work", "time_us", "MB", "TB/s", "%peak", "note"]
+    )
+
+    def record(kernel, batch, ctx, work, seconds, nbytes, note=""):
+        table.add(
+            kernel=kernel,
+            batch=batch,
+            ctx=ctx,
+            work=work,
+            time_us=seconds * 1e6,
+            MB=nbytes / 1e6,
+            **{"TB/s": nbytes / seconds / 1e12, "%peak": 100 * nbytes / seconds / peak},
+            note=note,
+        )
+
+    def attempt(name, fn):
+        try:
+            fn()
+        except Exception as e:  # a failing case is reported, the rest still run
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            traceback.print_exc(limit=3)
+            table.add(kernel=name, note=f"FAILED {type(e).__name__}")
+
+    key = jax.random.key(0)
+    for batch in args.batches:
+        for ctx in args.contexts:
+            bench_config(batch, ctx, args, key, peak, record, attempt)
+    meta = benchlib.device_meta()
+    meta["copy_bandwidth_TBps"] = round(peak / 1e12, 3)
+    meta["command"] = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
+    table.save(args.out, meta)
+    print("\n" + table.text())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--out", default="docs/results/kernels")
+    args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        sys.exit(
+            f"bench_kernels.py needs a GPU (jax.default_backend() is {jax.default_backend()!r})"
+        )
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

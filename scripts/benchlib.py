@@ -1,0 +1,188 @@
+"""Timing and reporting helpers shared by the bench_*.py scripts (GPU runs).
+
+Timing method: each measurement runs the function `iters` times inside ONE jitted
+`lax.fori_loop`, rotating through several input sets (so repeated runs do not measure the L2
+cache), with a tiny data dependency on the previous iteration so XLA can neither hoist nor drop
+the calls. The loop is timed with a host clock around `block_until_ready` after warm-up; the
+median over `repeats` such loops, divided by `iters`, is the time per call. Launch gaps between
+the calls inside the loop are included, as they are in a real decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def measure_copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    n = nbytes // 4
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+
+    @jax.jit
+    def copy(x):
+        return x * 1.0000001  # an elementwise pass: read n, write n (a plain copy may alias)
+
+    copy(x).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(ts)
+
+
+def time_fn(
+    fn: Callable,
+    rotating: Sequence[tuple],
+    fixed: tuple = (),
+    *,
+    iters: int = 20,
+    repeats: int = 5,
+) -> float:
+    """Seconds per call of fn(*rotating[i], *fixed), cycling i inside one jitted loop.
+
+    `rotating` holds small per-call inputs (the query, page tables, index lists); `fixed` the
+    large ones (the caches), passed as jit arguments, never captured as constants. The first
+    rotating input must be a floating array: a scalar from the previous call's output is added
+    to it with weight 0 so the calls are ordered but their results unchanged.
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
+    n_sets = len(rotating)
+
+    @jax.jit
+    def loop(stacked, fixed):
+        def body(i, carry):
+            args = jax.tree.map(lambda s: s[i % n_sets], stacked)
+            q = args[0] + (carry * 0).astype(args[0].dtype)
+            out = fn(q, *args[1:], *fixed)
+            leaf = jax.tree.leaves(out)[0]
+            return leaf.reshape(-1)[0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    loop(stacked, fixed).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loop(stacked, fixed).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / iters
+
+
+def time_update(
+    fn: Callable,
+    rotating: Sequence[tuple],
+    state: tuple,
+    *,
+    iters: int = 20,
+    repeats: int = 5,
+) -> float:
+    """Seconds per call of an in-place update ``state = fn(*rotating[i], *state)``.
+
+    The state (cache arrays) is the loop carry and is donated, so the kernels' aliased outputs
+    update it in place instead of copying it every call.
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
+    n_sets = len(rotating)
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def loop(stacked, state):
+        def body(i, state):
+            args = jax.tree.map(lambda s: s[i % n_sets], stacked)
+            return tuple(fn(*args, *state))
+
+        return jax.lax.fori_loop(0, iters, body, tuple(state))
+
+    state = loop(stacked, state)
+    jax.block_until_ready(state)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state = loop(stacked, state)
+        jax.block_until_ready(state)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / iters
+
+
+def time_torch(fn: Callable, *, iters: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of a torch CUDA callable, CUDA events around `iters` calls, median."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(ts)
+
+
+class Table:
+    """Rows of dicts printed as an aligned text table and saved as JSON and Markdown."""
+
+    def __init__(self, columns: Sequence[str]):
+        self.columns = list(columns)
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+
+    def text(self) -> str:
+        cells = [[_fmt(r.get(c, "")) for c in self.columns] for r in self.rows]
+        widths = [
+            max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(self.columns)
+        ]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(self.columns, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        for r in self.rows:
+            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in self.columns) + " |")
+        return "\n".join(lines)
+
+    def save(self, path_stem: str, meta: dict) -> None:
+        os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+        with open(path_stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": self.rows}, f, indent=1)
+        with open(path_stem + ".md", "w") as f:
+            f.write("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n")
+            f.write(self.markdown() + "\n")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def device_meta() -> dict:
+    d = jax.devices()[0]
+    return {
+        "device": getattr(d, "device_kind", str(d)),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
