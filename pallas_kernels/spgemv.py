@@ -1,0 +1,586 @@
+"""Block SpGEMV: estimated attention logits over candidate blocks from the INT4 K cache.
+
+For each (sequence b, KV head g) the selector proposes up to C candidate blocks
+(``cand_blocks[b, g, :cand_count[b, g]]``, logical block ids; a block is ``block_size``
+consecutive positions, ``block_size`` divides ``page_size``). For every position of every
+candidate block and every query head h of the group we estimate
+
+    logit[b, h, c * block_size + i] = scale * q[b, h] . dequant(K_int4 at position p)
+    p = cand_blocks[b, g, c] * block_size + i
+
+with ``dequant(n) = k_scale * n + k_zero`` per token (docs/kernel_api.md, "INT4 nibble
+order"). Entries past the count and positions outside ``[0, lengths[b])`` give ``-inf``.
+
+Both kernels use the identity ``q . (s * n + z) = s * (q . n) + z * sum(q)``: the dot runs on
+the raw nibbles (exact small integers, so bf16 holds them exactly) and the per-token scale and
+zero are applied to the [heads, tokens] result instead of to the [tokens, head_dim] rows.
+
+Layouts (docs/kernel_api.md): q ``[B, Hq, D]``; k_int4 ``[Hkv, P, S, D // 2]`` uint8;
+k_scale, k_zero ``[Hkv, P, S]`` float32; page_table ``[B, max_pages]``; lengths ``[B]``;
+cand_blocks ``[B, Hkv, C]``; cand_count ``[B, Hkv]`` (all int32). Output ``[B, Hq, C * bs]``
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _common
+
+_INDEX_DTYPES = (np.int32,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpGEMVConfig:
+    """Tuning knobs of the GPU kernel (the TPU kernel is one candidate block per step).
+
+    tokens_per_chunk: candidate tokens (output columns) one program handles; a power of two
+      >= 16 (Triton's dot needs N >= 16). With block_size 16 and 256 tokens a program reads 16
+      pages, so batch 64 x 8 KV heads x 512 candidate pages is 16384 programs: enough to fill
+      an H200 and hide the gather latency by occupancy instead of in-program pipelining.
+      Capped at the (power-of-two rounded) candidate capacity for small problems.
+    num_warps, num_stages: Triton launch parameters.
+    """
+
+    tokens_per_chunk: int = 256
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        t = self.tokens_per_chunk
+        if t < 16 or t & (t - 1):
+            raise ValueError(f"tokens_per_chunk must be a power of two >= 16, got {t}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+DEFAULT_CONFIG = SpGEMVConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check_args(
+    q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count, block_size, scale
+) -> None:
+    """Static shape/dtype checks; raises ValueError naming the argument."""
+    _common.check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
+    _common.check_dtype("q", q, (jnp.float32, jnp.bfloat16))
+    _common.check_rank("k_int4", k_int4, 4, "[num_kv_heads, num_pages, page_size, head_dim // 2]")
+    _common.check_dtype("k_int4", k_int4, (np.uint8,))
+    batch, num_q_heads, head_dim = np.shape(q)
+    num_kv_heads, num_pages, page_size, half = np.shape(k_int4)
+    if head_dim % 2:
+        raise ValueError(f"q head_dim must be even (two INT4 nibbles per byte), got {head_dim}")
+    _common.check_dim("k_int4", k_int4, 3, head_dim // 2, "head_dim // 2 of q")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q num_q_heads={num_q_heads} must be a multiple of k_int4 num_kv_heads={num_kv_heads}"
+        )
+    for name, x in (("k_scale", k_scale), ("k_zero", k_zero)):
+        _common.check_rank(name, x, 3, "[num_kv_heads, num_pages, page_size]")
+        _common.check_dtype(name, x, (np.float32,))
+        for axis, n, what in (
+            (0, num_kv_heads, "num_kv_heads"),
+            (1, num_pages, "num_pages"),
+            (2, page_size, "page_size"),
+        ):
+            _common.check_dim(name, x, axis, n, what + " of k_int4")
+    _common.check_rank("page_table", page_table, 2, "[batch, max_pages]")
+    _common.check_dtype("page_table", page_table, _INDEX_DTYPES)
+    _common.check_dim("page_table", page_table, 0, batch, "batch of q")
+    _common.check_rank("lengths", lengths, 1, "[batch]")
+    _common.check_dtype("lengths", lengths, _INDEX_DTYPES)
+    _common.check_dim("lengths", lengths, 0, batch, "batch of q")
+    _common.check_rank("cand_blocks", cand_blocks, 3, "[batch, num_kv_heads, num_candidates]")
+    _common.check_dtype("cand_blocks", cand_blocks, _INDEX_DTYPES)
+    _common.check_dim("cand_blocks", cand_blocks, 0, batch, "batch of q")
+    _common.check_dim("cand_blocks", cand_blocks, 1, num_kv_heads, "num_kv_heads of k_int4")
+    _common.check_rank("cand_count", cand_count, 2, "[batch, num_kv_heads]")
+    _common.check_dtype("cand_count", cand_count, _INDEX_DTYPES)
+    _common.check_dim("cand_count", cand_count, 0, batch, "batch of q")
+    _common.check_dim("cand_count", cand_count, 1, num_kv_heads, "num_kv_heads of k_int4")
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
+        raise ValueError(f"block_size must be a static int, got {block_size!r}")
+    if block_size <= 0 or page_size % block_size:
+        raise ValueError(
+            f"block_size={block_size} must be a positive divisor of page_size={page_size}"
+        )
+    if scale is not None and not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
+
+
+def _check_gpu_args(head_dim: int, block_size: int) -> None:
+    """Extra limits of the Triton kernel: every in-kernel array dim is a power of two."""
+    half = head_dim // 2
+    if not _is_pow2(half) or half < 16:
+        raise ValueError(
+            f"q head_dim={head_dim}: the GPU kernel needs head_dim // 2 a power of two >= 16"
+        )
+    if not _is_pow2(block_size):
+        raise ValueError(f"block_size={block_size}: the GPU kernel needs a power of two")
+
+
+def _attn_scale(scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+
+
+def block_spgemv_reference(
+    q,
+    k_int4,
+    k_scale,
+    k_zero,
+    page_table,
+    lengths,
+    cand_blocks,
+    cand_count,
+    *,
+    block_size: int,
+    scale: float | None = None,
+):
+    """Plain-jnp float32 estimate; same arguments and result as `block_spgemv`."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_int4.shape[0]
+    page_size = k_int4.shape[2]
+    max_pages = page_table.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_cand = cand_blocks.shape[2]
+    pos = cand_blocks[..., None] * block_size + jnp.arange(block_size)  # [B, Hkv, C, bs]
+    pos = pos.reshape(batch, num_kv_heads, num_cand * block_size)
+    lpage = jnp.clip(pos // page_size, 0, max_pages - 1)
+    phys = jnp.take_along_axis(page_table[:, None, :], lpage, axis=2)  # [B, Hkv, N]
+    head = jnp.arange(num_kv_heads)[None, :, None]
+    slot = pos % page_size
+    packed = k_int4[head, phys, slot]  # [B, Hkv, N, D/2]
+    nibbles = jnp.concatenate([packed & 15, packed >> 4], axis=-1).astype(jnp.float32)
+    k_hat = k_scale[head, phys, slot][..., None] * nibbles + k_zero[head, phys, slot][..., None]
+    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
+    logits = jnp.einsum("bkgd,bknd->bkgn", qg, k_hat, precision=jax.lax.Precision.HIGHEST)
+    logits = logits * _attn_scale(scale, head_dim)
+    entry = jnp.arange(num_cand * block_size) // block_size
+    valid = (entry < cand_count[:, :, None]) & (pos >= 0) & (pos < lengths[:, None, None])
+    logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
+    return logits.reshape(batch, num_q_heads, num_cand * block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (Pallas Triton)
+
+
+def _gpu_kernel(
+    cand_count_ref,  # [B, Hkv] int32 (whole array)
+    lengths_ref,  # [B] int32 (whole array)
+    page_table_ref,  # [max_pages] int32: row b
+    cand_ref,  # [C] int32: candidate blocks of (b, g)
+    q_ref,  # [G, D] q dtype: the query heads of KV head g
+    k_ref,  # [P * S, D/2] uint8: all INT4 rows of KV head g
+    ks_ref,  # [P * S] f32
+    kz_ref,  # [P * S] f32
+    o_ref,  # [G, C * bs] f32: the logits row block of (b, g)
+    *,
+    group: int,
+    group_pad: int,
+    block_size: int,
+    page_size: int,
+    blocks_per_chunk: int,
+    num_cand: int,
+    num_pages: int,
+    attn_scale: float,
+    split_f32: bool,
+):
+    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    bs, cb = block_size, blocks_per_chunk
+    tokens = cb * bs
+    half = k_ref.shape[1]
+    max_pages = page_table_ref.shape[0]
+    count = jnp.minimum(cand_count_ref[b, g], num_cand)
+    first = c * cb  # first candidate entry of this chunk
+    # Triton's dot needs M >= 16, so the G query heads are padded to group_pad rows; padded
+    # rows are masked on load and store. Every ref access indexes each dim with an index
+    # array (not a slice): the interpreter supports masked gathers/scatters only in that form,
+    # and Triton still sees unit-stride columns.
+    head = jnp.arange(group_pad)[:, None]  # [Gp, 1]
+    head_ok = head < group
+    col = (c * tokens + jnp.arange(tokens))[None, :]  # [1, T]
+    store_mask = head_ok
+    if num_cand % cb:  # the last chunk overhangs the C * bs columns
+        store_mask = store_mask & (col < num_cand * bs)
+
+    @pl.when(first >= count)
+    def _empty():
+        neg = jnp.full((group_pad, tokens), -jnp.inf, jnp.float32)
+        plt.store(o_ref.at[head, col], neg, mask=store_mask)
+
+    @pl.when(first < count)
+    def _compute():
+        entry = first + jnp.arange(cb)
+        if num_cand % cb:
+            blk = plt.load(cand_ref.at[pl.ds(first, cb)], mask=entry < num_cand, other=0)
+        else:
+            blk = cand_ref[pl.ds(first, cb)]
+        entry_ok = (entry < count) & (blk >= 0)
+        # Invalid entries point at block 0 so every address below stays in bounds.
+        start = jnp.where(entry_ok, blk, 0) * bs  # [cb] first position of each block
+        # bs divides S, so a block never straddles a page: one page-table read per block.
+        lpage = jnp.minimum(start // page_size, max_pages - 1)
+        phys = jnp.clip(page_table_ref[lpage], 0, num_pages - 1)
+        offs = jnp.arange(bs)
+        rows = (phys * page_size + start % page_size)[:, None] + offs[None, :]  # [cb, bs]
+        pos = start[:, None] + offs[None, :]
+        tok_ok = entry_ok[:, None] & (pos < lengths_ref[b])
+        rows = rows.reshape(tokens)
+        tok_ok = tok_ok.reshape(tokens)
+
+        # One gather of the packed rows serves all G heads; masked rows are not read.
+        byte = jnp.arange(half)[None, :]
+        packed = plt.load(k_ref.at[rows[:, None], byte], mask=tok_ok[:, None], other=0)
+        k_s = plt.load(ks_ref.at[rows], mask=tok_ok, other=0.0)  # [T]
+        k_z = plt.load(kz_ref.at[rows], mask=tok_ok, other=0.0)
+        lo = (packed & 15).astype(jnp.int32).astype(jnp.float32).astype(jnp.bfloat16)
+        hi = (packed >> 4).astype(jnp.int32).astype(jnp.float32).astype(jnp.bfloat16)
+
+        q_lo = plt.load(q_ref.at[head, byte], mask=head_ok, other=0).astype(jnp.float32)
+        q_hi = plt.load(q_ref.at[head, byte + half], mask=head_ok, other=0).astype(jnp.float32)
+        q_sum = jnp.sum(q_lo, axis=1) + jnp.sum(q_hi, axis=1)  # [Gp]
+
+        qn = _nibble_dot(q_lo, lo, split_f32) + _nibble_dot(q_hi, hi, split_f32)  # [Gp, T]
+        logits = attn_scale * (k_s[None, :] * qn + k_z[None, :] * q_sum[:, None])
+        logits = jnp.where(tok_ok[None, :], logits, -jnp.inf)
+        plt.store(o_ref.at[head, col], logits, mask=store_mask)
+
+
+def _nibble_dot(qf, nib, split_f32: bool):
+    """qf [M, K] f32 (holding bf16 or f32 values) . nib [T, K] bf16 nibbles -> [M, T] f32.
+
+    The nibbles are exact in bf16, so a bf16 tensor-core dot with f32 accumulation is exact in
+    the products when q is bf16. An f32 q is split as q = hi + lo (both bf16; lo carries the
+    next 8 mantissa bits), which keeps the products to ~2^-17 relative error at the cost of
+    a second tensor-core dot, instead of an IEEE f32 dot on CUDA cores.
+    """
+    q_hi = qf.astype(jnp.bfloat16)
+    out = pl.dot(q_hi, nib, trans_b=True)
+    if not split_f32:
+        return out
+    q_lo = (qf - q_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    return out + pl.dot(q_lo, nib, trans_b=True)
+
+
+def block_spgemv_gpu(
+    q,
+    k_int4,
+    k_scale,
+    k_zero,
+    page_table,
+    lengths,
+    cand_blocks,
+    cand_count,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    config: SpGEMVConfig = DEFAULT_CONFIG,
+    interpret: bool = False,
+):
+    """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller).
+
+    Grid (B, Hkv, chunks of candidate blocks); a chunk past cand_count only writes -inf.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, half = k_int4.shape
+    max_pages = page_table.shape[1]
+    num_cand = cand_blocks.shape[2]
+    group = num_q_heads // num_kv_heads
+    _check_gpu_args(head_dim, block_size)
+    tokens = min(config.tokens_per_chunk, max(16, pl.next_power_of_2(num_cand * block_size)))
+    tokens = max(tokens, block_size)
+    cb = tokens // block_size
+    num_chunks = pl.cdiv(num_cand, cb)
+    group_pad = max(16, pl.next_power_of_2(group))
+
+    kernel = functools.partial(
+        _gpu_kernel,
+        group=group,
+        group_pad=group_pad,
+        block_size=block_size,
+        page_size=page_size,
+        blocks_per_chunk=cb,
+        num_cand=num_cand,
+        num_pages=num_pages,
+        attn_scale=_attn_scale(scale, head_dim),
+        split_f32=q.dtype == jnp.float32,
+    )
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_chunks),
+        in_specs=[
+            pl.BlockSpec((batch, num_kv_heads), lambda b, g, c: (0, 0)),
+            pl.BlockSpec((batch,), lambda b, g, c: (0,)),
+            pl.BlockSpec((None, max_pages), lambda b, g, c: (b, 0)),
+            pl.BlockSpec((None, None, num_cand), lambda b, g, c: (b, g, 0)),
+            pl.BlockSpec((None, None, group, head_dim), lambda b, g, c: (b, g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, half), lambda b, g, c: (g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, c: (g, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, c: (g, 0)),
+        ],
+        out_specs=pl.BlockSpec(
+            (None, None, group, num_cand * block_size), lambda b, g, c: (b, g, 0, 0)
+        ),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, num_kv_heads, group, num_cand * block_size), jnp.float32
+        ),
+        compiler_params=plt.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="block_spgemv_gpu",
+    )(
+        cand_count,
+        lengths,
+        page_table,
+        cand_blocks,
+        q.reshape(batch, num_kv_heads, group, head_dim),
+        k_int4.reshape(num_kv_heads, num_pages * page_size, half),
+        k_scale.reshape(num_kv_heads, num_pages * page_size),
+        k_zero.reshape(num_kv_heads, num_pages * page_size),
+    )
+    return out.reshape(batch, num_q_heads, num_cand * block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# TPU (Pallas Mosaic)
+
+
+def _tpu_kernel(
+    count_ref,  # SMEM [B * Hkv] int32: cand_count
+    lengths_ref,  # SMEM [B] int32
+    start_ref,  # SMEM [B * Hkv * C] int32: first position of each candidate block
+    phys_ref,  # SMEM [B * Hkv * C] int32: physical page holding it (used by the index maps)
+    q_lo_ref,  # [G, D/2] f32: first half of q for the heads of (b, g)
+    q_hi_ref,  # [G, D/2] f32: second half
+    k_ref,  # [S, D/2] uint8: the page holding candidate block c
+    ks_ref,  # [1, S] f32
+    kz_ref,  # [1, S] f32
+    o_ref,  # [G, bs] f32
+    *,
+    block_size: int,
+    num_cand: int,
+    attn_scale: float,
+):
+    del phys_ref
+    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_kv_heads = pl.num_programs(1)
+    page_size = k_ref.shape[0]
+    row = b * num_kv_heads + g
+
+    @pl.when(c >= count_ref[row])
+    def _empty():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+    @pl.when(c < count_ref[row])
+    def _compute():
+        hp = jax.lax.Precision.HIGHEST
+        nt = (((1,), (1,)), ((), ()))  # contract the last dims: q [G, K] . n [S, K] -> [G, S]
+        packed = k_ref[...].astype(jnp.int32)
+        lo = (packed & 15).astype(jnp.float32)
+        hi = (packed >> 4).astype(jnp.float32)
+        q_lo = q_lo_ref[...]
+        q_hi = q_hi_ref[...]
+        qn = jax.lax.dot_general(q_lo, lo, nt, precision=hp, preferred_element_type=jnp.float32)
+        qn += jax.lax.dot_general(q_hi, hi, nt, precision=hp, preferred_element_type=jnp.float32)
+        q_sum = jnp.sum(q_lo, axis=1, keepdims=True) + jnp.sum(q_hi, axis=1, keepdims=True)
+        logits = attn_scale * (ks_ref[...] * qn + kz_ref[...] * q_sum)  # [G, S]
+        start = start_ref[row * num_cand + c]
+        if block_size < page_size:
+            # The block is slots [slot0, slot0 + bs) of the page. Selecting them with a 0/1
+            # matrix avoids a dynamic lane slice; at HIGHEST precision it is exact.
+            slot0 = jnp.maximum(start, 0) % page_size
+            shape = (page_size, block_size)
+            sel = jax.lax.broadcasted_iota(jnp.int32, shape, 0) == (
+                slot0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            )
+            logits = jnp.dot(logits, sel.astype(jnp.float32), precision=hp)  # [G, bs]
+        pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+        ok = (pos >= 0) & (pos < lengths_ref[b])
+        o_ref[...] = jnp.where(ok, logits, -jnp.inf)
+
+
+def block_spgemv_tpu(
+    q,
+    k_int4,
+    k_scale,
+    k_zero,
+    page_table,
+    lengths,
+    cand_blocks,
+    cand_count,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    interpret: bool = False,
+):
+    """Pallas Mosaic TPU kernel; arguments and result as `block_spgemv` (checked by the caller).
+
+    Grid (B, Hkv, C): one candidate block per step. The index map fetches the page holding
+    the block by its scalar-prefetched physical id; for block_size < page_size the whole page
+    is fetched and the block's slots selected in VMEM (simple, not bandwidth-optimal). Steps
+    past cand_count keep the previous page index, so the pipeline issues no copy for them.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_pages, page_size, half = k_int4.shape
+    max_pages = page_table.shape[1]
+    num_cand = cand_blocks.shape[2]
+    group = num_q_heads // num_kv_heads
+
+    start = cand_blocks * block_size  # [B, Hkv, C]; negative blocks stay negative (invalid)
+    lpage = jnp.clip(start // page_size, 0, max_pages - 1)
+    phys = jnp.take_along_axis(page_table[:, None, :], lpage.reshape(batch, 1, -1), axis=2)
+    phys = jnp.clip(phys.reshape(batch, num_kv_heads, num_cand), 0, num_pages - 1)
+    count = jnp.clip(cand_count, 0, num_cand).reshape(-1)
+
+    def page_map(b, g, c, count_ref, lengths_ref, start_ref, phys_ref):
+        row = b * num_kv_heads + g
+        c_eff = jnp.maximum(jnp.minimum(c, count_ref[row] - 1), 0)
+        return g, phys_ref[row * num_cand + c_eff], 0, 0
+
+    def q_map(b, g, c, *_):
+        return b, g, 0, 0
+
+    qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
+    kernel = functools.partial(
+        _tpu_kernel,
+        block_size=block_size,
+        num_cand=num_cand,
+        attn_scale=_attn_scale(scale, head_dim),
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(batch, num_kv_heads, num_cand),
+            in_specs=[
+                pl.BlockSpec((None, None, group, half), q_map),
+                pl.BlockSpec((None, None, group, half), q_map),
+                pl.BlockSpec((None, None, page_size, half), page_map),
+                pl.BlockSpec((None, None, 1, page_size), page_map),
+                pl.BlockSpec((None, None, 1, page_size), page_map),
+            ],
+            out_specs=pl.BlockSpec(
+                (None, None, None, group, block_size), lambda b, g, c, *_: (b, g, c, 0, 0)
+            ),
+        ),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, num_kv_heads, num_cand, group, block_size), jnp.float32
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=_common.tpu_interpret_params() if interpret else False,
+        name="block_spgemv_tpu",
+    )(
+        count,
+        lengths,
+        start.reshape(-1),
+        phys.reshape(-1),
+        qf[..., :half],
+        qf[..., half:],
+        k_int4,
+        k_scale.reshape(num_kv_heads, num_pages, 1, page_size),
+        k_zero.reshape(num_kv_heads, num_pages, 1, page_size),
+    )
+    # [B, Hkv, C, G, bs] -> [B, Hkv, G, C, bs]: a copy of the output, the price of keeping the
+    # output block's last two dims equal to full dims (Mosaic tiling) with bs < 128.
+    out = out.transpose(0, 1, 3, 2, 4)
+    return out.reshape(batch, num_q_heads, num_cand * block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry
+
+
+def block_spgemv(
+    q,
+    k_int4,
+    k_scale,
+    k_zero,
+    page_table,
+    lengths,
+    cand_blocks,
+    cand_count,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+    config: SpGEMVConfig | None = None,
+):
+    """Estimated logits of the candidate blocks from the INT4 K cache (Twilight's SpGEMV).
+
+    Args:
+      q: [batch, num_q_heads, head_dim] float32 or bfloat16, post-RoPE queries.
+      k_int4: [num_kv_heads, num_pages, page_size, head_dim // 2] uint8; byte j of a row holds
+        element j (low nibble) and element j + head_dim // 2 (high nibble).
+      k_scale, k_zero: [num_kv_heads, num_pages, page_size] float32; K ~ scale * nibble + zero.
+      page_table: [batch, max_pages] int32, logical page -> physical page.
+      lengths: [batch] int32, tokens in the cache per sequence.
+      cand_blocks: [batch, num_kv_heads, C] int32 logical block ids (block = block_size
+        consecutive positions); entry c is used for c < cand_count[b, g].
+      cand_count: [batch, num_kv_heads] int32 valid entries (clamped to [0, C]).
+      block_size: static; divides page_size (page_size for Quest pages, 1 for tokens).
+      scale: static logit scale, default 1 / sqrt(head_dim).
+      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
+        (pallas_kernels._common.resolve_backend).
+      config: SpGEMVConfig for the GPU kernel; default DEFAULT_CONFIG.
+
+    Returns:
+      [batch, num_q_heads, C * block_size] float32. Column c * block_size + i holds the logit
+      of position p = cand_blocks[b, g, c] * block_size + i for query head h (g = h // G);
+      -inf where c >= cand_count[b, g] or p is outside [0, lengths[b]).
+    """
+    _check_args(
+        q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count, block_size, scale
+    )
+    impl, interpret = _common.resolve_backend(backend)
+    if impl == "gpu":
+        _check_gpu_args(q.shape[2], block_size)
+    batch, num_q_heads, _ = q.shape
+    num_cand = cand_blocks.shape[2]
+    if num_cand == 0:
+        return jnp.zeros((batch, num_q_heads, 0), jnp.float32)
+    args = (q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count)
+    if impl == "reference":
+        return _reference_jit(*args, block_size=int(block_size), scale=scale)
+    if impl == "gpu":
+        return _gpu_jit(
+            *args,
+            block_size=int(block_size),
+            scale=scale,
+            config=config or DEFAULT_CONFIG,
+            interpret=interpret,
+        )
+    return _tpu_jit(*args, block_size=int(block_size), scale=scale, interpret=interpret)
+
+
+_reference_jit = jax.jit(block_spgemv_reference, static_argnames=("block_size", "scale"))
+_gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=("block_size", "scale", "config", "interpret"))
+_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "interpret"))
