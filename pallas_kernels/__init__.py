@@ -3,3 +3,5 @@
 Layouts and entry points: docs/kernel_api.md. Every op has ``op(..., backend="auto")``, a jnp
 ``op_reference``, ``op_gpu`` and ``op_tpu``.
 """
+
+from pallas_kernels.topp import topp_select, topp_select_grouped, topp_threshold  # noqa: F401

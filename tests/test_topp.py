@@ -1,0 +1,343 @@
+"""topp: threshold and selection kernels (GPU Triton and TPU Mosaic, in interpret mode) against the
+sort-based jnp reference, invariants checked without the reference, lowering checks, validation.
+
+The interpreters poison outputs before the kernel runs (NaN, or INT_MIN for int32), so a slot the
+kernel never writes fails the exact comparison of indices against the reference's zero padding.
+Shapes are tiny and every kernel call covers many cases at once (one row per case), because each
+interpret-mode compile costs seconds.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _export import export_cuda, export_tpu
+
+from pallas_kernels import topp
+from pallas_kernels.topp import TopPConfig
+
+N = 200  # not a power of two, not a multiple of 128: exercises padding on both backends
+P_CYCLE = (1.0, 0.95, 0.5, 1e-6)
+TOL = dict(rtol=1e-5, atol=1e-6)
+BACKENDS = ("pallas", "pallas_tpu")  # on CPU: GPU kernel and TPU kernel, both interpreted
+
+
+def _mixed_batch(seed, rows, heads=None, n=N):
+    """Rows of varied shape: Gaussian, peaked, planted few large, flat (all tied), quantized
+    (many ties); ragged prefix and scattered valid masks, one all-masked row, one single-valid
+    row; p cycling through 1.0, 0.95, 0.5, 1e-6 with random p on later rows."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, n) if heads is None else (rows, heads, n)
+    x = rng.standard_normal(shape).astype(np.float32)
+    for r in range(rows):
+        kind = r % 5
+        if kind == 1:
+            x[r] *= 8.0
+        elif kind == 2:
+            x[r] *= 0.5
+            planted = rng.choice(n, 3, replace=False)
+            x[r][..., planted] += 8.0
+        elif kind == 3:
+            x[r] = 0.25
+        elif kind == 4:
+            x[r] = rng.integers(0, 4, x[r].shape).astype(np.float32)
+    lengths = rng.integers(1, n + 1, rows)
+    valid = np.arange(n)[None, :] < lengths[:, None]
+    scattered = rng.random((rows, n)) < 0.7
+    valid[1::3] = scattered[1::3]
+    valid[0] = False  # all masked
+    valid[min(2, rows - 1)] = np.arange(n) == 7  # a single valid entry
+    p = np.array([P_CYCLE[r % 4] for r in range(rows)], np.float32)
+    p[8:] = rng.uniform(0.05, 0.99, max(0, rows - 8)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(valid), jnp.asarray(p)
+
+
+def _weights64(logits, valid):
+    """float64 softmax over valid entries (0 elsewhere), independent of the module."""
+    x = np.asarray(logits, np.float64)
+    v = np.asarray(valid) & np.isfinite(x)
+    m = np.max(np.where(v, x, -np.inf), axis=-1, keepdims=True)
+    e = np.where(v, np.exp(x - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    z = e.sum(-1, keepdims=True)
+    return np.where(v, e / np.where(z > 0, z, 1.0), 0.0), v
+
+
+def _kept_from_indices(indices, counts, n):
+    kept = np.zeros((indices.shape[0], n), bool)
+    for r, (idx, c) in enumerate(zip(np.asarray(indices), np.asarray(counts))):
+        kept[r, idx[:c]] = True
+    return kept
+
+
+def _top_count(w, v, counts):
+    """The counts[r] heaviest valid entries of each row (the set a threshold count implies)."""
+    kept = np.zeros(w.shape, bool)
+    for r, c in enumerate(np.asarray(counts)):
+        order = np.argsort(-np.where(v[r], w[r], -1.0), kind="stable")
+        kept[r, order[:c]] = True
+    return kept
+
+
+def _check_topp_invariants(w, v, p, kept):
+    """Kept mass reaches p; dropping the smallest kept weight falls below p (rows where that
+    weight is not tied); p = 1 keeps all valid; tiny p keeps the maximum; empty rows keep none."""
+    for r in range(w.shape[0]):
+        if not v[r].any():
+            assert not kept[r].any(), r
+            continue
+        assert not (kept[r] & ~v[r]).any(), r
+        mass = w[r, kept[r]].sum()
+        if p[r] >= 1.0:
+            assert kept[r].sum() == v[r].sum(), r
+            continue
+        assert mass >= p[r] - 1e-6, (r, mass, p[r])
+        assert kept[r, np.argmax(np.where(v[r], w[r], -1.0))], r
+        smallest = w[r, kept[r]].min()
+        # Everything at least as heavy as a kept entry is kept (a threshold set).
+        assert not (v[r] & ~kept[r] & (w[r] >= smallest)).any(), r
+        if np.sum(kept[r] & (w[r] == smallest)) == 1:
+            assert mass - smallest < p[r] + 1e-6, (r, mass, smallest, p[r])
+
+
+# ------------------------------------------------------------------------------------------
+# Reference: hand-computed cases and invariants on many fresh rows (cheap, no kernels)
+# ------------------------------------------------------------------------------------------
+
+
+def test_reference_hand_computed():
+    # weights 0.5, 0.3, 0.2 (logits are their logs; entry 3 masked).
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.2, 0.9]], jnp.float32))
+    valid = jnp.array([[True, True, True, False]])
+    # p = 0.7: 0.5 < 0.7 <= 0.5 + 0.3, so t = 0.3, two entries, mass 0.8.
+    t, count, mass = topp.topp_threshold(logits, valid, 0.7, backend="reference")
+    np.testing.assert_allclose(t, [0.3], rtol=1e-6)
+    np.testing.assert_array_equal(count, [2])
+    np.testing.assert_allclose(mass, [0.8], rtol=1e-6)
+    # p = 0.85 needs all three; capacity 2 keeps the two heaviest (columns 0 and 1).
+    idx, counts, sat = topp.topp_select(logits, valid, 0.85, 2, backend="reference")
+    np.testing.assert_array_equal(idx, [[0, 1]])
+    np.testing.assert_array_equal(counts, [2])
+    np.testing.assert_array_equal(sat, [True])
+    # Tiny p keeps only the maximum; p = 1 keeps every valid entry, in column order.
+    idx, counts, sat = topp.topp_select(logits, valid, 1e-6, 3, backend="reference")
+    np.testing.assert_array_equal(idx, [[0, 0, 0]])
+    np.testing.assert_array_equal(counts, [1])
+    idx, counts, sat = topp.topp_select(logits, valid, 1.0, 4, backend="reference")
+    np.testing.assert_array_equal(idx, [[0, 1, 2, 0]])
+    np.testing.assert_array_equal(counts, [3])
+    np.testing.assert_array_equal(sat, [False])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reference_invariants(seed):
+    logits, valid, p = _mixed_batch(seed, rows=40)
+    _, count, _ = topp.topp_threshold(logits, valid, p, backend="reference")
+    idx, counts, sat = topp.topp_select(logits, valid, p, N, backend="reference")
+    w, v = _weights64(logits, valid)
+    kept = _kept_from_indices(idx, counts, N)
+    _check_topp_invariants(w, v, np.asarray(p), kept)
+    np.testing.assert_array_equal(counts, count)
+    assert not np.asarray(sat).any()
+
+
+def test_reference_ties_all_kept():
+    # Four equal weights 0.25: p = 0.3 is reached at the second, but ties at t are all kept.
+    logits = jnp.zeros((1, 6), jnp.float32)
+    valid = jnp.array([[True, False, True, True, False, True]])
+    t, count, mass = topp.topp_threshold(logits, valid, 0.3, backend="reference")
+    np.testing.assert_allclose(t, [0.25])
+    np.testing.assert_array_equal(count, [4])
+    # Capacity cuts among ties: lower columns first.
+    idx, counts, sat = topp.topp_select(logits, valid, 0.3, 3, backend="reference")
+    np.testing.assert_array_equal(idx, [[0, 2, 3]])
+    np.testing.assert_array_equal(sat, [True])
+
+
+def test_reference_under_jit_with_traced_p():
+    logits, valid, p = _mixed_batch(7, rows=8)
+    fn = jax.jit(lambda p: topp.topp_select(logits, valid, p, 16, backend="reference"))
+    eager = topp.topp_select(logits, valid, p, 16, backend="reference")
+    for a, b in zip(fn(p), eager):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels (interpret mode) vs the reference
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_kernel_matches_reference(backend):
+    logits, valid, p = _mixed_batch(11, rows=16)
+    got = topp.topp_threshold(logits, valid, p, backend=backend)
+    want = topp.topp_threshold(logits, valid, p, backend="reference")
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[2], want[2], **TOL)
+    # Reference-free: the threshold set of the kernel's own t meets the top-p invariants.
+    w, v = _weights64(logits, valid)
+    _check_topp_invariants(w, v, np.asarray(p), _top_count(w, v, got[1]))
+
+
+def test_threshold_kernel_python_float_p():
+    logits, valid, _ = _mixed_batch(12, rows=8)
+    got = topp.topp_threshold(logits, valid, 0.95, backend="pallas")
+    want = topp.topp_threshold(logits, valid, 0.95, backend="reference")
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_threshold_fewer_iters_is_conservative():
+    # 8 steps leave a wide bit interval: t may sit below the exact threshold, never above.
+    logits, valid, p = _mixed_batch(13, rows=16)
+    t, count, mass = topp.topp_threshold(logits, valid, p, iters=8, backend="pallas")
+    t_exact, count_exact, _ = topp.topp_threshold(logits, valid, p, backend="reference")
+    assert np.all(np.asarray(t) <= np.asarray(t_exact) * (1 + 1e-6))
+    assert np.all(np.asarray(count) >= np.asarray(count_exact))
+    p_np = np.asarray(p)
+    has_valid = np.asarray(valid).any(-1)
+    assert np.all(np.asarray(mass)[has_valid] >= np.minimum(p_np, 1.0)[has_valid] - 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_select_kernel_matches_reference(backend):
+    # Capacity 24 < N: the p = 1.0 rows and the flat rows saturate, tiny-p rows do not.
+    logits, valid, p = _mixed_batch(21, rows=16)
+    cap = 24
+    got = topp.topp_select(logits, valid, p, cap, backend=backend)
+    want = topp.topp_select(logits, valid, p, cap, backend="reference")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    sat = np.asarray(got[2])
+    assert sat.any() and not sat.all()
+    # Saturated rows keep exactly `capacity` entries, all at least as heavy as any dropped
+    # entry of the top-p set.
+    w, v = _weights64(logits, valid)
+    kept = _kept_from_indices(got[0], got[1], N)
+    _, count_full, _ = topp.topp_threshold(logits, valid, p, backend="reference")
+    for r in np.nonzero(sat)[0]:
+        assert got[1][r] == cap and count_full[r] > cap
+        t_full = np.sort(np.where(v[r], w[r], -1))[::-1][count_full[r] - 1]
+        dropped = v[r] & ~kept[r] & (w[r] >= t_full)
+        assert w[r, kept[r]].min() >= w[r, dropped].max() - 1e-12, r
+    # Unsaturated rows satisfy the top-p invariants.
+    rows = ~sat
+    _check_topp_invariants(w[rows], v[rows], np.asarray(p)[rows], kept[rows])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,rows,cap", [(4, 16, 40), (8, 5, 256)])
+def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
+    # (8, 5, 256): capacity above N (never saturates), R not a multiple of the TPU row block.
+    logits, valid, p = _mixed_batch(31 + heads, rows=rows, heads=heads)
+    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend)
+    want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got[3], want[3], **TOL)
+    # Union semantics without the reference: each head's own top-p set is inside the union
+    # on rows that did not saturate, so each head's mass reaches p there.
+    sat = np.asarray(got[2])
+    if cap >= N:
+        assert not sat.any()
+    else:
+        assert sat.any()
+    has_valid = np.asarray(valid).any(-1)
+    ok = ~sat & has_valid & (np.asarray(p) < 1.0)
+    assert np.all(np.asarray(got[3])[ok] >= np.asarray(p)[ok, None] - 1e-6)
+    # One head: the grouped entry equals the plain one.
+    if heads == 4:
+        one = topp.topp_select(logits[:, 0], valid, p, cap, backend="reference")
+        ref1 = topp.topp_select_grouped(logits[:, :1], valid, p, cap, backend="reference")
+        for a, b in zip(one, ref1[:3]):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Lowering checks (no accelerator): Pallas -> Triton IR, Pallas -> Mosaic TPU
+# ------------------------------------------------------------------------------------------
+
+
+EXPORT_SHAPES = [(512, 4, 8192, 2048), (2048, 1, 8192, 2048), (8, 8, 1000, 300), (3, 1, 200, 5)]
+
+
+@pytest.mark.parametrize("r,g,n,cap", EXPORT_SHAPES)
+def test_exports(r, g, n, cap):
+    x3 = jax.ShapeDtypeStruct((r, g, n), jnp.float32)
+    x2 = jax.ShapeDtypeStruct((r, n), jnp.float32)
+    v = jax.ShapeDtypeStruct((r, n), jnp.bool_)
+    p = jax.ShapeDtypeStruct((r,), jnp.float32)
+    export_cuda(functools.partial(topp.topp_select_grouped_gpu, capacity=cap), x3, v, p)
+    export_tpu(functools.partial(topp.topp_select_grouped_tpu, capacity=cap), x3, v, p)
+    export_cuda(topp.topp_threshold_gpu, x2, v, p)
+    export_tpu(topp.topp_threshold_tpu, x2, v, p)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+
+def _args(r=4, n=10, g=None):
+    shape = (r, n) if g is None else (r, g, n)
+    return jnp.zeros(shape, jnp.float32), jnp.ones((r, n), bool)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.5, 1.5, float("nan"), True])
+def test_bad_scalar_p(p):
+    logits, valid = _args()
+    with pytest.raises(ValueError, match="p must"):
+        topp.topp_select(logits, valid, p, 4)
+    with pytest.raises(ValueError, match="p must"):
+        topp.topp_threshold(logits, valid, p)
+
+
+def test_bad_array_p():
+    logits, valid = _args()
+    with pytest.raises(ValueError, match=r"p must be in \(0, 1\], got 1.5"):
+        topp.topp_select(logits, valid, jnp.array([0.5, 1.5, 0.5, 0.5]), 4)
+    with pytest.raises(ValueError, match=r"p must .*shape \(4,\)"):
+        topp.topp_select(logits, valid, jnp.full((3,), 0.5), 4)
+    with pytest.raises(ValueError, match="p must have a floating dtype"):
+        topp.topp_select(logits, valid, jnp.ones((4,), jnp.int32), 4)
+
+
+@pytest.mark.parametrize("cap", [0, -3, 2.5, True])
+def test_bad_capacity(cap):
+    logits, valid = _args()
+    with pytest.raises(ValueError, match="capacity must"):
+        topp.topp_select(logits, valid, 0.9, cap)
+    with pytest.raises(ValueError, match="capacity must"):
+        topp.topp_select_grouped(logits[:, None], valid, 0.9, cap)
+
+
+def test_bad_shapes_and_dtypes():
+    logits, valid = _args()
+    with pytest.raises(ValueError, match=r"logits must have rank 2"):
+        topp.topp_select(logits[None], valid, 0.9, 4)
+    with pytest.raises(ValueError, match=r"logits must have rank 3"):
+        topp.topp_select_grouped(logits, valid, 0.9, 4)
+    with pytest.raises(ValueError, match=r"logits must have dtype"):
+        topp.topp_threshold(logits.astype(jnp.bfloat16), valid, 0.9)
+    with pytest.raises(ValueError, match=r"valid dimension 1"):
+        topp.topp_select(logits, valid[:, :5], 0.9, 4)
+    with pytest.raises(ValueError, match=r"valid dimension 0"):
+        topp.topp_select_grouped(logits[:, None], valid[:3], 0.9, 4)
+    with pytest.raises(ValueError, match=r"valid must have dtype"):
+        topp.topp_select(logits, valid.astype(jnp.int32), 0.9, 4)
+    with pytest.raises(ValueError, match=r"logits must be non-empty"):
+        topp.topp_threshold(jnp.zeros((4, 0)), jnp.zeros((4, 0), bool), 0.9)
+
+
+def test_bad_config_and_backend():
+    logits, valid = _args()
+    with pytest.raises(ValueError, match=r"TopPConfig.iters"):
+        TopPConfig(iters=0)
+    with pytest.raises(ValueError, match=r"TopPConfig.num_warps"):
+        TopPConfig(num_warps=3)
+    with pytest.raises(ValueError, match=r"TopPConfig.iters"):
+        topp.topp_threshold(logits, valid, 0.9, iters=100)
+    with pytest.raises(ValueError, match="backend must be"):
+        topp.topp_select(logits, valid, 0.9, 4, backend="cuda")
