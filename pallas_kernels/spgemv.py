@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +43,25 @@ _INDEX_DTYPES = (np.int32,)
 class SpGEMVConfig:
     """Tuning knobs of the GPU kernel (the TPU kernel is one candidate block per step).
 
+    Defaults are reasoned, not measured (no GPU was available when they were set); sweep
+    tokens_per_chunk in {64, 128, 256}, num_warps in {2, 4, 8} and token_major on the target.
+
     tokens_per_chunk: candidate tokens (output columns) one program handles; a power of two
-      >= 16 (Triton's dot needs N >= 16). With block_size 16 and 256 tokens a program reads 16
-      pages, so batch 64 x 8 KV heads x 512 candidate pages is 16384 programs: enough to fill
-      an H200 and hide the gather latency by occupancy instead of in-program pipelining.
-      Capped at the (power-of-two rounded) candidate capacity for small problems.
-    num_warps, num_stages: Triton launch parameters.
+      >= 16 (Triton's dot needs every dim >= 16). 128 tokens with block_size 16 is 8 pages
+      per program, so batch 64 x 8 KV heads x 512 candidate pages is 32768 programs: the
+      gather latency is hidden by occupancy, and the unpacked [128, D/2] bf16 nibble tiles
+      stay small enough per thread at 4 warps. Capped at the (power-of-two rounded)
+      candidate capacity for small problems.
+    num_warps, num_stages: Triton launch parameters (there is no loop to pipeline).
+    token_major: compute the [T, Gp] tile as nibbles . q^T (the nibbles are the MMA's M
+      operand, which Hopper's wgmma can take from registers) instead of [Gp, T] = q . nibbles^T
+      (M = Gp = 16, mma.sync). Which is faster is a question for the profiler.
     """
 
-    tokens_per_chunk: int = 256
+    tokens_per_chunk: int = 128
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
+    token_major: bool = False
 
     def __post_init__(self):
         t = self.tokens_per_chunk
@@ -186,6 +195,37 @@ def block_spgemv_reference(
 # GPU (Pallas Triton)
 
 
+# bf16 bit pattern 0x4300 is 128.0 and its 7 mantissa bits count in units of 1, so
+# (0x4300 | n) is exactly 128 + n for a nibble n: an unpack with two integer ops and a free
+# bitcast, no int->float conversion instructions (those run at a fraction of ALU rate).
+_BF16_128 = 0x4300
+_NIBBLE_OFFSET = 128.0
+
+
+def _unpack_nibbles(packed):
+    """packed [T, D/2] uint8 -> (lo, hi) [T, D/2] bf16 holding 128 + nibble."""
+    x = packed.astype(jnp.uint16)
+    lo = jax.lax.bitcast_convert_type((x & 15) | _BF16_128, jnp.bfloat16)
+    hi = jax.lax.bitcast_convert_type((x >> 4) | _BF16_128, jnp.bfloat16)
+    return lo, hi
+
+
+def _q_terms(q_half, split_f32: bool):
+    """q_half [Gp, D/2] in q's dtype -> bf16 terms whose sum is q_half (to ~2^-17 for f32).
+
+    bf16 q is one exact term. f32 q is split as hi + lo (lo carries the next 8 mantissa
+    bits): two tensor-core dots instead of an IEEE f32 dot on CUDA cores.
+    """
+    hi = q_half.astype(jnp.bfloat16)
+    if not split_f32:
+        return [hi]
+    return [hi, (q_half.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
+
+
+def _add_all(xs):
+    return functools.reduce(operator.add, xs)
+
+
 def _gpu_kernel(
     cand_count_ref,  # [B, Hkv] int32 (whole array)
     lengths_ref,  # [B] int32 (whole array)
@@ -206,30 +246,37 @@ def _gpu_kernel(
     num_pages: int,
     attn_scale: float,
     split_f32: bool,
+    token_major: bool,
 ):
     b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
     bs, cb = block_size, blocks_per_chunk
     tokens = cb * bs
     half = k_ref.shape[1]
     max_pages = page_table_ref.shape[0]
     count = jnp.minimum(cand_count_ref[b, g], num_cand)
     first = c * cb  # first candidate entry of this chunk
-    # Triton's dot needs M >= 16, so the G query heads are padded to group_pad rows; padded
-    # rows are masked on load and store. Every ref access indexes each dim with an index
+
+    # The logits tile is [Gp, T] (head-major) or [T, Gp] (token-major); these place a
+    # per-head or per-token vector along the right axis of it.
+    if token_major:
+        per_head, per_token = (lambda v: v[None, :]), (lambda v: v[:, None])
+    else:
+        per_head, per_token = (lambda v: v[:, None]), (lambda v: v[None, :])
+    # Triton's dot needs every dim >= 16, so the G query heads are padded to group_pad; padded
+    # heads are masked on load and store. Every ref access indexes each dim with an index
     # array (not a slice): the interpreter supports masked gathers/scatters only in that form,
     # and Triton still sees unit-stride columns.
-    head = jnp.arange(group_pad)[:, None]  # [Gp, 1]
-    head_ok = head < group
-    col = (c * tokens + jnp.arange(tokens))[None, :]  # [1, T]
-    store_mask = head_ok
+    heads = jnp.arange(group_pad)
+    col = per_token(c * tokens + jnp.arange(tokens))
+    tile = (tokens, group_pad) if token_major else (group_pad, tokens)
+    store_mask = jnp.broadcast_to(per_head(heads < group), tile)
     if num_cand % cb:  # the last chunk overhangs the C * bs columns
         store_mask = store_mask & (col < num_cand * bs)
+    out_at = o_ref.at[per_head(heads), col]
 
     @pl.when(first >= count)
     def _empty():
-        neg = jnp.full((group_pad, tokens), -jnp.inf, jnp.float32)
-        plt.store(o_ref.at[head, col], neg, mask=store_mask)
+        plt.store(out_at, jnp.full(tile, -jnp.inf, jnp.float32), mask=store_mask)
 
     @pl.when(first < count)
     def _compute():
@@ -256,33 +303,24 @@ def _gpu_kernel(
         packed = plt.load(k_ref.at[rows[:, None], byte], mask=tok_ok[:, None], other=0)
         k_s = plt.load(ks_ref.at[rows], mask=tok_ok, other=0.0)  # [T]
         k_z = plt.load(kz_ref.at[rows], mask=tok_ok, other=0.0)
-        lo = (packed & 15).astype(jnp.int32).astype(jnp.float32).astype(jnp.bfloat16)
-        hi = (packed >> 4).astype(jnp.int32).astype(jnp.float32).astype(jnp.bfloat16)
+        lo, hi = _unpack_nibbles(packed)  # [T, D/2] bf16, 128 + nibble
 
-        q_lo = plt.load(q_ref.at[head, byte], mask=head_ok, other=0).astype(jnp.float32)
-        q_hi = plt.load(q_ref.at[head, byte + half], mask=head_ok, other=0).astype(jnp.float32)
-        q_sum = jnp.sum(q_lo, axis=1) + jnp.sum(q_hi, axis=1)  # [Gp]
-
-        qn = _nibble_dot(q_lo, lo, split_f32) + _nibble_dot(q_hi, hi, split_f32)  # [Gp, T]
-        logits = attn_scale * (k_s[None, :] * qn + k_z[None, :] * q_sum[:, None])
-        logits = jnp.where(tok_ok[None, :], logits, -jnp.inf)
-        plt.store(o_ref.at[head, col], logits, mask=store_mask)
-
-
-def _nibble_dot(qf, nib, split_f32: bool):
-    """qf [M, K] f32 (holding bf16 or f32 values) . nib [T, K] bf16 nibbles -> [M, T] f32.
-
-    The nibbles are exact in bf16, so a bf16 tensor-core dot with f32 accumulation is exact in
-    the products when q is bf16. An f32 q is split as q = hi + lo (both bf16; lo carries the
-    next 8 mantissa bits), which keeps the products to ~2^-17 relative error at the cost of
-    a second tensor-core dot, instead of an IEEE f32 dot on CUDA cores.
-    """
-    q_hi = qf.astype(jnp.bfloat16)
-    out = pl.dot(q_hi, nib, trans_b=True)
-    if not split_f32:
-        return out
-    q_lo = (qf - q_hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    return out + pl.dot(q_lo, nib, trans_b=True)
+        q_idx, q_mask = heads[:, None], (heads < group)[:, None]
+        q_lo = plt.load(q_ref.at[q_idx, byte], mask=q_mask, other=0)  # [Gp, D/2]
+        q_hi = plt.load(q_ref.at[q_idx, byte + half], mask=q_mask, other=0)
+        terms = [(t, lo) for t in _q_terms(q_lo, split_f32)]
+        terms += [(t, hi) for t in _q_terms(q_hi, split_f32)]
+        # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
+        # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
+        q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in terms])  # [Gp]
+        if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
+            dot = _add_all([pl.dot(nib, t, trans_b=True) for t, nib in terms])
+        else:  # [Gp, K] . [T, K]^T
+            dot = _add_all([pl.dot(t, nib, trans_b=True) for t, nib in terms])
+        zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
+        logits = attn_scale * (per_token(k_s) * dot + zero_term)
+        logits = jnp.where(per_token(tok_ok), logits, -jnp.inf)
+        plt.store(out_at, logits, mask=store_mask)
 
 
 def block_spgemv_gpu(
@@ -327,6 +365,7 @@ def block_spgemv_gpu(
         num_pages=num_pages,
         attn_scale=_attn_scale(scale, head_dim),
         split_f32=q.dtype == jnp.float32,
+        token_major=config.token_major,
     )
 
     out = pl.pallas_call(

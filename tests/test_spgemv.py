@@ -43,11 +43,13 @@ class Case:
     max_len: int = 45  # not a multiple of 16: partial last pages
     num_cand: int | None = None  # default: every block of max_len
     scale: float | None = None
+    token_major: bool = False  # GPU kernel orientation (SpGEMVConfig.token_major)
 
     def __str__(self):
         return (
             f"G{self.group}-D{self.head_dim}-S{self.page_size}-bs{self.block_size}-"
             f"{jnp.dtype(self.q_dtype).name}-T{self.tokens_per_chunk}-C{self.num_cand}"
+            + ("-tokmajor" if self.token_major else "")
         )
 
 
@@ -99,9 +101,9 @@ def _assert_matches(out, ref, q_dtype):
 F32, BF16 = jnp.float32, jnp.bfloat16
 CASES = [
     Case(1, 64, 16, 16, F32, scale=0.3),
-    Case(4, 128, 16, 16, BF16, tokens_per_chunk=16),  # one page per program, many programs
+    Case(4, 128, 16, 16, BF16, tokens_per_chunk=16, token_major=True),  # a page per program
     Case(8, 64, 16, 16, BF16, tokens_per_chunk=32, num_cand=3),  # C % blocks_per_chunk != 0
-    Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=12),  # token-level on 16-token pages
+    Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=12, token_major=True),  # tokens
     Case(8, 128, 16, 4, BF16, num_cand=10),  # a block inside a page
     Case(1, 128, 1, 1, F32, tokens_per_chunk=16, max_len=20, num_cand=12),  # page size 1
 ]
@@ -110,7 +112,9 @@ CASES = [
 def _run(impl, case, args):
     kw = dict(block_size=case.block_size, scale=case.scale)
     if impl == "gpu":
-        cfg = spgemv.SpGEMVConfig(tokens_per_chunk=case.tokens_per_chunk)
+        cfg = spgemv.SpGEMVConfig(
+            tokens_per_chunk=case.tokens_per_chunk, token_major=case.token_major
+        )
         return spgemv.block_spgemv(*args, **kw, backend="pallas_gpu", config=cfg)
     return spgemv.block_spgemv(*args, **kw, backend="pallas_tpu")
 
@@ -186,11 +190,15 @@ def _llama_like(block_size, q_dtype=BF16):
     return _make(case, 3)
 
 
+@pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
-def test_export_cuda(block_size, q_dtype):
+def test_export_cuda(block_size, q_dtype, token_major):
     args = _llama_like(block_size, q_dtype)
-    exp = export_cuda(lambda *a: spgemv.block_spgemv_gpu(*a, block_size=block_size), *args)
+    cfg = spgemv.SpGEMVConfig(token_major=token_major)
+    exp = export_cuda(
+        lambda *a: spgemv.block_spgemv_gpu(*a, block_size=block_size, config=cfg), *args
+    )
     assert "block_spgemv_gpu" in exp.mlir_module()
 
 
