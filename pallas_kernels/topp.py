@@ -67,7 +67,8 @@ class TopPConfig:
     iters: bisection steps for each head's top-p threshold; 30 is exact (see module doc), fewer
       is conservative (never keeps less mass than p).
     capacity_iters: bisection steps for the priority cut when a selection overflows capacity;
-      30 is exact, fewer may keep fewer than ``capacity`` entries (never more).
+      30 is exact; fewer still keep exactly ``capacity`` entries, but those in the unresolved
+      band of priorities just above the cut are taken by column order, not by weight.
     num_warps: GPU warps per program; None picks about 32 row elements per thread, clamped to
       [4, 16], so the resident row fits in registers.
     num_stages: GPU software pipelining stages (nothing to pipeline: one load per program).
@@ -193,11 +194,14 @@ def _weights(x, valid, axes):
     return w, hi
 
 
-def _largest_passing(passes, hi, iters):
-    """Largest float t in [0, bits^-1(hi)) with passes(t) (passes(0) assumed), per head.
+def _bisect(passes, hi, iters):
+    """Brackets the largest float t >= 0 with passes(t), per head, by its bit pattern.
 
-    hi: int32 [H, 1...]; passes maps an f32 [H, 1...] threshold to a bool of the same shape and
-    must be monotone (true below the answer, false above).
+    hi: int32 [H, 1...], a bit pattern known to fail (or the end of the range); passes(0) is
+    assumed, never evaluated. passes maps an f32 [H, 1...] threshold to a bool of the same shape
+    and must be monotone (true up to the answer, false above). Returns (lo, hi) as floats:
+    passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a range
+    within [0, 2**30) they are adjacent floats, so lo is the answer.
     """
 
     def step(_, carry):
@@ -206,8 +210,9 @@ def _largest_passing(passes, hi, iters):
         ok = passes(jax.lax.bitcast_convert_type(mid, jnp.float32))
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, _ = jax.lax.fori_loop(0, iters, step, (jnp.zeros_like(hi), hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+    lo, hi = jax.lax.fori_loop(0, iters, step, (jnp.zeros_like(hi), hi))
+    as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    return as_float(lo), as_float(hi)
 
 
 def _head_thresholds(w, hi, p, axes, iters):
@@ -217,22 +222,25 @@ def _head_thresholds(w, hi, p, axes, iters):
     def reaches_p(t):
         return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) >= target
 
-    return _largest_passing(reaches_p, hi, iters)
+    return _bisect(reaches_p, hi, iters)[0]
 
 
 def _limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
     """Keeps the `capacity` union entries of highest priority (ties: lower columns first).
 
     union bool [*row]; priority f32 [*row] (-1 off the union); inclusive_prefix(bool) -> int32
-    running count in column order.
+    running count in column order. Called only when the union holds more than `capacity`.
     """
     ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
+    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
     hi = jnp.full((1,) * union.ndim, _ONE_BITS + 1, jnp.int32)
-    cut = _largest_passing(lambda t: ones(priority >= t) >= capacity, hi, iters)
-    above = priority > cut
-    at_cut = union & (priority == cut)
+    lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, hi, iters)
+    # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken
+    # in column order. Exact bisection leaves only priority == lo in the band (ties).
+    above = priority >= hi
+    band = union & (priority >= lo) & ~above
     room = capacity - ones(above)
-    return above | (at_cut & (inclusive_prefix(at_cut) <= room))
+    return above | (band & (inclusive_prefix(band) <= room))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +305,7 @@ def _gpu_kernel(
     # the end (masked on the GPU; interpret mode drops out-of-range scatter indices, and
     # distinct indices keep its gather-then-scatter emulation from colliding).
     slot = jnp.where(final, cumsum(final) - 1, capacity + col)
-    plt.store(indices_ref.at[slot], col, mask=final)
+    plt.store(indices_ref.at[slot], col, mask=final & (slot < capacity))
     # Padding slots: disjoint from the kept slots, so no ordering between the two stores.
     cap_p = pl.next_power_of_2(capacity)
     out_slot = jnp.arange(cap_p, dtype=jnp.int32)

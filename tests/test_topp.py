@@ -227,6 +227,29 @@ def test_select_kernel_matches_reference(backend):
     _check_topp_invariants(w[rows], v[rows], np.asarray(p)[rows], kept[rows])
 
 
+def test_select_fewer_capacity_iters_still_fills_capacity():
+    # 4 steps cannot resolve the priority cut: saturated rows still get exactly `capacity`
+    # distinct union columns in ascending order, and everything above the band is kept.
+    logits, valid, p = _mixed_batch(22, rows=16)
+    cap = 24
+    cfg = TopPConfig(capacity_iters=4)
+    idx, counts, sat = topp.topp_select(logits, valid, p, cap, backend="pallas", config=cfg)
+    ridx, rcounts, rsat = topp.topp_select(logits, valid, p, cap, backend="reference")
+    np.testing.assert_array_equal(counts, rcounts)
+    np.testing.assert_array_equal(sat, rsat)
+    idx = np.asarray(idx)
+    _, count_full, _ = topp.topp_threshold(logits, valid, p, backend="reference")
+    w, v = _weights64(logits, valid)
+    for r in range(idx.shape[0]):
+        c = int(counts[r])
+        assert np.all(np.diff(idx[r, :c]) > 0) and np.all(idx[r, c:] == 0), r
+        if not sat[r]:
+            np.testing.assert_array_equal(idx[r], ridx[r])
+            continue
+        top_p_set = _top_count(w[r : r + 1], v[r : r + 1], count_full[r : r + 1])[0]
+        assert top_p_set[idx[r, :c]].all(), r
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads,rows,cap", [(4, 16, 40), (8, 5, 256)])
 def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
