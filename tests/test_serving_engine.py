@@ -1,0 +1,486 @@
+"""The continuous-batching engine on a tiny random LLaMA (CPU): batching must not change what a
+request generates, stop rules, cancellation and faults must return every page, and bad requests
+fail before they are queued."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _tiny_serving import ENGINE, make_engine, tiny
+
+from twilight_jax.serving import (
+    EngineConfig,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
+    ServingMetrics,
+)
+from twilight_jax.serving.engine import _stop_holdback
+from twilight_jax.serving.sampling import sample_tokens, sample_tokens_reference
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = make_engine().start()
+    yield eng
+    eng.shutdown()
+
+
+def _prompts(seed: int, n: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def _wait_idle(eng, timeout=30.0):
+    """Until no request is queued or running (pages are freed before the last event)."""
+    deadline = time.monotonic() + timeout
+    while eng.num_running or eng.queue_depth:
+        assert time.monotonic() < deadline, "engine did not go idle"
+        time.sleep(0.01)
+
+
+def _assert_all_pages_free(eng):
+    _wait_idle(eng)
+    assert eng.pages_free == eng.pages_total
+    assert eng.num_running == 0
+
+
+# ---------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampler_draws_from_the_reference_support(seed):
+    rng = np.random.default_rng(seed)
+    b, v = ENGINE.max_batch, tiny()[2].vocab_size  # the engine's sampler shape: no new compile
+    logits = jnp.asarray(rng.normal(size=(b, v)) * 3, jnp.float32)
+    temperature = jnp.asarray([0.0, 0.7, 1.0, 1.3], jnp.float32)
+    top_p = jnp.asarray([1.0, 0.5, 0.05, 0.9], jnp.float32)
+    top_k = jnp.asarray([0, 0, 0, 5], jnp.int32)
+    support = np.asarray(sample_tokens_reference(logits, temperature, top_p, top_k))
+    seen = np.zeros((b, v), bool)
+    for step in range(24):
+        tok = np.asarray(
+            sample_tokens(
+                logits,
+                temperature,
+                top_p,
+                top_k,
+                jnp.full((b,), seed, jnp.uint32),
+                jnp.full((b,), step, jnp.int32),
+            )
+        )
+        seen[np.arange(b), tok] = True
+    assert not (seen & ~support).any(), "sampled a token outside the top-p / top-k support"
+    # Greedy row: the argmax, always; the p=0.05 row here keeps a single token as well.
+    assert seen[0].sum() == 1 and seen[0, int(jnp.argmax(logits[0]))]
+    assert support[3].sum() <= 5
+
+
+def test_sampler_key_depends_only_on_seed_and_step():
+    rng = np.random.default_rng(7)
+    b, v = ENGINE.max_batch, tiny()[2].vocab_size
+    row = rng.normal(size=(v,)).astype(np.float32)
+    other = rng.normal(size=(b, v)).astype(np.float32)
+    ones = jnp.ones((b,), jnp.float32)
+    args = (ones, ones, jnp.zeros((b,), jnp.int32), jnp.full((b,), 42, jnp.uint32))
+    first = sample_tokens(jnp.asarray(np.vstack([row, other[1:]])), *args, jnp.arange(b))
+    # The same row in another batch position, with other neighbours and the same (seed, step).
+    shuffled = np.vstack([other[:2], row[None], other[3:]])
+    steps = jnp.asarray([5, 6, 0, 7], jnp.int32)
+    second = sample_tokens(jnp.asarray(shuffled), *args, steps)
+    assert int(first[0]) == int(second[2])
+
+
+@pytest.mark.parametrize(
+    "text,stops,hold",
+    [
+        ("hello wor", ("world",), 3),  # "wor" may become "world"
+        ("hello", ("world",), 0),
+        ("abcab", ("abc", "bx"), 2),  # "ab" may begin "abc"; "b" may begin "bx"
+        ("x", ("xyz",), 1),
+        ("", ("a",), 0),
+    ],
+)
+def test_stop_holdback(text, stops, hold):
+    assert _stop_holdback(text, stops) == hold
+
+
+# ---------------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_equal_sequential(engine):
+    prompts = _prompts(0, 7)  # more than the 4 slots: some wait in the queue
+    rng = np.random.default_rng(1)
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 9)), **GREEDY) for _ in prompts]
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    for a, b, sp in zip(together, alone, params):
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+        assert a.finish_reason == b.finish_reason
+        assert a.finish_reason in ("stop", "length")
+        if a.finish_reason == "length":
+            assert len(a.token_ids) == sp.max_tokens
+    _assert_all_pages_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    prompts = _prompts(2, 5)
+    params = [SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=i) for i in range(5)]
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_mixed_sampling_params_in_one_batch(engine):
+    prompts = _prompts(3, 4)
+    params = [
+        SamplingParams(max_tokens=5, **GREEDY),
+        SamplingParams(max_tokens=5, temperature=0.8, top_k=3, seed=1),
+        SamplingParams(max_tokens=5, temperature=1.2, top_p=0.5, seed=2),
+        SamplingParams(max_tokens=5, **GREEDY),
+    ]
+    out = engine.generate(prompts, params)
+    greedy = engine.generate([prompts[0], prompts[3]], SamplingParams(max_tokens=5, **GREEDY))
+    assert out[0].token_ids == greedy[0].token_ids
+    assert out[3].token_ids == greedy[1].token_ids
+    _assert_all_pages_free(engine)
+
+
+# ---------------------------------------------------------------------- stop rules
+
+
+def test_stop_token_ids_end_generation(engine):
+    prompt = _prompts(4, 1)[0]
+    full = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY))[0]
+    stop_tok = full.token_ids[4]
+    cut = full.token_ids.index(stop_tok)
+    out = engine.generate(
+        [prompt],
+        SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(stop_tok,), **GREEDY),
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[: cut + 1]  # the stop token is generated, not shown
+    assert out.text == tiny()[1].decode(full.token_ids[:cut])
+
+
+def test_stop_strings_cut_the_text(engine):
+    prompts = _prompts(5, 6)
+    fulls = engine.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True, **GREEDY))
+    checked = 0
+    for prompt, full in zip(prompts, fulls):
+        # A two-character stop string from the middle of the greedy text.
+        text = full.text
+        candidates = [i for i in range(2, len(text) - 2) if "\ufffd" not in text[i : i + 2]]
+        if not candidates:
+            continue
+        i = candidates[len(candidates) // 2]
+        stop = text[i : i + 2]
+        out = engine.generate(
+            [prompt],
+            SamplingParams(max_tokens=16, ignore_eos=True, stop=("\x00never", stop), **GREEDY),
+        )[0]
+        assert out.finish_reason == "stop"
+        assert out.text == text[: text.find(stop)]
+        checked += 1
+    assert checked >= 2
+    _assert_all_pages_free(engine)
+
+
+def test_streamed_pieces_hold_back_a_partial_stop_string(engine):
+    prompt = _prompts(6, 1)[0]
+    full = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY))[0]
+    tail = full.text[-1:]
+    # A stop string that begins with the last character but never completes.
+    stop = tail + "\x00\x01"
+    pieces = []
+    done = threading.Event()
+
+    def on_event(ev):
+        pieces.append(ev)
+        if ev.finished:
+            done.set()
+
+    engine.submit(
+        prompt,
+        SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop,), **GREEDY),
+        on_event,
+    )
+    assert done.wait(60)
+    assert "".join(p.text for p in pieces) == full.text
+    assert pieces[-1].finish_reason == "length"
+    # Text that may begin the stop string is held back: no earlier event leaves the streamed
+    # text ending in the stop string's first character.
+    streamed = ""
+    for p in pieces[:-1]:
+        streamed += p.text
+        assert not streamed.endswith(tail)
+
+
+def test_max_tokens_one(engine):
+    out = engine.generate(_prompts(7, 2), SamplingParams(max_tokens=1, ignore_eos=True, **GREEDY))
+    assert [len(c.token_ids) for c in out] == [1, 1]
+    assert all(c.finish_reason == "length" for c in out)
+    _assert_all_pages_free(engine)
+
+
+def test_prompt_filling_the_context(engine):
+    prompt = _prompts(8, 1, lo=ENGINE.max_seq_len - 3, hi=ENGINE.max_seq_len - 2)[0]
+    assert len(prompt) == ENGINE.max_seq_len - 3
+    out = engine.generate([prompt], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))[0]
+    assert len(out.token_ids) == 3
+    _assert_all_pages_free(engine)
+
+
+# ---------------------------------------------------------------------- cancellation, faults
+
+
+def test_cancel_running_and_waiting_requests_frees_pages(engine):
+    prompts = _prompts(9, ENGINE.max_batch + 2)
+    finals = {}
+    started = threading.Event()
+    all_done = threading.Event()
+
+    def on_event(ev):
+        started.set()
+        if ev.finished:
+            finals[ev.request_id] = ev
+            if len(finals) == len(prompts):
+                all_done.set()
+
+    long = SamplingParams(max_tokens=ENGINE.max_seq_len - 45, ignore_eos=True, **GREEDY)
+    ids = [engine.submit(p, long, on_event) for p in prompts]
+    assert started.wait(60)
+    assert engine.pages_free < engine.pages_total
+    for rid in ids:
+        engine.cancel(rid)
+    assert all_done.wait(60)
+    reasons = [finals[r].finish_reason for r in ids]
+    assert reasons.count("cancelled") >= 2  # at least the two that were still waiting
+    _assert_all_pages_free(engine)
+
+
+def test_failing_callback_cancels_only_its_request(engine):
+    prompts = _prompts(10, 2)
+    calls = []
+
+    def broken(ev):
+        calls.append(ev)
+        raise RuntimeError("client went away")
+
+    params = SamplingParams(max_tokens=40, ignore_eos=True, **GREEDY)
+    engine.submit(prompts[0], params, broken)
+    ok = engine.generate([prompts[1]], SamplingParams(max_tokens=4, **GREEDY))[0]
+    assert ok.finish_reason in ("length", "stop")
+    _wait_idle(engine)
+    assert calls and calls[-1].finish_reason == "cancelled"
+    assert len(calls[-1].token_ids) + sum(len(c.token_ids) for c in calls[:-1]) < 40
+    _assert_all_pages_free(engine)
+
+
+class _FaultyModel:
+    """Delegates to the jitted model; the decode step or prefill raises while told to."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.config = inner.config
+        self.dtype = inner.dtype
+        self.fail_decode = 0
+        self.fail_prefill = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def prefill(self, *args):
+        self.gate.wait(60)
+        if self.fail_prefill:
+            self.fail_prefill -= 1
+            raise RuntimeError("injected prefill fault")
+        return self.inner.prefill(*args)
+
+    def decode_step(self, tokens, cache, sparsity, active=None):
+        if self.fail_decode:
+            self.fail_decode -= 1
+            raise RuntimeError("injected decode fault")
+        return self.inner.decode_step(tokens, cache, sparsity, active)
+
+
+@pytest.fixture(scope="module")
+def faulty():
+    model = _FaultyModel(tiny()[0])
+    eng = make_engine(model, max_queue=3).start()
+    yield eng, model
+    model.gate.set()
+    eng.shutdown()
+
+
+def test_decode_fault_fails_running_requests_and_recovers(faulty):
+    eng, model = faulty
+    prompts = _prompts(11, 3)
+    model.fail_decode = 1
+    out = eng.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True, **GREEDY))
+    assert any(c.finish_reason == "error" and "injected decode fault" in c.error for c in out)
+    _assert_all_pages_free(eng)
+    # The engine rebuilt its cache and serves the same requests correctly afterwards.
+    again = eng.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True, **GREEDY))
+    assert all(c.finish_reason == "length" for c in again)
+    _assert_all_pages_free(eng)
+
+
+def test_prefill_fault_fails_the_request_and_recovers(faulty):
+    eng, model = faulty
+    model.fail_prefill = 1
+    bad = eng.generate(_prompts(12, 1), SamplingParams(max_tokens=3, **GREEDY))[0]
+    assert bad.finish_reason == "error" and "injected prefill fault" in bad.error
+    _assert_all_pages_free(eng)
+    good = eng.generate(_prompts(12, 1), SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
+    assert good[0].finish_reason == "length"
+
+
+def test_queue_full_is_refused_and_the_rest_is_served(faulty):
+    eng, model = faulty
+    model.gate.clear()  # the first request blocks inside prefill: nothing else gets admitted
+    params = SamplingParams(max_tokens=2, ignore_eos=True, **GREEDY)
+    finished = []
+    done = threading.Event()
+
+    def on_event(ev):
+        if ev.finished:
+            finished.append(ev)
+            if len(finished) == 4:
+                done.set()
+
+    prompts = _prompts(13, 5)
+    eng.submit(prompts[0], params, on_event)
+    deadline = time.monotonic() + 30
+    while eng.queue_depth:  # until the engine thread took it into prefill
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for p in prompts[1:4]:
+        eng.submit(p, params, on_event)
+    with pytest.raises(QueueFullError, match=r"queue is full \(3 waiting\)"):
+        eng.submit(prompts[4], params, on_event)
+    model.gate.set()
+    assert done.wait(60)
+    assert all(ev.finish_reason == "length" for ev in finished)
+    _assert_all_pages_free(eng)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "prompt_len,max_tokens,param,match",
+    [
+        (0, 4, "prompt", "at least one token"),
+        (ENGINE.max_seq_len, 1, "prompt", "maximum context length is 128"),
+        (ENGINE.max_seq_len - 4, 5, "max_tokens", "reduce max_tokens to at most 4"),
+    ],
+)
+def test_requests_beyond_the_context_are_refused(engine, prompt_len, max_tokens, param, match):
+    with pytest.raises(InvalidRequestError, match=match) as e:
+        engine.submit([1] * prompt_len, SamplingParams(max_tokens=max_tokens), lambda ev: None)
+    assert e.value.param == param
+
+
+def test_out_of_vocabulary_prompt_is_refused(engine):
+    with pytest.raises(InvalidRequestError, match="prompt token ids") as e:
+        engine.submit([1, 999999], SamplingParams(), lambda ev: None)
+    assert e.value.param == "prompt"
+
+
+def test_per_request_sparsity_p_needs_model_support(engine):
+    if engine.per_request_p:
+        pytest.skip("the model takes per-request top_p")
+    with pytest.raises(InvalidRequestError, match="sparsity_top_p") as e:
+        engine.submit([1, 2], SamplingParams(sparsity_top_p=0.5), lambda ev: None)
+    assert e.value.param == "sparsity_top_p"
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=2.5), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(seed="x"), "seed"),
+        (dict(stop=("",)), "stop"),
+        (dict(stop=["a"]), "stop"),
+        (dict(stop_token_ids=(1.5,)), "stop_token_ids"),
+        (dict(sparsity_top_p=0.0), "sparsity_top_p"),
+    ],
+)
+def test_sampling_params_validation_names_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError, match=field) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == field
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(max_batch=0), "max_batch"),
+        (dict(max_seq_len=True), "max_seq_len"),
+        (dict(max_queue=-1), "max_queue"),
+        (dict(num_pages=2.0), "num_pages"),
+    ],
+)
+def test_engine_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"EngineConfig.{field}"):
+        EngineConfig(**kwargs)
+
+
+def test_pool_too_small_for_one_context_is_refused():
+    with pytest.raises(ValueError, match="num_pages=4"):
+        make_engine(num_pages=4)
+
+
+def test_submit_to_a_stopped_engine_is_refused():
+    from twilight_jax.serving import EngineStoppedError
+
+    eng = make_engine()
+    with pytest.raises(EngineStoppedError):
+        eng.submit([1, 2, 3], SamplingParams(), lambda ev: None)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_metrics_after_traffic(engine):
+    engine.generate(_prompts(14, 3), SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))
+    text = engine.metrics.render()
+    for name in (
+        "twilight_queue_depth 0",
+        "twilight_running_requests 0",
+        "twilight_max_batch 4",
+        f"twilight_kv_pages_free {engine.pages_total}",
+        "twilight_generation_tokens_per_second",
+        "twilight_attended_tokens_avg",
+        "twilight_attention_pruned_fraction",
+        "twilight_time_per_output_token_seconds_bucket",
+        "twilight_time_to_first_token_seconds_count",
+        'twilight_requests_finished_total{reason="length"}',
+    ):
+        assert name in text, name
+    w = engine.metrics.window()
+    assert w["tokens_per_s"] > 0
+    assert 0.0 <= w["pruned_fraction"] < 1.0
+    assert 0.0 < w["avg_attended"]
+
+
+def test_metrics_histogram_is_cumulative():
+    m = ServingMetrics()
+    for v in (0.002, 0.02, 0.02, 7.0, 100.0):
+        m.tpot.observe(v)
+    lines = [ln for ln in m.render().splitlines() if ln.startswith("twilight_time_per_output")]
+    buckets = [int(ln.rsplit(" ", 1)[1]) for ln in lines if "_bucket" in ln]
+    assert buckets == sorted(buckets) and buckets[-1] == 5
+    assert "twilight_time_per_output_token_seconds_count 5" in lines

@@ -1,0 +1,29 @@
+"""Serving: a continuous-batching engine and an OpenAI-compatible HTTP server over it."""
+
+from twilight_jax.serving.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+)
+from twilight_jax.serving.metrics import ServingMetrics
+from twilight_jax.serving.server import OpenAIServer, ServerThread, serve
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineStoppedError",
+    "InvalidRequestError",
+    "OpenAIServer",
+    "QueueFullError",
+    "RequestOutput",
+    "SamplingParams",
+    "ServerThread",
+    "ServingMetrics",
+    "serve",
+]
