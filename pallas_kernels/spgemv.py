@@ -12,8 +12,17 @@ with ``dequant(n) = k_scale * n + k_zero`` per token (docs/kernel_api.md, "INT4 
 order"). Entries past the count and positions outside ``[0, lengths[b])`` give ``-inf``.
 
 Both kernels use the identity ``q . (s * n + z) = s * (q . n) + z * sum(q)``: the dot runs on
-the raw nibbles (exact small integers, so bf16 holds them exactly) and the per-token scale and
-zero are applied to the [heads, tokens] result instead of to the [tokens, head_dim] rows.
+the raw nibbles (small integers, exact in bf16) and the per-token scale and zero are applied
+to the [heads, tokens] result instead of to the [tokens, head_dim] rows. The GPU kernel turns
+a nibble into the bf16 value 128 + n with bit operations only and folds the offset into the
+zero term (see _unpack_nibbles).
+
+GPU kernel (Triton): grid (B, Hkv, chunks of candidate blocks). A program gathers the page
+ids of its blocks, then the packed rows [T, D/2] of all their tokens in one masked vector
+gather, and multiplies them by the G query rows of the KV head (padded to 16 for the MMA), so
+the INT4 bytes are read once for the whole group. Chunks past cand_count only write -inf.
+TPU kernel (Mosaic): grid (B, Hkv, C), one candidate block per step, the page fetched by a
+scalar-prefetched physical page id in the index map.
 
 Layouts (docs/kernel_api.md): q ``[B, Hq, D]``; k_int4 ``[Hkv, P, S, D // 2]`` uint8;
 k_scale, k_zero ``[Hkv, P, S]`` float32; page_table ``[B, max_pages]``; lengths ``[B]``;
@@ -483,6 +492,9 @@ def block_spgemv_tpu(
     the block by its scalar-prefetched physical id; for block_size < page_size the whole page
     is fetched and the block's slots selected in VMEM (simple, not bandwidth-optimal). Steps
     past cand_count keep the previous page index, so the pipeline issues no copy for them.
+    The per-entry start positions and page ids are scalar-prefetched into SMEM (8 bytes per
+    candidate entry of the whole batch), which limits C * B * Hkv: fine for page-level
+    candidates, too much for token-level candidates at serving batch sizes.
     """
     from jax.experimental.pallas import tpu as pltpu
 
