@@ -1,0 +1,406 @@
+"""LLaMA-family decoder in Flax NNX: dense logits, prefill into the paged KV cache, decode.
+
+Module paths mirror Hugging Face names (``layers.3.self_attn.q_proj.kernel``), so the weight
+tables in models/loaders.py read one-to-one. Linear kernels are stored ``[in, out]`` (the
+checkpoint's ``[out, in]`` transposed).
+
+Three entry points share one set of weights:
+
+- ``logits(token_ids)``: dense causal attention over the whole prompt, no cache. The parity
+  and perplexity path.
+- ``prefill(token_ids, lengths, cache)``: the same forward pass over right-padded prompts,
+  writing post-RoPE K/V of every layer into the ``PagedKVCache``; returns the logits of each
+  prompt's last token.
+- ``decode_step(tokens, cache, sparsity)``: one new token per sequence. Layers below
+  ``sparsity.dense_layers`` attend densely over the paged cache; the rest go through
+  ``twilight_jax.decode_attention`` (docs/runtime_api.md).
+
+Numerics follow transformers: RMSNorm statistics, RoPE, softmax and the final logits are in
+float32; matmuls run in the model dtype (bf16 on accelerators, float32 on CPU by default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import LlamaConfig
+
+
+def default_dtype():
+    """bf16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow and parity is checked)."""
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(config: LlamaConfig) -> np.ndarray:
+    return config.inv_freq()
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions [...] int32 -> cos, sin [..., head_dim // 2] float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(config))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; cos, sin [B, T, D // 2] -> [B, T, H, D] in x.dtype.
+
+    The split-halves ("rotate_half") convention of transformers: element i pairs with
+    element i + D/2. GGUF files store Q/K rows for the interleaved convention; the loader
+    undoes that permutation so this one function serves both.
+    """
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class Init:
+    """Makes parameter values. ``Init(rngs)`` draws N(0, 0.02) weights (tests, fresh models);
+    ``Init(None)`` makes shape-only placeholders that a loader fills (no memory, no RNG)."""
+
+    def __init__(self, rngs: nnx.Rngs | None, std: float = 0.02):
+        self.rngs = rngs
+        self.std = std
+
+    def normal(self, shape, dtype):
+        if self.rngs is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return (self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(dtype)
+
+    def ones(self, shape, dtype):
+        if self.rngs is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jnp.ones(shape, dtype)
+
+
+class Linear(nnx.Module):
+    """kernel [d_in, d_out]; x [..., d_in] -> [..., d_out] in x.dtype (no bias)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype, init: Init):
+        self.kernel = nnx.Param(init.normal((d_in, d_out), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...i,io->...o", x, self.kernel[...]).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """embedding [vocab, hidden]; ids [...] int32 -> [..., hidden]."""
+
+    def __init__(self, vocab: int, dim: int, dtype, init: Init):
+        self.embedding = nnx.Param(init.normal((vocab, dim), dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """weight [dim]; x [..., dim] -> [..., dim] in x.dtype (statistics in float32)."""
+
+    def __init__(self, dim: int, eps: float, dtype, init: Init):
+        self.eps = eps
+        self.weight = nnx.Param(init.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); x [..., hidden] -> [..., hidden]."""
+
+    def __init__(self, config: LlamaConfig, dtype, init: Init):
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(h, i, dtype, init)  # kernel [hidden, intermediate]
+        self.up_proj = Linear(h, i, dtype, init)  # kernel [hidden, intermediate]
+        self.down_proj = Linear(i, h, dtype, init)  # kernel [intermediate, hidden]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nnx.Module):
+    """Projections and RoPE of GQA self-attention; the attention itself is the caller's
+    (dense, paged dense or sparse), so this module only maps hidden states to Q/K/V and back.
+    """
+
+    def __init__(self, config: LlamaConfig, dtype, init: Init):
+        self.config = config
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = Linear(h, config.num_heads * d, dtype, init)  # [hidden, Hq * D]
+        self.k_proj = Linear(h, config.num_kv_heads * d, dtype, init)  # [hidden, Hkv * D]
+        self.v_proj = Linear(h, config.num_kv_heads * d, dtype, init)  # [hidden, Hkv * D]
+        self.o_proj = Linear(config.num_heads * d, h, dtype, init)  # [Hq * D, hidden]
+
+    def qkv(self, x: jax.Array, positions: jax.Array):
+        """x [B, T, hidden], positions [B, T] int32 -> q [B, T, Hq, D], k, v [B, T, Hkv, D].
+
+        q and k carry RoPE at ``positions``.
+        """
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        cos, sin = rope_cos_sin(c, positions)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, attn: jax.Array) -> jax.Array:
+        """attn [B, T, Hq, D] -> [B, T, hidden]."""
+        b, t = attn.shape[:2]
+        return self.o_proj(attn.reshape(b, t, -1))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, dtype, init: Init):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, init)
+        self.self_attn = Attention(config, dtype, init)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, init)
+        self.mlp = MLP(config, dtype, init)
+
+    def forward(self, h: jax.Array, positions: jax.Array, attend) -> tuple[jax.Array, Any]:
+        """h [B, T, hidden]; ``attend(q, k, v) -> (out [B, T, Hq, D], aux)`` -> (h, aux)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(h), positions)
+        o, aux = attend(q, k, v)
+        h = h + self.self_attn.out(o.astype(h.dtype))
+        return h + self.mlp(self.post_attention_layernorm(h)), aux
+
+
+def dense_attention(q, k, v, lengths=None):
+    """Causal softmax attention over a right-padded prompt.
+
+    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] int32 or None (all T valid)
+    -> [B, T, Hq, D] in q.dtype. Rows at or past lengths[b] are unspecified.
+    cuDNN flash attention on a GPU in bf16/fp16, XLA elsewhere.
+    """
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
+        t = q.shape[1]
+        q_len = None if lengths is None else lengths
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            query_seq_lengths=q_len,
+            key_value_seq_lengths=None if lengths is None else jnp.maximum(lengths, 1),
+            implementation="cudnn",
+        ).reshape(q.shape[0], t, *q.shape[2:])
+    # Only key lengths: masking query rows too would leave fully masked (padding) rows whose
+    # output could poison valid rows through 0 * inf in later layers' K/V.
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="xla"
+    )
+
+
+class LlamaForCausalLM(nnx.Module):
+    """A LLaMA-architecture decoder with its LM head.
+
+    Parameters (paths as in the weight tables): ``embed_tokens.embedding [vocab, hidden]``,
+    per layer ``layers.{i}.{input_layernorm,post_attention_layernorm}.weight [hidden]``,
+    ``layers.{i}.self_attn.{q,k,v,o}_proj.kernel``, ``layers.{i}.mlp.{gate,up,down}_proj.kernel``,
+    ``norm.weight [hidden]``, and ``lm_head.kernel [hidden, vocab]`` unless the embeddings
+    are tied.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype=None,
+        rngs: nnx.Rngs | None = None,
+        abstract: bool = False,
+    ):
+        """Random N(0, 0.02) weights from ``rngs`` (default seed 0), or with ``abstract``
+        shape-only placeholders that a loader fills."""
+        dtype = jnp.dtype(dtype or default_dtype())
+        init = Init(None if abstract else (rngs if rngs is not None else nnx.Rngs(0)))
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, init)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype, init) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, init)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, init)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _embed(self, token_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(token_ids)
+
+    def _head(self, h: jax.Array) -> jax.Array:
+        """h [..., hidden] -> logits [..., vocab] float32 (final norm included)."""
+        h = self.norm(h)
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding[...]  # [vocab, hidden]
+            out = jnp.einsum("...h,vh->...v", h, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head.kernel[...]  # [hidden, vocab]
+            out = jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)
+
+    # ------------------------------------------------------------------ entry points
+
+    def logits(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [B, T] int32 -> logits [B, T, vocab] float32; dense causal, no cache."""
+        b, t = token_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h = self._embed(token_ids)
+        for layer in self.layers:
+            h, _ = layer.forward(h, positions, lambda q, k, v: (dense_attention(q, k, v), None))
+        return self._head(h)
+
+    def prefill(self, token_ids: jax.Array, lengths: jax.Array, cache):
+        """Dense forward over right-padded prompts, filling the KV cache.
+
+        token_ids [B, T] int32 (entries at or past lengths[b] are padding); lengths [B] int32
+        in [0, T]; cache: a ``PagedKVCache`` with room for T tokens per sequence, empty for the
+        sequences being prefilled. Writes post-RoPE K/V of every layer at positions
+        [0, lengths[b]) and sets the cache length of b to lengths[b]. A sequence with
+        lengths[b] == 0 is left as it was (its cache length too), so one call can prefill some
+        slots of a batch while others hold state.
+
+        Returns (logits [B, vocab] float32 of token lengths[b] - 1 (unspecified where
+        lengths[b] == 0), cache).
+        """
+        b, t = token_ids.shape
+        lengths = lengths.astype(jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        start = jnp.zeros((b,), jnp.int32)
+        kv_dtype = cache.k_pages.dtype
+        h = self._embed(token_ids)
+        for i, layer in enumerate(self.layers):
+
+            def attend(q, k, v, i=i):
+                new = cache.write_prefill(i, k.astype(kv_dtype), v.astype(kv_dtype), start, lengths)
+                return dense_attention(q, k, v, lengths), new
+
+            h, cache = layer.forward(h, positions, attend)
+        last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]
+        cache = cache.with_lengths(jnp.where(lengths > 0, lengths, cache.lengths))
+        return self._head(last), cache
+
+    def decode_step(self, tokens: jax.Array, cache, sparsity, active: jax.Array | None = None):
+        """One decode step: token ``tokens[b]`` sits at position cache.lengths[b].
+
+        tokens [B] int32; cache: ``PagedKVCache``; sparsity: ``SparsityConfig`` (static);
+        active [B] bool or None (all): inactive sequences neither grow nor write.
+        Returns (logits [B, vocab] float32, cache, info) with info a dict of arrays:
+        ``counts`` int32 [L, B, Hs] tokens attended per layer (Hs = Hkv, or Hq when
+        ``sparsity.gqa == "per_head"``; dense layers count every cached token),
+        ``estimated_mass`` float32 [L, B, Hq] (1 on dense layers) and ``saturated`` bool
+        [L, B, Hs] (False on dense layers).
+        """
+        from pallas_kernels.attention import paged_decode_attention
+        from twilight_jax import decode_attention
+
+        c = self.config
+        b = tokens.shape[0]
+        positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
+        cache = cache.begin_decode_step(active)
+        kv_dtype = cache.k_pages.dtype
+        hs = c.num_heads if sparsity.gqa == "per_head" else c.num_kv_heads
+        h = self._embed(tokens[:, None])  # [B, 1, hidden]
+        counts, masses, saturated = [], [], []
+        for i, layer in enumerate(self.layers):
+            dense = i < sparsity.dense_layers or sparsity.selector == "dense"
+
+            def attend(q, k, v, i=i, dense=dense):
+                new = cache.write_decode(i, k[:, 0].astype(kv_dtype), v[:, 0].astype(kv_dtype))
+                q1 = q[:, 0].astype(kv_dtype)  # [B, Hq, D]
+                if dense:
+                    out = paged_decode_attention(
+                        q1, new.k_pages[i], new.v_pages[i], new.page_table, new.lengths
+                    )
+                    n = jnp.broadcast_to(new.lengths[:, None], (b, hs)).astype(jnp.int32)
+                    stats = (n, jnp.ones((b, c.num_heads), jnp.float32), jnp.zeros((b, hs), bool))
+                else:
+                    out, info = decode_attention(q1, new, sparsity, layer=i)
+                    stats = (
+                        jnp.asarray(info.counts, jnp.int32).reshape(b, hs),
+                        jnp.asarray(info.estimated_mass, jnp.float32).reshape(b, c.num_heads),
+                        jnp.asarray(info.saturated, bool).reshape(b, hs),
+                    )
+                return out[:, None], (new, stats)
+
+            h, (cache, stats) = layer.forward(h, positions, attend)
+            counts.append(stats[0])
+            masses.append(stats[1])
+            saturated.append(stats[2])
+        info = {
+            "counts": jnp.stack(counts),
+            "estimated_mass": jnp.stack(masses),
+            "saturated": jnp.stack(saturated),
+        }
+        return self._head(h[:, 0]), cache, info
+
+
+# ---------------------------------------------------------------------- jitted wrappers
+#
+# The model is split once into (graphdef, state); graphdef is static, the state (weights) is
+# an ordinary argument, the cache is donated so XLA updates the pages in place.
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logits_jit(graphdef, state, token_ids):
+    return nnx.merge(graphdef, state).logits(token_ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill_jit(graphdef, state, token_ids, lengths, cache):
+    return nnx.merge(graphdef, state).prefill(token_ids, lengths, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
+def _decode_jit(graphdef, state, tokens, cache, sparsity, active):
+    return nnx.merge(graphdef, state).decode_step(tokens, cache, sparsity, active)
+
+
+class JittedLlama:
+    """Compiled entry points of a model: ``logits``, ``prefill`` and ``decode_step`` with the
+    signatures of ``LlamaForCausalLM``. The cache passed to prefill / decode_step is donated
+    (do not reuse it after the call). Weights are captured at construction; build a new one
+    after changing them.
+    """
+
+    def __init__(self, model: LlamaForCausalLM):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.graphdef, self.state = nnx.split(model)
+
+    def logits(self, token_ids):
+        return _logits_jit(self.graphdef, self.state, jnp.asarray(token_ids, jnp.int32))
+
+    def prefill(self, token_ids, lengths, cache):
+        return _prefill_jit(
+            self.graphdef,
+            self.state,
+            jnp.asarray(token_ids, jnp.int32),
+            jnp.asarray(lengths, jnp.int32),
+            cache,
+        )
+
+    def decode_step(self, tokens, cache, sparsity, active=None):
+        if active is not None:
+            active = jnp.asarray(active, bool)
+        return _decode_jit(
+            self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), cache, sparsity, active
+        )
+
+
+def abstract_model(config: LlamaConfig, dtype=None) -> LlamaForCausalLM:
+    """The model with shape-only parameters (no memory, no random init): the loaders fill it."""
+    return LlamaForCausalLM(config, dtype=dtype, abstract=True)
