@@ -12,6 +12,8 @@ Three levels, cheapest first:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -20,7 +22,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from twilight_jax.eval import runner, scoring, tasks
+from twilight_jax.eval import report, runner, scoring, tasks
 
 
 class ByteTokenizer:
@@ -474,3 +476,43 @@ def test_smollm2_dense_solves_easy_passkey(tmp_path):
     assert runner.run_sweep(adapter, settings, tmp_path, log=lambda s: None)
     records = runner.RecordStore(tmp_path).records
     assert [r["score"] for r in records] == [1.0, 1.0], [r["prediction"] for r in records]
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_report_page(tmp_path):
+    settings = runner.EvalConfig(
+        lengths=(512,),
+        tasks=("passkey", "frequent_words"),
+        samples=2,
+        methods=("dense", "quest:ctx/4", "quest:ctx/4@0.95", "all@0.95"),
+        batch_size=2,
+        ppl_docs=0,
+        dense_layers=1,
+    )
+    run = tmp_path / "run"
+    assert runner.run_sweep(CopyModel(), settings, run, log=lambda s: None)
+    meta = {"settings": dataclasses.asdict(settings), "command": "python x.py", "complete": True}
+    (run / "meta.json").write_text(json.dumps(meta))
+    page = report.write_report(run, tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert "## Targets" in text and "## Accuracy per task" in text
+    # Dense and Full+pruner both solve passkey; CopyModel solves no frequent-words prompt.
+    assert "Twilight (Full) p=0.95 within 1 point of dense" in text
+    assert "PASS: largest drop 0.0 points" in text
+    assert "| Dense | 100.0 |" in text
+    # CopyModel's pruner keeps half the candidates of ctx/4: more than B0/4.
+    assert "Twilight (Quest) B0=ctx/4 p=0.95 at least as accurate as Quest" in text
+    assert "../run/records.jsonl" in text
+    if importlib.util.find_spec("matplotlib"):
+        for png in ("accuracy_vs_budget.png", "head_budgets.png"):
+            assert (run / png).stat().st_size > 1000
+            assert f"../run/{png}" in text
+    rows = report.summary_rows(*runner.collect(runner.RecordStore(run).records), 512)
+    assert [r["method"] for r in rows] == [
+        "dense",
+        "quest:ctx/4",
+        "all@0.95",
+        "quest:ctx/4@0.95",
+    ]

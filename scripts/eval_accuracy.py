@@ -1,0 +1,199 @@
+"""Accuracy of sparse decode attention on offline long-context tasks, and the results page.
+
+Dense prefill, the question decoded token by token through the method under test, greedy
+answers scored by string match; perplexity on natural text decoded teacher-forced. Methods:
+dense, Quest, Double Sparsity and oracle top-k at several budgets, Twilight over all tokens,
+over Quest and over Double Sparsity at several p (twilight_jax/eval/runner.py).
+
+The full sweep (2K/4K/8K, every method) on a GPU, bounded in time and resumable: rerun the same
+command until it prints COMPLETE (exit code 0; 3 means the time limit stopped it):
+
+    python scripts/eval_accuracy.py --preset gpu --out docs/results/eval-gpu \\
+        --time-limit 540 --compile-cache build/jax_cache
+
+then the page (on any machine with the eval extra, from the same folder):
+
+    python scripts/eval_accuracy.py --report-only --out docs/results/eval-gpu \\
+        --report docs/results.md
+
+A small CPU run: ``--preset cpu-small --out docs/results/eval-cpu``. Presets, methods and their
+spelling (``quest:256``, ``ds:ctx/4@0.95``, ``all@0.95``) are in twilight_jax/eval/runner.py;
+any field can be overridden below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twilight_jax.eval import report, runner, tasks  # noqa: E402
+
+INCOMPLETE = 3
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _strs(text):
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(runner.PRESETS), default="cpu-small")
+    ap.add_argument("--out", required=True, help="sweep folder (records, traces, plots)")
+    ap.add_argument("--model", help="model name or path (default: the preset's)")
+    ap.add_argument("--lengths", type=_ints, help="comma-separated context lengths in tokens")
+    ap.add_argument("--tasks", type=_strs, help=f"comma-separated, from {tasks.TASKS}")
+    ap.add_argument("--methods", type=_strs, help="comma-separated method specs")
+    ap.add_argument("--samples", type=int, help="samples per task and length")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--ppl-docs", type=int, help="perplexity texts per length (0: none)")
+    ap.add_argument("--ppl-tokens", type=int, help="tokens decoded teacher-forced per text")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--time-limit", type=float, help="seconds; stop cleanly after this")
+    ap.add_argument("--compile-cache", help="JAX persistent compilation cache folder")
+    ap.add_argument("--report", help="write the results page here (e.g. docs/results.md)")
+    ap.add_argument("--report-only", action="store_true", help="only (re)write the page")
+    ap.add_argument("--title", default="Accuracy of sparse decode attention")
+    ap.add_argument("--note", help="a paragraph at the top of the page")
+    return ap.parse_args(argv)
+
+
+def settings_from_args(args) -> runner.EvalConfig:
+    overrides = {
+        "model": args.model,
+        "lengths": args.lengths,
+        "tasks": args.tasks,
+        "methods": args.methods,
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "ppl_docs": args.ppl_docs,
+        "ppl_tokens": args.ppl_tokens,
+        "seed": args.seed,
+    }
+    base = runner.PRESETS[args.preset]
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def hardware() -> dict:
+    import flax
+    import jax
+
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "device": f"{jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}",
+        "platform": dev.platform,
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        report.check_report_inputs(out)
+        page = report.write_report(
+            out, args.report or out / "results.md", title=args.title, note=args.note
+        )
+        print(f"wrote {page}")
+        return 0
+
+    settings = settings_from_args(args)
+    if args.compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("settings") and meta["settings"] != json.loads(
+        json.dumps(dataclasses.asdict(settings))
+    ):
+        print(
+            f"error: {out} holds a sweep with other settings; use another --out or the same "
+            "arguments",
+            file=sys.stderr,
+        )
+        return 2
+
+    t0 = time.monotonic()
+    adapter = runner.load_adapter(settings.model, page_size=settings.page_size)
+    c = adapter.config
+    meta.update(
+        settings=dataclasses.asdict(settings),
+        model=settings.model,
+        model_info=(
+            f"{c.num_layers} layers, {c.num_heads} query / {c.num_kv_heads} KV heads, head_dim "
+            f"{c.head_dim}, {adapter.model.dtype} weights and KV cache"
+        ),
+        command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
+        hardware=hardware(),
+        text_sources=tasks.text_sources(),
+        started=meta.get("started", datetime.datetime.now(datetime.timezone.utc).isoformat()),
+        invocations=meta.get("invocations", 0) + 1,
+    )
+    meta_path.write_text(json.dumps(meta, indent=1))
+    print(
+        f"model loaded in {time.monotonic() - t0:.1f}s; {len(settings.methods)} methods, "
+        f"lengths {settings.lengths}",
+        flush=True,
+    )
+
+    limit = None if args.time_limit is None else args.time_limit - (time.monotonic() - t0)
+    complete = runner.run_sweep(
+        adapter, settings, out, time_limit_s=limit, log=lambda s: print(s, flush=True)
+    )
+    meta.update(
+        complete=complete,
+        elapsed_s=meta.get("elapsed_s", 0.0) + time.monotonic() - t0,
+        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    )
+    meta_path.write_text(json.dumps(meta, indent=1))
+
+    table, ppl = runner.collect(runner.RecordStore(out).records)
+    for length in settings.lengths:
+        print(f"\ncontext {length}")
+        print(
+            f"{'method':40s} {'acc':>6s} {'ppl':>8s} {'attended':>9s} {'frac':>7s} {'pruned':>7s}"
+        )
+        for r in report.summary_rows(table, ppl, length):
+            print(
+                f"{r['label']:40s} {report.fmt(r['accuracy']):>6s} "
+                f"{report.fmt(r['perplexity'], '.3f'):>8s} "
+                f"{report.fmt(r['attended'], '.0f'):>9s} "
+                f"{report.pct(r['attended_frac']):>7s} {report.pct(r['pruned']):>7s}"
+            )
+    if args.report:
+        try:
+            page = report.write_report(out, args.report, title=args.title, note=args.note)
+            print(f"\nwrote {page}")
+        except ImportError as e:
+            print(f"\npage not written ({e}); rerun with --report-only where matplotlib is")
+    print("COMPLETE" if complete else "INCOMPLETE: rerun the same command to continue")
+    return 0 if complete else INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
