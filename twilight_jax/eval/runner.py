@@ -246,7 +246,24 @@ class EvalConfig:
 
 PRESETS = {
     # The full sweep on the GPU: 2K/4K/8K, every method (docs/results.md).
-    "gpu": EvalConfig(),
+    "gpu": EvalConfig(batch_size=20),
+    # The methods the targets name, plus equal-budget baselines, at half the samples.
+    "gpu-core": EvalConfig(
+        samples=10,
+        methods=(
+            "dense",
+            "quest:ctx/16",
+            "quest:ctx/4",
+            "ds:ctx/16",
+            "ds:ctx/4",
+            "oracle:ctx/16",
+            "all@0.9",
+            "all@0.95",
+            "quest:ctx/4@0.9",
+            "quest:ctx/4@0.95",
+            "ds:ctx/4@0.95",
+        ),
+    ),
     # A quick look at one GPU length, a few methods.
     "gpu-quick": EvalConfig(
         lengths=(2048,),
@@ -331,7 +348,13 @@ class ModelAdapter:
         return np.asarray(logits, np.float32), cache
 
     def step(self, tokens: np.ndarray, cache, cfg: SparsityConfig):
-        logits, cache, info = self.jitted.decode_step(tokens, cache, cfg)
+        top_p = None
+        if cfg.top_p is not None:
+            # p as a traced per-sequence array: every p over one selector and budget shares
+            # one compiled step instead of compiling the model again per p.
+            top_p = np.full(len(tokens), cfg.top_p, np.float32)
+            cfg = dataclasses.replace(cfg, top_p=None)
+        logits, cache, info = self.jitted.decode_step(tokens, cache, cfg, top_p=top_p)
         return np.asarray(logits, np.float32), cache, {k: np.asarray(v) for k, v in info.items()}
 
     def clone(self, cache):
@@ -533,9 +556,8 @@ def _batches(items: Sequence, size: int) -> list[list]:
 
 
 def _capacity(length: int, settings: EvalConfig) -> int:
-    """Cache tokens per sequence at a length: the prompt (+ BOS) and the longest answer."""
-    need = length + 1 + max(settings.new_tokens(t) for t in tasks.TASKS) + 1
-    return -(-need // settings.page_size) * settings.page_size
+    """Cache tokens per sequence at a length: prompt, BOS and answer fit in ``length``."""
+    return -(-(length + 1) // settings.page_size) * settings.page_size
 
 
 def run_sweep(
@@ -650,8 +672,15 @@ def _make_items(adapter, task: str, length: int, settings: EvalConfig, indices) 
             ids = tasks.perplexity_text(adapter.encode, length, seed=settings.seed + i)
             items.append(_Item(i, ids, settings.ppl_tokens))
         return items
+    # As RULER counts it, the length holds the prompt, a BOS and the answer's tokens, so that
+    # the longest run stays inside the model's context window.
     samples = tasks.make_samples(
-        task, length, settings.samples, adapter.encode, seed=settings.seed, depths=settings.depths
+        task,
+        length - settings.new_tokens(task) - 1,
+        settings.samples,
+        adapter.encode,
+        seed=settings.seed,
+        depths=settings.depths,
     )
     items = []
     for i in indices:
