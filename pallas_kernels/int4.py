@@ -20,7 +20,8 @@ table points at physical page 0 (the null page stays untouched, so padding entri
 
 Kernels:
 - GPU (Triton): one program per (KV head, block of rows); rows are tokens, prefill and decode
-  alike. The destination rows are scattered with masked stores into the aliased cache.
+  alike. The destination rows are scattered with masked stores into the aliased cache. Half
+  rows whose length is not a power of two (Triton's block rule) are padded and masked.
 - TPU (Mosaic): Mosaic cannot scatter single rows of a tiled [S, D/2] page or a [P, S] scale
   plane with block specs (a one-page block of k_scale has second-minor block dim 1). So a step
   handles one page of one sequence: the page's bytes come in and go out through a block spec
@@ -173,13 +174,6 @@ def _check_decode_args(k_int4, k_scale, k_zero, k_new, page_table, positions) ->
     _check_per_seq("positions", positions, batch)
 
 
-def _check_gpu_head_dim(half: int, name: str) -> None:
-    if not _is_pow2(half):
-        raise ValueError(
-            f"{name}: the GPU (Triton) kernel needs head_dim // 2 a power of two, got {half}"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # References (float32 jnp)
 
@@ -238,13 +232,19 @@ def int4_pack_decode_reference(k_int4, k_scale, k_zero, k_new, page_table, posit
 # In-kernel quantization (GPU and TPU bodies share it; jnp on values, no refs)
 
 
-def _quantize_halves(lo, hi):
+def _quantize_halves(lo, hi, col_ok=None):
     """lo, hi [..., D/2] f32, the two halves of rows -> (bytes i32 [..., D/2], scale, zero).
 
     scale and zero keep a trailing unit dim ([..., 1]) so they broadcast against the halves.
+    col_ok (broadcastable bool) marks real columns when the halves are padded to a power of
+    two; padding is left out of min and max (its bytes are never stored).
     """
-    zero = jnp.minimum(lo.min(axis=-1, keepdims=True), hi.min(axis=-1, keepdims=True))
-    top = jnp.maximum(lo.max(axis=-1, keepdims=True), hi.max(axis=-1, keepdims=True))
+    lo_min, hi_min, lo_max, hi_max = lo, hi, lo, hi
+    if col_ok is not None:
+        lo_min, hi_min = jnp.where(col_ok, lo, jnp.inf), jnp.where(col_ok, hi, jnp.inf)
+        lo_max, hi_max = jnp.where(col_ok, lo, -jnp.inf), jnp.where(col_ok, hi, -jnp.inf)
+    zero = jnp.minimum(lo_min.min(axis=-1, keepdims=True), hi_min.min(axis=-1, keepdims=True))
+    top = jnp.maximum(lo_max.max(axis=-1, keepdims=True), hi_max.max(axis=-1, keepdims=True))
     scale = (top - zero) / 15
     safe = jnp.where(scale > 0, scale, 1.0)
 
@@ -262,6 +262,18 @@ def _gpu_params(config: Int4GpuConfig):
     return plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _half_cols(half: int):
+    """Column iota [1, Hp] over the half-row padded to a power of two (Triton block dims must
+    be), and the mask of real columns, None when no padding is needed."""
+    padded = pl.next_power_of_2(half)
+    col = jnp.arange(padded)[None, :]
+    return col, (col < half if padded != half else None)
+
+
+def _and(mask, extra):
+    return mask if extra is None else mask & extra
+
+
 def _quantize_gpu_kernel(
     x_ref,  # [R, D] float (whole array)
     q_ref,  # [R, D/2] uint8
@@ -275,10 +287,11 @@ def _quantize_gpu_kernel(
     ok = row < num_rows
     # Masked accesses index every dim with an array (no slices): that is the form both the
     # Triton lowering and the interpreter support for masked gathers and scatters.
-    r2, c2, ok2 = row[:, None], jnp.arange(half)[None, :], ok[:, None]
+    c2, col_ok = _half_cols(half)
+    r2, ok2 = row[:, None], _and(ok[:, None], col_ok)
     lo = plt.load(x_ref.at[r2, c2], mask=ok2, other=0).astype(jnp.float32)
     hi = plt.load(x_ref.at[r2, c2 + half], mask=ok2, other=0).astype(jnp.float32)
-    packed, scale, zero = _quantize_halves(lo, hi)
+    packed, scale, zero = _quantize_halves(lo, hi, col_ok)
     plt.store(q_ref.at[r2, c2], packed.astype(jnp.uint8), mask=ok2)
     plt.store(s_ref.at[row], scale[:, 0], mask=ok)
     plt.store(z_ref.at[row], zero[:, 0], mask=ok)
@@ -295,7 +308,8 @@ def _dequantize_gpu_kernel(
     num_rows, half = q_ref.shape
     row = pl.program_id(0) * rows_per_block + jnp.arange(rows_per_block)
     ok = row < num_rows
-    r2, c2, ok2 = row[:, None], jnp.arange(half)[None, :], ok[:, None]
+    c2, col_ok = _half_cols(half)
+    r2, ok2 = row[:, None], _and(ok[:, None], col_ok)
     packed = plt.load(q_ref.at[r2, c2], mask=ok2, other=0).astype(jnp.int32)
     scale = plt.load(s_ref.at[row], mask=ok, other=0.0)[:, None]
     zero = plt.load(z_ref.at[row], mask=ok, other=0.0)[:, None]
@@ -316,7 +330,6 @@ def quantize_int4_gpu(x, *, interpret: bool = False, config: Int4GpuConfig = DEF
     Leading dims are flattened to rows; grid (row blocks,).
     """
     lead, d = x.shape[:-1], x.shape[-1]
-    _check_gpu_head_dim(d // 2, "x head_dim")
     num_rows = int(np.prod(lead, dtype=np.int64))
     if num_rows == 0:
         return quantize_int4_reference(x)
@@ -344,7 +357,6 @@ def dequantize_int4_gpu(
 ):
     """Pallas Triton dequantizer; arguments and result as `dequantize_int4` (checked by caller)."""
     lead, half = packed.shape[:-1], packed.shape[-1]
-    _check_gpu_head_dim(half, "packed last dim")
     num_rows = int(np.prod(lead, dtype=np.int64))
     if num_rows == 0:
         return dequantize_int4_reference(packed, scale, zero)
@@ -393,10 +405,11 @@ def _pack_gpu_kernel(
     ok = want & (phys != 0)
     dest = phys * page_size + jax.lax.rem(pos0, page_size)
 
-    r2, c2, ok2 = row[:, None], jnp.arange(half)[None, :], ok[:, None]
+    c2, col_ok = _half_cols(half)
+    r2, ok2 = row[:, None], _and(ok[:, None], col_ok)
     lo = plt.load(k_ref.at[r2, h, c2], mask=ok2, other=0).astype(jnp.float32)
     hi = plt.load(k_ref.at[r2, h, c2 + half], mask=ok2, other=0).astype(jnp.float32)
-    packed, scale, zero = _quantize_halves(lo, hi)
+    packed, scale, zero = _quantize_halves(lo, hi, col_ok)
     plt.store(q_ref.at[h, dest[:, None], c2], packed.astype(jnp.uint8), mask=ok2)
     plt.store(s_ref.at[h, dest], scale[:, 0], mask=ok)
     plt.store(z_ref.at[h, dest], zero[:, 0], mask=ok)
@@ -406,7 +419,6 @@ def _pack_gpu(k_int4, k_scale, k_zero, k_new, page_table, pos, *, interpret, con
     """k_new [B, T, Hkv, D]; pos [B, T] int32 destination positions (< 0 skips)."""
     hkv, num_pages, page_size, half = k_int4.shape
     batch, tokens = k_new.shape[:2]
-    _check_gpu_head_dim(half, "k_int4 head_dim // 2")
     num_rows = batch * tokens
     if num_rows == 0:
         return k_int4, k_scale, k_zero

@@ -21,7 +21,8 @@ Ops:
 - quest_page_scores: [B, Hq, max_pages] scores; -inf from page ceil(lengths[b] / S) on.
 
 GPU (Triton): programs gather min/max rows through the page table with masked vector loads and
-scatter results with masked stores into the aliased metadata. quest_page_scores runs one
+scatter results with masked stores into the aliased metadata. A head_dim or page size that is
+not a power of two (Triton's block rule) is padded in-kernel and masked. quest_page_scores runs one
 program per (sequence, KV head, chunk of pages): each min/max row is read once and used for all
 G query heads of the group, so the op moves 2 * D * itemsize bytes per page and KV head and is
 bandwidth bound.
@@ -178,13 +179,6 @@ def _check_scores_args(q, k_min, k_max, page_table, lengths, page_size) -> None:
     _check_page_size(page_size)
 
 
-def _check_gpu_dims(**dims) -> None:
-    """Extra limit of the Triton kernels: in-kernel array dims are powers of two."""
-    for name, v in dims.items():
-        if not _is_pow2(v):
-            raise ValueError(f"{name}={v}: the GPU (Triton) kernel needs a power of two")
-
-
 # --------------------------------------------------------------------------------------------
 # References (float32 jnp; min/max stay in the metadata dtype, where they are exact)
 
@@ -261,6 +255,22 @@ def _gpu_params(config: QuestGpuConfig):
     return plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _padded_iota(n: int):
+    """iota over n padded to a power of two (Triton block dims must be) and the mask of the
+    real entries, None when n needs no padding."""
+    padded = pl.next_power_of_2(n)
+    i = jnp.arange(padded)
+    return i, (i < n if padded != n else None)
+
+
+def _and(mask, extra):
+    return mask if extra is None else mask & extra
+
+
+def _expand(mask, axes):
+    return None if mask is None else jnp.expand_dims(mask, axes)
+
+
 def _refresh_gpu_kernel(
     k_ref,  # [Hkv, P, S, D] (whole array)
     pt_ref,  # [B, max_pages] int32
@@ -283,14 +293,16 @@ def _refresh_gpu_kernel(
     ok = want & (phys != 0)
 
     # [pages, S, D] gather; every dim indexed by an array (what masked loads support).
-    p3 = phys[:, None, None]
-    s3 = jnp.arange(page_size)[None, :, None]
-    c3 = jnp.arange(d)[None, None, :]
+    slot, slot_ok = _padded_iota(page_size)
+    col, col_ok = _padded_iota(d)
+    p3, s3, c3 = phys[:, None, None], slot[None, :, None], col[None, None, :]
     live = ok[:, None, None] & (lpage[:, None, None] * page_size + s3 < length)
-    k = plt.load(k_ref.at[h, p3, s3, c3], mask=live, other=0).astype(jnp.float32)
+    live = _and(live, _expand(slot_ok, (0, 2)))
+    mask = _and(live, _expand(col_ok, (0, 1)))
+    k = plt.load(k_ref.at[h, p3, s3, c3], mask=mask, other=0).astype(jnp.float32)
     new_min = jnp.where(live, k, jnp.inf).min(axis=1)  # [pages, D]
     new_max = jnp.where(live, k, -jnp.inf).max(axis=1)
-    p2, c2, ok2 = phys[:, None], jnp.arange(d)[None, :], ok[:, None]
+    p2, c2, ok2 = phys[:, None], col[None, :], _and(ok[:, None], _expand(col_ok, 0))
     plt.store(mn_ref.at[h, p2, c2], new_min.astype(mn_ref.dtype), mask=ok2)
     plt.store(mx_ref.at[h, p2, c2], new_max.astype(mx_ref.dtype), mask=ok2)
 
@@ -312,10 +324,9 @@ def quest_refresh_gpu(
     """
     hkv, _, page_size, d = k_pages.shape
     batch, max_pages = page_table.shape
-    _check_gpu_dims(page_size=page_size, head_dim=d)
     if batch == 0 or max_pages == 0:
         return k_min, k_max
-    pages = max(1, config.tokens_per_block // page_size)
+    pages = max(1, config.tokens_per_block // pl.next_power_of_2(page_size))
     pages = min(pages, pl.next_power_of_2(max_pages))
     return pl.pallas_call(
         functools.partial(_refresh_gpu_kernel, pages_per_block=pages),
@@ -356,7 +367,9 @@ def _update_gpu_kernel(
     ok = want & (phys != 0)
     fresh = (jax.lax.rem(pos0, page_size) == 0)[:, None]
 
-    b2, p2, c2, ok2 = b[:, None], phys[:, None], jnp.arange(d)[None, :], ok[:, None]
+    col, col_ok = _padded_iota(d)
+    b2, p2, c2 = b[:, None], phys[:, None], col[None, :]
+    ok2 = _and(ok[:, None], _expand(col_ok, 0))
     # Round to the metadata dtype first (as the reference does), then compare in f32: exact.
     k = plt.load(k_ref.at[b2, h, c2], mask=ok2, other=0)
     k = k.astype(mn_ref.dtype).astype(jnp.float32)
@@ -384,7 +397,6 @@ def quest_update_decode_gpu(
     """Pallas Triton update; arguments and result as `quest_update_decode` (checked by the
     caller). Grid (Hkv, blocks of sequences); min/max are updated in place."""
     batch, hkv, d = k_new.shape
-    _check_gpu_dims(head_dim=d)
     if batch == 0:
         return k_min, k_max
     seqs = min(config.seqs_per_block, pl.next_power_of_2(batch))
@@ -431,12 +443,18 @@ def _scores_gpu_kernel(
     def _score():
         ok = (lpage < live_pages) & in_table
         phys = plt.load(pt_ref.at[b, lpage], mask=ok, other=0)
-        p2, c2, ok2 = phys[:, None], jnp.arange(d)[None, :], ok[:, None]
+        col, col_ok = _padded_iota(d)
+        p2, c2 = phys[:, None], col[None, :]
+        ok2 = _and(ok[:, None], _expand(col_ok, 0))  # padded columns load 0: no contribution
         # One read of the group's min/max rows serves its G query heads.
         mn = plt.load(mn_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
         mx = plt.load(mx_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
         for g in range(group):
-            qh = q_ref[b, h * group + g, :].astype(jnp.float32)[None, :]  # [1, D]
+            if col_ok is None:
+                qh = q_ref[b, h * group + g, :]
+            else:
+                qh = plt.load(q_ref.at[b, h * group + g, col], mask=col_ok, other=0)
+            qh = qh.astype(jnp.float32)[None, :]  # [1, D]
             s = jnp.sum(jnp.maximum(qh, 0.0) * mx + jnp.minimum(qh, 0.0) * mn, axis=1)
             s = jnp.where(ok, s, -jnp.inf)
             plt.store(o_ref.at[b, h * group + g, lpage], s, mask=in_table)
@@ -460,7 +478,6 @@ def quest_page_scores_gpu(
     batch, hq, d = q.shape
     hkv = k_min.shape[0]
     max_pages = page_table.shape[1]
-    _check_gpu_dims(head_dim=d)
     if batch == 0 or max_pages == 0:
         return jnp.zeros((batch, hq, max_pages), jnp.float32)
     pages = min(config.pages_per_block, pl.next_power_of_2(max_pages))

@@ -388,12 +388,27 @@ def test_bad_input(name):
         fn()
 
 
-def test_gpu_needs_power_of_two_dims():
-    refresh, _, _ = _export_args(CASES[0])
-    k_min, k_max, _, table, lengths = refresh
-    k_pages = jnp.zeros((HKV, _P, 3, 64))
-    with pytest.raises(ValueError, match="page_size=3"):
-        quest.quest_refresh_gpu(k_min, k_max, k_pages, table, lengths, interpret=True)
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_odd_sizes(impl):
+    """head_dim 96 and page size 3: the Triton kernels pad both to powers of two and mask."""
+    case = Case(jnp.float32, 96, 3)
+    rng = np.random.default_rng(60)
+    k_pages, k_min, k_max, table = _inputs(case, rng)
+    lengths = _lengths(case.page_size)
+    args = (k_min, k_max, k_pages, table, lengths)
+    got = REFRESH[impl](*args, interpret=True, **_config(impl))
+    k_min, k_max = quest.quest_refresh_reference(*args)
+    _assert_equal(got, (k_min, k_max))
+    q = jnp.asarray(rng.standard_normal((BATCH, 2 * HKV, case.head_dim)), jnp.float32)
+    args = (q, k_min, k_max, table, lengths)
+    got = np.asarray(SCORES[impl](*args, page_size=3, interpret=True, **_config(impl)))
+    want = np.asarray(quest.quest_page_scores_reference(*args, page_size=3))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    live = np.isfinite(want)
+    np.testing.assert_allclose(got[live], want[live], rtol=1e-5, atol=1e-4)
+    if impl == "gpu":
+        export_cuda(quest.quest_refresh_gpu, k_min, k_max, k_pages, table, lengths)
+        export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=3), *args)
 
 
 def test_config_validation():
