@@ -235,6 +235,11 @@ def _add_all(xs):
     return functools.reduce(operator.add, xs)
 
 
+def _dot_nt(a, b):
+    """a [M, K] . b [N, K]^T with float32 accumulation (pl.dot is gone in jax >= 0.11)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _gpu_kernel(
     cand_count_ref,  # [B, Hkv] int32 (whole array)
     lengths_ref,  # [B] int32 (whole array)
@@ -323,9 +328,9 @@ def _gpu_kernel(
         # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
         q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in terms])  # [Gp]
         if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
-            dot = _add_all([pl.dot(nib, t, trans_b=True) for t, nib in terms])
+            dot = _add_all([_dot_nt(nib, t) for t, nib in terms])
         else:  # [Gp, K] . [T, K]^T
-            dot = _add_all([pl.dot(t, nib, trans_b=True) for t, nib in terms])
+            dot = _add_all([_dot_nt(t, nib) for t, nib in terms])
         zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
         logits = attn_scale * (per_token(k_s) * dot + zero_term)
         logits = jnp.where(per_token(tok_ok), logits, -jnp.inf)
