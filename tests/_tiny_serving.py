@@ -7,6 +7,8 @@ prefill (one length bucket), decode step and sampler compile once per pytest pro
 from __future__ import annotations
 
 import functools
+import threading
+import time
 
 from twilight_jax import SparsityConfig
 from twilight_jax.serving import Engine, EngineConfig
@@ -32,3 +34,33 @@ def make_engine(model=None, **overrides) -> Engine:
     jitted, tokenizer, _ = tiny()
     cfg = EngineConfig(**{**ENGINE.__dict__, **overrides})
     return Engine(model or jitted, tokenizer, SPARSITY, cfg)
+
+
+class FaultyModel:
+    """Delegates to the jitted model. The next ``fail_decode`` decode steps and ``fail_prefill``
+    prefills raise; while ``gate`` is clear, prefill blocks (holding the engine thread);
+    ``step_delay`` slows every decode step down."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.config = inner.config
+        self.dtype = inner.dtype
+        self.fail_decode = 0
+        self.step_delay = 0.0  # seconds of sleep per decode step: slow generation on demand
+        self.fail_prefill = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def prefill(self, *args):
+        self.gate.wait(60)
+        if self.fail_prefill:
+            self.fail_prefill -= 1
+            raise RuntimeError("injected prefill fault")
+        return self.inner.prefill(*args)
+
+    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None):
+        if self.fail_decode:
+            self.fail_decode -= 1
+            raise RuntimeError("injected decode fault")
+        time.sleep(self.step_delay)
+        return self.inner.decode_step(tokens, cache, sparsity, active, top_p=top_p)

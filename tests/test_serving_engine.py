@@ -4,13 +4,15 @@ fail before they are queued."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny_serving import ENGINE, make_engine, tiny
+from _tiny_serving import ENGINE, SPARSITY, FaultyModel, make_engine, tiny
 
 from twilight_jax.serving import (
     EngineConfig,
@@ -23,6 +25,8 @@ from twilight_jax.serving.engine import _stop_holdback
 from twilight_jax.serving.sampling import sample_tokens, sample_tokens_reference
 
 GREEDY = dict(temperature=0.0)
+# jax.monitoring event recorded once per XLA compilation (jax/_src/dispatch.py).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
@@ -284,35 +288,9 @@ def test_failing_callback_cancels_only_its_request(engine):
     _assert_all_pages_free(engine)
 
 
-class _FaultyModel:
-    """Delegates to the jitted model; the decode step or prefill raises while told to."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.config = inner.config
-        self.dtype = inner.dtype
-        self.fail_decode = 0
-        self.fail_prefill = 0
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def prefill(self, *args):
-        self.gate.wait(60)
-        if self.fail_prefill:
-            self.fail_prefill -= 1
-            raise RuntimeError("injected prefill fault")
-        return self.inner.prefill(*args)
-
-    def decode_step(self, tokens, cache, sparsity, active=None):
-        if self.fail_decode:
-            self.fail_decode -= 1
-            raise RuntimeError("injected decode fault")
-        return self.inner.decode_step(tokens, cache, sparsity, active)
-
-
 @pytest.fixture(scope="module")
 def faulty():
-    model = _FaultyModel(tiny()[0])
+    model = FaultyModel(tiny()[0])
     eng = make_engine(model, max_queue=3).start()
     yield eng, model
     model.gate.set()
@@ -394,12 +372,55 @@ def test_out_of_vocabulary_prompt_is_refused(engine):
     assert e.value.param == "prompt"
 
 
-def test_per_request_sparsity_p_needs_model_support(engine):
-    if engine.per_request_p:
-        pytest.skip("the model takes per-request top_p")
-    with pytest.raises(InvalidRequestError, match="sparsity_top_p") as e:
-        engine.submit([1, 2], SamplingParams(sparsity_top_p=0.5), lambda ev: None)
-    assert e.value.param == "sparsity_top_p"
+class _NoPerRequestP(FaultyModel):
+    def decode_step(self, tokens, cache, sparsity, active=None):
+        return self.inner.decode_step(tokens, cache, sparsity, active)
+
+
+def test_per_request_sparsity_p_needs_model_support():
+    eng = make_engine(_NoPerRequestP(tiny()[0])).start()
+    try:
+        with pytest.raises(InvalidRequestError, match="sparsity_top_p") as e:
+            eng.submit([1, 2], SamplingParams(sparsity_top_p=0.5), lambda ev: None)
+        assert e.value.param == "sparsity_top_p"
+        # The engine's own p is fine.
+        eng.check_request([1, 2], SamplingParams(sparsity_top_p=SPARSITY.top_p))
+    finally:
+        eng.shutdown()
+
+
+def test_per_request_sparsity_p_is_per_row_and_compiles_nothing(engine):
+    assert engine.per_request_p
+    prompts = _prompts(15, 3, lo=50, hi=60)
+    params = [
+        SamplingParams(max_tokens=6, ignore_eos=True, sparsity_top_p=p, **GREEDY)
+        for p in (0.3, 0.99, 0.6)
+    ]
+    engine.generate(prompts, params)  # warm: every shape this test uses has been seen
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        together = engine.generate(prompts, params)
+        attended = []
+        for prompt, sp in zip(prompts, params):
+            before = engine.metrics.attended_tokens
+            alone = engine.generate([prompt], [sp])[0]
+            attended.append(engine.metrics.attended_tokens - before)
+            assert alone.token_ids == together[len(attended) - 1].token_ids
+        more = engine.generate(
+            prompts, [dataclasses.replace(sp, seed=9, temperature=0.5) for sp in params]
+        )
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert all(c.finish_reason == "length" for c in more)
+    assert compiles == [], "a request's parameters caused a recompilation"
+    # Same decode length, lower p: fewer tokens attended in the sparse layer.
+    assert attended[0] < attended[1]
 
 
 @pytest.mark.parametrize(
