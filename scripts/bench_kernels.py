@@ -35,6 +35,23 @@ MIN_POOL_BYTES = 1 << 30  # the page pool is at least this large so repeated cal
 N_ROT = 4  # input sets rotated through inside one timing loop
 
 
+SPGEMV_SWEEP = [
+    spgemv.SpGEMVConfig(tokens_per_chunk=t, num_warps=w, token_major=m)
+    for t, w, m in [
+        (64, 4, False),
+        (256, 4, False),
+        (128, 8, False),
+        (256, 8, False),
+        (128, 4, True),
+        (256, 8, True),
+    ]
+]
+TOPP_SWEEP = [
+    topp.TopPConfig(iters=i, capacity_iters=c, num_warps=w)
+    for i, c, w in [(16, 16, None), (12, 12, None), (16, 16, 8), (16, 16, 32), (30, 30, 8)]
+]
+
+
 def make_pool(key, batch, ctx):
     """A random paged cache big enough for batch x ctx tokens and at least MIN_POOL_BYTES."""
     pages_per_seq = ctx // S
@@ -173,7 +190,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     cand = jnp.asarray(cand.reshape(batch, HKV, n_cand), jnp.int32)
     cand_count = jnp.full((batch, HKV), n_cand, jnp.int32)
 
-    def spg():
+    def spg(config=None, name="block_spgemv"):
         t = benchlib.time_fn(
             lambda q, pt, k4, sc, zr: spgemv.block_spgemv(
                 q, k4, sc, zr, pt, lengths, cand, cand_count, block_size=S, backend="pallas"
@@ -187,37 +204,49 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
             + batch * HQ * D * 2
             + batch * HQ * b0 * 4
         )
-        record("block_spgemv", batch, ctx, f"{b0} cand", t, nbytes)
+        record(name, batch, ctx, f"{b0} cand", t, nbytes, str(config or ""))
 
     attempt("block_spgemv", spg)
 
     # Top-p over the B0 estimated logits, GQA groups of G heads, union selection.
-    def tp():
-        logit_sets = [
-            (jax.random.normal(jax.random.fold_in(key, r), (batch * HKV, G, b0), jnp.float32) * 3,)
-            for r in range(N_ROT)
-        ]
+    def tp(config=None, name="topp_select_grouped"):
+        # Peaked rows like real heads: 1.5% of the columns planted 8 above unit noise, so
+        # p = 0.85 keeps about 1-3% of the candidates (no saturation at capacity 2048).
+        def planted(r):
+            k1, k2 = jax.random.split(jax.random.fold_in(key, r))
+            noise = jax.random.normal(k1, (batch * HKV, G, b0), jnp.float32)
+            heavy = jax.random.uniform(k2, (batch * HKV, 1, b0)) < 0.015
+            return (noise + 8.0 * heavy,)
+
+        logit_sets = [planted(r) for r in range(N_ROT)]
         valid = jnp.ones((batch * HKV, b0), bool)
         p = jnp.full((batch * HKV,), 0.85, jnp.float32)
         cap = 2048
         t = benchlib.time_fn(
-            lambda lg, v, pp: topp.topp_select_grouped(lg, v, pp, cap, backend="pallas"),
+            lambda lg, v, pp: topp.topp_select_grouped(
+                lg, v, pp, cap, backend="pallas", config=config
+            ),
             logit_sets,
             (valid, p),
         )
         read_once = batch * HQ * b0 * 4 + batch * HKV * b0
         nbytes = read_once + batch * HKV * (cap * 4 + 8)
         record(
-            "topp_select_grouped",
+            name,
             batch,
             ctx,
             f"{b0} x G{G}",
             t,
             nbytes,
-            f"read-once floor {read_once / peak * 1e6:.1f} us",
+            f"read-once floor {read_once / peak * 1e6:.1f} us {config or ''}",
         )
 
     attempt("topp_select_grouped", tp)
+    if args.sweep:
+        for cfg in SPGEMV_SWEEP:
+            attempt("block_spgemv_sweep", lambda cfg=cfg: spg(cfg, "block_spgemv_sweep"))
+        for cfg in TOPP_SWEEP:
+            attempt("topp_sweep", lambda cfg=cfg: tp(cfg, "topp_sweep"))
 
     # Quest page scores over every page of the context.
     def qs_scores():
@@ -250,13 +279,14 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
                 )
                 for r in range(N_ROT)
             ]
-            t = benchlib.time_update(
+            t, state = benchlib.time_update(
                 lambda k, pt, k4, sc, zr: int4.int4_pack_decode(
                     k4, sc, zr, k, pt, positions, backend="pallas"
                 ),
                 kn,
                 (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
             )
+            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
             nbytes = batch * HKV * (D * 2 + D // 2 + 8)
             record("int4_pack_decode", batch, ctx, "1 tok", t, nbytes)
 
@@ -270,13 +300,14 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
                 )
                 for r in range(N_ROT)
             ]
-            t = benchlib.time_update(
+            t, state = benchlib.time_update(
                 lambda k, pt, kmin, kmax: quest.quest_update_decode(
                     kmin, kmax, k, pt, positions, backend="pallas"
                 ),
                 kn,
                 (pool["k_min"], pool["k_max"]),
             )
+            pool["k_min"], pool["k_max"] = state
             nbytes = batch * HKV * D * 2 * 5
             record("quest_update_decode", batch, ctx, "1 tok", t, nbytes)
 
@@ -294,7 +325,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
             ]
             start = jnp.zeros((batch,), jnp.int32)
             count = jnp.full((batch,), ctx, jnp.int32)
-            t = benchlib.time_update(
+            t, state = benchlib.time_update(
                 lambda k, pt, k4, sc, zr: int4.int4_pack_prefill(
                     k4, sc, zr, k, pt, start, count, backend="pallas"
                 ),
@@ -302,6 +333,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
                 (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
                 iters=5,
             )
+            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
             nbytes = batch * ctx * HKV * (D * 2 + D // 2 + 8)
             record("int4_pack_prefill", batch, ctx, f"{ctx} tok", t, nbytes)
 
@@ -309,7 +341,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
 
         def quest_ref():
             rot = [(jnp.zeros((1,), jnp.float32), tables[r]) for r in range(2)]
-            t = benchlib.time_update(
+            t, state = benchlib.time_update(
                 lambda _, pt, kmin, kmax, kp: (
                     quest.quest_refresh(kmin, kmax, kp, pt, lengths, backend="pallas") + (kp,)
                 ),
@@ -317,6 +349,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
                 (pool["k_min"], pool["k_max"], pool["k_pages"]),
                 iters=5,
             )
+            pool["k_min"], pool["k_max"], pool["k_pages"] = state
             nbytes = batch * ctx * HKV * D * 2 + 2 * batch * pps * HKV * D * 2
             record("quest_refresh", batch, ctx, f"{ctx} tok", t, nbytes)
 
@@ -324,8 +357,13 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
 
 
 def run(args):
-    peak = benchlib.measure_copy_bandwidth()
-    print(f"measured copy bandwidth: {peak / 1e12:.2f} TB/s", flush=True)
+    bw = benchlib.measure_copy_bandwidth()
+    peak = bw["peak"]
+    print(
+        "measured copy bandwidth (TB/s): "
+        + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bw.items()),
+        flush=True,
+    )
     table = benchlib.Table(
         ["kernel", "batch", "ctx", "work", "time_us", "MB", "TB/s", "%peak", "note"]
     )
@@ -355,7 +393,7 @@ def run(args):
         for ctx in args.contexts:
             bench_config(batch, ctx, args, key, peak, record, attempt)
     meta = benchlib.device_meta()
-    meta["copy_bandwidth_TBps"] = round(peak / 1e12, 3)
+    meta.update({f"copy_TBps_{k}": round(v / 1e12, 3) for k, v in bw.items()})
     meta["command"] = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
     table.save(args.out, meta)
     print("\n" + table.text())
@@ -366,6 +404,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--sweep", action="store_true", help="also time config variants")
     ap.add_argument("--out", default="docs/results/kernels")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":

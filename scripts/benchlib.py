@@ -21,22 +21,40 @@ import jax
 import jax.numpy as jnp
 
 
-def measure_copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+def measure_copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> dict:
+    """Device-to-device bandwidth in bytes/s (bytes read + bytes written), several ways.
+
+    Returns {"jax_scale": ..., "torch_copy": ... (when torch sees the GPU), "peak": max}.
+    """
     n = nbytes // 4
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
 
     @jax.jit
-    def copy(x):
+    def scale(x):
         return x * 1.0000001  # an elementwise pass: read n, write n (a plain copy may alias)
 
-    copy(x).block_until_ready()
+    scale(x).block_until_ready()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        copy(x).block_until_ready()
+        scale(x).block_until_ready()
         ts.append(time.perf_counter() - t0)
-    return 2 * n * 4 / statistics.median(ts)
+    result = {"jax_scale": 2 * n * 4 / statistics.median(ts)}
+    del x
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            a = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
+            b = torch.empty_like(a)
+            t = time_torch(lambda: b.copy_(a), iters=10)
+            result["torch_copy"] = 2 * n * 4 / t
+            del a, b
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    result["peak"] = max(result.values())
+    return result
 
 
 def time_fn(
@@ -85,10 +103,11 @@ def time_update(
     iters: int = 20,
     repeats: int = 5,
 ) -> float:
-    """Seconds per call of an in-place update ``state = fn(*rotating[i], *state)``.
+    """(seconds per call, final state) of an in-place update ``state = fn(*rotating[i], *state)``.
 
     The state (cache arrays) is the loop carry and is donated, so the kernels' aliased outputs
-    update it in place instead of copying it every call.
+    update it in place instead of copying it every call; the caller's arrays are consumed, use
+    the returned state instead.
     """
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
     n_sets = len(rotating)
@@ -109,7 +128,7 @@ def time_update(
         state = loop(stacked, state)
         jax.block_until_ready(state)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / iters
+    return statistics.median(ts) / iters, state
 
 
 def time_torch(fn: Callable, *, iters: int = 20, repeats: int = 5) -> float:

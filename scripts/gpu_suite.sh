@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-"tests kernels attention"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false TWILIGHT_TEST_PLATFORM=gpu
+export XLA_PYTHON_CLIENT_PREALLOCATE=false TWILIGHT_TEST_PLATFORM=cuda
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -21,7 +21,7 @@ for step in $STEPS; do
   t0=$(date +%s)
   case $step in
     tests)
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       rc=${PIPESTATUS[0]} ;;
     kernels)
       python3 scripts/bench_kernels.py --out "$OUT/kernels" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | grep -v '^  kernel='
