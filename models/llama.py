@@ -202,6 +202,80 @@ def dense_attention(q, k, v, lengths=None):
     )
 
 
+def _host_values(x):
+    """x as numpy when it is already on the host (lists, numpy); None for device or traced
+    arrays, whose values are not checked (that would cost a device sync per call)."""
+    if isinstance(x, (list, tuple, np.ndarray, np.generic, int)):
+        return np.asarray(x)
+    return None
+
+
+def _check_cache(config: LlamaConfig, cache, batch: int) -> None:
+    for name, got, want in (
+        ("num_layers", cache.num_layers, config.num_layers),
+        ("num_kv_heads", cache.num_kv_heads, config.num_kv_heads),
+        ("head_dim", cache.head_dim, config.head_dim),
+        ("batch", cache.batch, batch),
+    ):
+        if got != want:
+            raise ValueError(f"cache {name} must be {want} (the model's / the batch's), got {got}")
+
+
+def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache) -> None:
+    """Static checks of ``prefill`` arguments (ValueError naming the argument)."""
+    if np.ndim(token_ids) != 2:
+        raise ValueError(f"token_ids must be [B, T], got shape {tuple(np.shape(token_ids))}")
+    b, t = np.shape(token_ids)
+    if np.shape(lengths) != (b,):
+        raise ValueError(f"lengths must be [B={b}], got shape {tuple(np.shape(lengths))}")
+    _check_cache(config, cache, b)
+    if t > cache.capacity:
+        raise ValueError(f"token_ids length T={t} exceeds the cache capacity {cache.capacity}")
+    if t > config.max_position_embeddings:
+        raise ValueError(
+            f"token_ids length T={t} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    ln = _host_values(lengths)
+    if ln is not None and (ln.min(initial=0) < 0 or ln.max(initial=0) > t):
+        raise ValueError(f"lengths must lie in [0, T={t}], got {ln.tolist()}")
+    ids = _host_values(token_ids)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ValueError(
+            f"token_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+
+
+def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_p) -> None:
+    """Static checks of ``decode_step`` arguments (ValueError naming the argument)."""
+    if np.ndim(tokens) != 1:
+        raise ValueError(f"tokens must be [B], got shape {tuple(np.shape(tokens))}")
+    b = np.shape(tokens)[0]
+    _check_cache(config, cache, b)
+    if not all(hasattr(sparsity, f) for f in ("selector", "dense_layers", "gqa", "page_size")):
+        raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
+    if sparsity.page_size != cache.page_size:
+        raise ValueError(
+            f"sparsity.page_size={sparsity.page_size} must equal the cache page_size="
+            f"{cache.page_size}"
+        )
+    if active is not None and np.shape(active) != (b,):
+        raise ValueError(f"active must be [B={b}] bool, got shape {tuple(np.shape(active))}")
+    if top_p is not None:
+        if np.ndim(top_p) not in (0, 1) or (np.ndim(top_p) == 1 and np.shape(top_p) != (b,)):
+            raise ValueError(f"top_p must be a float or [B={b}], got shape {np.shape(top_p)}")
+        tp = _host_values(top_p) if not isinstance(top_p, float) else np.asarray(top_p)
+        if tp is not None and not ((tp > 0) & (tp <= 1)).all():
+            raise ValueError(f"top_p must lie in (0, 1], got {np.ravel(tp).tolist()}")
+    ids = _host_values(tokens)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ValueError(
+            f"tokens must lie in [0, vocab_size={config.vocab_size}), got values in "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+
+
 class LlamaForCausalLM(nnx.Module):
     """A LLaMA-architecture decoder with its LM head.
 
@@ -236,6 +310,24 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, init)
 
+    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
+        """An empty ``PagedKVCache`` for this model (model dtype): [L, Hkv, P, S, D] pages,
+        sequence b owning pages 1 + b * ceil(max_seq_len / page_size), ...; kwargs go to
+        ``PagedKVCache.create`` (num_pages, ds_channels)."""
+        from twilight_jax import PagedKVCache
+
+        c = self.config
+        return PagedKVCache.create(
+            c.num_layers,
+            batch,
+            c.num_kv_heads,
+            c.head_dim,
+            max_seq_len=max_seq_len,
+            page_size=page_size,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ pieces
 
     def _embed(self, token_ids: jax.Array) -> jax.Array:
@@ -256,6 +348,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, token_ids: jax.Array) -> jax.Array:
         """token_ids [B, T] int32 -> logits [B, T, vocab] float32; dense causal, no cache."""
+        if np.ndim(token_ids) != 2:
+            raise ValueError(f"token_ids must be [B, T], got shape {tuple(np.shape(token_ids))}")
+        token_ids = jnp.asarray(token_ids, jnp.int32)
         b, t = token_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         h = self._embed(token_ids)
@@ -276,8 +371,10 @@ class LlamaForCausalLM(nnx.Module):
         Returns (logits [B, vocab] float32 of token lengths[b] - 1 (unspecified where
         lengths[b] == 0), cache).
         """
+        check_prefill_args(self.config, token_ids, lengths, cache)
+        token_ids = jnp.asarray(token_ids, jnp.int32)
         b, t = token_ids.shape
-        lengths = lengths.astype(jnp.int32)
+        lengths = jnp.asarray(lengths, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         start = jnp.zeros((b,), jnp.int32)
         kv_dtype = cache.k_pages.dtype
@@ -293,11 +390,21 @@ class LlamaForCausalLM(nnx.Module):
         cache = cache.with_lengths(jnp.where(lengths > 0, lengths, cache.lengths))
         return self._head(last), cache
 
-    def decode_step(self, tokens: jax.Array, cache, sparsity, active: jax.Array | None = None):
+    def decode_step(
+        self,
+        tokens: jax.Array,
+        cache,
+        sparsity,
+        active: jax.Array | None = None,
+        top_p: jax.Array | None = None,
+        backend: str = "auto",
+    ):
         """One decode step: token ``tokens[b]`` sits at position cache.lengths[b].
 
         tokens [B] int32; cache: ``PagedKVCache``; sparsity: ``SparsityConfig`` (static);
-        active [B] bool or None (all): inactive sequences neither grow nor write.
+        active [B] bool or None (all): inactive sequences neither grow nor write;
+        top_p: None (``sparsity.top_p``) or [B] float32 per-sequence p (may be traced);
+        backend: kernel backend of the attention ops (static).
         Returns (logits [B, vocab] float32, cache, info) with info a dict of arrays:
         ``counts`` int32 [L, B, Hs] tokens attended per layer (Hs = Hkv, or Hq when
         ``sparsity.gqa == "per_head"``; dense layers count every cached token),
@@ -307,7 +414,9 @@ class LlamaForCausalLM(nnx.Module):
         from pallas_kernels.attention import paged_decode_attention
         from twilight_jax import decode_attention
 
+        check_decode_args(self.config, tokens, cache, sparsity, active, top_p)
         c = self.config
+        tokens = jnp.asarray(tokens, jnp.int32)
         b = tokens.shape[0]
         positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
         cache = cache.begin_decode_step(active)
@@ -323,16 +432,23 @@ class LlamaForCausalLM(nnx.Module):
                 q1 = q[:, 0].astype(kv_dtype)  # [B, Hq, D]
                 if dense:
                     out = paged_decode_attention(
-                        q1, new.k_pages[i], new.v_pages[i], new.page_table, new.lengths
+                        q1,
+                        new.k_pages[i],
+                        new.v_pages[i],
+                        new.page_table,
+                        new.lengths,
+                        backend=backend,
                     )
                     n = jnp.broadcast_to(new.lengths[:, None], (b, hs)).astype(jnp.int32)
                     stats = (n, jnp.ones((b, c.num_heads), jnp.float32), jnp.zeros((b, hs), bool))
                 else:
-                    out, info = decode_attention(q1, new, sparsity, layer=i)
+                    out, info = decode_attention(
+                        q1, new, sparsity, layer=i, top_p=top_p, backend=backend
+                    )
                     stats = (
-                        jnp.asarray(info.counts, jnp.int32).reshape(b, hs),
-                        jnp.asarray(info.estimated_mass, jnp.float32).reshape(b, c.num_heads),
-                        jnp.asarray(info.saturated, bool).reshape(b, hs),
+                        info.counts.astype(jnp.int32),
+                        info.estimated_mass.astype(jnp.float32),
+                        info.saturated,
                     )
                 return out[:, None], (new, stats)
 
@@ -364,9 +480,9 @@ def _prefill_jit(graphdef, state, token_ids, lengths, cache):
     return nnx.merge(graphdef, state).prefill(token_ids, lengths, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
-def _decode_jit(graphdef, state, tokens, cache, sparsity, active):
-    return nnx.merge(graphdef, state).decode_step(tokens, cache, sparsity, active)
+@functools.partial(jax.jit, static_argnums=(0, 4, 7), donate_argnums=(3,))
+def _decode_jit(graphdef, state, tokens, cache, sparsity, active, top_p, backend):
+    return nnx.merge(graphdef, state).decode_step(tokens, cache, sparsity, active, top_p, backend)
 
 
 class JittedLlama:
@@ -377,14 +493,19 @@ class JittedLlama:
     """
 
     def __init__(self, model: LlamaForCausalLM):
+        self.model = model
         self.config = model.config
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
+
+    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
+        return self.model.init_cache(batch, max_seq_len, page_size=page_size, **kwargs)
 
     def logits(self, token_ids):
         return _logits_jit(self.graphdef, self.state, jnp.asarray(token_ids, jnp.int32))
 
     def prefill(self, token_ids, lengths, cache):
+        check_prefill_args(self.config, token_ids, lengths, cache)
         return _prefill_jit(
             self.graphdef,
             self.state,
@@ -393,11 +514,21 @@ class JittedLlama:
             cache,
         )
 
-    def decode_step(self, tokens, cache, sparsity, active=None):
+    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):
+        check_decode_args(self.config, tokens, cache, sparsity, active, top_p)
         if active is not None:
             active = jnp.asarray(active, bool)
+        if top_p is not None:
+            top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (np.shape(tokens)[0],))
         return _decode_jit(
-            self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), cache, sparsity, active
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens, jnp.int32),
+            cache,
+            sparsity,
+            active,
+            top_p,
+            backend,
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,6 +107,12 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 64,
 }
 LONGCHAT_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+@pytest.fixture(scope="module")
+def llama31_jitted(llama31_dir):
+    model, _, config = models.load(llama31_dir[0], dtype=jnp.float32, progress=False)
+    return models.JittedLlama(model)
 
 
 @pytest.fixture(scope="module")
@@ -294,11 +301,10 @@ def test_handwritten_gguf_matches_transformers(tmp_path):
     assert tok.encode("!#!!") == [0, 2, config.vocab_size - 1]
 
 
-def test_batched_logits_equal_single(llama31_dir):
-    model, _, config = models.load(llama31_dir[0], dtype=jnp.float32, progress=False)
+def test_batched_logits_equal_single(llama31_jitted):
+    jitted = llama31_jitted
     rng = np.random.default_rng(7)
-    ids = rng.integers(0, config.vocab_size, size=(3, 40)).astype(np.int32)
-    jitted = models.JittedLlama(model)
+    ids = rng.integers(0, jitted.config.vocab_size, size=(3, 40)).astype(np.int32)
     both = np.asarray(jitted.logits(jnp.asarray(ids)))
     for b in range(3):
         one = np.asarray(jitted.logits(jnp.asarray(ids[b : b + 1])))[0]
@@ -524,3 +530,137 @@ def test_config_from_transformers4_rope_scaling():
     # Highest frequencies untouched, lowest divided by the factor.
     assert inv[0] == 1.0 and math.isclose(inv[-1], 500000.0 ** (-126 / 128) / 8, rel_tol=1e-5)
     hash(c)  # static under jit
+
+
+# ------------------------------------------------------------------------ prefill + decode
+
+
+E2E_CONFIGS = {
+    "dense": dict(selector="dense", page_size=8, dense_layers=0),
+    # Full + pruner with p = 1: must equal dense.
+    "all_p1": dict(selector="all", top_p=1.0, page_size=8, dense_layers=1, max_budget=64),
+    # Quest with a budget covering every page: equals dense.
+    "quest_all_pages": dict(
+        selector="quest", budget=64, page_size=8, dense_layers=1, max_budget=64
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def e2e_case(llama31_jitted):
+    """Ragged prompts (incl. one token; page_size 8 so pages straddle), 5 continuation tokens
+    each, and the dense logits of every full sequence (one right-padded batch: causal
+    attention makes the padding invisible to earlier positions)."""
+    vocab = llama31_jitted.config.vocab_size
+    rng = np.random.default_rng(11)
+    lens = np.array([13, 1, 24], np.int32)
+    full = [rng.integers(0, vocab, size=n + 5).tolist() for n in lens]
+    ids = np.zeros((3, 24), np.int32)
+    for i, (f, n) in enumerate(zip(full, lens)):
+        ids[i, :n] = f[:n]
+    cont = np.array([[f[n + s] for f, n in zip(full, lens)] for s in range(5)], np.int32)
+    padded = np.zeros((3, 29), np.int32)
+    for i, f in enumerate(full):
+        padded[i, : len(f)] = f
+    ref = np.asarray(llama31_jitted.logits(jnp.asarray(padded)))
+    return lens, ids, cont, ref
+
+
+def _decode_all(jitted, cache, cont, sparsity, top_p=None):
+    steps, infos = [], []
+    for tok in cont:
+        logits, cache, info = jitted.decode_step(jnp.asarray(tok), cache, sparsity, top_p=top_p)
+        steps.append(np.asarray(logits))
+        infos.append(jax.tree.map(np.asarray, info))
+    return np.stack(steps), infos, cache
+
+
+@pytest.mark.parametrize("which", list(E2E_CONFIGS))
+def test_prefill_and_decode_match_dense_logits(llama31_jitted, e2e_case, which):
+    from twilight_jax import SparsityConfig
+
+    cfg = SparsityConfig(**E2E_CONFIGS[which])
+    lens, ids, cont, ref = e2e_case
+    cache = llama31_jitted.init_cache(3, 64, page_size=8)
+    first, cache = llama31_jitted.prefill(ids, lens, cache)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
+    steps, infos, cache = _decode_all(llama31_jitted, cache, cont, cfg)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens + 5)
+    for i, n in enumerate(lens):
+        np.testing.assert_allclose(first[i], ref[i, n - 1], atol=2e-4)
+        for s in range(5):
+            np.testing.assert_allclose(steps[s, i], ref[i, n + s], atol=2e-4)
+    counts = infos[-1]["counts"]  # [L, B, Hkv]: every token attended here
+    config = llama31_jitted.config
+    assert counts.shape == (config.num_layers, 3, config.num_kv_heads)
+    np.testing.assert_array_equal(counts, np.broadcast_to((lens + 5)[None, :, None], counts.shape))
+
+
+def test_decode_prunes_with_small_p(llama31_jitted, e2e_case):
+    from twilight_jax import SparsityConfig
+
+    cfg = SparsityConfig(**E2E_CONFIGS["all_p1"])
+    lens, ids, cont, _ = e2e_case
+    cache = llama31_jitted.init_cache(3, 64, page_size=8)
+    _, cache = llama31_jitted.prefill(ids, lens, cache)
+    # Per-sequence p (a traced [B] array) overrides cfg.top_p.
+    p = np.array([0.3, 1.0, 0.3], np.float32)
+    steps, infos, _ = _decode_all(llama31_jitted, cache, cont[:2], cfg, top_p=p)
+    counts, mass = infos[-1]["counts"], infos[-1]["estimated_mass"]
+    n = lens + 2
+    np.testing.assert_array_equal(counts[0], np.broadcast_to(n[:, None], counts[0].shape))
+    assert (counts[1, [0, 2]] < n[[0, 2], None]).all() and (counts[1] >= 1).all()
+    assert (counts[1, 1] == n[1]).all()
+    assert ((mass[1] >= p[:, None] - 1e-4) & (mass[1] <= 1 + 1e-5)).all()
+    assert np.isfinite(steps).all()
+
+
+def test_prefill_leaves_zero_length_rows(llama31_jitted, e2e_case):
+    # The serving engine prefills some slots while others hold state: rows with length 0 keep
+    # their cache length and pages.
+    from twilight_jax import SparsityConfig
+
+    cfg = SparsityConfig(**E2E_CONFIGS["dense"])
+    lens, ids, cont, ref = e2e_case
+    cache = llama31_jitted.init_cache(3, 64, page_size=8)
+    _, cache = llama31_jitted.prefill(ids, lens * np.array([1, 0, 1], np.int32), cache)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [lens[0], 0, lens[2]])
+    k_before = np.asarray(cache.k_pages)
+    noise = np.where(np.arange(24) < 1, ids, 7).astype(np.int32)  # row 1 keeps its token
+    _, cache = llama31_jitted.prefill(noise, lens * np.array([0, 1, 0], np.int32), cache)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens)
+    # Pages of sequences 0 and 2 (physical 1..8 and 17..24) are untouched.
+    k_after = np.asarray(cache.k_pages)
+    np.testing.assert_array_equal(k_after[:, :, 1:9], k_before[:, :, 1:9])
+    np.testing.assert_array_equal(k_after[:, :, 17:25], k_before[:, :, 17:25])
+    steps, _, _ = _decode_all(llama31_jitted, cache, cont[:1], cfg)
+    for i, n in enumerate(lens):
+        np.testing.assert_allclose(steps[0, i], ref[i, n], atol=2e-4)
+
+
+def test_prefill_decode_argument_errors(llama31_jitted):
+    from twilight_jax import SparsityConfig
+
+    cache = llama31_jitted.init_cache(2, 16, page_size=8)
+    ids = np.zeros((2, 8), np.int32)
+    with pytest.raises(ValueError, match="token_ids must be"):
+        llama31_jitted.prefill(ids[0], np.array([1, 1]), cache)
+    with pytest.raises(ValueError, match="lengths must be"):
+        llama31_jitted.prefill(ids, np.array([1]), cache)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=8\]"):
+        llama31_jitted.prefill(ids, np.array([1, 9]), cache)
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        llama31_jitted.prefill(np.zeros((2, 32), np.int32), np.array([1, 1]), cache)
+    with pytest.raises(ValueError, match="cache batch must be 3"):
+        llama31_jitted.prefill(np.zeros((3, 8), np.int32), np.array([1, 1, 1]), cache)
+    with pytest.raises(ValueError, match="token_ids must lie in"):
+        llama31_jitted.prefill(ids + 1000, np.array([1, 1]), cache)
+    cfg = SparsityConfig(selector="dense", page_size=8)
+    with pytest.raises(ValueError, match="tokens must be"):
+        llama31_jitted.decode_step(ids, cache, cfg)
+    with pytest.raises(ValueError, match="sparsity.page_size=16"):
+        llama31_jitted.decode_step(ids[:, 0], cache, SparsityConfig(selector="dense"))
+    with pytest.raises(ValueError, match="sparsity must be a SparsityConfig"):
+        llama31_jitted.decode_step(ids[:, 0], cache, "dense")
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        llama31_jitted.decode_step(ids[:, 0], cache, cfg, top_p=np.array([0.5, 1.5], np.float32))
