@@ -128,17 +128,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("settings") and meta["settings"] != json.loads(
-        json.dumps(dataclasses.asdict(settings))
-    ):
+    clash = runner.protocol_mismatch(meta.get("settings"), settings)
+    if clash:
         print(
-            f"error: {out} holds a sweep with other settings; use another --out or the same "
-            "arguments",
+            f"error: {out} holds a sweep run with another protocol ({clash}); its records "
+            "cannot be mixed with this one: use another --out",
             file=sys.stderr,
         )
         return 2
 
     t0 = time.monotonic()
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
     adapter = runner.load_adapter(settings.model, page_size=settings.page_size)
     c = adapter.config
     meta.update(
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             f"{c.num_layers} layers, {c.num_heads} query / {c.num_kv_heads} KV heads, head_dim "
             f"{c.head_dim}, {adapter.model.dtype} weights and KV cache"
         ),
-        command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
+        commands=list(dict.fromkeys([*meta.get("commands", []), command])),
         hardware=hardware(),
         text_sources=tasks.text_sources(),
         started=meta.get("started", datetime.datetime.now(datetime.timezone.utc).isoformat()),

@@ -18,6 +18,7 @@ import json
 import math
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -516,7 +517,7 @@ def test_report_page(tmp_path):
     )
     run = tmp_path / "run"
     assert runner.run_sweep(CopyModel(), settings, run, log=lambda s: None)
-    meta = {"settings": dataclasses.asdict(settings), "command": "python x.py", "complete": True}
+    meta = {"settings": dataclasses.asdict(settings), "commands": ["python x.py"], "complete": True}
     (run / "meta.json").write_text(json.dumps(meta))
     page = report.write_report(run, tmp_path / "docs" / "results.md")
     text = page.read_text()
@@ -532,6 +533,9 @@ def test_report_page(tmp_path):
         for png in ("accuracy_vs_budget.png", "head_budgets.png"):
             assert (run / png).stat().st_size > 1000
             assert f"../run/{png}" in text
+    again = tmp_path / "again.md"
+    assert _script().main(["--report-only", "--out", str(run), "--report", str(again)]) == 0
+    assert again.read_text().replace("../run/", "run/") == text.replace("../run/", "run/")
     rows = report.summary_rows(*runner.collect(runner.RecordStore(run).records), 512)
     assert [r["method"] for r in rows] == [
         "dense",
@@ -539,3 +543,27 @@ def test_report_page(tmp_path):
         "all@0.95",
         "quest:ctx/4@0.95",
     ]
+
+
+def _script():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "eval_accuracy.py"
+    spec = importlib.util.spec_from_file_location("eval_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_arguments_and_protocol(tmp_path):
+    script = _script()
+    args = script.parse_args(
+        ["--preset", "gpu", "--out", str(tmp_path), "--lengths", "2048", "--methods", "dense,ds:64"]
+    )
+    settings = script.settings_from_args(args)
+    assert settings.lengths == (2048,) and settings.methods == ("dense", "ds:64")
+    assert settings.samples == runner.PRESETS["gpu"].samples
+    # A folder can grow from gpu-core to gpu (more methods and samples), not change seed.
+    stored = json.loads(json.dumps(dataclasses.asdict(runner.PRESETS["gpu-core"])))
+    assert runner.protocol_mismatch(stored, settings) is None
+    assert "seed" in runner.protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
+    with pytest.raises(ValueError, match="no records.jsonl"):
+        script.main(["--report-only", "--out", str(tmp_path)])

@@ -248,7 +248,8 @@ def _header(meta: Mapping, settings: Mapping, records, rel: str) -> list[str]:
         f"- Model: `{meta.get('model', settings.get('model', '?'))}`"
         + (f" ({meta['model_info']})" if meta.get("model_info") else ""),
         f"- Hardware: {hw.get('device', '?')}; host {hw.get('cpu', '?')}; jax {hw.get('jax', '?')}",
-        f"- Command: `{meta.get('command', '?')}`",
+        "- Command (rerun until it prints COMPLETE; each distinct command that added to this "
+        "folder is listed): " + "; ".join(f"`{c}`" for c in meta.get("commands", ["?"])),
         f"- Date: {meta.get('finished', meta.get('started', '?'))}; wall time "
         f"{fmt(meta.get('elapsed_s'), '.0f')} s over {meta.get('invocations', 1)} invocation(s)",
         f"- Text sources: {sources}",

@@ -244,6 +244,34 @@ class EvalConfig:
         return dict(self.max_new_tokens).get(task, 16)
 
 
+# Fields that change what a record means. A sweep folder can be extended with more lengths,
+# tasks, methods, samples or perplexity texts (sample i is a function of task, length, index and
+# seed alone), but never mixed across these.
+PROTOCOL_FIELDS = (
+    "model",
+    "seed",
+    "depths",
+    "page_size",
+    "dense_layers",
+    "ds_channels",
+    "ds_calibration_tokens",
+    "ppl_tokens",
+    "max_new_tokens",
+)
+
+
+def protocol_mismatch(stored: dict | None, settings: EvalConfig) -> str | None:
+    """None when a folder's stored settings (meta.json) share ``settings``' protocol, else a
+    description of the first differing field."""
+    if not stored:
+        return None
+    now = json.loads(json.dumps(dataclasses.asdict(settings)))
+    for field in PROTOCOL_FIELDS:
+        if stored.get(field) != now[field]:
+            return f"{field}: {stored.get(field)!r} there, {now[field]!r} now"
+    return None
+
+
 PRESETS = {
     # The full sweep on the GPU: 2K/4K/8K, every method (docs/results.md).
     "gpu": EvalConfig(batch_size=20),
