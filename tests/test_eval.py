@@ -362,6 +362,9 @@ def test_sweep_scores_and_budgets(tmp_path):
     trace = np.load(tmp_path / "budgets_256.npz")
     assert trace["counts"].shape[1:] == (3, 1) and len(trace["context"]) == len(trace["counts"])
     assert (trace["counts"][:, 1:] <= trace["context"][:, None, None]).all()
+    # Every decode step of the traced method's real samples, none of the batch padding.
+    traced = [r for r in records if r["method"] == "all@0.9" and r["length"] == 256]
+    assert len(trace["context"]) == sum(r["steps"] for r in traced)
 
 
 def test_sweep_resumes_and_honours_time_limit(tmp_path):

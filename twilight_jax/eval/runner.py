@@ -439,6 +439,7 @@ class StepStats:
     def record(self) -> dict:
         n = max(self.steps, 1)
         return {
+            "steps": self.steps,
             "attended": self.attended / n,
             "attended_frac": self.attended_frac / n,
             "pruned": self.pruned / n,
@@ -455,9 +456,11 @@ def _accumulate(
     cfg,
     trace: list | None,
     active: np.ndarray,
+    trace_rows: int,
 ) -> None:
     """Adds one step's info (counts [L, B, Hs], estimated_mass [L, B, Hq], saturated) to the
-    per-sequence sums; context [B] is the number of tokens attended over this step."""
+    per-sequence sums; context [B] is the number of tokens attended over this step. The
+    first ``trace_rows`` sequences (not the batch padding) go to ``trace``."""
     sparse = slice(cfg.dense_layers, None)
     counts = np.asarray(info["counts"], np.float64)[sparse]  # [Ls, B, Hs]
     if counts.shape[0] == 0:  # every layer dense
@@ -482,7 +485,7 @@ def _accumulate(
             s.mass += mass[:, b].mean() if mass.size else 1.0
             s.saturated += saturated[:, b].mean() if saturated.size else 0.0
     if trace is not None:
-        for b in np.flatnonzero(active):
+        for b in np.flatnonzero(active[:trace_rows]):
             trace.append((np.asarray(info["counts"])[:, b].astype(np.int32), int(context[b])))
 
 
@@ -503,15 +506,18 @@ def decode_batch(
     *,
     max_new_tokens: int,
     trace: list | None = None,
+    trace_rows: int | None = None,
     score_tokens: bool = False,
 ):
     """Feeds ``tails`` [B, K] through the decode path after a prefill, then decodes greedily.
 
     Returns (generated [B, <= max_new_tokens] token lists (cut at EOS), per-sequence
     StepStats, nll [B, K - 1] of tails[:, t + 1] given the step that read tails[:, t] (only
-    when ``score_tokens``), cache).
+    when ``score_tokens``), cache). ``trace`` collects per-step counts of the first
+    ``trace_rows`` sequences (default all).
     """
     b, k = tails.shape
+    trace_rows = b if trace_rows is None else trace_rows
     stats = [StepStats() for _ in range(b)]
     nll = np.zeros((b, max(k - 1, 0)), np.float64)
     context = prefix_lengths.astype(np.int64).copy()
@@ -520,7 +526,7 @@ def decode_batch(
     for t in range(k):
         context += 1
         logits, cache, info = adapter.step(tails[:, t], cache, cfg)
-        _accumulate(stats, info, context, method, cfg, trace, active)
+        _accumulate(stats, info, context, method, cfg, trace, active, trace_rows)
         if score_tokens and t + 1 < k:
             nll[:, t] = _nll(logits, tails[:, t + 1])
     generated: list[list[int]] = [[] for _ in range(b)]
@@ -537,7 +543,7 @@ def decode_batch(
             break
         context += 1
         logits, cache, info = adapter.step(token, cache, cfg)
-        _accumulate(stats, info, context, method, cfg, trace, ~done)
+        _accumulate(stats, info, context, method, cfg, trace, ~done, trace_rows)
     return generated, stats, nll, cache
 
 
@@ -754,6 +760,7 @@ def _run_batch(
             method,
             max_new_tokens=0 if is_ppl else settings.new_tokens(task),
             trace=method_trace,
+            trace_rows=len(batch),
             score_tokens=is_ppl,
         )
         for i, it in enumerate(batch):
