@@ -75,6 +75,10 @@ def _next_pow2(x: int) -> int:
 class GpuAttentionConfig:
     """Tiling of the GPU kernels. Hashable: passed as a static argument.
 
+    Defaults are reasoned, not measured (no GPU was available when they were set); sweep
+    block_tokens in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4} and
+    target_programs in {512, 1024, 2048} on the target.
+
     block_tokens: K/V rows per online-softmax step (a power of two >= 16).
     target_programs: splits are chosen so that batch * Hi * splits reaches about this many
       programs (a few waves over an H200's 132 SMs).
@@ -686,7 +690,18 @@ def sparse_decode_attention_tpu(
 # ---------------------------------------------------------------------------------------------
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale=None, backend="auto"):
+def _check_config(config, impl: str) -> None:
+    want = {"gpu": GpuAttentionConfig, "tpu": TpuAttentionConfig}.get(impl)
+    if config is not None and want is not None and not isinstance(config, want):
+        raise ValueError(
+            f"config must be a {want.__name__} or None for the {impl} kernel, "
+            f"got {type(config).__name__}"
+        )
+
+
+def paged_decode_attention(
+    q, k_pages, v_pages, page_table, lengths, *, scale=None, backend="auto", config=None
+):
     """Exact decode attention of each sequence over all of its cached tokens.
 
     Args:
@@ -696,22 +711,25 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale=No
       lengths: [batch] int32, tokens 0 .. lengths[b]-1 are attended (0 gives zeros).
       scale: logit scale, a Python number; default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference".
+      config: GpuAttentionConfig / TpuAttentionConfig for the Pallas kernel (default tiles);
+        ignored by the reference.
 
     Returns:
-      [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32.
+      [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32; a
+      bfloat16 cache is read as is and q is cast to its dtype for the dots.
     """
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
     impl, interpret = resolve_backend(backend)
+    _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, lengths)
     if impl == "reference":
         return paged_decode_attention_reference(*args, scale=scale)
-    if impl == "gpu":
-        return paged_decode_attention_gpu(*args, scale=scale, interpret=interpret)
-    return paged_decode_attention_tpu(*args, scale=scale, interpret=interpret)
+    kernel = paged_decode_attention_gpu if impl == "gpu" else paged_decode_attention_tpu
+    return kernel(*args, scale=scale, config=config, interpret=interpret)
 
 
 def sparse_decode_attention(
-    q, k_pages, v_pages, page_table, token_pos, counts, *, scale=None, backend="auto"
+    q, k_pages, v_pages, page_table, token_pos, counts, *, scale=None, backend="auto", config=None
 ):
     """Exact decode attention over a list of token positions per (sequence, list row).
 
@@ -726,15 +744,18 @@ def sparse_decode_attention(
         count twice: callers pass unique positions.
       scale: logit scale, a Python number; default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference".
+      config: GpuAttentionConfig / TpuAttentionConfig for the Pallas kernel (default tiles);
+        ignored by the reference.
 
     Returns:
-      [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32.
+      [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32; a
+      bfloat16 cache is read as is and q is cast to its dtype for the dots.
     """
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
     impl, interpret = resolve_backend(backend)
+    _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, token_pos, counts)
     if impl == "reference":
         return sparse_decode_attention_reference(*args, scale=scale)
-    if impl == "gpu":
-        return sparse_decode_attention_gpu(*args, scale=scale, interpret=interpret)
-    return sparse_decode_attention_tpu(*args, scale=scale, interpret=interpret)
+    kernel = sparse_decode_attention_gpu if impl == "gpu" else sparse_decode_attention_tpu
+    return kernel(*args, scale=scale, config=config, interpret=interpret)

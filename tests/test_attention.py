@@ -220,7 +220,7 @@ def test_gpu_splits_cover_uneven_counts():
     config = GpuAttentionConfig(block_tokens=16, target_programs=10**6, max_splits=8)
     assert config.num_splits(len(lengths), NUM_KV_HEADS, a["page_table"].shape[1] * 16) == 6
     args = (a["q"], a["k_pages"], a["v_pages"], a["page_table"], a["lengths"])
-    out = attention.paged_decode_attention_gpu(*args, config=config, interpret=True)
+    out = attention.paged_decode_attention(*args, backend="pallas_gpu", config=config)
     _close(out, attention.paged_decode_attention_reference(*args), jnp.float32)
 
 
@@ -385,6 +385,8 @@ def test_bad_scale_backend_and_gpu_head_dim():
         attention.paged_decode_attention(*dense, scale=jnp.float32(1.0))
     with pytest.raises(ValueError, match="backend must be one of"):
         attention.paged_decode_attention(*dense, backend="cuda")
+    with pytest.raises(ValueError, match="config must be a TpuAttentionConfig"):
+        attention.paged_decode_attention(*dense, backend="pallas_tpu", config=GPU_SMALL)
     g = _bad("q", jnp.zeros((2, 8, 48), jnp.bfloat16))
     g["k_pages"] = g["v_pages"] = jnp.zeros((2, 5, 16, 48), jnp.bfloat16)
     with pytest.raises(ValueError, match="head_dim=48 must be a power of two"):
