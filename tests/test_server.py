@@ -6,9 +6,11 @@ every request, including cancelled, disconnected and failed ones."""
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -546,3 +548,18 @@ def test_command_line_defaults_and_bad_model():
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
     assert main(["--model", "/no/such/model.gguf"]) == 2
+
+
+def test_bench_serving_runs_against_the_server(served, tmp_path):
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--url", served[0].url, "--requests", "3", "--concurrency", "1,2", "--warmup", "1"]
+    argv += ["--max-tokens", "3", "--prompt-tokens", "20", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["requests"] == 3 and r["errors"] == 0 for r in rows)
+    assert all(r["output_tok_s"] > 0 and 0 <= r["pruned_frac"] < 1 for r in rows)
+    _wait_all_pages_free(served[1])

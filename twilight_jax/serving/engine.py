@@ -591,7 +591,7 @@ class Engine:
             self._lengths[s] = len(req.prompt)
             self._temperature[s] = p.temperature
             self._top_p[s] = p.top_p
-            self._top_k[s] = p.top_k
+            self._top_k[s] = min(p.top_k, self.model.config.vocab_size)  # fits int32
             self._seed[s] = req.seed
             self._attn_p[s] = (
                 p.sparsity_top_p if p.sparsity_top_p is not None else self.sparsity.top_p or 1.0
