@@ -317,13 +317,28 @@ def _gpu_kernel(
         k = plt.load(k_ref.at[rows[:, None], cols], mask=valid[:, None], other=0)
         v = plt.load(v_ref.at[rows[:, None], cols], mask=valid[:, None], other=0)
         # Base-2 logits: exp2 is a single MUFU instruction.
-        s = pl.dot(q, k, trans_b=True, precision=precision) * qk_scale_log2  # [Rp, T]
+        s = (
+            lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            * qk_scale_log2
+        )  # [Rp, T]
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         corr = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         den = den * corr + jnp.sum(p, axis=1)
-        acc = acc * corr[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
+        acc = acc * corr[:, None] + lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
         return acc, m_new, den
 
     init = (

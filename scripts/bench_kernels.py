@@ -46,6 +46,18 @@ SPGEMV_SWEEP = [
         (256, 8, True),
     ]
 ]
+ATTN_SWEEP = [
+    attention.GpuAttentionConfig(block_tokens=b, num_warps=w, num_stages=st, target_programs=tp)
+    for b, w, st, tp in [
+        (32, 4, 2, 1024),
+        (128, 4, 2, 1024),
+        (64, 8, 2, 1024),
+        (64, 4, 3, 1024),
+        (64, 4, 2, 2048),
+        (128, 8, 3, 2048),
+        (64, 4, 4, 4096),
+    ]
+]
 TOPP_SWEEP = [
     topp.TopPConfig(iters=i, capacity_iters=c, num_warps=w)
     for i, c, w in [(16, 16, None), (12, 12, None), (16, 16, 8), (16, 16, 32), (30, 30, 8)]
@@ -96,17 +108,20 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     q_bytes = 2 * batch * HQ * D * 2  # q in, out back
 
     # Dense paged decode attention.
-    def dense():
+    def dense(config=None, name="dense_paged_attention"):
         t = benchlib.time_fn(
             lambda q, pt, kp, vp: attention.paged_decode_attention(
-                q, kp, vp, pt, lengths, backend="pallas"
+                q, kp, vp, pt, lengths, backend="pallas", config=config
             ),
             list(zip(qs, tables)),
             (pool["k_pages"], pool["v_pages"]),
         )
-        record("dense_paged_attention", batch, ctx, f"{ctx} tok", t, kv_bytes + q_bytes)
+        record(name, batch, ctx, f"{ctx} tok", t, kv_bytes + q_bytes, str(config or ""))
 
     attempt("dense_paged_attention", dense)
+    if args.sweep:
+        for cfg in ATTN_SWEEP:
+            attempt("dense_sweep", lambda cfg=cfg: dense(cfg, "dense_sweep"))
 
     # jax cuDNN dense attention on contiguous [B, T, Hkv, D].
     def cudnn():
@@ -159,7 +174,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     # Sparse decode attention over token lists of a few lengths.
     for n_tok in sorted({min(8192, ctx), 512}):
 
-        def sparse(n_tok=n_tok):
+        def sparse(n_tok=n_tok, config=None, name="sparse_attention"):
             rng = np.random.default_rng(n_tok)
             pos = np.sort(
                 np.stack([rng.choice(ctx, n_tok, replace=False) for _ in range(batch * HKV)]),
@@ -169,15 +184,21 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
             counts = jnp.full((batch, HKV), n_tok, jnp.int32)
             t = benchlib.time_fn(
                 lambda q, pt, kp, vp: attention.sparse_decode_attention(
-                    q, kp, vp, pt, pos, counts, backend="pallas"
+                    q, kp, vp, pt, pos, counts, backend="pallas", config=config
                 ),
                 list(zip(qs, tables)),
                 (pool["k_pages"], pool["v_pages"]),
             )
             nbytes = 2 * batch * HKV * n_tok * D * 2 + q_bytes + pos.size * 4
-            record("sparse_attention", batch, ctx, f"{n_tok} tok", t, nbytes)
+            record(name, batch, ctx, f"{n_tok} tok", t, nbytes, str(config or ""))
 
         attempt("sparse_attention", sparse)
+        if args.sweep:
+            for cfg in ATTN_SWEEP:
+                attempt(
+                    "sparse_sweep",
+                    lambda cfg=cfg, n_tok=n_tok: sparse(n_tok, cfg, "sparse_sweep"),
+                )
 
     # Block SpGEMV over B0 = min(8192, ctx) candidate tokens (whole pages).
     b0 = min(8192, ctx)

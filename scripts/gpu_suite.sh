@@ -26,6 +26,9 @@ for step in $STEPS; do
     kernels)
       python3 scripts/bench_kernels.py --out "$OUT/kernels" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | grep -v '^  kernel='
       rc=${PIPESTATUS[0]} ;;
+    sweep)
+      python3 scripts/bench_kernels.py --out "$OUT/sweep" --batches 64 --contexts 32768 --sweep --no-torch 2>&1 | tee "$OUT/sweep.log" | grep -v '^  kernel='
+      rc=${PIPESTATUS[0]} ;;
     attention)
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"
       rc=${PIPESTATUS[0]} ;;
@@ -38,7 +41,7 @@ for step in $STEPS; do
 done
 echo "=== summary ==="
 printf '%s\n' "${summary[@]}"
-for f in "$OUT"/kernels.md "$OUT"/attention.md "$OUT"/generate.md; do
+for f in "$OUT"/sweep.md "$OUT"/kernels.md "$OUT"/attention.md "$OUT"/generate.md; do
   [ -f "$f" ] && { echo "--- $f"; tail -n +4 "$f"; }
 done
 exit 0
