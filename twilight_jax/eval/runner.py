@@ -223,8 +223,10 @@ class EvalConfig:
         if not self.lengths or any(int(n) < 64 for n in self.lengths):
             raise ValueError(f"lengths must be ints >= 64, got {self.lengths!r}")
         for t in self.tasks:
-            if t not in tasks.TASKS and t != "perplexity":
-                raise ValueError(f"tasks entries must be in {tasks.TASKS}, got {t!r}")
+            if t not in tasks.TASKS:
+                raise ValueError(
+                    f"tasks entries must be in {tasks.TASKS} (perplexity is ppl_docs), got {t!r}"
+                )
         for name, value in (("samples", self.samples), ("batch_size", self.batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -619,7 +621,7 @@ def run_sweep(
     )
     for length in settings.lengths:
         capacity = _capacity(length, settings)
-        units = [t for t in settings.tasks if t != "perplexity"]
+        units = list(settings.tasks)
         if settings.ppl_docs:
             if tasks.kjv_verses():
                 units.append("perplexity")
@@ -661,12 +663,14 @@ def run_sweep(
                     f"{task:>18s} @ {length:>5d}: {len(batch)} items x "
                     f"{len({r['method'] for r in rows})} methods in {time.monotonic() - t0:.1f}s"
                 )
+    with_ppl = bool(settings.ppl_docs and tasks.kjv_verses())
+    wanted = [(t, settings.samples) for t in settings.tasks]
+    wanted += [("perplexity", settings.ppl_docs)] if with_ppl else []
     return all(
         store.has(m.name, t, n, i)
         for n in settings.lengths
-        for t in settings.tasks
-        if t != "perplexity"
-        for i in range(settings.samples)
+        for t, count in wanted
+        for i in range(count)
         for m in methods
     )
 
