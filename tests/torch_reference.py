@@ -1,0 +1,150 @@
+"""PyTorch port of twilight_jax.reference: the Twilight decode-attention op on dense tensors.
+
+Works on logical (unpaged) K/V so it shares nothing with the JAX cache code; float32 math,
+boolean token masks [B, rows, T] (rows = Hkv for gqa="group_union", Hq for "per_head").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _t(x):
+    return torch.as_tensor(np.asarray(x, np.float32))
+
+
+def _softmax(s, mask):
+    s = torch.where(mask, s, torch.full_like(s, -math.inf))
+    m = s.max(-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.where(mask, torch.exp(s - m), torch.zeros_like(s))
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _topk_mask(score, k):
+    idx = torch.topk(score, k, dim=-1).indices
+    hit = torch.zeros_like(score, dtype=torch.bool).scatter(-1, idx, True)
+    return hit & torch.isfinite(score)
+
+
+def _fake_quantize(x, bits):
+    levels = 2**bits - 1
+    zero = x.min(-1, keepdim=True).values
+    scale = (x.max(-1, keepdim=True).values - zero) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    code = torch.clamp(torch.floor((x - zero) / safe + 0.5), 0, levels)
+    return torch.where(scale > 0, code, torch.zeros_like(code)) * scale + zero
+
+
+def _rows(x, gqa, g):
+    if gqa == "per_head":
+        return x
+    b, hq = x.shape[:2]
+    return x.reshape(b, hq // g, g, *x.shape[2:]).sum(2)
+
+
+def candidates(q, k, lengths, cfg, ds_channel_idx):
+    """q [B, Hq, D], k [B, Hkv, T, D] float32, lengths [B] -> candidate mask [B, rows, T]."""
+    b, hkv, t, d = k.shape
+    g = q.shape[1] // hkv
+    valid = torch.arange(t)[None, :] < lengths[:, None]
+    rows = hkv if cfg.gqa == "group_union" else hkv * g
+    qg = q.reshape(b, hkv, g, d)
+    budget = min(cfg.budget, t)
+    if cfg.selector in ("dense", "all"):
+        return valid[:, None].expand(b, rows, t)
+    if cfg.selector == "streaming":
+        sink = min(cfg.sink_tokens, budget)
+        pos = torch.arange(t)[None, :]
+        keep = (pos < sink) | (pos >= lengths[:, None] - (budget - sink))
+        return (keep & valid)[:, None].expand(b, rows, t)
+    if cfg.selector == "quest":
+        s = cfg.page_size
+        kp = k.reshape(b, hkv, t // s, s, d)
+        live = valid.reshape(b, 1, t // s, s, 1)
+        kmin = torch.where(live, kp, torch.full_like(kp, math.inf)).amin(3)
+        kmax = torch.where(live, kp, torch.full_like(kp, -math.inf)).amax(3)
+        qe = qg[:, :, :, None, :]
+        score = torch.maximum(qe * kmin[:, :, None], qe * kmax[:, :, None]).sum(-1)
+        score = _rows(score.reshape(b, hkv * g, t // s), cfg.gqa, g)
+        page_live = torch.arange(t // s)[None, :] * s < lengths[:, None]
+        score = torch.where(page_live[:, None], score, torch.full_like(score, -math.inf))
+        pages = _topk_mask(score, min(cfg.budget // s, t // s))
+        return pages.repeat_interleave(s, dim=-1) & valid[:, None]
+    if cfg.selector == "double_sparsity":
+        ch = torch.as_tensor(np.asarray(ds_channel_idx), dtype=torch.long)  # [Hkv, C]
+        k_lab = torch.gather(k, -1, ch[None, :, None, :].expand(b, hkv, t, ch.shape[-1]))
+        q_lab = torch.gather(qg, -1, ch[None, :, None, :].expand(b, hkv, g, ch.shape[-1]))
+        score = torch.einsum("bgjc,bgnc->bgjn", q_lab, k_lab).reshape(b, hkv * g, t)
+        score = _rows(score, cfg.gqa, g)
+        score = torch.where(valid[:, None], score, torch.full_like(score, -math.inf))
+        return _topk_mask(score, budget)
+    if cfg.selector == "oracle":
+        logits = torch.einsum("bgjd,bgnd->bgjn", qg, k).reshape(b, hkv * g, t) / math.sqrt(d)
+        if cfg.gqa == "group_union":
+            logits = _rows(_softmax(logits, valid[:, None]), cfg.gqa, g)
+        score = torch.where(valid[:, None], logits, torch.full_like(logits, -math.inf))
+        return _topk_mask(score, budget)
+    raise ValueError(cfg.selector)
+
+
+def prune(q, k, cand, p, cfg):
+    """-> (kept [B, rows, T], mass [B, Hq], saturated [B, rows])."""
+    b, hkv, t, d = k.shape
+    hq = q.shape[1]
+    g = hq // hkv
+    k_est = k if cfg.estimate_bits == 16 else _fake_quantize(k, cfg.estimate_bits)
+    logits = torch.einsum("bgjd,bgnd->bgjn", q.reshape(b, hkv, g, d), k_est) / math.sqrt(d)
+    logits = logits.reshape(b, hq, t)
+    head_cand = cand if cfg.gqa == "per_head" else cand.repeat_interleave(g, dim=1)
+    w = _softmax(logits, head_cand)
+    # Top-p set: token j is kept iff the weights strictly above w_j sum to less than p.
+    heavier = torch.where(w[..., None, :] > w[..., :, None], w[..., None, :], 0.0).sum(-1)
+    pp = p[:, None, None]
+    sel = head_cand & ((heavier < pp) | (pp >= 1.0))
+    gr = 1 if cfg.gqa == "per_head" else g
+    rows = hq // gr
+    union = sel.reshape(b, rows, gr, t).any(2)
+    capacity = min(cfg.max_budget - cfg.sink_tokens - cfg.recent_tokens, t)
+    prio = w.reshape(b, rows, gr, t).amax(2)
+    prio = torch.where(union, prio, torch.full_like(prio, -math.inf))
+    kept = union & _topk_mask(prio, capacity)
+    saturated = union.sum(-1) > capacity
+    head_kept = kept if cfg.gqa == "per_head" else kept.repeat_interleave(g, dim=1)
+    mass = torch.where(head_kept, w, torch.zeros_like(w)).sum(-1)
+    return kept, mass, saturated
+
+
+def decode_attention_torch(q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=None):
+    """q [B, Hq, D]; k, v [B, T, Hkv, D] (T a multiple of cfg.page_size); lengths [B];
+    cfg: a SparsityConfig (read for its fields); top_p: None or [B] overriding cfg.top_p.
+
+    Returns numpy (out [B, Hq, D] float32, mask [B, rows, T], mass [B, Hq], saturated)."""
+    q = _t(q)
+    k = _t(k).permute(0, 2, 1, 3).contiguous()
+    v = _t(v).permute(0, 2, 1, 3).contiguous()
+    lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+    b, hq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cand = candidates(q, k, lengths, cfg, ds_channel_idx)
+    p = cfg.top_p if top_p is None else top_p
+    if cfg.selector != "dense" and p is not None:
+        p = torch.as_tensor(np.broadcast_to(np.asarray(p, np.float32), (b,)).copy())
+        keep, mass, saturated = prune(q, k, cand, p, cfg)
+    else:
+        keep = cand
+        mass = torch.ones(b, hq)
+        saturated = torch.zeros(cand.shape[:2], dtype=torch.bool)
+    pos = torch.arange(t)[None, :]
+    valid = pos < lengths[:, None]
+    forced = (pos < cfg.sink_tokens) | (pos >= lengths[:, None] - cfg.recent_tokens)
+    keep = keep | (forced & valid)[:, None]
+    head_keep = keep if keep.shape[1] == hq else keep.repeat_interleave(g, dim=1)
+    s = torch.einsum("bgjd,bgnd->bgjn", q.reshape(b, hkv, g, d), k).reshape(b, hq, t)
+    w = _softmax(s / math.sqrt(d), head_keep)
+    out = torch.einsum("bgjn,bgnd->bgjd", w.reshape(b, hkv, g, t), v).reshape(b, hq, d)
+    return out.numpy(), keep.numpy(), mass.numpy(), saturated.numpy()

@@ -1,0 +1,183 @@
+"""decode_attention: select -> estimate -> prune -> attend, for one decode step of one layer.
+
+Everything runs at static capacities with dynamic counts (DESIGN.md section 1): candidate
+capacity B0, selection capacity max_budget. Nothing syncs with the host and nothing depends on
+the values of lengths, counts or p, so one compiled step serves every length and every p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._common import BACKENDS
+from twilight_jax import _kernels, pruner, selectors
+from twilight_jax.cache import PagedKVCache
+from twilight_jax.config import SparsityConfig
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["counts", "estimated_mass", "saturated", "candidates", "token_pos"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class SelectionInfo:
+    """What one decode_attention call attended to; rows = Hkv (group_union) or Hq (per_head).
+
+    counts: [B, rows] int32 tokens attended (sink and recent included).
+    estimated_mass: [B, Hq] float32 estimated weight of the pruner's set for each query head
+      (1 when nothing is pruned).
+    saturated: [B, rows] bool, the pruner's set exceeded its capacity and was cut.
+    candidates: [B, rows] int32 tokens proposed by the base selector.
+    token_pos: [B, rows, capacity] int32 logical positions attended, valid below counts.
+    """
+
+    counts: jax.Array
+    estimated_mass: jax.Array
+    saturated: jax.Array
+    candidates: jax.Array
+    token_pos: jax.Array
+
+
+def _validate(q, cache, cfg, layer, top_p, backend) -> None:
+    if not isinstance(cfg, SparsityConfig):
+        raise ValueError(f"cfg must be a SparsityConfig, got {type(cfg).__name__}")
+    if not isinstance(cache, PagedKVCache):
+        raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if np.ndim(q) != 3:
+        raise ValueError(f"q must have rank 3 [B, Hq, D], got shape {tuple(np.shape(q))}")
+    b, hq, d = q.shape
+    if not any(np.dtype(q.dtype) == np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16)):
+        raise ValueError(f"q must be float32, bfloat16 or float16, got {np.dtype(q.dtype)}")
+    if b != cache.batch:
+        raise ValueError(
+            f"q batch {b} must equal the cache batch {cache.batch} (q shape {q.shape})"
+        )
+    if d != cache.head_dim:
+        raise ValueError(f"q head_dim {d} must equal the cache head_dim {cache.head_dim}")
+    if hq % cache.num_kv_heads:
+        raise ValueError(
+            f"q heads {hq} must be a multiple of the cache's KV heads {cache.num_kv_heads}"
+        )
+    if cfg.page_size != cache.page_size:
+        raise ValueError(
+            f"cfg.page_size={cfg.page_size} must equal the cache page_size={cache.page_size}"
+        )
+    if isinstance(layer, (int, np.integer)):
+        if not 0 <= int(layer) < cache.num_layers:
+            raise ValueError(f"layer must be in [0, {cache.num_layers}), got {layer}")
+    elif np.ndim(layer) != 0:
+        raise ValueError(f"layer must be an int or a scalar array, got shape {np.shape(layer)}")
+    if cfg.selector == "double_sparsity":
+        if cache.ds_labels is None:
+            raise ValueError(
+                "cache has no Double Sparsity labels: create it with ds_channels > 0 "
+                "(PagedKVCache.create / from_dense(ds_channel_idx=...))"
+            )
+        if cache.ds_channels != cfg.ds_channels:
+            raise ValueError(
+                f"cfg.ds_channels={cfg.ds_channels} must equal the cache's label channels "
+                f"{cache.ds_channels}"
+            )
+    if top_p is not None:
+        if isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
+            if not 0.0 < float(top_p) <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        else:
+            if np.shape(top_p) != (b,):
+                raise ValueError(
+                    f"top_p must be a float or a [B={b}] array, got shape {np.shape(top_p)}"
+                )
+            if not jnp.issubdtype(np.dtype(top_p.dtype), jnp.floating):
+                raise ValueError(f"top_p must be a float array, got dtype {top_p.dtype}")
+            if not isinstance(top_p, jax.core.Tracer):
+                tp = np.asarray(top_p, np.float32)
+                if not ((tp > 0) & (tp <= 1)).all():
+                    raise ValueError(f"top_p values must be in (0, 1], got {tp.tolist()}")
+    if not isinstance(cache.lengths, jax.core.Tracer):
+        ln = np.asarray(cache.lengths)
+        if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.capacity:
+            raise ValueError(
+                f"cache.lengths must lie in [0, capacity={cache.capacity}] (max_pages * "
+                f"page_size), got {ln.tolist()}"
+            )
+
+
+def decode_attention(
+    q,
+    cache: PagedKVCache,
+    cfg: SparsityConfig,
+    *,
+    layer=0,
+    top_p=None,
+    backend: str = "auto",
+):
+    """Twilight sparse attention of one decode step over `layer` of the cache.
+
+    q: [B, Hq, D] post-RoPE queries (float32 / bfloat16), Hq a multiple of the cache's Hkv.
+    cache: PagedKVCache; attends over cache.lengths[b] tokens of sequence b.
+    cfg: SparsityConfig (static). cfg.dense_layers is the model's business, not applied here.
+    layer: int (or a scalar int array) layer index.
+    top_p: None, a float, or a [B] float32 array (may be traced) of per-sequence p; overrides
+      cfg.top_p. Pruning runs when either is set.
+    backend: kernel backend passed to every pallas_kernels entry ("auto", "pallas",
+      "pallas_gpu", "pallas_tpu", "reference").
+    Returns (out [B, Hq, D] in q.dtype, SelectionInfo). A sequence of length 0 gives zeros.
+    """
+    _validate(q, cache, cfg, layer, top_p, backend)
+    if top_p is None and cfg.top_p is not None:
+        top_p = cfg.top_p
+    if top_p is not None:
+        top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (q.shape[0],))
+    return _decode_attention(q, cache, jnp.asarray(layer, jnp.int32), top_p, cfg, backend)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def _decode_attention(q, cache, layer, top_p, cfg, backend):
+    b, hq, _ = q.shape
+    hkv = cache.num_kv_heads
+    rows = hkv if cfg.gqa == "group_union" else hq
+    k_pages, v_pages = cache.k_pages[layer], cache.v_pages[layer]
+    if cfg.selector == "dense":
+        out = _kernels.paged_decode_attention(
+            q, k_pages, v_pages, cache.page_table, cache.lengths, backend=backend
+        )
+        n = jnp.broadcast_to(cache.lengths[:, None], (b, rows))
+        pos = jnp.broadcast_to(
+            jnp.arange(cache.capacity, dtype=jnp.int32), (b, rows, cache.capacity)
+        )
+        info = SelectionInfo(n, jnp.ones((b, hq)), jnp.zeros((b, rows), bool), n, pos)
+        return out, info
+
+    cand = selectors.select_candidates(q, cache, cfg, layer, backend)
+    positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
+    if top_p is None:
+        kept_pos, kept_ok = positions, cand.valid
+        mass = jnp.ones((b, hq), jnp.float32)
+        saturated = jnp.zeros((b, rows), bool)
+    else:
+        logits = pruner.estimate_scores(q, cache, layer, cand, cfg.estimate_bits, backend)
+        cols, counts, saturated, mass = pruner.prune(logits, cand, top_p, cfg, backend)
+        kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
+        kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
+    token_pos, counts = pruner.add_forced_tokens(
+        kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens
+    )
+    out = _kernels.sparse_decode_attention(
+        q, k_pages, v_pages, cache.page_table, token_pos, counts, backend=backend
+    )
+    info = SelectionInfo(
+        counts=counts,
+        estimated_mass=mass,
+        saturated=saturated,
+        candidates=cand.valid.sum(-1).astype(jnp.int32),
+        token_pos=token_pos,
+    )
+    return out, info

@@ -1,0 +1,495 @@
+"""Paged KV cache for decode attention, and the host-side page allocator for serving.
+
+Layout per layer is docs/kernel_api.md (head-major pages, page 0 = null page); all layers live
+in one pytree with the layer axis first (docs/runtime_api.md). Updates are functional and
+scatter straight into the full ``[L, ...]`` arrays, so under ``jax.jit`` with the cache donated
+XLA updates the buffers in place and a decode append costs O(batch) work. (The per-layer kernel
+entries ``int4_pack_*`` / ``quest_update_decode`` would need a slice of one layer as input and
+its write-back, i.e. a copy of the whole layer per step; the INT4 math itself comes from
+``quantize_int4``, the same quantizer those kernels implement.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twilight_jax import _kernels
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_shape(name: str, x, expected: tuple, layout: str) -> None:
+    if tuple(np.shape(x)) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {tuple(expected)} ({layout}), got {tuple(np.shape(x))}"
+        )
+
+
+def _check_float(name: str, x) -> None:
+    if not any(np.dtype(x.dtype) == np.dtype(d) for d in _FLOAT_DTYPES):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {np.dtype(x.dtype)}")
+
+
+def _check_int(name: str, x) -> None:
+    if not jnp.issubdtype(np.dtype(x.dtype), jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {np.dtype(x.dtype)}")
+
+
+def _check_layer(layer, num_layers: int) -> None:
+    if isinstance(layer, (int, np.integer)) and not 0 <= int(layer) < num_layers:
+        raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "k_pages",
+        "v_pages",
+        "k_int4",
+        "k_scale",
+        "k_zero",
+        "k_min",
+        "k_max",
+        "page_table",
+        "lengths",
+        "ds_labels",
+        "ds_channel_idx",
+    ],
+    meta_fields=["page_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """K/V pages of every layer plus the metadata the sparse selectors read.
+
+    k_pages, v_pages: [L, Hkv, P, S, D] float (S = page_size, P physical pages, page 0 null)
+    k_int4: [L, Hkv, P, S, D//2] uint8 (split-halves nibbles, docs/kernel_api.md)
+    k_scale, k_zero: [L, Hkv, P, S] float32
+    k_min, k_max: [L, Hkv, P, D] Quest per-page elementwise min / max, dtype of k_pages
+    page_table: [B, max_pages] int32, logical page -> physical page
+    lengths: [B] int32, tokens valid per sequence
+    ds_labels: [L, Hkv, P, S, C] Double Sparsity label cache (K at C heavy channels), or None
+    ds_channel_idx: [L, Hkv, C] int32 heavy channels per layer and KV head, or None
+    """
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    k_int4: jax.Array
+    k_scale: jax.Array
+    k_zero: jax.Array
+    k_min: jax.Array
+    k_max: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+    ds_labels: jax.Array | None
+    ds_channel_idx: jax.Array | None
+    page_size: int
+
+    # ------------------------------------------------------------------ shape properties
+    @property
+    def num_layers(self) -> int:
+        return self.k_pages.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_pages.shape[4]
+
+    @property
+    def batch(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_table.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold: max_pages * page_size."""
+        return self.max_pages * self.page_size
+
+    @property
+    def ds_channels(self) -> int:
+        return 0 if self.ds_channel_idx is None else self.ds_channel_idx.shape[-1]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        max_seq_len: int,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        dtype=jnp.float32,
+        ds_channels: int = 0,
+    ) -> PagedKVCache:
+        """An empty cache (lengths 0) with sequence b owning pages 1 + b*max_pages, ....
+
+        max_pages = ceil(max_seq_len / page_size); num_pages defaults to 1 + batch*max_pages
+        (page 0 is the null page). A serving engine that allocates pages itself passes its own
+        num_pages and replaces the table with ``with_page_table``. ds_channels > 0 allocates
+        the Double Sparsity label cache with placeholder channels 0..C-1 until
+        ``with_ds_channels`` installs a calibration.
+        """
+        for name, value, lo in (
+            ("num_layers", num_layers, 1),
+            ("batch", batch, 1),
+            ("num_kv_heads", num_kv_heads, 1),
+            ("head_dim", head_dim, 2),
+            ("max_seq_len", max_seq_len, 1),
+            ("page_size", page_size, 1),
+            ("ds_channels", ds_channels, 0),
+        ):
+            if not isinstance(value, (int, np.integer)) or value < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (two INT4 nibbles a byte), got {head_dim}")
+        if ds_channels > head_dim:
+            raise ValueError(f"ds_channels must be <= head_dim={head_dim}, got {ds_channels}")
+        max_pages = -(-max_seq_len // page_size)
+        if num_pages is None:
+            num_pages = 1 + batch * max_pages
+        if not isinstance(num_pages, (int, np.integer)) or num_pages < 2:
+            raise ValueError(f"num_pages must be an int >= 2 (page 0 is null), got {num_pages!r}")
+        if not any(np.dtype(dtype) == np.dtype(d) for d in _FLOAT_DTYPES):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        table = 1 + np.arange(batch * max_pages, dtype=np.int32).reshape(batch, max_pages)
+        if table.max() >= num_pages:
+            table = np.zeros_like(table)  # too few pages to lay out contiguously: all null
+        lhp = (num_layers, num_kv_heads, num_pages)
+        ds_idx = ds_labels = None
+        if ds_channels:
+            ds_idx = jnp.broadcast_to(
+                jnp.arange(ds_channels, dtype=jnp.int32), (num_layers, num_kv_heads, ds_channels)
+            )
+            ds_labels = jnp.zeros((*lhp, page_size, ds_channels), dtype)
+        return cls(
+            k_pages=jnp.zeros((*lhp, page_size, head_dim), dtype),
+            v_pages=jnp.zeros((*lhp, page_size, head_dim), dtype),
+            k_int4=jnp.zeros((*lhp, page_size, head_dim // 2), jnp.uint8),
+            k_scale=jnp.zeros((*lhp, page_size), jnp.float32),
+            k_zero=jnp.zeros((*lhp, page_size), jnp.float32),
+            k_min=jnp.zeros((*lhp, head_dim), dtype),
+            k_max=jnp.zeros((*lhp, head_dim), dtype),
+            page_table=jnp.asarray(table),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            ds_labels=ds_labels,
+            ds_channel_idx=ds_idx,
+            page_size=page_size,
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        k,
+        v,
+        lengths,
+        page_size: int = 16,
+        *,
+        ds_channel_idx=None,
+        backend: str = "auto",
+    ) -> PagedKVCache:
+        """A cache holding the first lengths[b] tokens of dense K/V.
+
+        k, v: [B, T, Hkv, D] (one layer) or [L, B, T, Hkv, D], post-RoPE; lengths: [B] int
+        (<= T); ds_channel_idx: optional [L, Hkv, C] int heavy channels (allocates labels).
+        The cache has dtype k.dtype, max_pages = ceil(T / page_size).
+        """
+        if np.ndim(k) == 4:
+            k, v = k[None], v[None] if np.ndim(v) == 4 else v
+        if np.ndim(k) != 5:
+            raise ValueError(
+                f"k must have shape [B, T, Hkv, D] or [L, B, T, Hkv, D], got {np.shape(k)}"
+            )
+        _check_shape("v", v, np.shape(k), "same as k")
+        _check_float("k", k)
+        _check_float("v", v)
+        num_layers, batch, t, hkv, d = np.shape(k)
+        _check_shape("lengths", lengths, (batch,), "[B]")
+        _check_int("lengths", lengths)
+        if _is_concrete(lengths):
+            ln = np.asarray(lengths)
+            if ln.min(initial=0) < 0 or ln.max(initial=0) > t:
+                raise ValueError(f"lengths must lie in [0, T={t}], got {ln.tolist()}")
+        c = 0
+        if ds_channel_idx is not None:
+            c = np.shape(ds_channel_idx)[-1]
+        cache = cls.create(
+            num_layers,
+            batch,
+            hkv,
+            d,
+            max_seq_len=t,
+            page_size=page_size,
+            dtype=k.dtype,
+            ds_channels=c,
+        )
+        if ds_channel_idx is not None:
+            cache = cache.with_ds_channels(ds_channel_idx)
+        start = jnp.zeros((batch,), jnp.int32)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        for layer in range(num_layers):
+            cache = cache.write_prefill(layer, k[layer], v[layer], start, lengths, backend=backend)
+        return cache.with_lengths(lengths)
+
+    # ------------------------------------------------------------------ functional updates
+    def with_lengths(self, lengths) -> PagedKVCache:
+        """The same cache with lengths [B] replaced."""
+        _check_shape("lengths", lengths, (self.batch,), "[B]")
+        _check_int("lengths", lengths)
+        if _is_concrete(lengths):
+            ln = np.asarray(lengths)
+            if ln.min(initial=0) < 0 or ln.max(initial=0) > self.capacity:
+                raise ValueError(
+                    f"lengths must lie in [0, capacity={self.capacity}], got {ln.tolist()}"
+                )
+        return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
+
+    def with_page_table(self, page_table) -> PagedKVCache:
+        """The same cache with page_table [B, max_pages] replaced (serving: allocator rows)."""
+        _check_shape("page_table", page_table, self.page_table.shape, "[B, max_pages]")
+        _check_int("page_table", page_table)
+        if _is_concrete(page_table):
+            pt = np.asarray(page_table)
+            if pt.min(initial=0) < 0 or pt.max(initial=0) >= self.num_pages:
+                raise ValueError(
+                    f"page_table entries must lie in [0, num_pages={self.num_pages}), "
+                    f"got range [{pt.min()}, {pt.max()}]"
+                )
+        return dataclasses.replace(self, page_table=jnp.asarray(page_table, jnp.int32))
+
+    def with_ds_channels(self, channel_idx) -> PagedKVCache:
+        """Installs Double Sparsity channels [L, Hkv, C] and rebuilds the labels from k_pages."""
+        if self.ds_channel_idx is None:
+            raise ValueError("with_ds_channels needs a cache created with ds_channels > 0")
+        _check_shape("channel_idx", channel_idx, self.ds_channel_idx.shape, "[L, Hkv, C]")
+        _check_int("channel_idx", channel_idx)
+        if _is_concrete(channel_idx):
+            ci = np.asarray(channel_idx)
+            if ci.min() < 0 or ci.max() >= self.head_dim:
+                raise ValueError(
+                    f"channel_idx entries must lie in [0, head_dim={self.head_dim}), "
+                    f"got range [{ci.min()}, {ci.max()}]"
+                )
+        idx = jnp.asarray(channel_idx, jnp.int32)
+        labels = jnp.take_along_axis(self.k_pages, idx[:, :, None, None, :], axis=-1)
+        return dataclasses.replace(self, ds_channel_idx=idx, ds_labels=labels)
+
+    def begin_decode_step(self, active=None) -> PagedKVCache:
+        """lengths += 1 for active sequences ([B] bool; None = all): the token about to be
+        written belongs to this step's attention."""
+        if active is None:
+            return dataclasses.replace(self, lengths=self.lengths + 1)
+        _check_shape("active", active, (self.batch,), "[B] bool")
+        return dataclasses.replace(self, lengths=self.lengths + jnp.asarray(active, jnp.int32))
+
+    def _slots(self, pos, ok):
+        """Logical positions [B, ...] -> (physical page, slot); page num_pages where not ok, so
+        scatters with mode="drop" skip those entries."""
+        logical = jnp.clip(pos // self.page_size, 0, self.max_pages - 1)
+        b = jnp.arange(self.batch).reshape((-1,) + (1,) * (pos.ndim - 1))
+        phys = jnp.where(ok, self.page_table[b, logical], self.num_pages)
+        return phys, pos % self.page_size
+
+    def _write_tokens(self, layer, k, v, phys, slot, backend):
+        """Writes K/V rows [B, ..., Hkv, D] to (phys, slot) [B, ...] of one layer: bf16 pages,
+        INT4 K and DS labels (Quest metadata is the caller's)."""
+        k = k.astype(self.k_pages.dtype)
+        idx = (layer, slice(None), phys, slot)
+        packed, scale, zero = _kernels.quantize_int4(k.astype(jnp.float32), backend=backend)
+        updates = dict(
+            k_pages=self.k_pages.at[idx].set(k, mode="drop"),
+            v_pages=self.v_pages.at[idx].set(v.astype(self.v_pages.dtype), mode="drop"),
+            k_int4=self.k_int4.at[idx].set(packed, mode="drop"),
+            k_scale=self.k_scale.at[idx].set(scale, mode="drop"),
+            k_zero=self.k_zero.at[idx].set(zero, mode="drop"),
+        )
+        if self.ds_labels is not None:
+            ch = self.ds_channel_idx[layer]  # [Hkv, C]
+            labels = jnp.take_along_axis(k, jnp.broadcast_to(ch, k.shape[:-1] + ch.shape[-1:]), -1)
+            updates["ds_labels"] = self.ds_labels.at[idx].set(labels, mode="drop")
+        return dataclasses.replace(self, **updates)
+
+    def _check_write(self, layer, k, v, lead: tuple, layout: str) -> None:
+        _check_layer(layer, self.num_layers)
+        expected = (*lead, self.num_kv_heads, self.head_dim)
+        _check_shape("k", k, expected, layout)
+        _check_shape("v", v, expected, layout)
+        _check_float("k", k)
+        _check_float("v", v)
+
+    def write_prefill(self, layer, k, v, start, count, *, backend: str = "auto") -> PagedKVCache:
+        """Bulk write of one layer: token t < count[b] of k, v [B, T, Hkv, D] goes to position
+        start[b] + t (start, count: [B] int). Updates pages, INT4 K, Quest min/max of every
+        touched page (over all its tokens up to start + count) and DS labels. Lengths are left
+        alone; positions past the capacity are dropped."""
+        self._check_write(layer, k, v, (self.batch, np.shape(k)[1]), "[B, T, Hkv, D]")
+        for name, x in (("start", start), ("count", count)):
+            _check_shape(name, x, (self.batch,), "[B]")
+            _check_int(name, x)
+        if _is_concrete(start) and _is_concrete(count):
+            end = np.asarray(start) + np.asarray(count)
+            if np.asarray(start).min() < 0 or np.asarray(count).min() < 0:
+                raise ValueError("start and count must be >= 0")
+            if end.max(initial=0) > self.capacity:
+                raise ValueError(
+                    f"start + count must be <= capacity={self.capacity}, got {end.tolist()}"
+                )
+        return _write_prefill(
+            self,
+            jnp.asarray(layer, jnp.int32),
+            k,
+            v,
+            jnp.asarray(start, jnp.int32),
+            jnp.asarray(count, jnp.int32),
+            backend,
+        )
+
+    def _refresh_quest(self, layer, start, end, t: int) -> PagedKVCache:
+        """Recomputes Quest min/max of the pages holding positions [start, end) from k_pages,
+        over each page's tokens below end (earlier chunks included)."""
+        s = self.page_size
+        n_touched = -(-t // s) + 1  # an unaligned start spans one extra page
+        logical = start[:, None] // s + jnp.arange(n_touched, dtype=jnp.int32)
+        ok = (logical * s < end[:, None]) & (end > start)[:, None] & (logical < self.max_pages)
+        phys, _ = self._slots(logical * s, ok)
+        rows = self.k_pages[layer, :, jnp.minimum(phys, self.num_pages - 1)]  # [B, NT, Hkv, S, D]
+        live = (logical[..., None] * s + jnp.arange(s)) < end[:, None, None]  # [B, NT, S]
+        live = live[:, :, None, :, None]
+        inf = jnp.asarray(jnp.inf, rows.dtype)
+        kmin = jnp.where(live, rows, inf).min(3)
+        kmax = jnp.where(live, rows, -inf).max(3)
+        idx = (layer, slice(None), phys)
+        return dataclasses.replace(
+            self,
+            k_min=self.k_min.at[idx].set(kmin, mode="drop"),
+            k_max=self.k_max.at[idx].set(kmax, mode="drop"),
+        )
+
+    def write_decode(self, layer, k, v, *, active=None, backend: str = "auto") -> PagedKVCache:
+        """One token per sequence: k, v [B, Hkv, D] at position lengths[b] - 1 (after
+        begin_decode_step); sequences with length 0 are skipped, and so are those where
+        active [B] bool is False (pass the mask given to begin_decode_step, or the last token
+        of a paused sequence is overwritten). Quest min/max of the page restart at slot 0 and
+        widen otherwise."""
+        self._check_write(layer, k, v, (self.batch,), "[B, Hkv, D]")
+        if active is None:
+            active = jnp.ones((self.batch,), bool)
+        _check_shape("active", active, (self.batch,), "[B] bool")
+        return _write_decode(
+            self, jnp.asarray(layer, jnp.int32), k, v, jnp.asarray(active, bool), backend
+        )
+
+
+# One compiled program per write instead of dozens of eager ops; layer is traced so all layers
+# share it. Inside a caller's jit these simply inline.
+@functools.partial(jax.jit, static_argnums=6)
+def _write_prefill(cache, layer, k, v, start, count, backend):
+    t = k.shape[1]
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+    ok = (jnp.arange(t) < count[:, None]) & (pos < cache.capacity)
+    phys, slot = cache._slots(pos, ok)
+    cache = cache._write_tokens(layer, k, v, phys, slot, backend)
+    return cache._refresh_quest(layer, start, start + count, t)
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _write_decode(cache, layer, k, v, active, backend):
+    pos = cache.lengths - 1
+    ok = active & (pos >= 0) & (pos < cache.capacity)
+    phys, slot = cache._slots(pos, ok)
+    kc = k.astype(cache.k_min.dtype)
+    idx = (layer, slice(None), phys)
+    safe = (layer, slice(None), jnp.minimum(phys, cache.num_pages - 1))
+    first = (slot == 0)[:, None, None]
+    kmin = jnp.where(first, kc, jnp.minimum(cache.k_min[safe], kc))
+    kmax = jnp.where(first, kc, jnp.maximum(cache.k_max[safe], kc))
+    cache = cache._write_tokens(layer, k, v, phys, slot, backend)
+    return dataclasses.replace(
+        cache,
+        k_min=cache.k_min.at[idx].set(kmin, mode="drop"),
+        k_max=cache.k_max.at[idx].set(kmax, mode="drop"),
+    )
+
+
+class OutOfPagesError(RuntimeError):
+    """The allocator has fewer free pages than a request asked for."""
+
+
+class PageAllocator:
+    """Host-side free list of physical pages for a serving engine.
+
+    Pages 1..num_pages-1 are handed out; page 0 is the null page and never is. A request's
+    pages are kept in order (logical page i of the request = its i-th page) so its page-table
+    row is ``table_row``. Allocation is all-or-nothing.
+    """
+
+    def __init__(self, num_pages: int):
+        if not isinstance(num_pages, (int, np.integer)) or num_pages < 2:
+            raise ValueError(f"num_pages must be an int >= 2 (page 0 is null), got {num_pages!r}")
+        self.num_pages = int(num_pages)
+        # Popping from the end hands out low page ids first.
+        self._free = list(range(self.num_pages - 1, 0, -1))
+        self._owned: dict = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages(self, request_id) -> list[int]:
+        """The pages a request holds, in logical order (empty if it holds none)."""
+        return list(self._owned.get(request_id, ()))
+
+    def alloc(self, request_id, num_pages: int) -> list[int]:
+        """Appends num_pages new pages to the request; returns the new ones."""
+        if not isinstance(num_pages, (int, np.integer)) or num_pages < 0:
+            raise ValueError(f"num_pages must be an int >= 0, got {num_pages!r}")
+        if num_pages > len(self._free):
+            raise OutOfPagesError(
+                f"request {request_id!r} asked for {num_pages} pages, {len(self._free)} free"
+            )
+        new = [self._free.pop() for _ in range(num_pages)]
+        self._owned.setdefault(request_id, []).extend(new)
+        return new
+
+    def ensure(self, request_id, num_tokens: int, page_size: int) -> list[int]:
+        """Grows the request to hold num_tokens tokens; returns the newly added pages."""
+        need = -(-num_tokens // page_size) - len(self._owned.get(request_id, ()))
+        return self.alloc(request_id, max(need, 0))
+
+    def free(self, request_id) -> None:
+        """Returns every page of the request to the free list."""
+        if request_id not in self._owned:
+            raise ValueError(f"request_id {request_id!r} holds no pages")
+        self._free.extend(reversed(self._owned.pop(request_id)))
+
+    def table_row(self, request_id, max_pages: int) -> np.ndarray:
+        """[max_pages] int32 page-table row of the request, padded with the null page 0."""
+        pages = self._owned.get(request_id, [])
+        if len(pages) > max_pages:
+            raise ValueError(
+                f"max_pages={max_pages} is smaller than the {len(pages)} pages of request "
+                f"{request_id!r}"
+            )
+        row = np.zeros((max_pages,), np.int32)
+        row[: len(pages)] = pages
+        return row

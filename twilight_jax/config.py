@@ -1,0 +1,111 @@
+"""Static configuration of the Twilight decode-attention op.
+
+``SparsityConfig`` is a frozen, hashable dataclass, so it can be a static argument of
+``jax.jit``; everything that changes per step (lengths, per-sequence p) is a traced array and
+lives elsewhere. Fields are checked in ``__post_init__`` so a bad config fails where it is made,
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SELECTORS = ("dense", "all", "quest", "double_sparsity", "oracle", "streaming")
+GQA_MODES = ("group_union", "per_head")
+ESTIMATE_BITS = (4, 8, 16)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"SparsityConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """How one decode step picks the tokens it attends to (DESIGN.md section 4).
+
+    selector: "dense" (exact attention over every token), "all" (every token is a candidate,
+      i.e. Full + pruner), "quest" (pages ranked by Quest upper bounds), "double_sparsity"
+      (tokens ranked by a label cache of heavy channels), "oracle" (exact top-k on the true
+      weights; evaluation only) or "streaming" (the first ``sink_tokens`` tokens plus the most
+      recent ``budget - sink_tokens``).
+    budget: B0, the candidate capacity in tokens of the top-k selectors (quest: a multiple of
+      ``page_size``). Clamped to the cache capacity. Ignored by "dense" and "all".
+    top_p: p in (0, 1] of the top-p pruner; None = no pruning (the base selector alone).
+    max_budget: static capacity in tokens of the final selection when pruning, sink and recent
+      tokens included; the pruner flags saturation when its set does not fit.
+    page_size: page size of the KV cache and of the Quest metadata.
+    dense_layers: the first N layers stay dense. Applied by the model, which calls dense paged
+      attention for them; ``decode_attention`` itself does what the selector says at any layer.
+    gqa: "group_union" (one selection per KV head: the union of its query heads' top-p sets) or
+      "per_head" (one selection per query head).
+    sink_tokens, recent_tokens: the first / last tokens of every sequence, always attended.
+      Defaults 0: the published Twilight forces none.
+    estimate_bits: precision of K for the pruner's estimates: 4 (the INT4 cache), 8 (K
+      re-quantized to 8 bits on the fly) or 16 (exact K; an ablation).
+    ds_channels: number of heavy channels in the Double Sparsity label cache.
+    """
+
+    selector: str = "all"
+    budget: int = 8192
+    top_p: float | None = None
+    max_budget: int = 2048
+    page_size: int = 16
+    dense_layers: int = 2
+    gqa: str = "group_union"
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+    estimate_bits: int = 4
+    ds_channels: int = 16
+
+    def __post_init__(self):
+        if self.selector not in SELECTORS:
+            raise ValueError(
+                f"SparsityConfig.selector must be one of {SELECTORS}, got {self.selector!r}"
+            )
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"SparsityConfig.gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+        _check_int("budget", self.budget, 1)
+        _check_int("max_budget", self.max_budget, 1)
+        _check_int("page_size", self.page_size, 1)
+        _check_int("dense_layers", self.dense_layers, 0)
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        _check_int("recent_tokens", self.recent_tokens, 0)
+        _check_int("ds_channels", self.ds_channels, 1)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(
+                f"SparsityConfig.page_size must be a power of two, got {self.page_size}"
+            )
+        if self.top_p is not None:
+            if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+                raise ValueError(
+                    f"SparsityConfig.top_p must be None or a number in (0, 1], got {self.top_p!r}"
+                )
+            if not 0.0 < float(self.top_p) <= 1.0:
+                raise ValueError(f"SparsityConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.estimate_bits not in ESTIMATE_BITS:
+            raise ValueError(
+                f"SparsityConfig.estimate_bits must be one of {ESTIMATE_BITS}, "
+                f"got {self.estimate_bits!r}"
+            )
+        if self.selector == "quest" and self.budget % self.page_size:
+            raise ValueError(
+                f"SparsityConfig.budget={self.budget} must be a multiple of "
+                f"page_size={self.page_size} for the quest selector"
+            )
+        if self.selector == "streaming" and self.budget <= self.sink_tokens:
+            raise ValueError(
+                f"SparsityConfig.budget={self.budget} must exceed sink_tokens="
+                f"{self.sink_tokens} for the streaming selector (the rest is the recent window)"
+            )
+        forced = self.sink_tokens + self.recent_tokens
+        if self.max_budget <= forced:
+            raise ValueError(
+                f"SparsityConfig.max_budget={self.max_budget} must exceed sink_tokens + "
+                f"recent_tokens = {forced}: the pruned tokens need room beside them"
+            )
+
+    @property
+    def forced_tokens(self) -> int:
+        """Capacity of the always-kept sink and recent tokens."""
+        return self.sink_tokens + self.recent_tokens

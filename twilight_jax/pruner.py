@@ -1,0 +1,136 @@
+"""Top-p pruning of the candidates: estimate, threshold, and the always-kept tokens.
+
+1. ``estimate_scores``: logits of every candidate column from a cheap copy of K (INT4 cache by
+   block_spgemv; 8 bits or exact K by a jnp gather for ablations).
+2. ``prune``: softmax over the row's candidates, the smallest set reaching mass p, compacted
+   (topp_select_grouped; one selection per KV group = union of its heads', or per head).
+3. ``add_forced_tokens``: the sink and recent tokens join, duplicates dropped, compacted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from twilight_jax import _kernels
+from twilight_jax.cache import PagedKVCache
+from twilight_jax.config import SparsityConfig
+from twilight_jax.selectors import Candidates
+
+
+def _fake_quantize(x, bits: int):
+    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back (float32)."""
+    levels = 2**bits - 1
+    zero = x.min(-1, keepdims=True)
+    scale = (x.max(-1, keepdims=True) - zero) / levels
+    safe = jnp.where(scale > 0, scale, 1.0)
+    code = jnp.where(scale > 0, jnp.clip(jnp.floor((x - zero) / safe + 0.5), 0, levels), 0.0)
+    return code * scale + zero
+
+
+def estimate_scores(
+    q, cache: PagedKVCache, layer, cand: Candidates, bits: int, backend: str
+) -> jax.Array:
+    """Estimated logits q . K_hat / sqrt(D): [B, Hq, C * block_size] float32.
+
+    Only columns where cand.valid holds are meaningful (others may be -inf or junk).
+    """
+    if bits == 4:
+        return _kernels.block_spgemv(
+            q,
+            cache.k_int4[layer],
+            cache.k_scale[layer],
+            cache.k_zero[layer],
+            cache.page_table,
+            cache.lengths,
+            cand.blocks,
+            cand.count,
+            block_size=cand.block_size,
+            backend=backend,
+        )
+    b, hq, d = q.shape
+    hkv, s = cache.num_kv_heads, cache.page_size
+    pos = cand.positions  # [B, Hkv, N]
+    phys = jnp.take_along_axis(
+        cache.page_table, jnp.clip(pos // s, 0, cache.max_pages - 1).reshape(b, -1), axis=1
+    ).reshape(pos.shape)
+    k = cache.k_pages[layer][jnp.arange(hkv)[None, :, None], phys, pos % s]
+    k = k.astype(jnp.float32)
+    if bits == 8:
+        k = _fake_quantize(k, 8)
+    qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
+    return (jnp.einsum("bgjd,bgnd->bgjn", qg, k) / math.sqrt(d)).reshape(b, hq, -1)
+
+
+def prune(logits, cand: Candidates, p, cfg: SparsityConfig, backend: str):
+    """Top-p selection of candidate columns.
+
+    logits: [B, Hq, N] estimates; p: [B] float32 (per sequence).
+    Returns (columns [B, rows, K] int32 into the N candidate columns, counts [B, rows] int32,
+    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head);
+    K = min(max_budget - forced tokens, N) leaves room for the sink and recent tokens.
+    """
+    b, hq, n = logits.shape
+    rows = cand.valid.shape[1]
+    g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
+    capacity = min(cfg.max_budget - cfg.forced_tokens, n)
+    cols, counts, saturated, mass = _kernels.topp_select_grouped(
+        logits.reshape(b * rows, g, n),
+        cand.valid.reshape(b * rows, n),
+        jnp.repeat(p, rows),
+        capacity,
+        backend=backend,
+    )
+    return (
+        cols[:, :capacity].reshape(b, rows, capacity),
+        counts.reshape(b, rows),
+        saturated.reshape(b, rows),
+        mass.reshape(b, hq),
+    )
+
+
+def _compact(pos, ok):
+    """Moves the entries of pos [..., M] where ok holds to the front, in order.
+
+    Returns (compacted [..., M] int32 with 0 padding, count [...] int32). No sort: each kept
+    entry's destination is its rank among the kept (a cumulative sum), then one scatter.
+    """
+    m = pos.shape[-1]
+    dest = jnp.where(ok, jnp.cumsum(ok, axis=-1) - 1, m)  # m = out of range: dropped
+    flat_pos = pos.reshape(-1, m)
+    flat_dest = dest.reshape(-1, m)
+    out = (
+        jnp.zeros_like(flat_pos)
+        .at[jnp.arange(flat_pos.shape[0])[:, None], flat_dest]
+        .set(flat_pos, mode="drop")
+    )
+    return out.reshape(pos.shape).astype(jnp.int32), ok.sum(-1).astype(jnp.int32)
+
+
+def add_forced_tokens(kept_pos, kept_ok, lengths, sink: int, recent: int):
+    """Final token lists: the sink and recent tokens plus the kept tokens not among them.
+
+    kept_pos, kept_ok: [B, rows, K] logical positions and their validity; lengths: [B].
+    Returns (token_pos [B, rows, sink + recent + K] int32, counts [B, rows] int32), unique
+    positions, padding 0 past counts.
+    """
+    if sink + recent == 0:
+        return _compact(kept_pos, kept_ok)
+    b, rows, _ = kept_pos.shape
+    ln = lengths[:, None]
+    i = jnp.arange(sink)[None, :]
+    j = jnp.arange(recent)[None, :]
+    recent_pos = ln - recent + j
+    forced_pos = jnp.concatenate([jnp.broadcast_to(i, (b, sink)), recent_pos], -1)
+    # A recent token inside the sink range is already listed once.
+    forced_ok = jnp.concatenate([i < ln, (recent_pos >= sink) & (recent_pos >= 0)], -1)
+    is_forced = (kept_pos < sink) | (kept_pos >= ln[:, :, None] - recent)
+    pos = jnp.concatenate(
+        [jnp.broadcast_to(forced_pos[:, None], (b, rows, sink + recent)), kept_pos], -1
+    )
+    ok = jnp.concatenate(
+        [jnp.broadcast_to(forced_ok[:, None], (b, rows, sink + recent)), kept_ok & ~is_forced], -1
+    )
+    return _compact(pos, ok)
