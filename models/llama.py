@@ -64,21 +64,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Init:
     """Makes parameter values. ``Init(rngs)`` draws N(0, 0.02) weights (tests, fresh models);
-    ``Init(None)`` makes shape-only placeholders that a loader fills (no memory, no RNG)."""
+    ``Init(None)`` makes shape-only placeholders that a loader fills (no memory, no RNG).
+    ``lead`` is prepended to every shape: the layer axis of the stacked decoder layers."""
 
-    def __init__(self, rngs: nnx.Rngs | None, std: float = 0.02):
+    def __init__(self, rngs: nnx.Rngs | None, std: float = 0.02, lead: tuple[int, ...] = ()):
         self.rngs = rngs
         self.std = std
+        self.lead = tuple(lead)
 
     def normal(self, shape, dtype):
+        shape = self.lead + tuple(shape)
         if self.rngs is None:
             return jax.ShapeDtypeStruct(shape, dtype)
         return (self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(dtype)
 
     def ones(self, shape, dtype):
+        shape = self.lead + tuple(shape)
         if self.rngs is None:
             return jax.ShapeDtypeStruct(shape, dtype)
         return jnp.ones(shape, dtype)
+
+    def stacked(self, n: int) -> Init:
+        return Init(self.rngs, self.std, (n,) + self.lead)
 
 
 class Linear(nnx.Module):
@@ -276,14 +283,21 @@ def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_
         )
 
 
+def _layer_slice(x: jax.Array, layer: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+
+
 class LlamaForCausalLM(nnx.Module):
     """A LLaMA-architecture decoder with its LM head.
 
-    Parameters (paths as in the weight tables): ``embed_tokens.embedding [vocab, hidden]``,
-    per layer ``layers.{i}.{input_layernorm,post_attention_layernorm}.weight [hidden]``,
-    ``layers.{i}.self_attn.{q,k,v,o}_proj.kernel``, ``layers.{i}.mlp.{gate,up,down}_proj.kernel``,
-    ``norm.weight [hidden]``, and ``lm_head.kernel [hidden, vocab]`` unless the embeddings
-    are tied.
+    The decoder layers are one ``DecoderLayer`` whose parameters carry a leading layer axis
+    [L, ...], run with ``jax.lax.scan``: one compiled layer instead of L copies, which keeps
+    compile times flat in depth. Parameters (paths as in the weight tables):
+    ``embed_tokens.embedding [vocab, hidden]``;
+    ``blocks.{input_layernorm,post_attention_layernorm}.weight [L, hidden]``;
+    ``blocks.self_attn.{q,k,v,o}_proj.kernel [L, in, out]``;
+    ``blocks.mlp.{gate,up,down}_proj.kernel [L, in, out]``; ``norm.weight [hidden]``; and
+    ``lm_head.kernel [hidden, vocab]`` unless the embeddings are tied.
     """
 
     def __init__(
@@ -301,14 +315,26 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, init)
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype, init) for _ in range(config.num_layers)]
-        )
+        self.blocks = DecoderLayer(config, dtype, init.stacked(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, init)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype, init)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        """Per-layer modules (copies of each layer's slice of ``blocks``), for code that walks
+        the layers one by one outside jit (calibration, inspection)."""
+        graphdef, state = nnx.split(self.blocks)
+        return [
+            nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+            for i in range(self.config.num_layers)
+        ]
+
+    def jit(self) -> JittedLlama:
+        """The compiled entry points (``JittedLlama``) over these weights."""
+        return JittedLlama(self)
 
     def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
         """An empty ``PagedKVCache`` for this model (model dtype): [L, Hkv, P, S, D] pages,
@@ -344,6 +370,33 @@ class LlamaForCausalLM(nnx.Module):
             out = jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
         return out.astype(jnp.float32)
 
+    def _run_layers(self, h, positions, carry, attend, lo: int, hi: int):
+        """Layers lo..hi-1 under ``lax.scan``.
+
+        h [B, T, hidden]; positions [B, T]; carry: a pytree threaded through the layers (the
+        KV cache); ``attend(q, k, v, layer, carry) -> (out [B, T, Hq, D], (carry, stats))``
+        with ``layer`` a traced int32 scalar. Returns (h, carry, stats stacked over layers or
+        None when the range is empty).
+        """
+        if hi <= lo:
+            return h, carry, None
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(c, layer):
+            h, carry = c
+            # One layer's slice of the stacked weights (a dynamic index along the layer axis).
+            weights = jax.tree.map(
+                lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, False), state
+            )
+            block = nnx.merge(graphdef, weights)
+            h, (carry, stats) = block.forward(
+                h, positions, lambda q, k, v: attend(q, k, v, layer, carry)
+            )
+            return (h, carry), stats
+
+        (h, carry), stats = jax.lax.scan(body, (h, carry), jnp.arange(lo, hi, dtype=jnp.int32))
+        return h, carry, stats
+
     # ------------------------------------------------------------------ entry points
 
     def logits(self, token_ids: jax.Array) -> jax.Array:
@@ -353,9 +406,13 @@ class LlamaForCausalLM(nnx.Module):
         token_ids = jnp.asarray(token_ids, jnp.int32)
         b, t = token_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h = self._embed(token_ids)
-        for layer in self.layers:
-            h, _ = layer.forward(h, positions, lambda q, k, v: (dense_attention(q, k, v), None))
+
+        def attend(q, k, v, layer, carry):
+            return dense_attention(q, k, v), (carry, None)
+
+        h, _, _ = self._run_layers(
+            self._embed(token_ids), positions, (), attend, 0, self.config.num_layers
+        )
         return self._head(h)
 
     def prefill(self, token_ids: jax.Array, lengths: jax.Array, cache):
@@ -378,14 +435,16 @@ class LlamaForCausalLM(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         start = jnp.zeros((b,), jnp.int32)
         kv_dtype = cache.k_pages.dtype
-        h = self._embed(token_ids)
-        for i, layer in enumerate(self.layers):
 
-            def attend(q, k, v, i=i):
-                new = cache.write_prefill(i, k.astype(kv_dtype), v.astype(kv_dtype), start, lengths)
-                return dense_attention(q, k, v, lengths), new
+        def attend(q, k, v, layer, cache):
+            cache = cache.write_prefill(
+                layer, k.astype(kv_dtype), v.astype(kv_dtype), start, lengths
+            )
+            return dense_attention(q, k, v, lengths), (cache, None)
 
-            h, cache = layer.forward(h, positions, attend)
+        h, cache, _ = self._run_layers(
+            self._embed(token_ids), positions, cache, attend, 0, self.config.num_layers
+        )
         last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]
         cache = cache.with_lengths(jnp.where(lengths > 0, lengths, cache.lengths))
         return self._head(last), cache
@@ -408,8 +467,9 @@ class LlamaForCausalLM(nnx.Module):
         Returns (logits [B, vocab] float32, cache, info) with info a dict of arrays:
         ``counts`` int32 [L, B, Hs] tokens attended per layer (Hs = Hkv, or Hq when
         ``sparsity.gqa == "per_head"``; dense layers count every cached token),
-        ``estimated_mass`` float32 [L, B, Hq] (1 on dense layers) and ``saturated`` bool
-        [L, B, Hs] (False on dense layers).
+        ``candidates`` int32 [L, B, Hs] tokens the base selector proposed (dense layers: every
+        cached token), ``estimated_mass`` float32 [L, B, Hq] (1 on dense layers) and
+        ``saturated`` bool [L, B, Hs] (False on dense layers).
         """
         from pallas_kernels.attention import paged_decode_attention
         from twilight_jax import decode_attention
@@ -418,49 +478,58 @@ class LlamaForCausalLM(nnx.Module):
         c = self.config
         tokens = jnp.asarray(tokens, jnp.int32)
         b = tokens.shape[0]
+        # Inactive sequences neither grow nor write (their last cached token must survive).
+        active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
         positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
         cache = cache.begin_decode_step(active)
         kv_dtype = cache.k_pages.dtype
         hs = c.num_heads if sparsity.gqa == "per_head" else c.num_kv_heads
         h = self._embed(tokens[:, None])  # [B, 1, hidden]
-        counts, masses, saturated = [], [], []
-        for i, layer in enumerate(self.layers):
-            dense = i < sparsity.dense_layers or sparsity.selector == "dense"
 
-            def attend(q, k, v, i=i, dense=dense):
-                new = cache.write_decode(i, k[:, 0].astype(kv_dtype), v[:, 0].astype(kv_dtype))
-                q1 = q[:, 0].astype(kv_dtype)  # [B, Hq, D]
-                if dense:
-                    out = paged_decode_attention(
-                        q1,
-                        new.k_pages[i],
-                        new.v_pages[i],
-                        new.page_table,
-                        new.lengths,
-                        backend=backend,
-                    )
-                    n = jnp.broadcast_to(new.lengths[:, None], (b, hs)).astype(jnp.int32)
-                    stats = (n, jnp.ones((b, c.num_heads), jnp.float32), jnp.zeros((b, hs), bool))
-                else:
-                    out, info = decode_attention(
-                        q1, new, sparsity, layer=i, top_p=top_p, backend=backend
-                    )
-                    stats = (
-                        info.counts.astype(jnp.int32),
-                        info.estimated_mass.astype(jnp.float32),
-                        info.saturated,
-                    )
-                return out[:, None], (new, stats)
+        def attend(q, k, v, layer, cache, dense):
+            cache = cache.write_decode(
+                layer,
+                k[:, 0].astype(kv_dtype),
+                v[:, 0].astype(kv_dtype),
+                active=active,
+                backend=backend,
+            )
+            q1 = q[:, 0].astype(kv_dtype)  # [B, Hq, D]
+            if dense:
+                out = paged_decode_attention(
+                    q1,
+                    cache.k_pages[layer],
+                    cache.v_pages[layer],
+                    cache.page_table,
+                    cache.lengths,
+                    backend=backend,
+                )
+                n = jnp.broadcast_to(cache.lengths[:, None], (b, hs)).astype(jnp.int32)
+                ones = jnp.ones((b, c.num_heads), jnp.float32)
+                stats = (n, n, ones, jnp.zeros((b, hs), bool))
+            else:
+                out, info = decode_attention(
+                    q1, cache, sparsity, layer=layer, top_p=top_p, backend=backend
+                )
+                stats = (
+                    info.counts.astype(jnp.int32),
+                    info.candidates.astype(jnp.int32),
+                    info.estimated_mass.astype(jnp.float32),
+                    info.saturated,
+                )
+            return out[:, None], (cache, stats)
 
-            h, (cache, stats) = layer.forward(h, positions, attend)
-            counts.append(stats[0])
-            masses.append(stats[1])
-            saturated.append(stats[2])
-        info = {
-            "counts": jnp.stack(counts),
-            "estimated_mass": jnp.stack(masses),
-            "saturated": jnp.stack(saturated),
-        }
+        n_dense = c.num_layers if sparsity.selector == "dense" else sparsity.dense_layers
+        n_dense = min(n_dense, c.num_layers)
+        h, cache, dense_stats = self._run_layers(
+            h, positions, cache, functools.partial(attend, dense=True), 0, n_dense
+        )
+        h, cache, sparse_stats = self._run_layers(
+            h, positions, cache, functools.partial(attend, dense=False), n_dense, c.num_layers
+        )
+        parts = [x for x in (dense_stats, sparse_stats) if x is not None]
+        names = ("counts", "candidates", "estimated_mass", "saturated")
+        info = {k: jnp.concatenate([p[j] for p in parts], axis=0) for j, k in enumerate(names)}
         return self._head(h[:, 0]), cache, info
 
 
@@ -497,6 +566,9 @@ class JittedLlama:
         self.config = model.config
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
+
+    def jit(self) -> JittedLlama:
+        return self
 
     def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
         return self.model.init_cache(batch, max_seq_len, page_size=page_size, **kwargs)

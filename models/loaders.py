@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -125,12 +124,14 @@ def _installed_package_file(spec: EmbeddedModel) -> Path | None:
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """checkpoint tensor ``source`` of shape ``shape`` -> model parameter at ``target``."""
+    """checkpoint tensor ``source`` of shape ``shape`` -> model parameter at ``target``
+    (entry ``layer`` of its leading layer axis for the stacked decoder layers)."""
 
     source: str
     target: tuple
     shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    layer: int | None = None
 
 
 def _t(x):
@@ -154,51 +155,53 @@ def _unpermute(n_heads: int):
     return fn
 
 
+# Per-layer parameters: module path under ``blocks`` -> name in each checkpoint format.
+_LAYER_NAMES = {
+    # path: (Hugging Face, llama.cpp)
+    ("input_layernorm", "weight"): ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "weight"): ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn", "q_proj", "kernel"): ("self_attn.q_proj", "attn_q"),
+    ("self_attn", "k_proj", "kernel"): ("self_attn.k_proj", "attn_k"),
+    ("self_attn", "v_proj", "kernel"): ("self_attn.v_proj", "attn_v"),
+    ("self_attn", "o_proj", "kernel"): ("self_attn.o_proj", "attn_output"),
+    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj", "ffn_gate"),
+    ("mlp", "up_proj", "kernel"): ("mlp.up_proj", "ffn_up"),
+    ("mlp", "down_proj", "kernel"): ("mlp.down_proj", "ffn_down"),
+}
+
+
+def _layer_shapes(c: LlamaConfig) -> dict[tuple, tuple[int, ...]]:
+    """Checkpoint shape of each per-layer tensor: [out, in] for matrices (both formats)."""
+    h, i_ = c.hidden_size, c.intermediate_size
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        ("input_layernorm", "weight"): (h,),
+        ("post_attention_layernorm", "weight"): (h,),
+        ("self_attn", "q_proj", "kernel"): (q, h),
+        ("self_attn", "k_proj", "kernel"): (kv, h),
+        ("self_attn", "v_proj", "kernel"): (kv, h),
+        ("self_attn", "o_proj", "kernel"): (h, q),
+        ("mlp", "gate_proj", "kernel"): (i_, h),
+        ("mlp", "up_proj", "kernel"): (i_, h),
+        ("mlp", "down_proj", "kernel"): (h, i_),
+    }
+
+
 def hf_weight_table(config: LlamaConfig) -> list[WeightSpec]:
     """Hugging Face LLaMA checkpoint names (``model.layers.0.self_attn.q_proj.weight``)."""
-    c = config
-    h, d, i_ = c.hidden_size, c.head_dim, c.intermediate_size
+    c, h = config, config.hidden_size
     table = [
         WeightSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"), (c.vocab_size, h))
     ]
+    shapes = _layer_shapes(c)
     for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        L = ("layers", n)
-        table += [
-            WeightSpec(p + "input_layernorm.weight", L + ("input_layernorm", "weight"), (h,)),
-            WeightSpec(
-                p + "post_attention_layernorm.weight",
-                L + ("post_attention_layernorm", "weight"),
-                (h,),
-            ),
-            WeightSpec(
-                p + "self_attn.q_proj.weight",
-                L + ("self_attn", "q_proj", "kernel"),
-                (c.num_heads * d, h),
-                _t,
-            ),
-            WeightSpec(
-                p + "self_attn.k_proj.weight",
-                L + ("self_attn", "k_proj", "kernel"),
-                (c.num_kv_heads * d, h),
-                _t,
-            ),
-            WeightSpec(
-                p + "self_attn.v_proj.weight",
-                L + ("self_attn", "v_proj", "kernel"),
-                (c.num_kv_heads * d, h),
-                _t,
-            ),
-            WeightSpec(
-                p + "self_attn.o_proj.weight",
-                L + ("self_attn", "o_proj", "kernel"),
-                (h, c.num_heads * d),
-                _t,
-            ),
-            WeightSpec(p + "mlp.gate_proj.weight", L + ("mlp", "gate_proj", "kernel"), (i_, h), _t),
-            WeightSpec(p + "mlp.up_proj.weight", L + ("mlp", "up_proj", "kernel"), (i_, h), _t),
-            WeightSpec(p + "mlp.down_proj.weight", L + ("mlp", "down_proj", "kernel"), (h, i_), _t),
-        ]
+        for path, (name, _) in _LAYER_NAMES.items():
+            fn = _t if path[-1] == "kernel" else None
+            table.append(
+                WeightSpec(
+                    f"model.layers.{n}.{name}.weight", ("blocks", *path), shapes[path], fn, n
+                )
+            )
     table.append(WeightSpec("model.norm.weight", ("norm", "weight"), (h,)))
     if not c.tie_word_embeddings:
         table.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), (c.vocab_size, h), _t))
@@ -219,43 +222,19 @@ def _hf_ignored(config: LlamaConfig) -> Callable[[str], bool]:
 def gguf_weight_table(config: LlamaConfig) -> list[WeightSpec]:
     """llama.cpp tensor names (``blk.0.attn_q.weight``); shapes as numpy sees them
     ([out, in]: GGUF lists dimensions innermost first)."""
-    c = config
-    h, d, i_ = c.hidden_size, c.head_dim, c.intermediate_size
+    c, h = config, config.hidden_size
     table = [WeightSpec("token_embd.weight", ("embed_tokens", "embedding"), (c.vocab_size, h))]
+    shapes = _layer_shapes(c)
+    transforms = {
+        ("self_attn", "q_proj", "kernel"): _unpermute(c.num_heads),
+        ("self_attn", "k_proj", "kernel"): _unpermute(c.num_kv_heads),
+    }
     for n in range(c.num_layers):
-        p = f"blk.{n}."
-        L = ("layers", n)
-        table += [
-            WeightSpec(p + "attn_norm.weight", L + ("input_layernorm", "weight"), (h,)),
-            WeightSpec(p + "ffn_norm.weight", L + ("post_attention_layernorm", "weight"), (h,)),
-            WeightSpec(
-                p + "attn_q.weight",
-                L + ("self_attn", "q_proj", "kernel"),
-                (c.num_heads * d, h),
-                _unpermute(c.num_heads),
-            ),
-            WeightSpec(
-                p + "attn_k.weight",
-                L + ("self_attn", "k_proj", "kernel"),
-                (c.num_kv_heads * d, h),
-                _unpermute(c.num_kv_heads),
-            ),
-            WeightSpec(
-                p + "attn_v.weight",
-                L + ("self_attn", "v_proj", "kernel"),
-                (c.num_kv_heads * d, h),
-                _t,
-            ),
-            WeightSpec(
-                p + "attn_output.weight",
-                L + ("self_attn", "o_proj", "kernel"),
-                (h, c.num_heads * d),
-                _t,
-            ),
-            WeightSpec(p + "ffn_gate.weight", L + ("mlp", "gate_proj", "kernel"), (i_, h), _t),
-            WeightSpec(p + "ffn_up.weight", L + ("mlp", "up_proj", "kernel"), (i_, h), _t),
-            WeightSpec(p + "ffn_down.weight", L + ("mlp", "down_proj", "kernel"), (h, i_), _t),
-        ]
+        for path, (_, name) in _LAYER_NAMES.items():
+            fn = transforms.get(path, _t if path[-1] == "kernel" else None)
+            table.append(
+                WeightSpec(f"blk.{n}.{name}.weight", ("blocks", *path), shapes[path], fn, n)
+            )
     table.append(WeightSpec("output_norm.weight", ("norm", "weight"), (h,)))
     if not c.tie_word_embeddings:
         table.append(WeightSpec("output.weight", ("lm_head", "kernel"), (c.vocab_size, h), _t))
@@ -293,7 +272,8 @@ def build_model(
     flat = dict(nnx.to_flat_state(state))
     if set(flat) != {s.target for s in table}:
         raise AssertionError("weight table does not cover the model's parameters")
-    values = {}
+    # Host buffers in the parameter dtype; stacked layer parameters are filled slice by slice.
+    host = {path: np.empty(var.shape, var.dtype) for path, var in flat.items()}
     for spec in tqdm(table, desc="loading weights", file=sys.stderr, disable=not progress):
         arr = np.asarray(tensors[spec.source]())
         if tuple(arr.shape) != spec.shape:
@@ -303,9 +283,10 @@ def build_model(
             )
         if spec.transform is not None:
             arr = spec.transform(arr)
-        var = flat[spec.target]
-        assert arr.shape == var.shape, (spec.source, arr.shape, var.shape)
-        values[spec.target] = var.replace(jax.device_put(jnp.asarray(arr, dtype=var.dtype)))
+        dst = host[spec.target] if spec.layer is None else host[spec.target][spec.layer]
+        assert arr.shape == dst.shape, (spec.source, arr.shape, dst.shape)
+        dst[...] = arr
+    values = {path: var.replace(jax.device_put(host.pop(path))) for path, var in flat.items()}
     return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 

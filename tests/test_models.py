@@ -633,9 +633,17 @@ def test_prefill_leaves_zero_length_rows(llama31_jitted, e2e_case):
     k_after = np.asarray(cache.k_pages)
     np.testing.assert_array_equal(k_after[:, :, 1:9], k_before[:, :, 1:9])
     np.testing.assert_array_equal(k_after[:, :, 17:25], k_before[:, :, 17:25])
-    steps, _, _ = _decode_all(llama31_jitted, cache, cont[:1], cfg)
+    steps, _, cache = _decode_all(llama31_jitted, cache, cont[:1], cfg)
     for i, n in enumerate(lens):
         np.testing.assert_allclose(steps[0, i], ref[i, n], atol=2e-4)
+    # A paused sequence (active False) neither grows nor overwrites its last token.
+    k_before = np.asarray(cache.k_pages)
+    active = np.array([True, False, True])
+    logits, cache, _ = llama31_jitted.decode_step(cont[1], cache, cfg, active)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens + 1 + active)
+    np.testing.assert_array_equal(np.asarray(cache.k_pages)[:, :, 9:17], k_before[:, :, 9:17])
+    for i in (0, 2):
+        np.testing.assert_allclose(np.asarray(logits)[i], ref[i, lens[i] + 1], atol=2e-4)
 
 
 def test_prefill_decode_argument_errors(llama31_jitted):
