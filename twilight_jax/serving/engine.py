@@ -509,15 +509,13 @@ class Engine:
             if not self._cancelled:
                 return
             cancelled, self._cancelled = self._cancelled, set()
-            kept = collections.deque()
-            for req in self._waiting:
-                if req.request_id in cancelled:
-                    self._finish(req, "cancelled")
-                else:
-                    kept.append(req)
-            self._waiting = kept
-        for req in self._slots:
-            if req is not None and req.request_id in cancelled:
+            dropped = [r for r in self._waiting if r.request_id in cancelled]
+            self._waiting = collections.deque(
+                r for r in self._waiting if r.request_id not in cancelled
+            )
+        # Events go out with the lock released: callbacks never run under it.
+        for req in dropped + [r for r in self._slots if r is not None]:
+            if req.request_id in cancelled:
                 self._finish(req, "cancelled")
 
     def _admit(self) -> None:
