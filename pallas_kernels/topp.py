@@ -57,6 +57,9 @@ from pallas_kernels import _common
 # 30 halvings of that interval are exact.
 _ONE_BITS = 0x3F800000
 _EXACT_ITERS = 30
+# Default threshold bisection steps: conservative, and exact unless two or more weights fall in
+# the final band (see TopPConfig.iters).
+_DEFAULT_ITERS = 16
 _LANES = 128
 
 
@@ -64,19 +67,31 @@ _LANES = 128
 class TopPConfig:
     """Static tuning knobs of the top-p kernels (hashable: usable as a static jit argument).
 
-    iters: bisection steps for each head's top-p threshold; 30 is exact (see module doc), fewer
-      is conservative (never keeps less mass than p).
+    iters: bisection steps (bits of the threshold's bit pattern) for each head's top-p
+      threshold; 30 is exact (see module doc). Fewer is conservative (never keeps less mass
+      than p) and, after the final snap to the heaviest weight in the unresolved band, exact
+      whenever that band holds one weight; 16 leaves a band about 2**-11 of t wide.
     capacity_iters: bisection steps for the priority cut when a selection overflows capacity;
       30 is exact; fewer still keep exactly ``capacity`` entries, but those in the unresolved
       band of priorities just above the cut are taken by column order, not by weight.
+    gpu_split: GPU only. True: one program per (row, head) finds the thresholds, then one
+      program per row re-reads the row's G heads (mostly from L2), forms the union and
+      compacts it. False: one program per row does everything for its G heads (the original
+      kernel; kept for A/B runs).
+    search_bits: GPU split path only. Bits of the threshold resolved per pass over the row:
+      each pass sums the row above 2**search_bits candidate thresholds at once (one block
+      reduction instead of search_bits of them), at 2**search_bits / search_bits times the
+      compare work per bit. 1 is plain bisection.
     num_warps: GPU warps per program; None picks about 32 row elements per thread, clamped to
       [4, 16], so the resident row fits in registers.
     num_stages: GPU software pipelining stages (nothing to pipeline: one load per program).
     tpu_block_rows: rows per TPU grid step when it divides R (else one row per step).
     """
 
-    iters: int = _EXACT_ITERS
+    iters: int = _DEFAULT_ITERS
     capacity_iters: int = _EXACT_ITERS
+    gpu_split: bool = True
+    search_bits: int = 1
     num_warps: int | None = None
     num_stages: int = 1
     tpu_block_rows: int = 8
@@ -86,6 +101,12 @@ class TopPConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 64:
                 raise ValueError(f"TopPConfig.{name} must be an int in [1, 64], got {value!r}")
+        if not isinstance(self.gpu_split, bool):
+            raise ValueError(f"TopPConfig.gpu_split must be a bool, got {self.gpu_split!r}")
+        if self.search_bits not in (1, 2, 3, 4, 5):
+            raise ValueError(
+                f"TopPConfig.search_bits must be an int in [1, 5], got {self.search_bits!r}"
+            )
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(
                 f"TopPConfig.num_warps must be None or a power of two <= 32, got {self.num_warps!r}"
@@ -101,6 +122,9 @@ class TopPConfig:
         if self.num_warps is not None:
             return self.num_warps
         return int(min(16, max(4, pl.next_power_of_2(max(1, block_elems // 1024)))))
+
+
+EXACT = TopPConfig(iters=_EXACT_ITERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,27 +205,59 @@ def topp_select_reference(logits, valid, p, capacity):
 # --------------------------------------------------------------------------------------------
 
 
-def _weights(x, valid, axes):
-    """x [H, *row] f32, valid broadcastable bool -> (w [H, *row] with -1 off valid, hi bits)."""
+def _softmax_stats(x, valid, axes):
+    """x [H, *row] f32, valid broadcastable bool -> (valid [H, *row], max m, sum z [H, 1...]).
+
+    A valid entry with logit -inf counts as invalid (weight exactly 0).
+    """
     valid = valid & (x > -jnp.inf)
     m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axes, keepdims=True)
     m = jnp.where(m > -jnp.inf, m, 0.0)
-    e = jnp.where(valid, jnp.exp(x - m), 0.0)
-    z = jnp.sum(e, axis=axes, keepdims=True)
-    w = jnp.where(valid, e / z, -1.0)
-    # max w = exp(0) / z = 1 / z; the search interval is [0, bits(1/z)], half-open at +1.
-    hi = jnp.where(z > 0, jax.lax.bitcast_convert_type(1.0 / z, jnp.int32) + 1, 1)
-    return w, hi
+    z = jnp.sum(jnp.where(valid, jnp.exp(x - m), 0.0), axis=axes, keepdims=True)
+    return valid, m, z
 
 
-def _bisect(passes, hi, iters):
+def _weights_from(x, valid, m, z):
+    """w [H, *row], -1 off valid. The GPU select kernel recomputes w from the threshold
+    kernel's m and z with this same expression, so both see bit-identical weights."""
+    return jnp.where(valid, jnp.exp(x - m) / z, -1.0)
+
+
+def _weights(x, valid, axes):
+    """x [H, *row] f32, valid broadcastable bool -> (w [H, *row] with -1 off valid, hi bits)."""
+    valid, m, z = _softmax_stats(x, valid, axes)
+    return _weights_from(x, valid, m, z), _upper_bits(z)
+
+
+def _upper_bits(z):
+    """Bit pattern just above max w = exp(0) / z = 1 / z: no threshold there reaches p > 0."""
+    return jnp.where(z > 0, jax.lax.bitcast_convert_type(1.0 / z, jnp.int32) + 1, 1)
+
+
+def _lower_bits(p, hi, num_cols: int):
+    """A bit pattern known to reach p, so the search can start above 0.
+
+    The entries below the exact threshold t sum to more than 1 - p, and there are fewer than
+    num_cols of them, so t > (1 - p) / num_cols; at half that, the kept mass is at least
+    (1 + p) / 2, a margin of (1 - p) / 2 over p. That margin dwarfs the float error of the sum
+    only while 1 - p is not tiny, hence the cut-off; above it the search starts at 0. Starting
+    near t skips most of the exponent range: 30 steps still end exact, and fewer steps resolve
+    more mantissa bits.
+    """
+    # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
+    bound = jnp.broadcast_to((1.0 - p) * (0.5 / num_cols), hi.shape)
+    lo = jnp.where(p <= 1.0 - 2.0**-10, jax.lax.bitcast_convert_type(bound, jnp.int32), 0)
+    return jnp.clip(lo, 0, hi - 1)
+
+
+def _bisect(passes, lo, hi, iters):
     """Brackets the largest float t >= 0 with passes(t), per head, by its bit pattern.
 
-    hi: int32 [H, 1...], a bit pattern known to fail (or the end of the range); passes(0) is
-    assumed, never evaluated. passes maps an f32 [H, 1...] threshold to a bool of the same shape
-    and must be monotone (true up to the answer, false above). Returns (lo, hi) as floats:
-    passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a range
-    within [0, 2**30) they are adjacent floats, so lo is the answer.
+    lo, hi: int32 [H, 1...], bit patterns known to pass (lo: assumed, never evaluated) and to
+    fail (or the end of the range). passes maps an f32 [H, 1...] threshold to a bool of the same
+    shape and must be monotone (true up to the answer, false above). Returns (lo, hi) as
+    floats: passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a
+    range within [0, 2**30) they are adjacent floats, so lo is the answer.
     """
 
     def step(_, carry):
@@ -210,19 +266,71 @@ def _bisect(passes, hi, iters):
         ok = passes(jax.lax.bitcast_convert_type(mid, jnp.float32))
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, iters, step, (jnp.zeros_like(hi), hi))
-    as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    return as_float(lo), as_float(hi)
+    lo, hi = jax.lax.fori_loop(0, iters, step, (lo, hi))
+    return _as_float(lo), _as_float(hi)
 
 
-def _head_thresholds(w, hi, p, axes, iters):
-    """Per-head top-p threshold; p >= 1 leaves t = 0 (every valid entry)."""
+def _as_float(bits):
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _multiway_bisect(w, target, lo, hi, iters, bits):
+    """``_bisect`` of ``_mass_reaches`` for one head, 2**bits candidates per pass (GPU).
+
+    w [1, Np]; lo, hi int32 [1, 1]. Each pass splits [lo, hi) at K = 2**bits points
+    c_j = lo + floor(j * (hi - lo) / K) (c_0 = lo, never failing) and evaluates all K in one
+    [K, Np] compare-and-sum, so one block reduction resolves `bits` bits: the new interval
+    is at most ceil((hi - lo) / K) wide, so ceil(iters / bits) passes resolve at least `iters`
+    bits, and 30 bits are exact as with ``_bisect``.
+    """
+    k = 1 << bits
+    j = jnp.arange(k, dtype=jnp.int32)[:, None]  # [K, 1]
+
+    def step(_, carry):
+        lo, hi = carry
+        span = hi - lo
+        # j * span / K without overflowing int32: span < 2**30, j < 32.
+        quot, rem = jax.lax.shift_right_logical(span, bits), span & (k - 1)
+        cand = lo + quot * j + jax.lax.shift_right_logical(rem * j, bits)  # [K, 1]
+        ok = _mass_reaches(w, _as_float(cand), target, axes=(1,)) | (j == 0)
+        new_lo = jnp.max(jnp.where(ok, cand, lo), axis=0, keepdims=True)
+        new_hi = jnp.min(jnp.where(ok, hi, cand), axis=0, keepdims=True)
+        return new_lo, new_hi
+
+    lo, hi = jax.lax.fori_loop(0, pl.cdiv(iters, bits), step, (lo, hi))
+    return _as_float(lo), _as_float(hi)
+
+
+def _mass_reaches(w, t, target, axes):
+    """sum_{w >= t} w >= target, per threshold (t [H, 1...] against w [H or 1, *row])."""
+    return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) >= target
+
+
+def _snap(w, lo, hi, target, axes):
+    """Tightens a bracket [lo, hi) of the threshold (passes(lo), not passes(hi)).
+
+    The exact threshold is a weight in [lo, hi). If the heaviest weight there, b, still
+    reaches p, nothing lies between b and hi, so b is the exact threshold; otherwise lo stays
+    (conservative). After an exact bisection this returns lo; after a short one it is exact
+    whenever the band holds a single weight.
+    """
+    band = jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
+    ok = (band >= lo) & _mass_reaches(w, band, target, axes)
+    return jnp.where(ok, band, lo)
+
+
+def _head_thresholds(w, hi, p, axes, iters, num_cols, search_bits=1):
+    """Per-head top-p threshold [H, 1...]; p >= 1 leaves t = 0 (every valid entry).
+
+    search_bits > 1 (one head, w [1, Np]) takes ``_multiway_bisect``.
+    """
     target = jnp.where(p >= 1.0, jnp.inf, p)
-
-    def reaches_p(t):
-        return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) >= target
-
-    return _bisect(reaches_p, hi, iters)[0]
+    lo = _lower_bits(p, hi, num_cols)
+    if search_bits > 1:
+        lo, hi = _multiway_bisect(w, target, lo, hi, iters, search_bits)
+    else:
+        lo, hi = _bisect(lambda t: _mass_reaches(w, t, target, axes), lo, hi, iters)
+    return _snap(w, lo, hi, target, axes)
 
 
 def _limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
@@ -234,7 +342,7 @@ def _limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix)
     ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
     # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
     hi = jnp.full((1,) * union.ndim, _ONE_BITS + 1, jnp.int32)
-    lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, hi, iters)
+    lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, jnp.zeros_like(hi), hi, iters)
     # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken
     # in column order. Exact bisection leaves only priority == lo in the band (ties).
     above = priority >= hi
@@ -248,46 +356,34 @@ def _limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix)
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_kernel(
-    x_ref,  # [G, N] f32 logits of one row (group)
-    valid_ref,  # [N] bool
-    p_ref,  # [1] f32
-    *out_refs,
-    # select: indices [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32
-    # threshold only: threshold [G] f32, count [G] i32, mass [G] f32
-    num_heads: int,
-    num_cols: int,
-    capacity: int | None,
-    config: TopPConfig,
-):
+def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
+    """Loads one row padded to powers of two (Triton blocks must be): x [Gp, Np] with -inf
+    padding, valid [1, Np] with False padding (so padding is invalid)."""
     from jax.experimental.pallas import triton as plt
 
     gp, np_ = pl.next_power_of_2(num_heads), pl.next_power_of_2(num_cols)
     head = jnp.arange(gp, dtype=jnp.int32)
     col = jnp.arange(np_, dtype=jnp.int32)
-    # Triton blocks must be powers of two: pad with masked loads (padding is invalid).
     x = plt.load(
         x_ref.at[pl.ds(0, gp), pl.ds(0, np_)],
         mask=(head[:, None] < num_heads) & (col[None, :] < num_cols),
         other=-jnp.inf,
     )
     valid = plt.load(valid_ref.at[pl.ds(0, np_)], mask=col < num_cols, other=False)
-    p = p_ref[0]
+    return x, valid[None, :]
 
-    w, hi = _weights(x, valid[None, :], axes=(1,))  # w [Gp, Np], hi [Gp, 1]
-    t = _head_thresholds(w, hi, p, (1,), config.iters)  # [Gp, 1]
-    kept = w >= t
-    head_ok = head < num_heads
 
-    if capacity is None:
-        threshold_ref, count_ref, mass_ref = out_refs
-        plt.store(threshold_ref.at[pl.ds(0, gp)], jnp.max(t, axis=1), mask=head_ok)
-        plt.store(count_ref.at[pl.ds(0, gp)], jnp.sum(kept, axis=1, dtype=jnp.int32), mask=head_ok)
-        mass = jnp.sum(jnp.where(kept, w, 0.0), axis=1)
-        plt.store(mass_ref.at[pl.ds(0, gp)], mass, mask=head_ok)
-        return
+def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
+    """Union of the heads' kept sets, capacity limit, compaction and stores (one row).
+
+    w [Gp, Np] f32 (-1 off valid and on padding heads), kept [Gp, Np] bool; out_refs: indices
+    [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32.
+    """
+    from jax.experimental.pallas import triton as plt
 
     indices_ref, count_ref, saturated_ref, mass_ref = out_refs
+    gp, np_ = w.shape
+    col = jnp.arange(np_, dtype=jnp.int32)
     union = jnp.max(kept.astype(jnp.int32), axis=0) > 0  # [Np]
     priority = jnp.where(union, jnp.max(w, axis=0), -1.0)
     n_union = jnp.sum(union, dtype=jnp.int32)
@@ -317,14 +413,129 @@ def _gpu_kernel(
     count_ref[0] = count
     saturated_ref[0] = (n_union > capacity).astype(jnp.int32)
     mass = jnp.sum(jnp.where(final[None, :], w, 0.0), axis=1)
+    head = jnp.arange(gp, dtype=jnp.int32)
+    plt.store(mass_ref.at[pl.ds(0, gp)], mass, mask=head < num_heads)
+
+
+def _gpu_fused_kernel(
+    x_ref,  # [G, N] f32 logits of one row (group)
+    valid_ref,  # [N] bool
+    p_ref,  # [1] f32
+    *out_refs,
+    # select: indices [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32
+    # threshold only: threshold [G] f32, count [G] i32, mass [G] f32
+    num_heads: int,
+    num_cols: int,
+    capacity: int | None,
+    config: TopPConfig,
+):
+    """TopPConfig.gpu_split=False: thresholds of all G heads, union and compaction in one
+    program per row."""
+    from jax.experimental.pallas import triton as plt
+
+    x, valid = _gpu_load_row(x_ref, valid_ref, num_heads, num_cols)
+    w, hi = _weights(x, valid, axes=(1,))  # w [Gp, Np], hi [Gp, 1]
+    t = _head_thresholds(w, hi, p_ref[0], (1,), config.iters, num_cols)  # [Gp, 1]
+    kept = w >= t
+
+    if capacity is not None:
+        _gpu_select_store(w, kept, out_refs, num_heads, capacity, config)
+        return
+    threshold_ref, count_ref, mass_ref = out_refs
+    gp = x.shape[0]
+    head_ok = jnp.arange(gp, dtype=jnp.int32) < num_heads
+    plt.store(threshold_ref.at[pl.ds(0, gp)], jnp.max(t, axis=1), mask=head_ok)
+    plt.store(count_ref.at[pl.ds(0, gp)], jnp.sum(kept, axis=1, dtype=jnp.int32), mask=head_ok)
+    mass = jnp.sum(jnp.where(kept, w, 0.0), axis=1)
     plt.store(mass_ref.at[pl.ds(0, gp)], mass, mask=head_ok)
 
 
-def _gpu_call(logits, valid, p, capacity, config, interpret):
+def _gpu_head_kernel(
+    x_ref,  # [1, N] f32 logits of one head of one row
+    valid_ref,  # [N] bool
+    p_ref,  # [1] f32
+    *out_refs,
+    # threshold only: threshold [1] f32, count [1] i32, mass [1] f32
+    # select (stats for the union kernel): threshold [1] f32, row max m [1], sum z [1] f32
+    num_cols: int,
+    capacity: int | None,
+    config: TopPConfig,
+):
+    """TopPConfig.gpu_split=True, first kernel: one head's threshold per program."""
+    x, valid = _gpu_load_row(x_ref, valid_ref, 1, num_cols)  # [1, Np] each
+    valid, m, z = _softmax_stats(x, valid, axes=(1,))  # m, z [1, 1]
+    w = _weights_from(x, valid, m, z)  # [1, Np]
+    t = _head_thresholds(
+        w, _upper_bits(z), p_ref[0], (1,), config.iters, num_cols, config.search_bits
+    )  # [1, 1]
+    threshold_ref, *stat_refs = out_refs
+    threshold_ref[0] = jnp.max(t)
+    if capacity is None:
+        count_ref, mass_ref = stat_refs
+        kept = w >= t
+        count_ref[0] = jnp.sum(kept, dtype=jnp.int32)
+        mass_ref[0] = jnp.sum(jnp.where(kept, w, 0.0))
+    else:
+        m_ref, z_ref = stat_refs
+        m_ref[0] = jnp.max(m)
+        z_ref[0] = jnp.max(z)
+
+
+def _gpu_union_kernel(
+    x_ref,  # [G, N] f32 logits of one row (group)
+    valid_ref,  # [N] bool
+    t_ref,  # [G] f32 thresholds from _gpu_head_kernel
+    m_ref,  # [G] f32 row maxima from _gpu_head_kernel
+    z_ref,  # [G] f32 softmax sums from _gpu_head_kernel
+    *out_refs,  # indices [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32
+    num_heads: int,
+    num_cols: int,
+    capacity: int,
+    config: TopPConfig,
+):
+    """TopPConfig.gpu_split=True, second kernel: union of the G heads' sets, compaction.
+
+    Recomputes w with the first kernel's m and z through the same expression, so `w >= t`
+    selects exactly the entries that kernel counted.
+    """
+    from jax.experimental.pallas import triton as plt
+
+    x, valid = _gpu_load_row(x_ref, valid_ref, num_heads, num_cols)  # [Gp, Np], [1, Np]
+    gp = x.shape[0]
+    heads = pl.ds(0, gp)
+    head_ok = jnp.arange(gp, dtype=jnp.int32) < num_heads
+    # Padding heads: x = -inf makes them invalid (w = -1), and -1 never reaches t >= 0.
+    t = plt.load(t_ref.at[heads], mask=head_ok, other=0.0)[:, None]
+    m = plt.load(m_ref.at[heads], mask=head_ok, other=0.0)[:, None]
+    z = plt.load(z_ref.at[heads], mask=head_ok, other=1.0)[:, None]
+    w = _weights_from(x, valid & (x > -jnp.inf), m, z)
+    _gpu_select_store(w, w >= t, out_refs, num_heads, capacity, config)
+
+
+def _gpu_select_outputs(r, g, capacity):
+    """(out_shape, out_specs) of the per-row select outputs, grid (R,)."""
+    out_shape = [
+        jax.ShapeDtypeStruct((r, capacity), jnp.int32),
+        jax.ShapeDtypeStruct((r,), jnp.int32),
+        jax.ShapeDtypeStruct((r,), jnp.int32),
+        jax.ShapeDtypeStruct((r, g), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, capacity), lambda i: (i, 0)),
+        pl.BlockSpec((1,), lambda i: (i,)),
+        pl.BlockSpec((1,), lambda i: (i,)),
+        pl.BlockSpec((None, g), lambda i: (i, 0)),
+    ]
+    return out_shape, out_specs
+
+
+def _gpu_fused_call(logits, valid, p, capacity, config, interpret):
     """logits [R, G, N] f32, valid [R, N] bool, p [R] f32 -> per-row outputs (see kernel)."""
+    from jax.experimental.pallas import triton as plt
+
     r, g, n = logits.shape
     kernel = functools.partial(
-        _gpu_kernel, num_heads=g, num_cols=n, capacity=capacity, config=config
+        _gpu_fused_kernel, num_heads=g, num_cols=n, capacity=capacity, config=config
     )
     row = lambda i: (i, 0)
     if capacity is None:
@@ -335,20 +546,7 @@ def _gpu_call(logits, valid, p, capacity, config, interpret):
         ]
         out_specs = [pl.BlockSpec((None, g), row)] * 3
     else:
-        out_shape = [
-            jax.ShapeDtypeStruct((r, capacity), jnp.int32),
-            jax.ShapeDtypeStruct((r,), jnp.int32),
-            jax.ShapeDtypeStruct((r,), jnp.int32),
-            jax.ShapeDtypeStruct((r, g), jnp.float32),
-        ]
-        out_specs = [
-            pl.BlockSpec((None, capacity), row),
-            pl.BlockSpec((1,), lambda i: (i,)),
-            pl.BlockSpec((1,), lambda i: (i,)),
-            pl.BlockSpec((None, g), row),
-        ]
-    from jax.experimental.pallas import triton as plt
-
+        out_shape, out_specs = _gpu_select_outputs(r, g, capacity)
     block_elems = pl.next_power_of_2(g) * pl.next_power_of_2(n)
     return pl.pallas_call(
         kernel,
@@ -366,6 +564,69 @@ def _gpu_call(logits, valid, p, capacity, config, interpret):
         interpret=interpret,
         name="topp_select_gpu" if capacity is not None else "topp_threshold_gpu",
     )(logits, valid, p)
+
+
+def _gpu_split_call(logits, valid, p, capacity, config, interpret):
+    """Same contract as ``_gpu_fused_call``: a (row, head) grid for the thresholds, then (for
+    select) a row grid for the union and compaction."""
+    from jax.experimental.pallas import triton as plt
+
+    r, g, n = logits.shape
+    np_ = pl.next_power_of_2(n)
+    per_head = jax.ShapeDtypeStruct((r, g), jnp.float32)
+    if capacity is None:
+        head_shapes = [per_head, jax.ShapeDtypeStruct((r, g), jnp.int32), per_head]
+    else:
+        head_shapes = [per_head] * 3  # threshold, m, z
+    head_kernel = functools.partial(_gpu_head_kernel, num_cols=n, capacity=capacity, config=config)
+    head_out = pl.pallas_call(
+        head_kernel,
+        grid=(r, g),
+        in_specs=[
+            pl.BlockSpec((None, 1, n), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((None, n), lambda i, j: (i, 0)),
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+        ],
+        out_specs=[pl.BlockSpec((None, 1), lambda i, j: (i, j))] * 3,
+        out_shape=head_shapes,
+        compiler_params=plt.CompilerParams(
+            num_warps=config.gpu_num_warps(np_), num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="topp_threshold_gpu" if capacity is None else "topp_head_threshold_gpu",
+    )(logits, valid, p)
+    if capacity is None:
+        return head_out
+
+    out_shape, out_specs = _gpu_select_outputs(r, g, capacity)
+    union_kernel = functools.partial(
+        _gpu_union_kernel, num_heads=g, num_cols=n, capacity=capacity, config=config
+    )
+    per_row = pl.BlockSpec((None, g), lambda i: (i, 0))
+    return pl.pallas_call(
+        union_kernel,
+        grid=(r,),
+        in_specs=[
+            pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, n), lambda i: (i, 0)),
+            per_row,
+            per_row,
+            per_row,
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plt.CompilerParams(
+            num_warps=config.gpu_num_warps(pl.next_power_of_2(g) * np_),
+            num_stages=config.num_stages,
+        ),
+        interpret=interpret,
+        name="topp_select_gpu",
+    )(logits, valid, *head_out)
+
+
+def _gpu_call(logits, valid, p, capacity, config, interpret):
+    call = _gpu_split_call if config.gpu_split else _gpu_fused_call
+    return call(logits, valid, p, capacity, config, interpret)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,6 +691,7 @@ def _tpu_kernel(
     config: TopPConfig,
 ):
     block_rows = x_ref.shape[0]
+    num_cols = x_ref.shape[2] * x_ref.shape[3]  # padded N: still bounds the valid count
     axes = (1, 2)
     first_row = pl.program_id(0) * block_rows
 
@@ -438,7 +700,7 @@ def _tpu_kernel(
         valid = valid_ref[r] != 0  # [NC, 128]
         p = p_ref[first_row + r]
         w, hi = _weights(x, valid[None], axes)
-        t = _head_thresholds(w, hi, p, axes, config.iters)  # [G, 1, 1]
+        t = _head_thresholds(w, hi, p, axes, config.iters, num_cols)  # [G, 1, 1]
         kept = w >= t
         if capacity is None:
             threshold_ref, count_ref, mass_ref = out_refs
