@@ -29,14 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
 
-from twilight_jax import (  # noqa: E402
-    PagedKVCache,
-    SparsityConfig,
-    _kernels,
-    decode_attention,
-    pruner,
-    selectors,
-)
+from pallas_kernels.attention import sparse_decode_attention  # noqa: E402
+from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner, selectors  # noqa: E402  # noqa: E402
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV
@@ -98,7 +92,7 @@ def stage_times(q, cache, cfg, top_p):
     )
 
     def attend(q, cache, token_pos, counts):
-        return _kernels.sparse_decode_attention(
+        return sparse_decode_attention(
             q,
             cache.k_pages[layer],
             cache.v_pages[layer],
