@@ -17,10 +17,15 @@ to the [heads, tokens] result instead of to the [tokens, head_dim] rows. The GPU
 a nibble into the bf16 value 128 + n with bit operations only and folds the offset into the
 zero term (see _unpack_nibbles).
 
-GPU kernel (Triton): grid (B, Hkv, chunks of candidate blocks). A program gathers the page
-ids of its blocks, then the packed rows [T, D/2] of all their tokens in one masked vector
-gather, and multiplies them by the G query rows of the KV head (padded to 16 for the MMA), so
-the INT4 bytes are read once for the whole group. Chunks past cand_count only write -inf.
+GPU kernel (Triton): grid (B, Hkv, splits). A program loops over its share of the tiles of
+candidate blocks holding entries below cand_count (the trip count follows the count, so work
+is proportional to it); per tile it gathers the page ids of the blocks, then the packed rows
+[T, D/2] of all their tokens in one masked vector gather, multiplies them by the G query rows
+of the KV head (padded to 16 for the MMA, loaded once per program), so the INT4 bytes are read
+once for the whole group, and stores the tile's logits. Then it writes -inf over its share of
+the tiles past the count. The loop lets Triton overlap one tile's dependent loads (cand ->
+page table -> rows) with the previous tile's work (num_stages), which one tile per program
+could not.
 TPU kernel (Mosaic): grid (B, Hkv, C), one candidate block per step, the page fetched by a
 scalar-prefetched physical page id in the index map.
 
@@ -52,25 +57,38 @@ _INDEX_DTYPES = (np.int32,)
 class SpGEMVConfig:
     """Tuning knobs of the GPU kernel (the TPU kernel is one candidate block per step).
 
-    Defaults are reasoned, not measured (no GPU was available when they were set); sweep
-    tokens_per_chunk in {64, 128, 256}, num_warps in {2, 4, 8} and token_major on the target.
+    The structure follows attention.py's sparse kernel, which reaches ~90% of copy bandwidth
+    on the same kind of gather: grid (B, Hkv, splits), each program loops over tiles so Triton
+    can software-pipeline the dependent loads (cand -> page table -> INT4 rows) across
+    iterations. Defaults are reasoned, not measured; sweep on the target (H200, batch 64,
+    8192 candidates): tokens_per_chunk {32, 64, 128, 256}, target_programs {512, 1024, 2048,
+    4096}, num_stages {2, 3, 4}, num_warps {4, 8}, prefetch_rows and token_major on/off.
 
-    tokens_per_chunk: candidate tokens (output columns) one program handles; a power of two
-      >= 16 (Triton's dot needs every dim >= 16). 128 tokens with block_size 16 is 8 pages
-      per program, so batch 64 x 8 KV heads x 512 candidate pages is 32768 programs: the
-      gather latency is hidden by occupancy, and the unpacked [128, D/2] bf16 nibble tiles
-      stay small enough per thread at 4 warps. Capped at the (power-of-two rounded)
-      candidate capacity for small problems.
-    num_warps, num_stages: Triton launch parameters (there is no loop to pipeline).
+    tokens_per_chunk: candidate tokens (output columns) per loop step, the tile; a power of
+      two >= 16 (Triton's dot needs every dim >= 16). 128 tokens is 8 KB of INT4 rows per
+      step, about the bytes of one K+V step of the sparse attention kernel. Capped at the
+      (power-of-two rounded) candidate capacity for small problems.
+    target_programs: splits per (sequence, KV head) are chosen from static shapes so that
+      batch * Hkv * splits reaches about this many programs (a few per SM on an H200).
+      target_programs = max_splits = 2**30 with num_stages = 1 gives one tile per program,
+      the kernel's previous structure, for A/B runs.
+    max_splits: upper bound on the splits.
+    num_warps, num_stages: Triton launch parameters; num_stages pipelines the tile loop.
     token_major: compute the [T, Gp] tile as nibbles . q^T (the nibbles are the MMA's M
       operand, which Hopper's wgmma can take from registers) instead of [Gp, T] = q . nibbles^T
       (M = Gp = 16, mma.sync). Which is faster is a question for the profiler.
+    prefetch_rows: look up the cache rows of tile t + 1 (cand and page-table loads) during
+      step t, carried in the loop, in case Triton's pipeliner does not hoist the two
+      dependent index loads by itself.
     """
 
     tokens_per_chunk: int = 128
+    target_programs: int = 1024
+    max_splits: int = 64
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 2
     token_major: bool = False
+    prefetch_rows: bool = False
 
     def __post_init__(self):
         t = self.tokens_per_chunk
@@ -80,6 +98,18 @@ class SpGEMVConfig:
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.target_programs < 1:
+            raise ValueError(f"target_programs must be >= 1, got {self.target_programs}")
+        if self.max_splits < 1:
+            raise ValueError(f"max_splits must be >= 1, got {self.max_splits}")
+
+    def num_splits(self, rows: int, tiles: int) -> int:
+        """Splits per (sequence, KV head) row from static shapes (no retrace as counts change).
+
+        rows: batch * Hkv; tiles: tiles of the candidate capacity.
+        """
+        wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, rows)))
+        return max(1, min(wanted, self.max_splits, tiles))
 
 
 DEFAULT_CONFIG = SpGEMVConfig()
@@ -255,20 +285,35 @@ def _gpu_kernel(
     group_pad: int,
     block_size: int,
     page_size: int,
-    blocks_per_chunk: int,
+    tile_blocks: int,
     num_cand: int,
+    num_splits: int,
     num_pages: int,
     attn_scale: float,
     split_f32: bool,
     token_major: bool,
+    prefetch_rows: bool,
 ):
-    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bs, cb = block_size, blocks_per_chunk
+    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bs, cb = block_size, tile_blocks
     tokens = cb * bs
     half = k_ref.shape[1]
     max_pages = page_table_ref.shape[0]
-    count = jnp.minimum(cand_count_ref[b, g], num_cand)
-    first = c * cb  # first candidate entry of this chunk
+    num_tiles = pl.cdiv(num_cand, cb)  # static: tiles of the C * bs output columns
+    count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
+    length = lengths_ref[b]
+
+    # Tiles holding an entry below the count are split evenly over the splits (the trip
+    # count follows the count, not the capacity); the remaining tiles only get -inf, split
+    # the same way. Splits cover contiguous, tile-aligned ranges.
+    live = jax.lax.div(count + cb - 1, cb)
+    per_split = jax.lax.div(live + num_splits - 1, num_splits)
+    first = s * per_split
+    num_live = jnp.clip(live - first, 0, per_split)
+    dead = num_tiles - live
+    per_split_dead = jax.lax.div(dead + num_splits - 1, num_splits)
+    first_dead = live + s * per_split_dead
+    num_dead = jnp.clip(num_tiles - first_dead, 0, per_split_dead)
 
     # The logits tile is [Gp, T] (head-major) or [T, Gp] (token-major); these place a
     # per-head or per-token vector along the right axis of it.
@@ -281,60 +326,82 @@ def _gpu_kernel(
     # array (not a slice): the interpreter supports masked gathers/scatters only in that form,
     # and Triton still sees unit-stride columns.
     heads = jnp.arange(group_pad)
-    col = per_token(c * tokens + jnp.arange(tokens))
-    tile = (tokens, group_pad) if token_major else (group_pad, tokens)
-    store_mask = jnp.broadcast_to(per_head(heads < group), tile)
-    if num_cand % cb:  # the last chunk overhangs the C * bs columns
-        store_mask = store_mask & (col < num_cand * bs)
-    out_at = o_ref.at[per_head(heads), col]
+    tok = jnp.arange(tokens)
+    tile_shape = (tokens, group_pad) if token_major else (group_pad, tokens)
+    head_mask = jnp.broadcast_to(per_head(heads < group), tile_shape)
 
-    @pl.when(first >= count)
-    def _empty():
-        plt.store(out_at, jnp.full(tile, -jnp.inf, jnp.float32), mask=store_mask)
+    def store(tile, logits):
+        col = tile * tokens + tok
+        mask = head_mask
+        if num_cand % cb:  # the last tile overhangs the C * bs columns
+            mask = mask & per_token(col < num_cand * bs)
+        plt.store(o_ref.at[per_head(heads), per_token(col)], logits, mask=mask)
 
-    @pl.when(first < count)
-    def _compute():
-        entry = first + jnp.arange(cb)
-        if num_cand % cb:
-            blk = plt.load(cand_ref.at[pl.ds(first, cb)], mask=entry < num_cand, other=0)
-        else:
-            blk = cand_ref[pl.ds(first, cb)]
-        entry_ok = (entry < count) & (blk >= 0)
+    def rows_of(tile):
+        """Cache row of every token of a tile, -1 where the logit is -inf."""
+        # Per-token indices (bs is a power of two: shifts and masks) rather than a [cb, bs]
+        # grid reshaped to [T]: a reshape can cost Triton a layout shuffle.
+        entry = tile * cb + jax.lax.div(tok, bs)
+        in_count = entry < count
+        blk = plt.load(cand_ref.at[jnp.minimum(entry, num_cand - 1)], mask=in_count, other=0)
+        ok = in_count & (blk >= 0)
         # Invalid entries point at block 0 so every address below stays in bounds.
-        start = jnp.where(entry_ok, blk, 0) * bs  # [cb] first position of each block
-        # bs divides S, so a block never straddles a page: one page-table read per block.
-        lpage = jnp.minimum(start // page_size, max_pages - 1)
+        pos = jnp.where(ok, blk, 0) * bs + jax.lax.rem(tok, bs)
+        lpage = jnp.minimum(jax.lax.div(pos, page_size), max_pages - 1)
         phys = jnp.clip(page_table_ref[lpage], 0, num_pages - 1)
-        offs = jnp.arange(bs)
-        rows = (phys * page_size + start % page_size)[:, None] + offs[None, :]  # [cb, bs]
-        pos = start[:, None] + offs[None, :]
-        tok_ok = entry_ok[:, None] & (pos < lengths_ref[b])
-        rows = rows.reshape(tokens)
-        tok_ok = tok_ok.reshape(tokens)
+        rows = phys * page_size + jax.lax.rem(pos, page_size)
+        return jnp.where(ok & (pos < length), rows, -1)
 
+    # Loop invariants: the G query rows (one read per program) split into bf16 terms.
+    byte = jnp.arange(half)[None, :]
+    q_idx, q_mask = heads[:, None], (heads < group)[:, None]
+    q_lo = plt.load(q_ref.at[q_idx, byte], mask=q_mask, other=0)  # [Gp, D/2]
+    q_hi = plt.load(q_ref.at[q_idx, byte + half], mask=q_mask, other=0)
+    q_terms = [(t, 0) for t in _q_terms(q_lo, split_f32)]
+    q_terms += [(t, 1) for t in _q_terms(q_hi, split_f32)]
+    # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
+    # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
+    q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
+
+    def logits_of(rows):
+        tok_ok = rows >= 0
+        safe = jnp.maximum(rows, 0)
         # One gather of the packed rows serves all G heads; masked rows are not read.
-        byte = jnp.arange(half)[None, :]
-        packed = plt.load(k_ref.at[rows[:, None], byte], mask=tok_ok[:, None], other=0)
-        k_s = plt.load(ks_ref.at[rows], mask=tok_ok, other=0.0)  # [T]
-        k_z = plt.load(kz_ref.at[rows], mask=tok_ok, other=0.0)
-        lo, hi = _unpack_nibbles(packed)  # [T, D/2] bf16, 128 + nibble
-
-        q_idx, q_mask = heads[:, None], (heads < group)[:, None]
-        q_lo = plt.load(q_ref.at[q_idx, byte], mask=q_mask, other=0)  # [Gp, D/2]
-        q_hi = plt.load(q_ref.at[q_idx, byte + half], mask=q_mask, other=0)
-        terms = [(t, lo) for t in _q_terms(q_lo, split_f32)]
-        terms += [(t, hi) for t in _q_terms(q_hi, split_f32)]
-        # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
-        # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
-        q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in terms])  # [Gp]
+        packed = plt.load(k_ref.at[safe[:, None], byte], mask=tok_ok[:, None], other=0)
+        k_s = plt.load(ks_ref.at[safe], mask=tok_ok, other=0.0)  # [T]
+        k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
+        nibbles = _unpack_nibbles(packed)  # 2 x [T, D/2] bf16, 128 + nibble
         if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
-            dot = _add_all([_dot_nt(nib, t) for t, nib in terms])
+            dot = _add_all([_dot_nt(nibbles[i], t) for t, i in q_terms])
         else:  # [Gp, K] . [T, K]^T
-            dot = _add_all([_dot_nt(t, nib) for t, nib in terms])
+            dot = _add_all([_dot_nt(t, nibbles[i]) for t, i in q_terms])
         zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
         logits = attn_scale * (per_token(k_s) * dot + zero_term)
-        logits = jnp.where(per_token(tok_ok), logits, -jnp.inf)
-        plt.store(out_at, logits, mask=store_mask)
+        return jnp.where(per_token(tok_ok), logits, -jnp.inf)
+
+    if prefetch_rows:
+        # The cand -> page table lookups of tile t + 1 are issued in step t, so the row
+        # gather of each step does not wait behind two dependent loads. The lookup past the
+        # last live tile is harmless: its entries are past the count, so nothing is read.
+        def live_body(t, rows):
+            nxt = rows_of(first + t + 1)
+            store(first + t, logits_of(rows))
+            return nxt
+
+        jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
+    else:
+
+        def live_body(t, carry):
+            store(first + t, logits_of(rows_of(first + t)))
+            return carry
+
+        jax.lax.fori_loop(0, num_live, live_body, jnp.int32(0))
+
+    def dead_body(t, carry):
+        store(first_dead + t, jnp.full(tile_shape, -jnp.inf, jnp.float32))
+        return carry
+
+    jax.lax.fori_loop(0, num_dead, dead_body, jnp.int32(0))
 
 
 def block_spgemv_gpu(
@@ -354,7 +421,8 @@ def block_spgemv_gpu(
 ):
     """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller).
 
-    Grid (B, Hkv, chunks of candidate blocks); a chunk past cand_count only writes -inf.
+    Grid (B, Hkv, splits); each split loops over its share of the candidate tiles, then writes
+    -inf over its share of the tiles past cand_count.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, half = k_int4.shape
@@ -365,7 +433,7 @@ def block_spgemv_gpu(
     tokens = min(config.tokens_per_chunk, max(16, pl.next_power_of_2(num_cand * block_size)))
     tokens = max(tokens, block_size)
     cb = tokens // block_size
-    num_chunks = pl.cdiv(num_cand, cb)
+    splits = config.num_splits(batch * num_kv_heads, pl.cdiv(num_cand, cb))
     group_pad = max(16, pl.next_power_of_2(group))
 
     kernel = functools.partial(
@@ -374,29 +442,31 @@ def block_spgemv_gpu(
         group_pad=group_pad,
         block_size=block_size,
         page_size=page_size,
-        blocks_per_chunk=cb,
+        tile_blocks=cb,
         num_cand=num_cand,
+        num_splits=splits,
         num_pages=num_pages,
         attn_scale=_attn_scale(scale, head_dim),
         split_f32=q.dtype == jnp.float32,
         token_major=config.token_major,
+        prefetch_rows=config.prefetch_rows,
     )
 
     out = pl.pallas_call(
         kernel,
-        grid=(batch, num_kv_heads, num_chunks),
+        grid=(batch, num_kv_heads, splits),
         in_specs=[
-            pl.BlockSpec((batch, num_kv_heads), lambda b, g, c: (0, 0)),
-            pl.BlockSpec((batch,), lambda b, g, c: (0,)),
-            pl.BlockSpec((None, max_pages), lambda b, g, c: (b, 0)),
-            pl.BlockSpec((None, None, num_cand), lambda b, g, c: (b, g, 0)),
-            pl.BlockSpec((None, None, group, head_dim), lambda b, g, c: (b, g, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size, half), lambda b, g, c: (g, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size), lambda b, g, c: (g, 0)),
-            pl.BlockSpec((None, num_pages * page_size), lambda b, g, c: (g, 0)),
+            pl.BlockSpec((batch, num_kv_heads), lambda b, g, s: (0, 0)),
+            pl.BlockSpec((batch,), lambda b, g, s: (0,)),
+            pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
+            pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),
+            pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, half), lambda b, g, s: (g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
         ],
         out_specs=pl.BlockSpec(
-            (None, None, group, num_cand * block_size), lambda b, g, c: (b, g, 0, 0)
+            (None, None, group, num_cand * block_size), lambda b, g, s: (b, g, 0, 0)
         ),
         out_shape=jax.ShapeDtypeStruct(
             (batch, num_kv_heads, group, num_cand * block_size), jnp.float32

@@ -44,12 +44,29 @@ class Case:
     num_cand: int | None = None  # default: every block of max_len
     scale: float | None = None
     token_major: bool = False  # GPU kernel orientation (SpGEMVConfig.token_major)
+    target_programs: int = 1024  # GPU splits: batch * Hkv * splits ~ target_programs
+    prefetch_rows: bool = False
+    num_stages: int = 2
+    counts: tuple | None = None  # cand_count rows; default random with fixed corner cases
 
     def __str__(self):
         return (
             f"G{self.group}-D{self.head_dim}-S{self.page_size}-bs{self.block_size}-"
             f"{jnp.dtype(self.q_dtype).name}-T{self.tokens_per_chunk}-C{self.num_cand}"
             + ("-tokmajor" if self.token_major else "")
+            + (f"-prog{self.target_programs}" if self.target_programs != 1024 else "")
+            + ("-prefetch" if self.prefetch_rows else "")
+            + (f"-B{self.batch}-counts" if self.counts else "")
+        )
+
+    def config(self):
+        return spgemv.SpGEMVConfig(
+            tokens_per_chunk=self.tokens_per_chunk,
+            token_major=self.token_major,
+            target_programs=self.target_programs,
+            max_splits=self.target_programs,
+            prefetch_rows=self.prefetch_rows,
+            num_stages=self.num_stages,
         )
 
 
@@ -78,6 +95,8 @@ def _make(case: Case, seed: int):
     count[0, 0] = c  # full capacity
     count[0, -1] = 0  # no candidates
     count[-1, 0] = c + 3  # past capacity: clamped to C
+    if case.counts is not None:
+        count = np.asarray(case.counts, np.int32).reshape(b, hkv)
     # Entries past the count are garbage the kernels must neither use nor follow.
     garbage = rng.choice(np.array([-7, 10**6, total_blocks + 1], np.int32), (b, hkv, c))
     cand = np.where(np.arange(c) < count[..., None], cand, garbage).astype(np.int32)
@@ -112,10 +131,7 @@ CASES = [
 def _run(impl, case, args):
     kw = dict(block_size=case.block_size, scale=case.scale)
     if impl == "gpu":
-        cfg = spgemv.SpGEMVConfig(
-            tokens_per_chunk=case.tokens_per_chunk, token_major=case.token_major
-        )
-        return spgemv.block_spgemv(*args, **kw, backend="pallas_gpu", config=cfg)
+        return spgemv.block_spgemv(*args, **kw, backend="pallas_gpu", config=case.config())
     return spgemv.block_spgemv(*args, **kw, backend="pallas_tpu")
 
 
@@ -133,6 +149,95 @@ def test_kernel_matches_reference(case, impl):
     g = case.group
     assert np.isneginf(np.asarray(out)[0, -g:]).all()
     assert np.isneginf(np.asarray(out)[1]).all()
+
+
+# GPU tiles and splits. 4 sequences x 2 KV heads = 8 rows; target_programs 32 gives 4 splits
+# per row. With C = 13 blocks of 16 tokens and 32-token tiles (2 blocks), there are 7 tiles,
+# the last one half past the C * bs columns. Counts (row-major over (b, g)):
+#   13 (all 7 tiles live: splits take 2, 2, 2, 1), 0 (every split only writes -inf),
+#   16 (clamped to 13), 3 (ends mid-tile: 2 live tiles, splits 0 and 1, the rest -inf),
+#   5 (3 live tiles: the count ends mid-tile inside split 2, split 3 is all -inf),
+#   9 (5 live tiles: ends mid-tile and mid-split), 12 (6 live, mid-tile), 1 (one block).
+SPLIT_COUNTS = (13, 0, 16, 3, 5, 9, 12, 1)
+SPLIT_CASES = [
+    Case(
+        4,
+        64,
+        16,
+        16,
+        BF16,
+        tokens_per_chunk=32,
+        batch=4,
+        max_len=200,
+        num_cand=13,
+        target_programs=32,
+        counts=SPLIT_COUNTS,
+    ),
+    Case(
+        4,
+        64,
+        16,
+        16,
+        F32,
+        tokens_per_chunk=32,
+        batch=4,
+        max_len=200,
+        num_cand=13,
+        target_programs=32,
+        counts=SPLIT_COUNTS,
+        prefetch_rows=True,
+        token_major=True,
+    ),
+    # Tokens (bs 1), 16-token tiles: 40 entries = 3 tiles over 2 splits, random counts.
+    Case(
+        2,
+        128,
+        16,
+        1,
+        BF16,
+        tokens_per_chunk=16,
+        batch=2,
+        max_len=60,
+        num_cand=40,
+        target_programs=8,
+        prefetch_rows=True,
+    ),
+    # One tile per program, the kernel's former structure (target_programs = max_splits huge).
+    Case(
+        4,
+        64,
+        16,
+        16,
+        BF16,
+        tokens_per_chunk=32,
+        batch=4,
+        max_len=200,
+        num_cand=13,
+        target_programs=2**30,
+        num_stages=1,
+        counts=SPLIT_COUNTS,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_gpu_tiles_and_splits(case):
+    args = _make(case, 50 + SPLIT_CASES.index(case))
+    cfg = case.config()
+    tiles = -(-case.num_cand * case.block_size // case.tokens_per_chunk)
+    assert cfg.num_splits(case.batch * case.num_kv_heads, tiles) > 1
+    ref = spgemv.block_spgemv(
+        *args, block_size=case.block_size, scale=case.scale, backend="reference"
+    )
+    _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
+
+
+def test_num_splits():
+    cfg = spgemv.SpGEMVConfig(target_programs=1024, max_splits=64)
+    assert cfg.num_splits(64 * 8, 64) == 2  # batch 64 x 8 KV heads: 1024 programs
+    assert cfg.num_splits(1, 64) == 64  # capped at max_splits
+    assert cfg.num_splits(1, 5) == 5  # capped at the tiles
+    assert cfg.num_splits(4096, 64) == 1
 
 
 def test_scale_default_is_inverse_sqrt_head_dim():
@@ -190,12 +295,19 @@ def _llama_like(block_size, q_dtype=BF16):
     return _make(case, 3)
 
 
+@pytest.mark.parametrize("prefetch_rows", [False, True])
 @pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
-def test_export_cuda(block_size, q_dtype, token_major):
+def test_export_cuda(block_size, q_dtype, token_major, prefetch_rows):
     args = _llama_like(block_size, q_dtype)
-    cfg = spgemv.SpGEMVConfig(token_major=token_major)
+    # 16-token tiles and 2 splits, so the lowered kernel has a real tile loop.
+    cfg = spgemv.SpGEMVConfig(
+        tokens_per_chunk=16,
+        target_programs=8,
+        token_major=token_major,
+        prefetch_rows=prefetch_rows,
+    )
     exp = export_cuda(
         lambda *a: spgemv.block_spgemv_gpu(*a, block_size=block_size, config=cfg), *args
     )
@@ -269,3 +381,11 @@ def test_gpu_limits():
 def test_config_validation(tokens):
     with pytest.raises(ValueError, match="tokens_per_chunk"):
         spgemv.SpGEMVConfig(tokens_per_chunk=tokens)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("target_programs", 0), ("max_splits", 0), ("num_stages", 0)]
+)
+def test_config_validation_loop_knobs(field, value):
+    with pytest.raises(ValueError, match=field):
+        spgemv.SpGEMVConfig(**{field: value})
