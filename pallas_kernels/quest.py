@@ -22,10 +22,11 @@ Ops:
 
 GPU (Triton): programs gather min/max rows through the page table with masked vector loads and
 scatter results with masked stores into the aliased metadata. A head_dim or page size that is
-not a power of two (Triton's block rule) is padded in-kernel and masked. quest_page_scores runs one
-program per (sequence, KV head, chunk of pages): each min/max row is read once and used for all
-G query heads of the group, so the op moves 2 * D * itemsize bytes per page and KV head and is
-bandwidth bound.
+not a power of two (Triton's block rule) is padded in-kernel and masked. quest_page_scores runs a
+grid (sequence, KV head, split): each program loops over its share of the tiles of live pages
+(the trip count follows lengths[b]) and then writes -inf over its share of the tiles past the
+last page; each min/max row is read once and used for all G query heads of the group, so the op
+moves 2 * D * itemsize bytes per page and KV head and is bandwidth bound.
 
 TPU (Mosaic): a one-page block of k_min ([1, D] out of a [P, D] plane) is not a legal Mosaic
 block, so metadata rows move by DMA (memory_space ANY) at the page-table's physical ids; K
@@ -59,26 +60,48 @@ def _is_pow2(n: int) -> bool:
 class QuestGpuConfig:
     """Triton knobs (every in-kernel dim must be a power of two).
 
-    pages_per_block: page scores, pages one program scores. 32 pages x 128 dims x 2 arrays is
-      16 KB of bf16 per program; batch 64 x 8 KV heads x 8192 pages (128K tokens, S = 16) is
-      131072 programs, plenty to hide the gather latency by occupancy.
+    pages_per_block: page scores, pages per loop step of a program (the tile). 32 pages x 128
+      dims x 2 arrays is 16 KB of bf16 per step, about one K+V step of the sparse attention
+      kernel, whose loop structure this follows.
+    target_programs, max_splits: page scores, the page tiles of a (sequence, KV head) are
+      split so that batch * Hkv * splits reaches about target_programs programs (a few per SM
+      on an H200), at most max_splits; each program loops over its tiles so Triton can
+      pipeline the page-table -> min/max gathers across steps (num_stages). Setting both to
+      2**30 with num_stages = 1 gives one tile per program, the previous structure.
     tokens_per_block: refresh, K tokens one program reduces (pages = tokens // page_size).
     seqs_per_block: decode update, sequences one program handles.
+    num_warps, num_stages: Triton launch parameters of all three kernels (only page scores
+      has a loop for num_stages to pipeline).
+
+    Scores defaults are reasoned, not measured; sweep on the target (H200, batch 64, 2048 and
+    8192 pages): pages_per_block {8, 16, 32, 64}, target_programs {512, 1024, 2048, 4096},
+    num_stages {2, 3, 4}, num_warps {4, 8}.
     """
 
     pages_per_block: int = 32
     tokens_per_block: int = 64
     seqs_per_block: int = 16
+    target_programs: int = 1024
+    max_splits: int = 64
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 2
 
     def __post_init__(self):
         for name in ("pages_per_block", "tokens_per_block", "seqs_per_block", "num_warps"):
             v = getattr(self, name)
             if not _is_pow2(v):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        for name in ("target_programs", "max_splits", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def num_splits(self, rows: int, tiles: int) -> int:
+        """Page-score splits per (sequence, KV head) row, from static shapes only.
+
+        rows: batch * Hkv; tiles: page tiles of the page table's width.
+        """
+        wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, rows)))
+        return max(1, min(wanted, self.max_splits, tiles))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,40 +447,65 @@ def _scores_gpu_kernel(
     group: int,
     pages_per_block: int,
     page_size: int,
+    num_splits: int,
 ):
-    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
     d = q_ref.shape[2]
-    first = c * pages_per_block
-    live_pages = jax.lax.div(jnp.maximum(len_ref[b], 0) + page_size - 1, page_size)
-    lpage = first + jnp.arange(pages_per_block)
-    in_table = lpage < max_pages
+    ppb = pages_per_block
+    num_tiles = pl.cdiv(max_pages, ppb)  # static
+    live_pages = jnp.minimum(
+        jax.lax.div(jnp.maximum(len_ref[b], 0) + page_size - 1, page_size), max_pages
+    )
+    # Tiles holding a live page are split evenly over the splits (the trip count follows the
+    # length, not the page table's width); the remaining tiles only get -inf, split the same
+    # way. Splits cover contiguous, tile-aligned ranges.
+    live = jax.lax.div(live_pages + ppb - 1, ppb)
+    per_split = jax.lax.div(live + num_splits - 1, num_splits)
+    first = s * per_split
+    num_live = jnp.clip(live - first, 0, per_split)
+    per_split_dead = jax.lax.div(num_tiles - live + num_splits - 1, num_splits)
+    first_dead = live + s * per_split_dead
+    num_dead = jnp.clip(num_tiles - first_dead, 0, per_split_dead)
 
-    @pl.when(first >= live_pages)
-    def _past_the_end():
-        neg = jnp.full((pages_per_block,), -jnp.inf, jnp.float32)
-        for g in range(group):
-            plt.store(o_ref.at[b, h * group + g, lpage], neg, mask=in_table)
+    pages = jnp.arange(ppb)
+    col, col_ok = _padded_iota(d)
+    # Loop invariants: each query head's positive and negative parts, [1, D] f32.
+    q_parts = []
+    for g in range(group):
+        if col_ok is None:
+            qh = q_ref[b, h * group + g, :]
+        else:  # padded columns load 0: no contribution
+            qh = plt.load(q_ref.at[b, h * group + g, col], mask=col_ok, other=0)
+        qh = qh.astype(jnp.float32)[None, :]
+        q_parts.append((jnp.maximum(qh, 0.0), jnp.minimum(qh, 0.0)))
 
-    @pl.when(first < live_pages)
-    def _score():
-        ok = (lpage < live_pages) & in_table
+    def store(lpage, g, scores):
+        mask = lpage < max_pages if max_pages % ppb else None  # last tile overhangs the table
+        plt.store(o_ref.at[b, h * group + g, lpage], scores, mask=mask)
+
+    def live_body(t, carry):
+        lpage = (first + t) * ppb + pages
+        ok = lpage < live_pages
         phys = plt.load(pt_ref.at[b, lpage], mask=ok, other=0)
-        col, col_ok = _padded_iota(d)
         p2, c2 = phys[:, None], col[None, :]
-        ok2 = _and(ok[:, None], _expand(col_ok, 0))  # padded columns load 0: no contribution
+        ok2 = _and(ok[:, None], _expand(col_ok, 0))
         # One read of the group's min/max rows serves its G query heads.
         mn = plt.load(mn_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
         mx = plt.load(mx_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
+        for g, (q_pos, q_neg) in enumerate(q_parts):
+            score = jnp.sum(q_pos * mx + q_neg * mn, axis=1)
+            store(lpage, g, jnp.where(ok, score, -jnp.inf))
+        return carry
+
+    def dead_body(t, carry):
+        lpage = (first_dead + t) * ppb + pages
         for g in range(group):
-            if col_ok is None:
-                qh = q_ref[b, h * group + g, :]
-            else:
-                qh = plt.load(q_ref.at[b, h * group + g, col], mask=col_ok, other=0)
-            qh = qh.astype(jnp.float32)[None, :]  # [1, D]
-            s = jnp.sum(jnp.maximum(qh, 0.0) * mx + jnp.minimum(qh, 0.0) * mn, axis=1)
-            s = jnp.where(ok, s, -jnp.inf)
-            plt.store(o_ref.at[b, h * group + g, lpage], s, mask=in_table)
+            store(lpage, g, jnp.full((ppb,), -jnp.inf, jnp.float32))
+        return carry
+
+    jax.lax.fori_loop(0, num_live, live_body, jnp.int32(0))
+    jax.lax.fori_loop(0, num_dead, dead_body, jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config"))
@@ -473,19 +521,25 @@ def quest_page_scores_gpu(
     config: QuestGpuConfig = DEFAULT_GPU_CONFIG,
 ):
     """Pallas Triton page scores; arguments and result as `quest_page_scores` (checked by the
-    caller). Grid (B, Hkv, chunks of pages_per_block pages); chunks past the sequence's last
-    page only write -inf."""
+    caller). Grid (B, Hkv, splits); each split loops over its share of the tiles of
+    pages_per_block live pages, then writes -inf over its share of the tiles past the
+    sequence's last page."""
     batch, hq, d = q.shape
     hkv = k_min.shape[0]
     max_pages = page_table.shape[1]
     if batch == 0 or max_pages == 0:
         return jnp.zeros((batch, hq, max_pages), jnp.float32)
     pages = min(config.pages_per_block, pl.next_power_of_2(max_pages))
+    splits = config.num_splits(batch * hkv, pl.cdiv(max_pages, pages))
     return pl.pallas_call(
         functools.partial(
-            _scores_gpu_kernel, group=hq // hkv, pages_per_block=pages, page_size=page_size
+            _scores_gpu_kernel,
+            group=hq // hkv,
+            pages_per_block=pages,
+            page_size=page_size,
+            num_splits=splits,
         ),
-        grid=(batch, hkv, pl.cdiv(max_pages, pages)),
+        grid=(batch, hkv, splits),
         in_specs=[pl.no_block_spec] * 5,
         out_specs=pl.no_block_spec,
         out_shape=jax.ShapeDtypeStruct((batch, hq, max_pages), jnp.float32),
@@ -877,6 +931,7 @@ def quest_page_scores(
     *,
     page_size: int = DEFAULT_PAGE_SIZE,
     backend: str = "auto",
+    config: QuestGpuConfig | None = None,
 ):
     """Quest upper-bound scores of every logical page for every query head.
 
@@ -888,16 +943,25 @@ def quest_page_scores(
       lengths: [batch] int32 tokens in the cache per sequence.
       page_size: static, tokens per page.
       backend: as in `quest_refresh`.
+      config: QuestGpuConfig for the GPU kernel (benchmark sweeps); default
+        DEFAULT_GPU_CONFIG.
 
     Returns:
       [batch, num_q_heads, max_pages] float32: sum_d max(q_d * min_d, q_d * max_d) over the
       metadata of physical page page_table[b, j]; -inf for j >= ceil(lengths[b] / page_size).
     """
     _check_scores_args(q, k_min, k_max, page_table, lengths, page_size)
+    if config is not None and not isinstance(config, QuestGpuConfig):
+        raise ValueError(f"config must be a QuestGpuConfig or None, got {type(config).__name__}")
     impl, interpret = _common.resolve_backend(backend)
     args = (q, k_min, k_max, page_table, lengths)
     if impl == "reference":
         return quest_page_scores_reference(*args, page_size=page_size)
     if impl == "gpu":
-        return quest_page_scores_gpu(*args, page_size=page_size, interpret=interpret)
+        return quest_page_scores_gpu(
+            *args,
+            page_size=page_size,
+            interpret=interpret,
+            config=config or DEFAULT_GPU_CONFIG,
+        )
     return quest_page_scores_tpu(*args, page_size=page_size, interpret=interpret)

@@ -257,6 +257,54 @@ def test_scores_kernels(impl, case, q_dtype, group):
     np.testing.assert_allclose(got[live], want[live], rtol=1e-5, atol=1e-4)
 
 
+# GPU page tiles and splits: 6 sequences x 2 KV heads = 12 rows over 23 pages (page size 4).
+# Live pages per sequence: 0, 1, 7, 9, 16, 23. With 2-page tiles (12 tiles, the last one half
+# past the table) and 4 splits: 7 pages = 4 tiles ending mid-tile, one per split; 9 pages = 5
+# tiles, splits take 2, 2, 1, 0 and the count ends mid-tile inside split 2; 16 pages = 8
+# tiles, 2 per split; 23 = every tile; 0 = every split only writes -inf.
+SPLIT_PAGES, SPLIT_LIVE = 23, (0, 1, 7, 9, 16, 23)
+SPLIT_CONFIGS = [
+    quest.QuestGpuConfig(pages_per_block=2, target_programs=48),
+    quest.QuestGpuConfig(pages_per_block=4, target_programs=24, num_stages=3),
+    # One tile per program, the previous structure.
+    quest.QuestGpuConfig(pages_per_block=2, target_programs=2**30, max_splits=2**30, num_stages=1),
+]
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=str)
+def test_gpu_scores_tiles_and_splits(config):
+    rng = np.random.default_rng(70 + SPLIT_CONFIGS.index(config))
+    s, d, group = 4, 64, 4
+    batch = len(SPLIT_LIVE)
+    num_pages = batch * SPLIT_PAGES + 1
+    k_min = jnp.asarray(rng.standard_normal((HKV, num_pages, d)) - 1, jnp.bfloat16)
+    k_max = jnp.asarray(np.asarray(k_min, np.float32) + rng.random((HKV, num_pages, d)) * 3)
+    k_max = k_max.astype(jnp.bfloat16)
+    table = rng.permutation(num_pages - 1).reshape(batch, SPLIT_PAGES) + 1
+    table[4, 3] = 0  # a live page mapped to the null page still gets a (finite) score
+    table = jnp.asarray(table, jnp.int32)
+    # Lengths end mid-page where they can, so the last live page is partial.
+    lengths = jnp.asarray([max(0, n * s - (n % 2)) for n in SPLIT_LIVE], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, group * HKV, d)), jnp.float32)
+    args = (q, k_min, k_max, table, lengths)
+    tiles = -(-SPLIT_PAGES // config.pages_per_block)
+    assert config.num_splits(batch * HKV, tiles) > 1
+    got = np.asarray(quest.quest_page_scores(*args, page_size=s, backend="pallas", config=config))
+    want = np.asarray(quest.quest_page_scores_reference(*args, page_size=s))
+    assert not np.isnan(got).any(), "unwritten (NaN-poisoned) scores"
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    live = np.isfinite(want)
+    assert live.sum(axis=(1, 2)).tolist() == [group * HKV * n for n in SPLIT_LIVE]
+    np.testing.assert_allclose(got[live], want[live], rtol=1e-5, atol=1e-4)
+
+
+def test_gpu_scores_num_splits():
+    cfg = quest.QuestGpuConfig(target_programs=1024, max_splits=64)
+    assert cfg.num_splits(64 * 8, 64) == 2  # batch 64 x 8 KV heads, 2048 pages of 32
+    assert cfg.num_splits(1, 256) == 64  # capped at max_splits
+    assert cfg.num_splits(1, 3) == 3  # capped at the tiles
+
+
 def test_tpu_scores_several_page_chunks():
     """max_pages > 128: the TPU kernel's page axis spans two blocks, the second partial."""
     case = Case(jnp.float32, 64, 1)
@@ -309,6 +357,9 @@ def test_export_cuda(case):
     export_cuda(quest.quest_refresh_gpu, *refresh)
     export_cuda(lambda *a: quest.quest_update_decode_gpu(*a, page_size=s), *update)
     export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s), *scores)
+    # 1-page tiles, several splits: the lowered kernel has a real tile loop.
+    cfg = quest.QuestGpuConfig(pages_per_block=1, target_programs=40, num_stages=3)
+    export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=cfg), *scores)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -414,5 +465,10 @@ def test_odd_sizes(impl):
 def test_config_validation():
     with pytest.raises(ValueError, match="pages_per_block"):
         quest.QuestGpuConfig(pages_per_block=3)
+    for field in ("target_programs", "max_splits", "num_stages"):
+        with pytest.raises(ValueError, match=field):
+            quest.QuestGpuConfig(**{field: 0})
+    with pytest.raises(ValueError, match="config"):
+        quest.quest_page_scores(*_SCORES, backend="reference", config=quest.QuestTpuConfig())
     with pytest.raises(ValueError, match="pages_per_block"):
         quest.QuestTpuConfig(pages_per_block=64)
