@@ -304,7 +304,7 @@ PRESETS = {
     # A small CPU run that shows the whole pipeline (docs/results.md's CPU example).
     "cpu-small": EvalConfig(
         lengths=(256, 512),
-        tasks=("passkey", "niah_single", "variable_tracking", "frequent_words"),
+        tasks=("passkey", "niah_multikey", "frequent_words"),
         samples=2,
         depths=(0.25, 0.75),
         methods=("dense", "quest:64", "quest:ctx/4@0.95", "oracle:64", "ds:64", "all@0.95"),

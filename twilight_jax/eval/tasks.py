@@ -35,6 +35,7 @@ import functools
 import importlib.resources
 import importlib.util
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -162,12 +163,26 @@ def natural_text(rng: np.random.Generator, min_chars: int) -> str:
     return " ".join(out)
 
 
+_MAX_UNITS = 16384  # ~250K tokens: haystacks for any context the models here take
+
+
+@functools.cache
+def _kjv_clauses() -> tuple[str, ...]:
+    """KJV verses split after sentence and clause punctuation: finer units let a haystack
+    fill its length to within a few tokens, and needles sit between clauses."""
+    return tuple(
+        c for verse in kjv_verses() for c in re.split(r"(?<=[.;:?!])\s+", verse) if c.strip()
+    )
+
+
 def _haystack_sentences(rng: np.random.Generator, n: int) -> list[str]:
     """n sentences of haystack: consecutive verses, or the filler's sentences when absent."""
-    verses = kjv_verses()
-    if verses:
-        start = int(rng.integers(0, len(verses) - n)) if len(verses) > n else 0
-        return list(verses[start : start + n])
+    clauses = _kjv_clauses()
+    if clauses:
+        # The start must not depend on n: a longer haystack then extends a shorter one, so the
+        # token count grows with n and make_samples' bisection finds the longest fit.
+        start = int(rng.integers(0, max(len(clauses) - _MAX_UNITS, 1)))
+        return [clauses[(start + i) % len(clauses)] for i in range(n)]
     parts = [s.strip() + "." for s in FILLER.split(".") if s.strip()]
     return [parts[i % len(parts)] for i in range(n)]
 
