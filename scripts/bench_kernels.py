@@ -35,32 +35,48 @@ MIN_POOL_BYTES = 1 << 30  # the page pool is at least this large so repeated cal
 N_ROT = 4  # input sets rotated through inside one timing loop
 
 
-SPGEMV_SWEEP = [
-    spgemv.SpGEMVConfig(tokens_per_chunk=t, num_warps=w, token_major=m)
-    for t, w, m in [
-        (64, 4, False),
-        (256, 4, False),
-        (128, 8, False),
-        (256, 8, False),
-        (128, 4, True),
-        (256, 8, True),
+OLD_GRID = dict(target_programs=2**30, max_splits=2**30, num_stages=1)  # one tile/program
+SPGEMV_SWEEP = [spgemv.SpGEMVConfig(tokens_per_chunk=128, num_warps=4, **OLD_GRID)] + [
+    spgemv.SpGEMVConfig(
+        tokens_per_chunk=t,
+        target_programs=tp,
+        num_stages=st,
+        num_warps=w,
+        prefetch_rows=pr,
+        token_major=tm,
+    )
+    for t, tp, st, w, pr, tm in [
+        (64, 1024, 2, 4, False, False),
+        (128, 2048, 2, 4, False, False),
+        (128, 1024, 3, 4, False, False),
+        (256, 1024, 2, 8, False, False),
+        (64, 2048, 3, 4, False, False),
+        (128, 1024, 2, 4, True, False),
+        (128, 1024, 2, 4, False, True),
+        (32, 2048, 3, 4, False, False),
     ]
 ]
-ATTN_SWEEP = [
-    attention.GpuAttentionConfig(block_tokens=b, num_warps=w, num_stages=st, target_programs=tp)
-    for b, w, st, tp in [
-        (32, 4, 2, 1024),
-        (128, 4, 2, 1024),
-        (64, 8, 2, 1024),
-        (64, 4, 3, 1024),
-        (64, 4, 2, 2048),
-        (128, 8, 3, 2048),
-        (64, 4, 4, 4096),
+QUEST_SWEEP = [quest.QuestGpuConfig(pages_per_block=32, **OLD_GRID)] + [
+    quest.QuestGpuConfig(pages_per_block=pb, target_programs=tp, num_stages=st, num_warps=w)
+    for pb, tp, st, w in [
+        (16, 1024, 2, 4),
+        (8, 2048, 3, 4),
+        (16, 2048, 3, 4),
+        (32, 1024, 3, 8),
+        (64, 1024, 2, 8),
     ]
+]
+ATTN_SWEEP = [  # defaults were picked from an earlier sweep (docs/kernels.md); one check
+    attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
-    topp.TopPConfig(iters=i, capacity_iters=c, num_warps=w)
-    for i, c, w in [(16, 16, None), (12, 12, None), (16, 16, 8), (16, 16, 32), (30, 30, 8)]
+    topp.TopPConfig(gpu_split=False, iters=30),
+    topp.TopPConfig(gpu_split=False, iters=16),
+    topp.TopPConfig(gpu_split=True, iters=16, search_bits=2),
+    topp.TopPConfig(gpu_split=True, iters=16, search_bits=3),
+    topp.TopPConfig(gpu_split=True, iters=12),
+    topp.TopPConfig(gpu_split=True, iters=16, num_warps=8),
+    topp.TopPConfig(gpu_split=True, iters=30),
 ]
 
 
@@ -214,7 +230,17 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     def spg(config=None, name="block_spgemv"):
         t = benchlib.time_fn(
             lambda q, pt, k4, sc, zr: spgemv.block_spgemv(
-                q, k4, sc, zr, pt, lengths, cand, cand_count, block_size=S, backend="pallas"
+                q,
+                k4,
+                sc,
+                zr,
+                pt,
+                lengths,
+                cand,
+                cand_count,
+                block_size=S,
+                backend="pallas",
+                config=config,
             ),
             list(zip(qs, tables)),
             (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
@@ -270,10 +296,10 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
             attempt("topp_sweep", lambda cfg=cfg: tp(cfg, "topp_sweep"))
 
     # Quest page scores over every page of the context.
-    def qs_scores():
+    def qs_scores(config=None, name="quest_page_scores"):
         t = benchlib.time_fn(
             lambda q, pt, kmin, kmax: quest.quest_page_scores(
-                q, kmin, kmax, pt, lengths, backend="pallas"
+                q, kmin, kmax, pt, lengths, backend="pallas", config=config
             ),
             list(zip(qs, tables)),
             (pool["k_min"], pool["k_max"]),
@@ -284,9 +310,12 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
             + batch * HQ * D * 2
             + batch * HQ * pps * 4
         )
-        record("quest_page_scores", batch, ctx, f"{pps} pages", t, nbytes)
+        record(name, batch, ctx, f"{pps} pages", t, nbytes, str(config or ""))
 
     attempt("quest_page_scores", qs_scores)
+    if args.sweep:
+        for cfg in QUEST_SWEEP:
+            attempt("quest_sweep", lambda cfg=cfg: qs_scores(cfg, "quest_sweep"))
 
     if ctx == args.contexts[0]:
         # Decode-time appends: one token per sequence and KV head.
