@@ -81,8 +81,8 @@ def target_checks(table: Mapping, ppl: Mapping, lengths: Sequence[int]) -> list[
     out = []
     tw, dense = "all@0.95", "dense"
     cells = [(t, n) for (m, t, n) in table if m == dense]
+    gaps = []
     if cells and any(m == tw for (m, _, _) in table):
-        gaps = []
         for task, n in sorted(cells, key=lambda c: (c[1], c[0])):
             if (tw, task, n) in table:
                 gaps.append(
@@ -92,6 +92,7 @@ def target_checks(table: Mapping, ppl: Mapping, lengths: Sequence[int]) -> list[
                         n,
                     )
                 )
+    if cells and gaps:
         worst = max(gaps)
         ok = worst[0] <= 1.0
         out.append(
