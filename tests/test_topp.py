@@ -171,7 +171,7 @@ def test_reference_under_jit_with_traced_p():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_kernel_matches_reference(backend):
     logits, valid, p = _mixed_batch(11, rows=16)
-    got = topp.topp_threshold(logits, valid, p, backend=backend)
+    got = topp.topp_threshold(logits, valid, p, backend=backend, config=topp.EXACT)
     want = topp.topp_threshold(logits, valid, p, backend="reference")
     np.testing.assert_allclose(got[0], want[0], **TOL)
     np.testing.assert_array_equal(got[1], want[1])
@@ -183,16 +183,18 @@ def test_threshold_kernel_matches_reference(backend):
 
 def test_threshold_kernel_python_float_p():
     logits, valid, _ = _mixed_batch(12, rows=8)
-    got = topp.topp_threshold(logits, valid, 0.95, backend="pallas")
+    got = topp.topp_threshold(logits, valid, 0.95, backend="pallas", config=topp.EXACT)
     want = topp.topp_threshold(logits, valid, 0.95, backend="reference")
     np.testing.assert_allclose(got[0], want[0], **TOL)
     np.testing.assert_array_equal(got[1], want[1])
 
 
-def test_threshold_fewer_iters_is_conservative():
+@pytest.mark.parametrize("search_bits", [1, 3])
+def test_threshold_fewer_iters_is_conservative(search_bits):
     # 8 steps leave a wide bit interval: t may sit below the exact threshold, never above.
     logits, valid, p = _mixed_batch(13, rows=16)
-    t, count, mass = topp.topp_threshold(logits, valid, p, iters=8, backend="pallas")
+    cfg = TopPConfig(iters=8, search_bits=search_bits)
+    t, count, mass = topp.topp_threshold(logits, valid, p, backend="pallas", config=cfg)
     t_exact, count_exact, _ = topp.topp_threshold(logits, valid, p, backend="reference")
     assert np.all(np.asarray(t) <= np.asarray(t_exact) * (1 + 1e-6))
     assert np.all(np.asarray(count) >= np.asarray(count_exact))
@@ -206,7 +208,7 @@ def test_select_kernel_matches_reference(backend):
     # Capacity 24 < N: the p = 1.0 rows and the flat rows saturate, tiny-p rows do not.
     logits, valid, p = _mixed_batch(21, rows=16)
     cap = 24
-    got = topp.topp_select(logits, valid, p, cap, backend=backend)
+    got = topp.topp_select(logits, valid, p, cap, backend=backend, config=topp.EXACT)
     want = topp.topp_select(logits, valid, p, cap, backend="reference")
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
@@ -255,7 +257,7 @@ def test_select_fewer_capacity_iters_still_fills_capacity():
 def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
     # (8, 5, 256): capacity above N (never saturates), R not a multiple of the TPU row block.
     logits, valid, p = _mixed_batch(31 + heads, rows=rows, heads=heads)
-    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend)
+    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=topp.EXACT)
     want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
     for a, b in zip(got[:3], want[:3]):
         np.testing.assert_array_equal(a, b)
@@ -278,6 +280,73 @@ def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        TopPConfig(iters=30, gpu_split=False),  # the fused one-program-per-row kernel
+        TopPConfig(iters=30, search_bits=3),  # split kernels, 8 candidates per pass
+    ],
+    ids=["fused", "split-bits3"],
+)
+def test_gpu_variants_match_reference(config):
+    # Every GPU path the config reaches is exact at 30 steps, with and without saturation.
+    logits, valid, p = _mixed_batch(41, rows=10, heads=4)
+    cap = 40
+    got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=config)
+    want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got[3], want[3], **TOL)
+    assert np.asarray(got[2]).any()
+    got = topp.topp_threshold(logits[:, 0], valid, p, backend="pallas", config=config)
+    want = topp.topp_threshold(logits[:, 0], valid, p, backend="reference")
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_snap_makes_one_step_exact(backend):
+    # Weights 0.6, 0.25, 0.15 (entry 3 masked), p = 0.5: the exact threshold is 0.6. Search
+    # range [bits((1 - 0.5) / (2 * 4)), bits(0.6) + 1]; one step moves lo to its middle (bit
+    # pattern ~0.18, reached: everything above it weighs 0.85), leaving 0.6 and 0.25 in
+    # [lo, hi). The band's top weight 0.6 alone reaches p, so it is the threshold.
+    logits = jnp.log(jnp.array([[0.6, 0.25, 0.15, 0.9]], jnp.float32))
+    valid = jnp.array([[True, True, True, False]])
+    cfg = TopPConfig(iters=1)
+    t, count, mass = topp.topp_threshold(logits, valid, 0.5, backend=backend, config=cfg)
+    np.testing.assert_allclose(t, [0.6], rtol=1e-6)
+    np.testing.assert_array_equal(count, [1])
+    # p = 0.8 (exact set {0.6, 0.25}): the step moves lo to ~0.119, all three weights stay in
+    # the band and its top (0.6) falls short of p, so t stays at lo: conservative, all three.
+    t, count, mass = topp.topp_threshold(logits, valid, 0.8, backend=backend, config=cfg)
+    np.testing.assert_array_equal(count, [3])
+    np.testing.assert_allclose(mass, [1.0], rtol=1e-6)
+    assert 0.0 < float(t[0]) < 0.15
+
+
+def test_default_config_is_conservative():
+    # Default (16 steps): never keeps less than the exact set, and its kept set is a
+    # threshold set reaching p (every entry at least as heavy as a kept one is kept).
+    logits, valid, p = _mixed_batch(14, rows=16, heads=2)
+    cap = N
+    idx, counts, sat, mass = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas")
+    ridx, rcounts, _, _ = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+    assert not np.asarray(sat).any()
+    kept = _kept_from_indices(idx, counts, N)
+    assert np.all(kept[_kept_from_indices(ridx, rcounts, N)])
+    has_valid = np.asarray(valid).any(-1)
+    p_np = np.asarray(p)
+    assert np.all(np.asarray(mass)[has_valid] >= p_np[has_valid, None] - 1e-6)
+    w, v = _weights64(logits[:, 1], valid)
+    t, count, _ = topp.topp_threshold(logits[:, 1], valid, p, backend="pallas")
+    _, rcount, _ = topp.topp_threshold(logits[:, 1], valid, p, backend="reference")
+    assert np.all(np.asarray(count) >= np.asarray(rcount))
+    top = _top_count(w, v, count)
+    for r in range(top.shape[0]):
+        if top[r].any() and p_np[r] < 1.0:
+            assert w[r, top[r]].sum() >= p_np[r] - 1e-6, r
+
+
 # ------------------------------------------------------------------------------------------
 # Lowering checks (no accelerator): Pallas -> Triton IR, Pallas -> Mosaic TPU
 # ------------------------------------------------------------------------------------------
@@ -296,6 +365,20 @@ def test_exports(r, g, n, cap):
     export_tpu(functools.partial(topp.topp_select_grouped_tpu, capacity=cap), x3, v, p)
     export_cuda(topp.topp_threshold_gpu, x2, v, p)
     export_tpu(topp.topp_threshold_tpu, x2, v, p)
+
+
+@pytest.mark.parametrize(
+    "config", [TopPConfig(gpu_split=False), TopPConfig(search_bits=3), TopPConfig(search_bits=5)]
+)
+def test_export_cuda_variants(config):
+    r, g, n, cap = EXPORT_SHAPES[0]
+    x3 = jax.ShapeDtypeStruct((r, g, n), jnp.float32)
+    v = jax.ShapeDtypeStruct((r, n), jnp.bool_)
+    p = jax.ShapeDtypeStruct((r,), jnp.float32)
+    select = functools.partial(topp.topp_select_grouped_gpu, capacity=cap, config=config)
+    export_cuda(select, x3, v, p)
+    threshold = functools.partial(topp.topp_threshold_gpu, config=config)
+    export_cuda(threshold, jax.ShapeDtypeStruct((r, n), jnp.float32), v, p)
 
 
 # ------------------------------------------------------------------------------------------
@@ -360,6 +443,10 @@ def test_bad_config_and_backend():
         TopPConfig(iters=0)
     with pytest.raises(ValueError, match=r"TopPConfig.num_warps"):
         TopPConfig(num_warps=3)
+    with pytest.raises(ValueError, match=r"TopPConfig.search_bits .* got 6"):
+        TopPConfig(search_bits=6)
+    with pytest.raises(ValueError, match=r"TopPConfig.gpu_split must be a bool, got 1"):
+        TopPConfig(gpu_split=1)
     with pytest.raises(ValueError, match=r"TopPConfig.iters"):
         topp.topp_threshold(logits, valid, 0.9, iters=100)
     with pytest.raises(ValueError, match="backend must be"):
