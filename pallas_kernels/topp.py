@@ -9,9 +9,13 @@ Bisection runs on the IEEE-754 bit pattern of ``t`` rather than on its value: fo
 floats the int32 bit pattern orders exactly like the value, so halving the integer interval
 ``[0, bits(max w)]`` finds the exact answer in at most 30 steps (``bits(1.0) < 2**30``) whatever
 the dynamic range of the weights, where halving the value interval would need ~150 steps to
-resolve a weight of 1e-40. The iteration count is fixed (``TopPConfig.iters``); with fewer
-iterations the result is conservative: the returned ``t`` never exceeds the exact one, so the kept
-mass still reaches ``p`` and only entries just below the exact threshold may be added.
+resolve a weight of 1e-40. For p <= 1 - 2**-10 the search starts at (1 - p) / (2 N) instead of
+0 (the threshold is above (1 - p) / N), which skips most of the exponent range. The iteration
+count is fixed (``TopPConfig.iters``, default 16; 30, ``EXACT``, is exact); with fewer
+iterations the result is conservative: the returned ``t`` never exceeds the exact one, so the
+kept mass still reaches ``p`` and only entries just below the exact threshold may be added.
+A final snap makes it exact whenever the unresolved band ``[lo, hi)`` holds a single weight:
+if the heaviest weight there still reaches ``p``, it is the exact threshold.
 
 Special cases, identical on every backend:
   * ``p >= 1`` keeps every valid entry (``t = 0``), so rounding of the sum cannot drop one whose
@@ -28,10 +32,15 @@ bisection, counting instead of summing, finds the priority cut. Indices are writ
 column order; slots past ``counts`` hold 0.
 
 Kernels:
-  * GPU (Triton lowering): one program per row. The row's ``[G, N]`` logits are loaded once into
-    registers, padded to powers of two with masked loads; both bisections are masked sums over
-    the resident block; compaction is an on-chip cumsum giving each kept column its output slot,
-    then one masked scatter store. The capacity bisection runs only for rows that overflow.
+  * GPU (Triton lowering), ``TopPConfig.gpu_split=True`` (default): a ``(row, head)`` grid
+    finds each head's threshold (its ``[N]`` logits resident in registers, padded to a power of
+    two with masked loads; the bisection is masked sums over the resident block, optionally
+    ``2**search_bits`` candidates per pass), then, for selection, a row grid re-reads the row's
+    ``[G, N]`` logits (mostly from L2), recomputes the weights from the first kernel's row max
+    and softmax sum, forms the union and compacts it: an on-chip cumsum gives each kept column
+    its output slot, then one masked scatter store. The capacity bisection runs only for rows
+    that overflow. ``gpu_split=False`` does all of it in one program per row (the original
+    kernel, kept for A/B runs: fewer, longer programs; no second read).
   * TPU (Mosaic): a block of rows per grid step, each row viewed as ``[N/128, 128]`` tiles (N
     padded to a multiple of 128). Mosaic has no cumsum or vector scatter, so prefix sums are
     triangular matmuls and compaction counts, for each output slot ``s``, the columns whose
@@ -904,7 +913,8 @@ def topp_threshold(logits, valid, p, *, iters=None, backend="auto", config=None)
       logits: [R, N] float32 estimated logits.
       valid: [R, N] bool; weights are a softmax over the valid entries only.
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
-      iters: bisection steps; overrides ``config.iters`` (30, the default, is exact).
+      iters: bisection steps; overrides ``config.iters`` (default 16, conservative; 30 is
+        exact).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference".
       config: TopPConfig (None: defaults).
 
