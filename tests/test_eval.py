@@ -203,10 +203,11 @@ def test_method_parse_roundtrip(spec, selector, budget, top_p):
 
 def test_method_config_resolves_budget():
     settings = runner.EvalConfig(lengths=(2048,), ppl_docs=0)
-    cfg = runner.Method.parse("quest:ctx/4@0.95").config(2048, 2112, settings)
+    assert runner._capacity(2048, settings) == 2048
+    cfg = runner.Method.parse("quest:ctx/4@0.95").config(2048, 2048, settings)
     assert (cfg.selector, cfg.budget, cfg.max_budget, cfg.top_p) == ("quest", 512, 512, 0.95)
-    cfg = runner.Method.parse("all@0.9").config(2048, 2112, settings)
-    assert (cfg.selector, cfg.max_budget) == ("all", 2112)
+    cfg = runner.Method.parse("all@0.9").config(2048, 2048, settings)
+    assert (cfg.selector, cfg.max_budget) == ("all", 2048)
     # Quest budgets round down to whole pages.
     assert runner.Method.parse("quest:ctx/3").tokens(1000, 16) == 320
 
@@ -299,6 +300,7 @@ class CopyModel:
     def step(self, tokens, cache, cfg):
         for b, t in enumerate(tokens):
             cache["seqs"][b].append(int(t))
+            assert len(cache["seqs"][b]) <= cache["capacity"], "decoded past the cache"
         window = None if cfg.selector in ("dense", "all") else cfg.budget
         n = np.array([len(s) for s in cache["seqs"]])
         attended = n if window is None else np.minimum(n, window)

@@ -592,8 +592,10 @@ def _batches(items: Sequence, size: int) -> list[list]:
 
 
 def _capacity(length: int, settings: EvalConfig) -> int:
-    """Cache tokens per sequence at a length: prompt, BOS and answer fit in ``length``."""
-    return -(-(length + 1) // settings.page_size) * settings.page_size
+    """Cache tokens per sequence at a length: prompt, BOS and answer fit in ``length`` (the
+    last answer token is never fed back), so the length rounded up to whole pages (a power of
+    two for power-of-two lengths, which static kernel capacities like)."""
+    return -(-length // settings.page_size) * settings.page_size
 
 
 def run_sweep(
