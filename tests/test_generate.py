@@ -1,0 +1,258 @@
+"""twilight_jax.generate and scripts/generate.py.
+
+Greedy continuations of the embedded SmolLM2 equal transformers' ``generate`` on the same
+weights (float32, CPU); the rest runs on the tiny random model of twilight_jax.serve.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from models import loaders
+from twilight_jax import SparsityConfig
+from twilight_jax.generate import generate
+from twilight_jax.serve import tiny_random_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok, config = tiny_random_model(0)
+    return model.jit(), tok, config
+
+
+def _hf_from_ours(model, config):
+    """A transformers LLaMA holding our model's weights (inverse of the HF weight table)."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(config.eos_token_ids),
+    )
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    sd = {}
+    for spec in loaders.hf_weight_table(config):
+        arr = np.array(flat[spec.target][...], np.float32)
+        if spec.layer is not None:
+            arr = arr[spec.layer]
+        if spec.transform is not None:
+            arr = arr.T
+        sd[spec.source] = torch.from_numpy(np.ascontiguousarray(arr))
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+def test_greedy_matches_transformers_smollm2():
+    torch = pytest.importorskip("torch")
+    try:
+        model, tok, config = models.load("smollm2-135m-instruct", dtype=jnp.float32, progress=False)
+    except models.ModelLoadError as e:
+        pytest.skip(f"embedded model unavailable: {e}")
+    hf = _hf_from_ours(model, config)
+    # An answer longer than 30 tokens, so no end-of-sequence cuts the comparison short. Batched
+    # with a shorter prompt (ragged lengths) that is only checked loosely.
+    prompts = ["Write a short poem about the sea.", "Capital of France?"]
+    res = generate(model, tok, prompts, max_new_tokens=30, chat=True)
+    ids = res.prompt_token_ids[0]
+    with torch.no_grad():
+        want = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=30,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
+    assert len(want) == 30 and not set(want) & set(config.eos_token_ids)
+    assert res.token_ids[0] == want, (tok.decode(res.token_ids[0]), tok.decode(want))
+    assert res.finish_reasons[0] == "length"
+    assert "Paris" in res.texts[1]
+
+
+# The tiny-model tests share shapes (batch 2, prompts <= 52 tokens, <= 12 new tokens: one
+# padded length and one cache capacity), so they share compiled steps.
+
+
+def test_sparse_p1_generation_equals_dense(tiny):
+    model, tok, _ = tiny
+    prompts = ["Hello there, tiny model!", "A longer prompt " * 3]
+    dense = generate(model, tok, prompts, max_new_tokens=12, stop_on_eos=False)
+    cfg = SparsityConfig(selector="all", top_p=1.0, dense_layers=1, max_budget=256)
+    sparse = generate(model, tok, prompts, max_new_tokens=12, sparsity=cfg, stop_on_eos=False)
+    assert sparse.token_ids == dense.token_ids
+    st = sparse.stats
+    assert st.new_tokens == [12, 12] and st.prompt_tokens == [len(p) for p in prompts]
+    # p = 1 keeps every candidate: nothing pruned, every token in context attended.
+    assert st.pruned_fraction == pytest.approx(0.0, abs=1e-9)
+    assert st.attended_tokens == pytest.approx(st.context_tokens)
+
+
+def test_pruning_stats(tiny):
+    model, tok, _ = tiny
+    cfg = SparsityConfig(selector="all", top_p=0.5, dense_layers=1, max_budget=256)
+    prompts = ["x" * 50, "The quick brown fox jumps over the lazy dog. " * 1]
+    res = generate(model, tok, prompts, max_new_tokens=6, sparsity=cfg, stop_on_eos=False)
+    st = res.stats
+    assert 0 < st.attended_tokens < st.context_tokens
+    assert 0 < st.pruned_fraction < 1 and st.attended_fraction == pytest.approx(
+        st.attended_tokens / st.context_tokens
+    )
+    assert st.decode_steps == 5 and st.time_per_token_s > 0 and st.tokens_per_s > 0
+    assert "pruned" in st.summary()
+
+
+def test_sampling_seeded_and_streaming(tiny):
+    model, tok, _ = tiny
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_on_eos=False)
+    a = generate(model, tok, ["abc", "abc"], seed=3, **kw)
+    b = generate(model, tok, ["abc", "abc"], seed=3, **kw)
+    c = generate(model, tok, ["abc", "abc"], seed=4, **kw)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+    assert a.token_ids[0] != a.token_ids[1]  # sequence b samples with seed + b
+    # top_k = 1 is greedy whatever the temperature.
+    g = generate(model, tok, ["abc", "de"], max_new_tokens=10, stop_on_eos=False)
+    k1 = generate(
+        model,
+        tok,
+        ["abc", "de"],
+        max_new_tokens=10,
+        temperature=2.0,
+        top_k=1,
+        seed=9,
+        stop_on_eos=False,
+    )
+    assert g.token_ids == k1.token_ids
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    s = generate(
+        model, tok, ["héllo", "wörld"], seed=3, on_text=lambda i, p: pieces[i].append(p), **kw
+    )
+    assert ["".join(pieces[i]) for i in (0, 1)] == s.texts
+
+
+def test_stops_at_eos(tiny):
+    model, tok, config = tiny
+    free = generate(model, tok, ["stop here", "go on"], max_new_tokens=8, stop_on_eos=False)
+    # Declare the 4th generated token an end-of-sequence token: generation stops before it.
+    eos = free.token_ids[0][3]
+    tok2 = models.Tokenizer(tok.backend, eos_token_ids=(eos,), chat_template=tok.chat_template)
+    res = generate(model, tok2, ["stop here", "go on"], max_new_tokens=8)
+    first = free.token_ids[0].index(eos)
+    assert res.token_ids[0] == free.token_ids[0][:first]
+    assert res.finish_reasons[0] == "stop"
+    # The other sequence runs on (inactive rows do not disturb it) unless it meets eos too.
+    if eos not in free.token_ids[1]:
+        assert res.token_ids[1] == free.token_ids[1] and res.finish_reasons[1] == "length"
+
+
+def test_chat_prompt_uses_template(tiny):
+    model, tok, _ = tiny
+    res = generate(model, tok, ["hi", "yo"], max_new_tokens=2, chat=True, system="be brief")
+    want = tok.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    assert res.prompt_token_ids[0] == want
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(prompts=[]), "prompts must be a non-empty list"),
+        (dict(prompts=[3]), r"prompts\[0\] must be a str"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p \(sampling\) must be in \(0, 1\]"),
+        (dict(top_k=-2), "top_k must be an int >= 0"),
+        (dict(sparsity="all"), "sparsity must be a SparsityConfig"),
+        (dict(prompts=["y" * 600]), "exceeds the model context of 512 tokens"),
+    ],
+)
+def test_generate_errors(tiny, kwargs, msg):
+    model, tok, _ = tiny
+    kw = dict(prompts=["ok"], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=msg):
+        generate(model, tok, **kw)
+
+
+# ------------------------------------------------------------------------ scripts/generate.py
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_cli_tiny_model_streams_and_summarizes():
+    r = _cli(
+        "--model",
+        "tiny-random",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "5",
+        "--attention",
+        "all",
+        "--top-p",
+        "0.9",
+        "--dense-layers",
+        "1",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "prompt tokens:" in r.stderr and "tokens/s" in r.stderr and "pruned" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "scripts" / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "/nonexistent/m.gguf"], "does not exist"),
+        (["--model", "tiny-random", "--prompt-file", "/nonexistent.txt"], "does not exist"),
+        (["--model", "tiny-random", "--prompt", "z" * 700], "exceeds the model context"),
+        (["--model", "tiny-random", "--attention", "quest", "--budget", "10"], "multiple of"),
+        (["--model", "tiny-random", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(cli_main, capsys, args, msg):
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err

@@ -1,0 +1,335 @@
+"""Batched text generation: dense prefill, then Twilight (or dense) decode steps.
+
+    result = generate(model, tokenizer, ["What is the capital of France?"], max_new_tokens=32,
+                      sparsity=SparsityConfig(selector="all", top_p=0.95), chat=True)
+    result.texts; result.token_ids; result.stats
+
+The model is any object with ``config`` (a LlamaConfig), ``dtype``, ``prefill`` and
+``decode_step`` (``models.JittedLlama``; a ``models.LlamaForCausalLM`` is compiled with its
+``jit()``). This module does not import ``models`` (imports point from models to twilight_jax).
+
+Prompts are right-padded, and the cache sized, to multiples of ``pad_multiple`` tokens, and
+Twilight's p is passed as a traced per-sequence array, so calls with similar lengths and any p
+share the compiled prefill and decode step.
+Finished sequences stay in the batch as inactive rows (they neither grow nor write) until all
+are done. Timings include compilation on first use: ``prefill_s`` and the first decode step;
+``time_per_token_s`` and ``tokens_per_s`` are measured on the steps after the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from twilight_jax.cache import PagedKVCache
+from twilight_jax.config import SparsityConfig
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What a ``generate`` call did and how long it took.
+
+    prompt_tokens / new_tokens: per sequence. prefill_s: the prefill call (compilation
+    included on first use). first_step_s: the first decode step (likewise). decode_s: all decode
+    steps. time_per_token_s: mean wall time of a decode step after the first (one token for
+    every active sequence), tokens_per_s: tokens generated per second over those steps.
+    context_tokens: mean tokens in the cache over active (sequence, step) pairs.
+    attended_tokens: mean tokens attended per sparse layer and KV head (the selection of
+    layers >= dense_layers; equals context_tokens when decoding densely).
+    candidate_tokens: mean tokens the base selector proposed on those layers.
+    pruned_fraction: 1 - attended / candidates, the share of the base selector's tokens that
+    the top-p pruner dropped (0 without pruning). attended_fraction: attended / context.
+    """
+
+    batch: int
+    prompt_tokens: list[int]
+    new_tokens: list[int]
+    prefill_s: float
+    first_step_s: float
+    decode_s: float
+    decode_steps: int
+    time_per_token_s: float
+    tokens_per_s: float
+    context_tokens: float
+    attended_tokens: float
+    candidate_tokens: float
+    pruned_fraction: float
+    attended_fraction: float
+    saturated_fraction: float
+    sparsity: SparsityConfig
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"prompt tokens: {sum(self.prompt_tokens)} ({self.batch} sequence"
+            f"{'s' if self.batch != 1 else ''}), generated: {sum(self.new_tokens)}",
+            f"prefill: {self.prefill_s:.3f} s (incl. compilation on first use)",
+            f"decode: {self.time_per_token_s * 1e3:.2f} ms per step, "
+            f"{self.tokens_per_s:.1f} tokens/s (first step {self.first_step_s:.3f} s)",
+        ]
+        if self.sparsity.selector != "dense":
+            lines.append(
+                f"attention ({self.sparsity.selector}, top_p={self.sparsity.top_p}): "
+                f"{self.attended_tokens:.1f} tokens attended per sparse layer and KV head of "
+                f"{self.context_tokens:.1f} in context ({self.attended_fraction:.1%}); "
+                f"candidates {self.candidate_tokens:.1f}, pruned "
+                f"{self.pruned_fraction:.1%}"
+            )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """texts: decoded continuations (special tokens dropped). token_ids: generated ids, the
+    end-of-sequence token excluded. prompt_token_ids: the encoded prompts. finish_reasons:
+    "stop" (an end-of-sequence token) or "length" (max_new_tokens)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], *, chat: bool, system: str | None = None
+) -> list[list[int]]:
+    """Prompt token ids: through the chat template (a user turn, after an optional system
+    turn, with the assistant's generation prompt) or encoded as raw text."""
+    out = []
+    for p in prompts:
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": p}
+            ]
+            out.append(
+                list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+            )
+        else:
+            out.append(list(tokenizer.encode(p)))
+    return out
+
+
+def _validate(prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple):
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p (sampling) must be in (0, 1], got {top_p}")
+    if not isinstance(sparsity, SparsityConfig):
+        raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
+    if not isinstance(pad_multiple, int) or pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    sparsity: SparsityConfig | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    system: str | None = None,
+    stop_on_eos: bool = True,
+    on_text: Callable[[int, str], None] | None = None,
+    pad_multiple: int = 64,
+    progress: bool = False,
+) -> GenerationResult:
+    """Generates continuations of a batch of prompts.
+
+    prompts: one str or a list of B str. chat: wrap each prompt as a user turn of the model's
+    chat template (``system``: an optional system turn). sparsity: the decode attention
+    (default dense). temperature 0 = greedy; otherwise sampling with top_k (0 = off), top_p
+    (nucleus) and ``seed`` (sequence b uses seed + b). on_text(b, piece): called with text
+    of sequence b as soon as it is complete UTF-8 (streaming). pad_multiple: prompts are padded
+    to a multiple of this many tokens (fewer distinct compiled shapes). progress: a status bar
+    on stderr for the prefill.
+
+    Raises ValueError (naming the argument) for bad arguments, or when a prompt plus
+    max_new_tokens does not fit the model's context (max_position_embeddings).
+    """
+    from twilight_jax.serving.sampling import sample_tokens
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    sparsity = sparsity if sparsity is not None else SparsityConfig(selector="dense")
+    _validate(prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple)
+    if not hasattr(model, "decode_step") or not hasattr(model, "prefill"):
+        raise ValueError(f"model must have prefill and decode_step, got {type(model).__name__}")
+    if hasattr(model, "jit"):
+        model = model.jit()
+    config = model.config
+    ids = encode_prompts(tokenizer, prompts, chat=chat, system=system)
+    context = config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if not p:
+            raise ValueError(f"prompts[{i}] encodes to no tokens")
+        if len(p) + max_new_tokens > context:
+            raise ValueError(
+                f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds the model context of {context} tokens"
+            )
+    b = len(ids)
+    longest = max(len(p) for p in ids)
+    # Padded prompt length and cache capacity both round up to pad_multiple, so calls with
+    # similar lengths reuse the compiled prefill and decode step.
+    t_pad = min(-(-longest // pad_multiple) * pad_multiple, context)
+    max_seq = -(-(longest + max_new_tokens) // pad_multiple) * pad_multiple
+    tokens = np.zeros((b, t_pad), np.int32)
+    for i, p in enumerate(ids):
+        tokens[i, : len(p)] = p
+    lengths = np.array([len(p) for p in ids], np.int32)
+
+    cache = PagedKVCache.create(
+        config.num_layers,
+        b,
+        config.num_kv_heads,
+        config.head_dim,
+        max_seq_len=max_seq,
+        page_size=sparsity.page_size,
+        dtype=model.dtype,
+        ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(lengths.sum()), desc="prefill", unit="tok", file=sys.stderr)
+    t0 = time.perf_counter()
+    logits, cache = model.prefill(tokens, lengths, cache)
+    logits.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.update(int(lengths.sum()))
+        bar.close()
+
+    eos = set()
+    if stop_on_eos:
+        eos = set(getattr(tokenizer, "eos_token_ids", ())) | set(config.eos_token_ids)
+    temp = jnp.full((b,), temperature, jnp.float32)
+    s_top_p = jnp.full((b,), top_p, jnp.float32)
+    s_top_k = jnp.full((b,), top_k, jnp.int32)
+    seeds = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
+
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    reasons = ["length"] * b
+    decoders = [tokenizer.stream_decoder() for _ in range(b)] if on_text else None
+
+    def accept(next_tokens):
+        for i in np.flatnonzero(~done):
+            tok = int(next_tokens[i])
+            if tok in eos:
+                done[i] = True
+                reasons[i] = "stop"
+                if decoders:
+                    tail = decoders[i].flush()
+                    if tail:
+                        on_text(int(i), tail)
+                continue
+            out[i].append(tok)
+            if decoders:
+                piece = decoders[i].push(tok)
+                if piece:
+                    on_text(int(i), piece)
+            if len(out[i]) >= max_new_tokens:
+                done[i] = True
+
+    step = jnp.zeros((b,), jnp.int32)
+    nxt = np.asarray(sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step))
+    accept(nxt)
+
+    # Twilight's p enters the step as a traced [B] array: every p shares one compiled step.
+    step_cfg, attn_p = sparsity, None
+    if sparsity.top_p is not None and sparsity.selector != "dense":
+        step_cfg = dataclasses.replace(sparsity, top_p=None)
+        attn_p = np.full((b,), sparsity.top_p, np.float32)
+    step_times: list[float] = []
+    sums = dict(context=0.0, attended=0.0, candidates=0.0, saturated=0.0, n=0)
+    while not done.all():
+        active = ~done
+        t1 = time.perf_counter()
+        logits, cache, info = model.decode_step(nxt, cache, step_cfg, active, top_p=attn_p)
+        step_no = jnp.asarray([len(o) for o in out], jnp.int32)
+        nxt = np.asarray(sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step_no))
+        step_times.append(time.perf_counter() - t1)
+        _accumulate(sums, info, np.asarray(cache.lengths), active, sparsity, config.num_layers)
+        accept(nxt)
+    if decoders:
+        for i in range(b):
+            if reasons[i] == "length":
+                tail = decoders[i].flush()
+                if tail:
+                    on_text(i, tail)
+
+    texts = [tokenizer.decode(o) for o in out]
+    stats = _stats(b, ids, out, prefill_s, step_times, sums, sparsity)
+    return GenerationResult(texts, out, ids, reasons, stats)
+
+
+def _accumulate(sums, info, lengths, active, sparsity, num_layers) -> None:
+    """Adds one step's attention counts of the active sequences to the running sums."""
+    first_sparse = 0 if sparsity.selector == "dense" else min(sparsity.dense_layers, num_layers)
+    n = int(active.sum())
+    if n == 0:
+        return
+    counts = np.asarray(info["counts"])[first_sparse:, active]  # [Ls, n, Hs]
+    cands = np.asarray(info["candidates"])[first_sparse:, active]
+    sat = np.asarray(info["saturated"])[first_sparse:, active]
+    ctx = lengths[active].astype(np.float64)
+    if counts.shape[0] == 0:  # every layer dense
+        counts = cands = np.broadcast_to(ctx[None, :, None], (1, n, 1))
+        sat = np.zeros((1, n, 1), bool)
+    sums["context"] += ctx.sum()
+    sums["attended"] += counts.mean(axis=(0, 2)).sum()
+    sums["candidates"] += cands.mean(axis=(0, 2)).sum()
+    sums["saturated"] += sat.mean(axis=(0, 2)).sum()
+    sums["n"] += n
+
+
+def _stats(b, ids, out, prefill_s, step_times, sums, sparsity) -> GenerationStats:
+    n = max(sums["n"], 1)
+    context = sums["context"] / n
+    attended = sums["attended"] / n
+    candidates = sums["candidates"] / n
+    later = step_times[1:]
+    # Tokens produced by the steps after the first: one per sequence still active then.
+    per_step = np.asarray([len(o) for o in out])
+    produced_later = max(int(sum(np.clip(per_step - 2, 0, None))), 0)
+    t_later = float(sum(later))
+    return GenerationStats(
+        batch=b,
+        prompt_tokens=[len(p) for p in ids],
+        new_tokens=[len(o) for o in out],
+        prefill_s=prefill_s,
+        first_step_s=step_times[0] if step_times else 0.0,
+        decode_s=float(sum(step_times)),
+        decode_steps=len(step_times),
+        time_per_token_s=(t_later / len(later)) if later else (step_times[0] if step_times else 0),
+        tokens_per_s=(produced_later / t_later) if t_later > 0 else 0.0,
+        context_tokens=context,
+        attended_tokens=attended,
+        candidate_tokens=candidates,
+        pruned_fraction=(1.0 - attended / candidates) if candidates else 0.0,
+        attended_fraction=(attended / context) if context else 0.0,
+        saturated_fraction=sums["saturated"] / n,
+        sparsity=sparsity,
+    )
