@@ -22,6 +22,7 @@ float32; matmuls run in the model dtype (bf16 on accelerators, float32 on CPU by
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -191,19 +192,22 @@ def dense_attention(q, k, v, lengths=None):
     """
     on_gpu = jax.default_backend() in ("gpu", "cuda")
     if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
-        t = q.shape[1]
-        q_len = None if lengths is None else lengths
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            query_seq_lengths=q_len,
-            key_value_seq_lengths=None if lengths is None else jnp.maximum(lengths, 1),
-            implementation="cudnn",
-        ).reshape(q.shape[0], t, *q.shape[2:])
-    # Only key lengths: masking query rows too would leave fully masked (padding) rows whose
-    # output could poison valid rows through 0 * inf in later layers' K/V.
+        try:
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                query_seq_lengths=lengths,
+                key_value_seq_lengths=None if lengths is None else jnp.maximum(lengths, 1),
+                implementation="cudnn",
+            )
+        except Exception as e:  # noqa: BLE001
+            # cuDNN rejects some shapes, GPUs and library versions at trace time; the XLA
+            # path computes the same thing, only slower (warnings shows this once per site).
+            warnings.warn(f"cuDNN attention unavailable, using XLA: {e!r}", stacklevel=2)
+    # Key lengths suffice: valid queries never see padding keys, and the outputs of padding
+    # query rows are never used.
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="xla"
     )

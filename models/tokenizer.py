@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 _CONTROL = 3
@@ -314,9 +314,12 @@ def _gguf_sentencepiece(metadata, tokens, types) -> tokenizers.Tokenizer:
             byte_fallback=True,
         )
     )
+    # llama.cpp puts the "▁" of a leading space in front of the text only, not after every
+    # special token: Metaspace with prepend_scheme "first" (transformers' non-legacy LLaMA).
     add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Prepend("▁")] if add_prefix else []
-    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
+    )
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         dec.append(decoders.Strip(content=" ", left=1, right=0))

@@ -382,6 +382,47 @@ def test_hf_dir_tokenizer_matches_transformers(smol_hf_tokenizer, tmp_path):
     assert theirs.eos_token_id in ours.eos_token_ids
 
 
+def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    # A LLaMA-2-style GGUF vocabulary: SentencePiece pieces with scores (merges derived from
+    # them), byte-fallback tokens <0xXX>, <s> and </s> as control tokens, BOS added.
+    import gguf
+
+    from models.gguf_file import GGUFFile
+
+    pieces = ["▁", "t", "h", "e", "a", "s", "i", "n", "o", "r", "l", "d", "w", "▁t", "he"]
+    pieces += ["▁the", "▁a", "is", "▁is", "in", "▁in", "on", "▁on", "▁o", "▁i", "an", "▁an"]
+    pieces += ["er", "▁w", "or", "▁wor", "ld", "▁world", "▁he", "ll", "▁hell", "▁hello", "▁▁"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = Tokenizer.from_gguf(GGUFFile(tmp_path / "spm.gguf").metadata)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in ["hello world", " the a is in on", "Hello Wörld\n\tok  ", "the<s>the", ""]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text), text
+        assert ids[0] == 1  # BOS
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.encode("hello world") == [1, tokens.index("▁hello"), tokens.index("▁world")]
+    # "ö" is not a piece: UTF-8 byte fallback.
+    assert ours.encode("ö", add_special_tokens=False)[-2:] == [3 + 0xC3, 3 + 0xB6]
+
+
 def test_stream_decoder_emits_complete_text(smol):
     tok = smol[1]
     text = "Zürich 日本語 🎉🚀 done.\nnext line"
