@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _export import export_cuda, export_tpu
 
+from pallas_kernels import _common
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
 from twilight_jax.attention import _decode_attention
 from twilight_jax.reference import decode_attention_reference
@@ -336,6 +338,44 @@ def test_no_recompilation_when_lengths_counts_or_p_change():
     assert len(counts) == 3  # the counts did change
     assert _decode_attention._cache_size() == before
     assert step._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_whole_step_lowers_with_the_pallas_kernels(platform, monkeypatch):
+    """The whole op with every Pallas kernel (not interpret mode: the platform check is
+    patched) lowers for CUDA (Pallas -> Triton IR) and for TPU (Mosaic), LLaMA-like head_dim
+    128 and bf16: page-level per-head and token-level grouped candidates."""
+    rng = np.random.default_rng(9)
+    b, t, hkv, g, d = 2, 128, 2, 4, 128
+    k = jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((b, hkv * g, d)), jnp.bfloat16)
+    ch = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, hkv, 16))
+    cache = PagedKVCache.from_dense(k, k, jnp.asarray([128, 77]), page_size=16, ds_channel_idx=ch)
+    p = jnp.asarray([0.9, 0.8], jnp.float32)
+    monkeypatch.setattr(_common, "platform", lambda: platform)  # after the cache is built
+    export, marker = (
+        (export_cuda, "xla.gpu.triton") if platform == "gpu" else (export_tpu, "tpu_custom_call")
+    )
+    for selector, gqa in [("quest", "per_head"), ("double_sparsity", "group_union")]:
+        cfg = SparsityConfig(
+            selector=selector,
+            budget=64,
+            top_p=0.9,
+            max_budget=64,
+            page_size=16,
+            gqa=gqa,
+            sink_tokens=2,
+            recent_tokens=4,
+        )
+        backend = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
+        exp = export(
+            lambda q, c, p: decode_attention(q, c, cfg, top_p=p, backend=backend), q, cache, p
+        )
+        # quest scores (per_head only), SpGEMV, top-p, sparse attention
+        assert exp.mlir_module().count(marker) >= 3
 
 
 # ----------------------------------------------------------------------------- bad input

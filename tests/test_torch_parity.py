@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch_reference import decode_attention_torch  # noqa: E402
+from torch_reference import boundary_distance, decode_attention_torch  # noqa: E402
 
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention  # noqa: E402
 from twilight_jax.reference import decode_attention_reference  # noqa: E402
@@ -99,14 +99,42 @@ PALLAS_CASES = [
 ]
 
 
+def _exact(q, k, v, head_mask):
+    """Softmax attention (float64) of each query head over its tokens head_mask [B, Hq, T]."""
+    b, hq, d = q.shape
+    out = np.zeros((b, hq, d))
+    for bi in range(b):
+        for h in range(hq):
+            m = head_mask[bi, h]
+            if m.any():
+                s = k[bi, m, h // G] @ q[bi, h].astype(np.float64) / np.sqrt(d)
+                w = np.exp(s - s.max())
+                out[bi, h] = (w / w.sum()) @ v[bi, m, h // G]
+    return out
+
+
 @pytest.mark.parametrize("selector,kw", PALLAS_CASES)
 def test_pallas_path_matches_reference_and_torch(selector, kw):
+    """The kernels estimate with bf16 tensor-core dots (f32 q split in two bf16 terms), so a
+    token whose heavier mass lies within estimate error of p may flip; any such token must be
+    on the boundary, and the output must be exact attention over the kernels' own selection."""
     cfg = _cfg(selector, **kw)
     q, cache, ref, sel = _jax_and_torch(5, cfg, P)
+    _, k, v, ch, _ = _case(5)
     out, info = decode_attention(
         jnp.asarray(q), cache, cfg, top_p=jnp.asarray(P, jnp.float32), backend="pallas"
     )
-    np.testing.assert_array_equal(_mask(info), np.asarray(sel.mask))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
-    np.testing.assert_allclose(info.estimated_mass, sel.estimated_mass, atol=1e-4)
+    got, want = _mask(info), np.asarray(sel.mask)
+    differ = got != want
+    if differ.any():
+        dist = boundary_distance(q, k, LENGTHS, cfg, P, ch)  # [B, Hq, T]
+        rows = got.shape[1]
+        dist = dist.reshape(len(LENGTHS), rows, -1, T).min(2)
+        assert differ.sum() <= 2 and (dist[differ] < 2e-3).all(), dist[differ]
+    head_mask = np.repeat(got, q.shape[1] // got.shape[1], axis=1)
+    np.testing.assert_allclose(np.asarray(out), _exact(q, k, v, head_mask), atol=1e-4)
+    same = ~np.repeat(differ.any(-1), q.shape[1] // got.shape[1], axis=1)
+    np.testing.assert_allclose(
+        np.asarray(info.estimated_mass)[same], np.asarray(sel.estimated_mass)[same], atol=1e-4
+    )
     np.testing.assert_array_equal(info.saturated, sel.saturated)

@@ -91,18 +91,30 @@ def candidates(q, k, lengths, cfg, ds_channel_idx):
     raise ValueError(cfg.selector)
 
 
-def prune(q, k, cand, p, cfg):
-    """-> (kept [B, rows, T], mass [B, Hq], saturated [B, rows])."""
+def estimated_weights(q, k, cand, cfg):
+    """Softmax over each head's candidates of the estimated logits -> (w, head_cand) [B, Hq, T]."""
     b, hkv, t, d = k.shape
     hq = q.shape[1]
     g = hq // hkv
     k_est = k if cfg.estimate_bits == 16 else _fake_quantize(k, cfg.estimate_bits)
     logits = torch.einsum("bgjd,bgnd->bgjn", q.reshape(b, hkv, g, d), k_est) / math.sqrt(d)
-    logits = logits.reshape(b, hq, t)
     head_cand = cand if cfg.gqa == "per_head" else cand.repeat_interleave(g, dim=1)
-    w = _softmax(logits, head_cand)
+    return _softmax(logits.reshape(b, hq, t), head_cand), head_cand
+
+
+def heavier_mass(w):
+    """[..., T] -> for each token, the summed weight of the tokens strictly heavier than it."""
+    return torch.where(w[..., None, :] > w[..., :, None], w[..., None, :], 0.0).sum(-1)
+
+
+def prune(q, k, cand, p, cfg):
+    """-> (kept [B, rows, T], mass [B, Hq], saturated [B, rows])."""
+    b, hkv, t, d = k.shape
+    hq = q.shape[1]
+    g = hq // hkv
+    w, head_cand = estimated_weights(q, k, cand, cfg)
     # Top-p set: token j is kept iff the weights strictly above w_j sum to less than p.
-    heavier = torch.where(w[..., None, :] > w[..., :, None], w[..., None, :], 0.0).sum(-1)
+    heavier = heavier_mass(w)
     pp = p[:, None, None]
     sel = head_cand & ((heavier < pp) | (pp >= 1.0))
     gr = 1 if cfg.gqa == "per_head" else g
@@ -148,3 +160,17 @@ def decode_attention_torch(q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=
     w = _softmax(s / math.sqrt(d), head_keep)
     out = torch.einsum("bgjn,bgnd->bgjd", w.reshape(b, hkv, g, t), v).reshape(b, hq, d)
     return out.numpy(), keep.numpy(), mass.numpy(), saturated.numpy()
+
+
+def boundary_distance(q, k, lengths, cfg, top_p, ds_channel_idx=None):
+    """|mass of the strictly heavier candidates - p| per query head and token, numpy
+    [B, Hq, T] (inf off the candidates): near 0 exactly for the tokens on the top-p boundary,
+    whose membership a few ulps of estimate error may flip."""
+    q = _t(q)
+    k = _t(k).permute(0, 2, 1, 3).contiguous()
+    lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+    cand = candidates(q, k, lengths, cfg, ds_channel_idx)
+    w, head_cand = estimated_weights(q, k, cand, cfg)
+    p = torch.as_tensor(np.broadcast_to(np.asarray(top_p, np.float32), (q.shape[0],)).copy())
+    dist = (heavier_mass(w) - p[:, None, None]).abs()
+    return torch.where(head_cand, dist, torch.full_like(dist, math.inf)).numpy()

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import BACKENDS
-from twilight_jax import _kernels, pruner, selectors
+from pallas_kernels.attention import paged_decode_attention, sparse_decode_attention
+from twilight_jax import pruner, selectors
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
 
@@ -146,7 +147,7 @@ def _decode_attention(q, cache, layer, top_p, cfg, backend):
     rows = hkv if cfg.gqa == "group_union" else hq
     k_pages, v_pages = cache.k_pages[layer], cache.v_pages[layer]
     if cfg.selector == "dense":
-        out = _kernels.paged_decode_attention(
+        out = paged_decode_attention(
             q, k_pages, v_pages, cache.page_table, cache.lengths, backend=backend
         )
         n = jnp.broadcast_to(cache.lengths[:, None], (b, rows))
@@ -170,7 +171,7 @@ def _decode_attention(q, cache, layer, top_p, cfg, backend):
     token_pos, counts = pruner.add_forced_tokens(
         kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens
     )
-    out = _kernels.sparse_decode_attention(
+    out = sparse_decode_attention(
         q, k_pages, v_pages, cache.page_table, token_pos, counts, backend=backend
     )
     info = SelectionInfo(

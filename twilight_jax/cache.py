@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twilight_jax import _kernels
+from pallas_kernels.int4 import quantize_int4
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -315,7 +315,7 @@ class PagedKVCache:
         INT4 K and DS labels (Quest metadata is the caller's)."""
         k = k.astype(self.k_pages.dtype)
         idx = (layer, slice(None), phys, slot)
-        packed, scale, zero = _kernels.quantize_int4(k.astype(jnp.float32), backend=backend)
+        packed, scale, zero = quantize_int4(k.astype(jnp.float32), backend=backend)
         updates = dict(
             k_pages=self.k_pages.at[idx].set(k, mode="drop"),
             v_pages=self.v_pages.at[idx].set(v.astype(self.v_pages.dtype), mode="drop"),

@@ -14,7 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from twilight_jax import _kernels
+from pallas_kernels.spgemv import block_spgemv
+from pallas_kernels.topp import topp_select_grouped
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
 from twilight_jax.selectors import Candidates
@@ -38,7 +39,7 @@ def estimate_scores(
     Only columns where cand.valid holds are meaningful (others may be -inf or junk).
     """
     if bits == 4:
-        return _kernels.block_spgemv(
+        return block_spgemv(
             q,
             cache.k_int4[layer],
             cache.k_scale[layer],
@@ -76,7 +77,7 @@ def prune(logits, cand: Candidates, p, cfg: SparsityConfig, backend: str):
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
     capacity = min(cfg.max_budget - cfg.forced_tokens, n)
-    cols, counts, saturated, mass = _kernels.topp_select_grouped(
+    cols, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),

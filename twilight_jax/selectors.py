@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twilight_jax import _kernels
+from pallas_kernels.quest import quest_page_scores
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
 
@@ -118,7 +118,7 @@ def select_quest(q, cache, cfg, layer, backend) -> Candidates:
     """Quest: pages ranked by sum_d max(q_d min_d, q_d max_d) (summed over a group's heads for
     group_union); the top budget / page_size pages."""
     hkv, s = cache.num_kv_heads, cache.page_size
-    scores = _kernels.quest_page_scores(
+    scores = quest_page_scores(
         q,
         cache.k_min[layer],
         cache.k_max[layer],
