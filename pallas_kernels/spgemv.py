@@ -20,12 +20,14 @@ zero term (see _unpack_nibbles).
 GPU kernel (Triton): grid (B, Hkv, splits). A program loops over its share of the tiles of
 candidate blocks holding entries below cand_count (the trip count follows the count, so work
 is proportional to it); per tile it gathers the page ids of the blocks, then the packed rows
-[T, D/2] of all their tokens in one masked vector gather, multiplies them by the G query rows
-of the KV head (padded to 16 for the MMA, loaded once per program), so the INT4 bytes are read
-once for the whole group, and stores the tile's logits. Then it writes -inf over its share of
-the tiles past the count. The loop lets Triton overlap one tile's dependent loads (cand ->
-page table -> rows) with the previous tile's work (num_stages), which one tile per program
-could not.
+of all their tokens in one masked vector gather, as [T, D / (2 W)] words of W bytes (the cache
+bitcast to uint32 / uint16 in the wrapper: Triton emits one load per gathered element, so wider
+words mean fewer loads), multiplies them by the G query rows of the KV head (padded to 16 for
+the MMA, loaded once per program, their columns permuted to match the nibble order inside the
+words), so the INT4 bytes are read once for the whole group, and stores the tile's logits.
+Then it writes -inf over its share of the tiles past the count. The loop lets Triton overlap
+one tile's dependent loads (cand -> page table -> rows) with the previous tile's work
+(num_stages), which one tile per program could not.
 TPU kernel (Mosaic): grid (B, Hkv, C), one candidate block per step, the page fetched by a
 scalar-prefetched physical page id in the index map.
 
@@ -51,6 +53,8 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import _common
 
 _INDEX_DTYPES = (np.int32,)
+# Gather word width in bytes -> the unsigned dtype the packed rows are bitcast to.
+_WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,14 @@ class SpGEMVConfig:
     prefetch_rows: look up the cache rows of tile t + 1 (cand and page-table loads) during
       step t, carried in the loop, in case Triton's pipeliner does not hoist the two
       dependent index loads by itself.
+    word_bytes: 1, 2 or 4; the packed rows are gathered as [T, D / (2 * word_bytes)] words
+      of this many bytes (uint8 / uint16 / uint32, a free bitcast of the cache in the
+      wrapper). Triton cannot prove the gather addresses contiguous (the rows come from a
+      load), so it issues one load instruction per element per thread: wider words mean
+      fewer loads per byte (1: the former byte gather). The dots contract over
+      K = D / (2 * word_bytes) columns, which must be >= 16 for Triton's dot, so the kernel
+      uses the largest width <= word_bytes that keeps K >= 16 (D = 64: 4 falls back to 2;
+      see effective_word_bytes).
     """
 
     tokens_per_chunk: int = 128
@@ -89,8 +101,11 @@ class SpGEMVConfig:
     num_stages: int = 2
     token_major: bool = False
     prefetch_rows: bool = False
+    word_bytes: int = 4
 
     def __post_init__(self):
+        if self.word_bytes not in _WORD_DTYPES:
+            raise ValueError(f"word_bytes must be one of 1, 2, 4, got {self.word_bytes!r}")
         t = self.tokens_per_chunk
         if t < 16 or t & (t - 1):
             raise ValueError(f"tokens_per_chunk must be a power of two >= 16, got {t}")
@@ -110,6 +125,15 @@ class SpGEMVConfig:
         """
         wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, rows)))
         return max(1, min(wanted, self.max_splits, tiles))
+
+    def effective_word_bytes(self, head_dim: int) -> int:
+        """Gather word width used at this head_dim: the largest w <= word_bytes with
+        head_dim // (2 * w) >= 16 (Triton's dot minimum; head_dim // 2 is a power of two
+        >= 16 on the GPU path, so w = 1 always qualifies)."""
+        w = self.word_bytes
+        while w > 1 and head_dim // (2 * w) < 16:
+            w //= 2
+        return w
 
 
 DEFAULT_CONFIG = SpGEMVConfig()
@@ -241,12 +265,32 @@ _BF16_128 = 0x4300
 _NIBBLE_OFFSET = 128.0
 
 
-def _unpack_nibbles(packed):
-    """packed [T, D/2] uint8 -> (lo, hi) [T, D/2] bf16 holding 128 + nibble."""
-    x = packed.astype(jnp.uint16)
-    lo = jax.lax.bitcast_convert_type((x & 15) | _BF16_128, jnp.bfloat16)
-    hi = jax.lax.bitcast_convert_type((x >> 4) | _BF16_128, jnp.bfloat16)
-    return lo, hi
+def _unpack_nibbles(words, word_bytes: int):
+    """words [T, Dw] uint(8 * word_bytes) -> [(lo_k, hi_k) for k < word_bytes], [T, Dw] bf16.
+
+    Dw = D / (2 * word_bytes). Byte k of word w is byte word_bytes * w + k of the packed row
+    (little-endian), so lo_k holds elements {word_bytes * w + k} and hi_k elements
+    {D/2 + word_bytes * w + k}, as 128 + nibble. Columns are not reordered here: the caller
+    gathers the matching q columns instead (see _q_columns).
+    """
+    out = []
+    for k in range(word_bytes):
+        pair = []
+        for shift in (8 * k, 8 * k + 4):
+            x = words >> shift if shift else words
+            if shift + 4 < 8 * word_bytes:  # the top nibble needs no mask
+                x = x & 15
+            x = x.astype(jnp.uint16) | _BF16_128
+            pair.append(jax.lax.bitcast_convert_type(x, jnp.bfloat16))
+        out.append(tuple(pair))
+    return out
+
+
+def _q_columns(half: int, word_bytes: int):
+    """q column index vectors [(lo_k, hi_k) for k < word_bytes], each [D / (2 * word_bytes)],
+    matching the nibble blocks of _unpack_nibbles."""
+    w = jnp.arange(half // word_bytes) * word_bytes
+    return [(w + k, w + k + half) for k in range(word_bytes)]
 
 
 def _q_terms(q_half, split_f32: bool):
@@ -276,7 +320,7 @@ def _gpu_kernel(
     page_table_ref,  # [max_pages] int32: row b
     cand_ref,  # [C] int32: candidate blocks of (b, g)
     q_ref,  # [G, D] q dtype: the query heads of KV head g
-    k_ref,  # [P * S, D/2] uint8: all INT4 rows of KV head g
+    k_ref,  # [P * S, Dw] uint(8 W): all INT4 rows of KV head g, Dw = D / (2 W) words
     ks_ref,  # [P * S] f32
     kz_ref,  # [P * S] f32
     o_ref,  # [G, C * bs] f32: the logits row block of (b, g)
@@ -293,11 +337,12 @@ def _gpu_kernel(
     split_f32: bool,
     token_major: bool,
     prefetch_rows: bool,
+    word_bytes: int,
 ):
     b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bs, cb = block_size, tile_blocks
     tokens = cb * bs
-    half = k_ref.shape[1]
+    half = q_ref.shape[1] // 2
     max_pages = page_table_ref.shape[0]
     num_tiles = pl.cdiv(num_cand, cb)  # static: tiles of the C * bs output columns
     count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
@@ -352,13 +397,16 @@ def _gpu_kernel(
         rows = phys * page_size + jax.lax.rem(pos, page_size)
         return jnp.where(ok & (pos < length), rows, -1)
 
-    # Loop invariants: the G query rows (one read per program) split into bf16 terms.
-    byte = jnp.arange(half)[None, :]
+    # Loop invariants: the G query rows (one read per program) split into bf16 terms. The
+    # nibble blocks of a word tile are strided columns of the row (see _unpack_nibbles), so
+    # q is gathered in the same order, 2 W blocks of [Gp, Dw]: q is read once per program,
+    # the cache once per tile, so permuting q is the cheap side.
+    word = jnp.arange(half // word_bytes)[None, :]
     q_idx, q_mask = heads[:, None], (heads < group)[:, None]
-    q_lo = plt.load(q_ref.at[q_idx, byte], mask=q_mask, other=0)  # [Gp, D/2]
-    q_hi = plt.load(q_ref.at[q_idx, byte + half], mask=q_mask, other=0)
-    q_terms = [(t, 0) for t in _q_terms(q_lo, split_f32)]
-    q_terms += [(t, 1) for t in _q_terms(q_hi, split_f32)]
+    q_terms = []  # (bf16 term [Gp, Dw], index of its nibble block)
+    for i, col in enumerate(c for pair in _q_columns(half, word_bytes) for c in pair):
+        q_cols = plt.load(q_ref.at[q_idx, col[None, :]], mask=q_mask, other=0)  # [Gp, Dw]
+        q_terms += [(t, i) for t in _q_terms(q_cols, split_f32)]
     # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
     # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
     q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
@@ -367,10 +415,11 @@ def _gpu_kernel(
         tok_ok = rows >= 0
         safe = jnp.maximum(rows, 0)
         # One gather of the packed rows serves all G heads; masked rows are not read.
-        packed = plt.load(k_ref.at[safe[:, None], byte], mask=tok_ok[:, None], other=0)
+        words = plt.load(k_ref.at[safe[:, None], word], mask=tok_ok[:, None], other=0)
         k_s = plt.load(ks_ref.at[safe], mask=tok_ok, other=0.0)  # [T]
         k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
-        nibbles = _unpack_nibbles(packed)  # 2 x [T, D/2] bf16, 128 + nibble
+        # 2 W blocks of [T, Dw] bf16 (128 + nibble), in the order of _q_columns' pairs.
+        nibbles = [n for pair in _unpack_nibbles(words, word_bytes) for n in pair]
         if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
             dot = _add_all([_dot_nt(nibbles[i], t) for t, i in q_terms])
         else:  # [Gp, K] . [T, K]^T
@@ -435,6 +484,15 @@ def block_spgemv_gpu(
     cb = tokens // block_size
     splits = config.num_splits(batch * num_kv_heads, pl.cdiv(num_cand, cb))
     group_pad = max(16, pl.next_power_of_2(group))
+    word_bytes = config.effective_word_bytes(head_dim)
+    words_per_row = half // word_bytes
+    # Free in XLA: a row's D/2 bytes viewed as Dw little-endian words (byte k of word w is
+    # byte W w + k), so the kernel gathers W times fewer elements.
+    k_words = k_int4.reshape(num_kv_heads, num_pages * page_size, words_per_row, word_bytes)
+    if word_bytes == 1:
+        k_words = k_words[..., 0]
+    else:
+        k_words = jax.lax.bitcast_convert_type(k_words, _WORD_DTYPES[word_bytes])
 
     kernel = functools.partial(
         _gpu_kernel,
@@ -450,6 +508,7 @@ def block_spgemv_gpu(
         split_f32=q.dtype == jnp.float32,
         token_major=config.token_major,
         prefetch_rows=config.prefetch_rows,
+        word_bytes=word_bytes,
     )
 
     out = pl.pallas_call(
@@ -461,7 +520,7 @@ def block_spgemv_gpu(
             pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
             pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),
             pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size, half), lambda b, g, s: (g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size, words_per_row), lambda b, g, s: (g, 0, 0)),
             pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
             pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
         ],
@@ -482,7 +541,7 @@ def block_spgemv_gpu(
         page_table,
         cand_blocks,
         q.reshape(batch, num_kv_heads, group, head_dim),
-        k_int4.reshape(num_kv_heads, num_pages * page_size, half),
+        k_words,
         k_scale.reshape(num_kv_heads, num_pages * page_size),
         k_zero.reshape(num_kv_heads, num_pages * page_size),
     )

@@ -48,6 +48,7 @@ class Case:
     prefetch_rows: bool = False
     num_stages: int = 2
     counts: tuple | None = None  # cand_count rows; default random with fixed corner cases
+    word_bytes: int = 4  # GPU gather word width (SpGEMVConfig.word_bytes)
 
     def __str__(self):
         return (
@@ -57,6 +58,7 @@ class Case:
             + (f"-prog{self.target_programs}" if self.target_programs != 1024 else "")
             + ("-prefetch" if self.prefetch_rows else "")
             + (f"-B{self.batch}-counts" if self.counts else "")
+            + (f"-W{self.word_bytes}" if self.word_bytes != 4 else "")
         )
 
     def config(self):
@@ -67,6 +69,7 @@ class Case:
             max_splits=self.target_programs,
             prefetch_rows=self.prefetch_rows,
             num_stages=self.num_stages,
+            word_bytes=self.word_bytes,
         )
 
 
@@ -232,6 +235,37 @@ def test_gpu_tiles_and_splits(case):
     _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
 
 
+# Gather word widths other than the default 4 (uint32 words at D = 128, uint16 at D = 64,
+# which every case above runs): uint8 (the former byte gather) and uint16 words at D = 128.
+WORD_CASES = [
+    Case(g, d, 16, bs, dt, tokens_per_chunk=16, batch=2, max_len=40, num_cand=nc, word_bytes=w)
+    for g, d, bs, dt, nc, w in (
+        (4, 128, 1, F32, 24, 1),
+        (2, 64, 16, BF16, None, 1),
+        (4, 128, 16, BF16, None, 2),
+    )
+]
+
+
+@pytest.mark.parametrize("case", WORD_CASES, ids=str)
+def test_gpu_word_bytes(case):
+    args = _make(case, 70 + WORD_CASES.index(case))
+    ref = spgemv.block_spgemv(
+        *args, block_size=case.block_size, scale=case.scale, backend="reference"
+    )
+    _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
+
+
+def test_effective_word_bytes():
+    cfg = spgemv.SpGEMVConfig()
+    assert cfg.word_bytes == 4
+    assert cfg.effective_word_bytes(128) == 4  # uint32 words, K = 16
+    assert cfg.effective_word_bytes(64) == 2  # uint16 words, K = 16
+    assert cfg.effective_word_bytes(32) == 1  # bytes, K = 16
+    assert spgemv.SpGEMVConfig(word_bytes=1).effective_word_bytes(128) == 1
+    assert spgemv.SpGEMVConfig(word_bytes=2).effective_word_bytes(256) == 2
+
+
 def test_num_splits():
     cfg = spgemv.SpGEMVConfig(target_programs=1024, max_splits=64)
     assert cfg.num_splits(64 * 8, 64) == 2  # batch 64 x 8 KV heads: 1024 programs
@@ -314,6 +348,18 @@ def test_export_cuda(block_size, q_dtype, token_major, prefetch_rows):
     assert "block_spgemv_gpu" in exp.mlir_module()
 
 
+@pytest.mark.parametrize("word_bytes", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
+def test_export_cuda_word_bytes(head_dim, word_bytes, q_dtype):
+    # The uint16/uint32 shifts, masks and truncations must lower to Triton.
+    case = Case(4, head_dim, 16, 1, q_dtype, batch=2, max_len=64)
+    args = _make(case, 4)
+    cfg = spgemv.SpGEMVConfig(tokens_per_chunk=16, target_programs=8, word_bytes=word_bytes)
+    exp = export_cuda(lambda *a: spgemv.block_spgemv_gpu(*a, block_size=1, config=cfg), *args)
+    assert "block_spgemv_gpu" in exp.mlir_module()
+
+
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
 def test_export_tpu(block_size, q_dtype):
@@ -384,7 +430,8 @@ def test_config_validation(tokens):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("target_programs", 0), ("max_splits", 0), ("num_stages", 0)]
+    "field,value",
+    [("target_programs", 0), ("max_splits", 0), ("num_stages", 0), ("word_bytes", 3)],
 )
 def test_config_validation_loop_knobs(field, value):
     with pytest.raises(ValueError, match=field):
