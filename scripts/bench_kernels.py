@@ -36,24 +36,18 @@ N_ROT = 4  # input sets rotated through inside one timing loop
 
 
 OLD_GRID = dict(target_programs=2**30, max_splits=2**30, num_stages=1)  # one tile/program
-SPGEMV_SWEEP = [spgemv.SpGEMVConfig(tokens_per_chunk=128, num_warps=4, **OLD_GRID)] + [
-    spgemv.SpGEMVConfig(
-        tokens_per_chunk=t,
-        target_programs=tp,
-        num_stages=st,
-        num_warps=w,
-        prefetch_rows=pr,
-        token_major=tm,
-    )
-    for t, tp, st, w, pr, tm in [
-        (64, 1024, 2, 4, False, False),
-        (128, 2048, 2, 4, False, False),
-        (128, 1024, 3, 4, False, False),
-        (256, 1024, 2, 8, False, False),
-        (64, 2048, 3, 4, False, False),
-        (128, 1024, 2, 4, True, False),
-        (128, 1024, 2, 4, False, True),
-        (32, 2048, 3, 4, False, False),
+SPGEMV_SWEEP = [
+    spgemv.SpGEMVConfig(tokens_per_chunk=t, num_warps=w, word_bytes=wb, **grid)
+    for t, w, wb, grid in [
+        (128, 4, 1, OLD_GRID),
+        (128, 4, 2, OLD_GRID),
+        (128, 4, 4, OLD_GRID),
+        (256, 4, 4, OLD_GRID),
+        (128, 8, 4, OLD_GRID),
+        (64, 4, 4, OLD_GRID),
+        (128, 4, 4, {}),
+        (256, 8, 4, {}),
+        (128, 4, 4, dict(num_stages=3)),
     ]
 ]
 QUEST_SWEEP = [quest.QuestGpuConfig(pages_per_block=32, **OLD_GRID)] + [
