@@ -411,7 +411,7 @@ def test_bad_inputs_raise_before_tracing():
         (dict(q=q[:2]), "q batch 2"),
         (dict(q=q[..., :8]), "q head_dim 8"),
         (dict(q=q[:, :3]), "q heads 3"),
-        (dict(q=q.astype(jnp.int32)), "q must be float32"),
+        (dict(q=q.astype(jnp.float16)), "q must be float32 or bfloat16"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.2), "top_p must be in"),
         (dict(top_p=jnp.asarray([0.5, 0.5, 1.5, 0.5])), "top_p values must be in"),

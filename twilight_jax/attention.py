@@ -55,8 +55,8 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
     if np.ndim(q) != 3:
         raise ValueError(f"q must have rank 3 [B, Hq, D], got shape {tuple(np.shape(q))}")
     b, hq, d = q.shape
-    if not any(np.dtype(q.dtype) == np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16)):
-        raise ValueError(f"q must be float32, bfloat16 or float16, got {np.dtype(q.dtype)}")
+    if not any(np.dtype(q.dtype) == np.dtype(t) for t in (jnp.float32, jnp.bfloat16)):
+        raise ValueError(f"q must be float32 or bfloat16, got {np.dtype(q.dtype)}")
     if b != cache.batch:
         raise ValueError(
             f"q batch {b} must equal the cache batch {cache.batch} (q shape {q.shape})"
@@ -87,21 +87,20 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
                 f"cfg.ds_channels={cfg.ds_channels} must equal the cache's label channels "
                 f"{cache.ds_channels}"
             )
-    if top_p is not None:
-        if isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-            if not 0.0 < float(top_p) <= 1.0:
-                raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        else:
-            if np.shape(top_p) != (b,):
-                raise ValueError(
-                    f"top_p must be a float or a [B={b}] array, got shape {np.shape(top_p)}"
-                )
-            if not jnp.issubdtype(np.dtype(top_p.dtype), jnp.floating):
-                raise ValueError(f"top_p must be a float array, got dtype {top_p.dtype}")
-            if not isinstance(top_p, jax.core.Tracer):
-                tp = np.asarray(top_p, np.float32)
-                if not ((tp > 0) & (tp <= 1)).all():
-                    raise ValueError(f"top_p values must be in (0, 1], got {tp.tolist()}")
+    if isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    elif top_p is not None:
+        if np.shape(top_p) != (b,):
+            raise ValueError(
+                f"top_p must be a float or a [B={b}] array, got shape {np.shape(top_p)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(top_p), jnp.floating):
+            raise ValueError(f"top_p must be a float array, got dtype {jnp.result_type(top_p)}")
+        if not isinstance(top_p, jax.core.Tracer):
+            tp = np.asarray(top_p, np.float32)
+            if not ((tp > 0) & (tp <= 1)).all():
+                raise ValueError(f"top_p values must be in (0, 1], got {tp.tolist()}")
     if not isinstance(cache.lengths, jax.core.Tracer):
         ln = np.asarray(cache.lengths)
         if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.capacity:
@@ -159,13 +158,14 @@ def _decode_attention(q, cache, layer, top_p, cfg, backend):
 
     cand = selectors.select_candidates(q, cache, cfg, layer, backend)
     positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
-    if top_p is None:
+    if top_p is None:  # the base selector alone: attend to every candidate
         kept_pos, kept_ok = positions, cand.valid
         mass = jnp.ones((b, hq), jnp.float32)
         saturated = jnp.zeros((b, rows), bool)
     else:
         logits = pruner.estimate_scores(q, cache, layer, cand, cfg.estimate_bits, backend)
         cols, counts, saturated, mass = pruner.prune(logits, cand, top_p, cfg, backend)
+        # The pruner works on candidate columns; attention wants token positions.
         kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
         kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
     token_pos, counts = pruner.add_forced_tokens(

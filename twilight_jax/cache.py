@@ -214,8 +214,9 @@ class PagedKVCache:
         (<= T); ds_channel_idx: optional [L, Hkv, C] int heavy channels (allocates labels).
         The cache has dtype k.dtype, max_pages = ceil(T / page_size).
         """
-        if np.ndim(k) == 4:
-            k, v = k[None], v[None] if np.ndim(v) == 4 else v
+        if np.ndim(k) == 4:  # one layer
+            k = k[None]
+            v = v[None] if np.ndim(v) == 4 else v
         if np.ndim(k) != 5:
             raise ValueError(
                 f"k must have shape [B, T, Hkv, D] or [L, B, T, Hkv, D], got {np.shape(k)}"
