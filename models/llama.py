@@ -311,13 +311,17 @@ class LlamaForCausalLM(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs | None = None,
         abstract: bool = False,
+        scan_unroll: int | bool = 1,
     ):
         """Random N(0, 0.02) weights from ``rngs`` (default seed 0), or with ``abstract``
-        shape-only placeholders that a loader fills."""
+        shape-only placeholders that a loader fills. ``scan_unroll``: ``lax.scan``'s unroll
+        of the layer loop (True = fully unrolled: static weight slices, longer compiles); a
+        static attribute, so it may also be set on a loaded model before ``jit()``."""
         dtype = jnp.dtype(dtype or default_dtype())
         init = Init(None if abstract else (rngs if rngs is not None else nnx.Rngs(0)))
         self.config = config
         self.dtype = dtype
+        self.scan_unroll = scan_unroll
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, init)
         self.blocks = DecoderLayer(config, dtype, init.stacked(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, init)
@@ -398,7 +402,9 @@ class LlamaForCausalLM(nnx.Module):
             )
             return (h, carry), stats
 
-        (h, carry), stats = jax.lax.scan(body, (h, carry), jnp.arange(lo, hi, dtype=jnp.int32))
+        (h, carry), stats = jax.lax.scan(
+            body, (h, carry), jnp.arange(lo, hi, dtype=jnp.int32), unroll=self.scan_unroll
+        )
         return h, carry, stats
 
     # ------------------------------------------------------------------ entry points

@@ -312,6 +312,19 @@ def test_batched_logits_equal_single(llama31_jitted):
         np.testing.assert_allclose(both[b], one, atol=1e-5)
 
 
+def test_unrolled_layers_equal_scanned(llama31_jitted):
+    model = llama31_jitted.model
+    ids = np.random.default_rng(8).integers(0, model.config.vocab_size, (1, 33)).astype(np.int32)
+    model.scan_unroll = True
+    try:
+        unrolled = models.JittedLlama(model)
+    finally:
+        model.scan_unroll = 1
+    np.testing.assert_allclose(
+        np.asarray(unrolled.logits(ids)), np.asarray(llama31_jitted.logits(ids)), atol=1e-5
+    )
+
+
 # ------------------------------------------------------------------------ tokenizer
 
 TOKENIZER_STRINGS = [
