@@ -3,8 +3,7 @@
 from twilight_jax.attention import SelectionInfo, decode_attention
 from twilight_jax.cache import OutOfPagesError, PageAllocator, PagedKVCache
 from twilight_jax.config import SparsityConfig
-
-# from twilight_jax.generate import generate  (added with the generation module)
+from twilight_jax.generate import generate
 
 __all__ = [
     "OutOfPagesError",
@@ -13,4 +12,5 @@ __all__ = [
     "SelectionInfo",
     "SparsityConfig",
     "decode_attention",
+    "generate",
 ]
