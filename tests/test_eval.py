@@ -585,3 +585,26 @@ def test_sweep_perplexity_records(tmp_path):
     assert set(ppl) == {(m, n) for m in SMALL.methods for n in SMALL.lengths}
     for stats in ppl.values():
         assert stats["tokens"] == 2 * 39 and stats["perplexity"] >= 1.0
+
+
+def test_time_limit_mid_batch_keeps_finished_methods(tmp_path, monkeypatch):
+    clock = {"now": 0.0}
+
+    class SlowCopyModel(CopyModel):
+        def step(self, tokens, cache, cfg):
+            clock["now"] += 1.0  # every decode step takes a "second"
+            return super().step(tokens, cache, cfg)
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return clock["now"]
+
+    monkeypatch.setattr(runner, "time", FakeTime)
+    model = SlowCopyModel()
+    assert not runner.run_sweep(model, SMALL, tmp_path, time_limit_s=5.0, log=lambda s: None)
+    records = runner.RecordStore(tmp_path).records
+    # The first method of the first batch ran past the limit and was kept; nothing else ran.
+    assert {r["method"] for r in records} == {SMALL.methods[0]} and len(records) == 2
+    assert runner.run_sweep(model, SMALL, tmp_path, log=lambda s: None)
+    assert len(runner.RecordStore(tmp_path).records) == 2 * 3 * 3

@@ -644,8 +644,8 @@ def run_sweep(
                     log(f"time limit reached before {task} @ {length}: rerun to continue")
                     return False
                 t0 = time.monotonic()
-                trace: list | None = [] if task != "perplexity" else None
-                rows = _run_batch(
+                trace_path = None if task == "perplexity" else out / f"budgets_{length}.npz"
+                done = _run_batch(
                     adapter,
                     batch,
                     task,
@@ -655,15 +655,12 @@ def run_sweep(
                     methods,
                     store,
                     ds_idx,
-                    trace,
+                    trace_path,
                     deadline,
                 )
-                store.add(rows)
-                if trace:
-                    _save_trace(out / f"budgets_{length}.npz", trace)
                 log(
                     f"{task:>18s} @ {length:>5d}: {len(batch)} items x "
-                    f"{len({r['method'] for r in rows})} methods in {time.monotonic() - t0:.1f}s"
+                    f"{len(done)} methods in {time.monotonic() - t0:.1f}s"
                 )
     with_ppl = bool(settings.ppl_docs and tasks.kjv_verses())
     wanted = [(t, settings.samples) for t in settings.tasks]
@@ -733,8 +730,11 @@ def _make_items(adapter, task: str, length: int, settings: EvalConfig, indices) 
 
 
 def _run_batch(
-    adapter, batch, task, length, capacity, settings, methods, store, ds_idx, trace, deadline
-):
+    adapter, batch, task, length, capacity, settings, methods, store, ds_idx, trace_path, deadline
+) -> list[str]:
+    """Prefills a batch once and decodes it with every method it still lacks; each method's
+    records (and the budget trace) are saved as soon as it finishes, so a run killed mid-batch
+    loses at most one method. Returns the names of the methods run."""
     # One tail length for the batch (the longest), so the decode steps stay in lock step;
     # shorter questions just decode a few more context tokens.
     k = max(it.tail for it in batch)
@@ -747,16 +747,16 @@ def _run_batch(
     cache0 = adapter.new_cache(len(rows), capacity, ds_idx)
     _, cache0 = adapter.prefill(_right_pad(prefix, capacity), lengths, cache0)
     is_ppl = task == "perplexity"
-    out = []
+    ran: list[str] = []
     todo = [
         m for m in methods if any(not store.has(m.name, task, length, it.index) for it in batch)
     ]
     for j, method in enumerate(todo):
-        if deadline is not None and time.monotonic() > deadline and out:
+        if deadline is not None and time.monotonic() > deadline and ran:
             break
         cfg = method.config(length, capacity, settings)
         cache = cache0 if j == len(todo) - 1 else adapter.clone(cache0)
-        method_trace = trace if method.name == settings.budget_trace else None
+        method_trace = [] if trace_path and method.name == settings.budget_trace else None
         generated, stats, nll, _ = decode_batch(
             adapter,
             cache,
@@ -769,6 +769,7 @@ def _run_batch(
             trace_rows=len(batch),
             score_tokens=is_ppl,
         )
+        rows = []
         for i, it in enumerate(batch):
             rec = {
                 "method": method.name,
@@ -790,8 +791,12 @@ def _run_batch(
                     depth=it.depth,
                     score=scoring.string_match_all(text, it.answers),
                 )
-            out.append(rec)
-    return out
+            rows.append(rec)
+        store.add(rows)
+        if method_trace:
+            _save_trace(trace_path, method_trace)
+        ran.append(method.name)
+    return ran
 
 
 def _save_trace(path: Path, trace: list) -> None:
