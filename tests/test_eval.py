@@ -439,7 +439,7 @@ def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
         tasks=("passkey",),
         samples=1,
         depths=(0.5,),
-        methods=("dense", "quest:32@0.9"),
+        methods=("dense", "quest:32@0.9", "ds:32"),
         batch_size=1,
         ppl_docs=1 if has_text else 0,
         ppl_tokens=24,
@@ -448,10 +448,14 @@ def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
     )
     assert runner.run_sweep(adapter, settings, tmp_path, log=lambda s: None)
     records = runner.RecordStore(tmp_path).records
-    assert len(records) == 2 * (1 + has_text)
+    assert len(records) == 3 * (1 + has_text)
+    channels = np.load(tmp_path / "ds_channels.npz")["channels"]
+    assert channels.shape == (2, 2, settings.ds_channels) and (np.diff(channels, axis=-1) > 0).all()
     for r in records:
         if r["method"] == "dense":
             assert r["attended_frac"] == pytest.approx(1.0)
+        elif r["method"] == "double_sparsity:32":
+            assert r["attended"] == pytest.approx(32.0) and r["pruned"] is None
         else:
             assert 0 < r["attended"] <= 32 and 0 <= r["pruned"] < 1
             assert 0.5 < r["mass"] <= 1.0 + 1e-6 and r["saturated"] == 0.0
