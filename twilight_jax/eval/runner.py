@@ -200,7 +200,19 @@ GPU_METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Everything a run depends on (recorded in meta.json)."""
+    """Everything a run depends on (recorded in meta.json).
+
+    model: models.load name or path. lengths: context lengths in tokens (prompt, BOS and answer
+    fit inside). tasks: from tasks.TASKS. samples: prompts per task and length; depths: needle
+    depths, cycled over the samples. methods: Method specs. batch_size: prompts decoded
+    together (the last batch is padded to it, so shapes stay static). page_size,
+    dense_layers, ds_channels: the SparsityConfig fields shared by every method.
+    ds_calibration_tokens: text tokens for the Double Sparsity channel calibration.
+    ppl_docs, ppl_tokens: perplexity texts per length (0: none) and how many of each text's
+    last tokens are decoded. max_new_tokens: (task, answer budget) pairs. budget_trace: the
+    method whose per-layer, per-head counts are saved for the budget plot. seed: task and text
+    sampling.
+    """
 
     model: str = "smollm2-135m-instruct"
     lengths: tuple[int, ...] = (2048, 4096, 8192)
