@@ -506,11 +506,12 @@ class LlamaForCausalLM(nnx.Module):
             )
             q1 = q[:, 0].astype(kv_dtype)  # [B, Hq, D]
             if dense:
+                view = cache.layer_view(layer)  # all layers' pages, no per-layer copy
                 out = paged_decode_attention(
                     q1,
-                    cache.k_pages[layer],
-                    cache.v_pages[layer],
-                    cache.page_table,
+                    view.k_pages,
+                    view.v_pages,
+                    view.page_table,
                     cache.lengths,
                     backend=backend,
                 )

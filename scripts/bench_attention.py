@@ -103,11 +103,12 @@ def stage_times(q, cache, cfg, top_p):
     )
 
     def attend(q, cache, token_pos, counts):
+        view = cache.layer_view(layer)
         return sparse_decode_attention(
             q,
-            cache.k_pages[layer],
-            cache.v_pages[layer],
-            cache.page_table,
+            view.k_pages,
+            view.v_pages,
+            view.page_table,
             token_pos,
             counts,
             backend=backend,

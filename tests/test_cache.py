@@ -25,9 +25,9 @@ def _kv(rng, b, t, dtype=np.float32):
 
 
 def _read_token(arr, cache, layer, b, pos):
-    """arr [L, Hkv, P, S, ...] at logical position pos of sequence b -> [Hkv, ...]."""
+    """arr [Hkv, L, P, S, ...] at logical position pos of sequence b -> [Hkv, ...]."""
     page = cache.page_table[b, pos // cache.page_size]
-    return arr[layer, :, page, pos % cache.page_size].astype(np.float32)
+    return arr[:, layer, page, pos % cache.page_size].astype(np.float32)
 
 
 def _quantize_np(x):
@@ -59,7 +59,7 @@ def _check_against_dense(cache, k, v, lengths, channels=None):
                     _read_token(cache.v_pages, cache, layer, b, pos), v[layer, b, pos]
                 )
                 nib, tie, scale, zero = _quantize_np(kt)
-                got = _unpack(cache.k_int4[layer, :, cache.page_table[b, pos // s], pos % s])
+                got = _unpack(cache.k_int4[:, layer, cache.page_table[b, pos // s], pos % s])
                 diff = np.abs(got.astype(np.int32) - nib)
                 assert (diff <= tie).all(), (got, nib)
                 np.testing.assert_allclose(
@@ -75,10 +75,10 @@ def _check_against_dense(cache, k, v, lengths, channels=None):
                 page = int(cache.page_table[b, lp])
                 rows = k[layer, b, lp * s : min(n, (lp + 1) * s)].astype(np.float32)
                 np.testing.assert_array_equal(
-                    cache.k_min[layer, :, page].astype(np.float32), rows.min(0)
+                    cache.k_min[:, layer, page].astype(np.float32), rows.min(0)
                 )
                 np.testing.assert_array_equal(
-                    cache.k_max[layer, :, page].astype(np.float32), rows.max(0)
+                    cache.k_max[:, layer, page].astype(np.float32), rows.max(0)
                 )
 
 
@@ -95,7 +95,7 @@ def test_from_dense_round_trip(page_size, dtype):
         k, v, jnp.asarray(lengths), page_size=page_size, ds_channel_idx=jnp.asarray(channels)
     )
     max_pages = -(-t // page_size)
-    assert cache.k_pages.shape == (L, HKV, 1 + b * max_pages, page_size, D)
+    assert cache.k_pages.shape == (HKV, L, 1 + b * max_pages, page_size, D)
     assert cache.k_pages.dtype == dtype and cache.k_min.dtype == dtype
     assert cache.k_int4.shape[-1] == D // 2 and cache.k_int4.dtype == jnp.uint8
     np.testing.assert_array_equal(
@@ -219,6 +219,28 @@ def test_permuted_page_table_and_allocator_rows():
     cache = cache.with_lengths(jnp.asarray(lengths))
     _check_against_dense(cache, k, v, lengths)
     np.testing.assert_array_equal(np.asarray(cache.k_pages[:, :, 0]), 0)  # null page untouched
+
+
+def test_layer_view_is_the_layer():
+    """layer_view: one [Hkv, L*P, ...] pool and a page table offset into the layer's pages
+    address exactly that layer's tokens."""
+    rng = np.random.default_rng(5)
+    b, t, s = 2, 9, 4
+    k, v = _kv(rng, b, t)
+    lengths = np.array([9, 5])
+    cache = PagedKVCache.from_dense(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), s)
+    for layer in range(L):
+        view = cache.layer_view(layer)
+        assert view.k_pages.shape == (HKV, L * cache.num_pages, s, D)
+        for bb in range(b):
+            for pos in range(lengths[bb]):
+                page = view.page_table[bb, pos // s]
+                np.testing.assert_array_equal(view.k_pages[:, page, pos % s], k[layer, bb, pos])
+                np.testing.assert_array_equal(view.v_pages[:, page, pos % s], v[layer, bb, pos])
+                np.testing.assert_array_equal(
+                    view.k_scale[:, page, pos % s],
+                    _read_token(cache.k_scale, cache, layer, bb, pos),
+                )
 
 
 def test_allocator():

@@ -144,10 +144,11 @@ def _decode_attention(q, cache, layer, top_p, cfg, backend):
     b, hq, _ = q.shape
     hkv = cache.num_kv_heads
     rows = hkv if cfg.gqa == "group_union" else hq
-    k_pages, v_pages = cache.k_pages[layer], cache.v_pages[layer]
+    view = cache.layer_view(layer)
+    k_pages, v_pages = view.k_pages, view.v_pages
     if cfg.selector == "dense":
         out = paged_decode_attention(
-            q, k_pages, v_pages, cache.page_table, cache.lengths, backend=backend
+            q, k_pages, v_pages, view.page_table, cache.lengths, backend=backend
         )
         n = jnp.broadcast_to(cache.lengths[:, None], (b, rows))
         pos = jnp.broadcast_to(
@@ -172,7 +173,7 @@ def _decode_attention(q, cache, layer, top_p, cfg, backend):
         kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens
     )
     out = sparse_decode_attention(
-        q, k_pages, v_pages, cache.page_table, token_pos, counts, backend=backend
+        q, k_pages, v_pages, view.page_table, token_pos, counts, backend=backend
     )
     info = SelectionInfo(
         counts=counts,

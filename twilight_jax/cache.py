@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,22 @@ def _check_layer(layer, num_layers: int) -> None:
         raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
 
 
+class LayerView(NamedTuple):
+    """One layer of a PagedKVCache in the kernels' layout (docs/kernel_api.md): arrays
+    [Hkv, L * P, ...] shared by all layers, and page_table [B, max_pages] already pointing into
+    this layer's pages."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    k_int4: jax.Array
+    k_scale: jax.Array
+    k_zero: jax.Array
+    k_min: jax.Array
+    k_max: jax.Array
+    ds_labels: jax.Array | None
+    page_table: jax.Array
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
@@ -70,14 +87,20 @@ def _check_layer(layer, num_layers: int) -> None:
 class PagedKVCache:
     """K/V pages of every layer plus the metadata the sparse selectors read.
 
-    k_pages, v_pages: [L, Hkv, P, S, D] float (S = page_size, P physical pages, page 0 null)
-    k_int4: [L, Hkv, P, S, D//2] uint8 (split-halves nibbles, docs/kernel_api.md)
-    k_scale, k_zero: [L, Hkv, P, S] float32
-    k_min, k_max: [L, Hkv, P, D] Quest per-page elementwise min / max, dtype of k_pages
-    page_table: [B, max_pages] int32, logical page -> physical page
+    k_pages, v_pages: [Hkv, L, P, S, D] float (S = page_size, P physical pages per layer,
+      page 0 null)
+    k_int4: [Hkv, L, P, S, D//2] uint8 (split-halves nibbles, docs/kernel_api.md)
+    k_scale, k_zero: [Hkv, L, P, S] float32
+    k_min, k_max: [Hkv, L, P, D] Quest per-page elementwise min / max, dtype of k_pages
+    page_table: [B, max_pages] int32, logical page -> physical page (the same in every layer)
     lengths: [B] int32, tokens valid per sequence
-    ds_labels: [L, Hkv, P, S, C] Double Sparsity label cache (K at C heavy channels), or None
+    ds_labels: [Hkv, L, P, S, C] Double Sparsity label cache (K at C heavy channels), or None
     ds_channel_idx: [L, Hkv, C] int32 heavy channels per layer and KV head, or None
+
+    The layer axis sits after the KV-head axis so that ``layer_view`` can hand the kernels all
+    layers as one [Hkv, L * P, ...] page pool (a free reshape) with ``layer * P`` added to the
+    page table: slicing one layer out of a [L, ...] array would make XLA copy that layer before
+    every Pallas call (measured: 5x the byte floor of a decode step, docs/attention.md).
     """
 
     k_pages: jax.Array
@@ -96,11 +119,11 @@ class PagedKVCache:
     # ------------------------------------------------------------------ shape properties
     @property
     def num_layers(self) -> int:
-        return self.k_pages.shape[0]
+        return self.k_pages.shape[1]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k_pages.shape[1]
+        return self.k_pages.shape[0]
 
     @property
     def num_pages(self) -> int:
@@ -175,7 +198,7 @@ class PagedKVCache:
         table = 1 + np.arange(batch * max_pages, dtype=np.int32).reshape(batch, max_pages)
         if table.max() >= num_pages:
             table = np.zeros_like(table)  # too few pages to lay out contiguously: all null
-        lhp = (num_layers, num_kv_heads, num_pages)
+        lhp = (num_kv_heads, num_layers, num_pages)
         ds_idx = ds_labels = None
         if ds_channels:
             ds_idx = jnp.broadcast_to(
@@ -292,7 +315,9 @@ class PagedKVCache:
                     f"got range [{ci.min()}, {ci.max()}]"
                 )
         idx = jnp.asarray(channel_idx, jnp.int32)
-        labels = jnp.take_along_axis(self.k_pages, idx[:, :, None, None, :], axis=-1)
+        labels = jnp.take_along_axis(
+            self.k_pages, idx.transpose(1, 0, 2)[:, :, None, None, :], axis=-1
+        )
         return dataclasses.replace(self, ds_channel_idx=idx, ds_labels=labels)
 
     def begin_decode_step(self, active=None) -> PagedKVCache:
@@ -311,11 +336,39 @@ class PagedKVCache:
         phys = jnp.where(ok, self.page_table[b, logical], self.num_pages)
         return phys, pos % self.page_size
 
+    def _at(self, layer, phys, slot=None):
+        """Advanced index of the rows (layer, phys[...], slot[...]) of every KV head in a
+        [Hkv, L, P, ...] array: selects [*phys.shape, Hkv, ...]."""
+        heads = jnp.arange(self.num_kv_heads).reshape((1,) * phys.ndim + (-1,))
+        if slot is None:
+            return heads, layer, phys[..., None]
+        return heads, layer, phys[..., None], slot[..., None]
+
+    def layer_view(self, layer) -> LayerView:
+        """One layer as the kernels take it, with no copy: every array viewed as one
+        [Hkv, L * P, ...] page pool and the page table offset by layer * P (layer may be
+        traced)."""
+
+        def pool(x):
+            return None if x is None else x.reshape(x.shape[0], -1, *x.shape[3:])
+
+        return LayerView(
+            k_pages=pool(self.k_pages),
+            v_pages=pool(self.v_pages),
+            k_int4=pool(self.k_int4),
+            k_scale=pool(self.k_scale),
+            k_zero=pool(self.k_zero),
+            k_min=pool(self.k_min),
+            k_max=pool(self.k_max),
+            ds_labels=pool(self.ds_labels),
+            page_table=self.page_table + jnp.asarray(layer, jnp.int32) * self.num_pages,
+        )
+
     def _write_tokens(self, layer, k, v, phys, slot, backend):
         """Writes K/V rows [B, ..., Hkv, D] to (phys, slot) [B, ...] of one layer: bf16 pages,
         INT4 K and DS labels (Quest metadata is the caller's)."""
         k = k.astype(self.k_pages.dtype)
-        idx = (layer, slice(None), phys, slot)
+        idx = self._at(layer, phys, slot)
         packed, scale, zero = quantize_int4(k.astype(jnp.float32), backend=backend)
         updates = dict(
             k_pages=self.k_pages.at[idx].set(k, mode="drop"),
@@ -373,13 +426,15 @@ class PagedKVCache:
         logical = start[:, None] // s + jnp.arange(n_touched, dtype=jnp.int32)
         ok = (logical * s < end[:, None]) & (end > start)[:, None] & (logical < self.max_pages)
         phys, _ = self._slots(logical * s, ok)
-        rows = self.k_pages[layer, :, jnp.minimum(phys, self.num_pages - 1)]  # [B, NT, Hkv, S, D]
+        rows = self.k_pages[
+            self._at(layer, jnp.minimum(phys, self.num_pages - 1))
+        ]  # [B,NT,Hkv,S,D]
         live = (logical[..., None] * s + jnp.arange(s)) < end[:, None, None]  # [B, NT, S]
         live = live[:, :, None, :, None]
         inf = jnp.asarray(jnp.inf, rows.dtype)
         kmin = jnp.where(live, rows, inf).min(3)
         kmax = jnp.where(live, rows, -inf).max(3)
-        idx = (layer, slice(None), phys)
+        idx = self._at(layer, phys)
         return dataclasses.replace(
             self,
             k_min=self.k_min.at[idx].set(kmin, mode="drop"),
@@ -419,8 +474,8 @@ def _write_decode(cache, layer, k, v, active, backend):
     ok = active & (pos >= 0) & (pos < cache.capacity)
     phys, slot = cache._slots(pos, ok)
     kc = k.astype(cache.k_min.dtype)
-    idx = (layer, slice(None), phys)
-    safe = (layer, slice(None), jnp.minimum(phys, cache.num_pages - 1))
+    idx = cache._at(layer, phys)
+    safe = cache._at(layer, jnp.minimum(phys, cache.num_pages - 1))
     first = (slot == 0)[:, None, None]
     kmin = jnp.where(first, kc, jnp.minimum(cache.k_min[safe], kc))
     kmax = jnp.where(first, kc, jnp.maximum(cache.k_max[safe], kc))

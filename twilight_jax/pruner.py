@@ -38,13 +38,14 @@ def estimate_scores(
 
     Only columns where cand.valid holds are meaningful (others may be -inf or junk).
     """
+    view = cache.layer_view(layer)
     if bits == 4:
         return block_spgemv(
             q,
-            cache.k_int4[layer],
-            cache.k_scale[layer],
-            cache.k_zero[layer],
-            cache.page_table,
+            view.k_int4,
+            view.k_scale,
+            view.k_zero,
+            view.page_table,
             cache.lengths,
             cand.blocks,
             cand.count,
@@ -55,9 +56,9 @@ def estimate_scores(
     hkv, s = cache.num_kv_heads, cache.page_size
     pos = cand.positions  # [B, Hkv, N]
     phys = jnp.take_along_axis(
-        cache.page_table, jnp.clip(pos // s, 0, cache.max_pages - 1).reshape(b, -1), axis=1
+        view.page_table, jnp.clip(pos // s, 0, cache.max_pages - 1).reshape(b, -1), axis=1
     ).reshape(pos.shape)
-    k = cache.k_pages[layer][jnp.arange(hkv)[None, :, None], phys, pos % s]
+    k = view.k_pages[jnp.arange(hkv)[None, :, None], phys, pos % s]
     k = k.astype(jnp.float32)
     if bits == 8:
         k = _fake_quantize(k, 8)

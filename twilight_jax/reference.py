@@ -32,8 +32,8 @@ def dense_kv(cache: PagedKVCache, layer: int):
     pos = jnp.arange(cache.capacity)
     phys = cache.page_table[:, pos // s]  # [B, N]
     g = jnp.arange(cache.num_kv_heads)[None, :, None]
-    k = cache.k_pages[layer][g, phys[:, None, :], (pos % s)[None, None, :]]
-    v = cache.v_pages[layer][g, phys[:, None, :], (pos % s)[None, None, :]]
+    k = cache.k_pages[:, layer][g, phys[:, None, :], (pos % s)[None, None, :]]
+    v = cache.v_pages[:, layer][g, phys[:, None, :], (pos % s)[None, None, :]]
     return k.astype(jnp.float32), v.astype(jnp.float32)
 
 

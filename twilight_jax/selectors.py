@@ -118,11 +118,12 @@ def select_quest(q, cache, cfg, layer, backend) -> Candidates:
     """Quest: pages ranked by sum_d max(q_d min_d, q_d max_d) (summed over a group's heads for
     group_union); the top budget / page_size pages."""
     hkv, s = cache.num_kv_heads, cache.page_size
+    view = cache.layer_view(layer)
     scores = quest_page_scores(
         q,
-        cache.k_min[layer],
-        cache.k_max[layer],
-        cache.page_table,
+        view.k_min,
+        view.k_max,
+        view.page_table,
         cache.lengths,
         page_size=s,
         backend=backend,
@@ -139,7 +140,8 @@ def select_double_sparsity(q, cache, cfg, layer) -> Candidates:
     channels ch), summed over a group's heads for group_union; the top budget tokens."""
     b, hq, d = q.shape
     hkv, n = cache.num_kv_heads, cache.capacity
-    labels = _gather_tokens(cache.ds_labels[layer], cache.page_table, n)  # [B, Hkv, N, C]
+    view = cache.layer_view(layer)
+    labels = _gather_tokens(view.ds_labels, view.page_table, n)  # [B, Hkv, N, C]
     ch = cache.ds_channel_idx[layer]  # [Hkv, C]
     q_lab = jnp.take_along_axis(
         q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d), ch[None, :, None, :], axis=-1
@@ -154,7 +156,8 @@ def select_oracle(q, cache, cfg, layer) -> Candidates:
     """Exact top-k: per head the true logits; per group the summed true attention weights."""
     b, hq, d = q.shape
     hkv, n = cache.num_kv_heads, cache.capacity
-    k = _gather_tokens(cache.k_pages[layer], cache.page_table, n)  # [B, Hkv, N, D]
+    view = cache.layer_view(layer)
+    k = _gather_tokens(view.k_pages, view.page_table, n)  # [B, Hkv, N, D]
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     logits = jnp.einsum("bgjd,bgnd->bgjn", qg, k).reshape(b, hq, n) / math.sqrt(d)
     valid = (jnp.arange(n) < cache.lengths[:, None])[:, None]
