@@ -6,6 +6,8 @@ cache is filled with random post-RoPE K/V of --context tokens per sequence throu
 decode step (cache donated) runs --steps times; the median step time is reported next to the
 floor of reading every layer's K and V once plus the weights once at the copy bandwidth. A step
 far above that floor means bytes are moved that need not be (e.g. per-layer cache copies).
+With --profile, 3 more steps per method run under the JAX profiler: device busy time per step
+(gaps between kernels excluded) and the longest kernels.
 
     python scripts/bench_decode_step.py --batch 64 --context 4096 --out docs/results/decode_step
 """
@@ -13,6 +15,7 @@ far above that floor means bytes are moved that need not be (e.g. per-layer cach
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -54,6 +57,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--unroll", action="store_true", help="also time scan_unroll=True")
     ap.add_argument("--out", default="docs/results/decode_step")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace 3 steps per method: device busy time and the longest kernels",
+    )
     args = ap.parse_args()
 
     config = LlamaConfig.from_hf(SMOLLM2)
@@ -67,7 +75,20 @@ def main():
             selector="quest", budget=1024, top_p=0.95, max_budget=512
         ),
     }
-    table = benchlib.Table(["method", "unroll", "batch", "context", "step_ms", "floor_ms", "note"])
+    table = benchlib.Table(
+        [
+            "method",
+            "unroll",
+            "batch",
+            "context",
+            "step_ms",
+            "busy_ms",
+            "floor_ms",
+            "compile_s",
+            "note",
+        ]
+    )
+    profiles = {}
     c = config
     weight_bytes = 2 * (
         c.vocab_size * c.hidden_size
@@ -95,21 +116,42 @@ def main():
                     cache = PagedKVCache.from_dense(k, v, lengths, page_size=16)
                     del k, v
                     tokens = jnp.ones((batch,), jnp.int32)
+                    t0 = time.perf_counter()
                     logits, cache, _ = jm.decode_step(tokens, cache, cfg)  # compile
                     jax.block_until_ready(logits)
+                    compile_s = time.perf_counter() - t0
                     times = []
                     for _ in range(min(args.steps, 7)):
                         t0 = time.perf_counter()
                         logits, cache, _ = jm.decode_step(tokens, cache, cfg)
                         jax.block_until_ready(logits)
                         times.append(time.perf_counter() - t0)
+                    busy = None
+                    if args.profile:
+                        state = {"cache": cache}
+
+                        def one_step():
+                            lg, state["cache"], _ = jm.decode_step(tokens, state["cache"], cfg)
+                            jax.block_until_ready(lg)
+
+                        tag = f"{name.replace('/', '_').replace(' ', '_')}_b{batch}_u{unroll}"
+                        trace = benchlib.profile(one_step, f"{args.out}_trace/{tag}")
+                        cache = state["cache"]
+                        prof = benchlib.kernel_breakdown(trace, runs=3)
+                        profiles[f"{name} | batch {batch} | unroll {unroll}"] = prof
+                        busy = prof["busy_us"] / 1e3
+                        print(f"    {name}: device busy {busy:.3f} ms/step", flush=True)
+                        for kname, us, calls in prof["kernels"]:
+                            print(f"      {us:9.1f} us  {calls:5.0f}x  {kname[:90]}", flush=True)
                     table.add(
                         method=name,
                         unroll=str(unroll),
                         batch=batch,
                         context=t,
                         step_ms=statistics.median(times) * 1e3,
+                        busy_ms=busy,
                         floor_ms=floor,
+                        compile_s=compile_s,
                     )
                     del cache
                 except Exception as e:
@@ -125,6 +167,9 @@ def main():
     meta["command"] = "python scripts/bench_decode_step.py " + " ".join(sys.argv[1:])
     meta["weights"] = "random, SmolLM2-135M shapes"
     table.save(args.out, meta)
+    if profiles:
+        with open(args.out + "_profile.json", "w") as f:
+            json.dump(profiles, f, indent=1)
     print("\n" + table.text())
 
 

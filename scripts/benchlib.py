@@ -205,3 +205,64 @@ def device_meta() -> dict:
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def profile(fn: Callable, log_dir: str, runs: int = 3):
+    """Runs ``fn()`` (which must block until its work is done) ``runs`` times under the JAX
+    profiler and returns the trace file (``*.trace.json.gz``) it wrote under ``log_dir``."""
+    import glob
+
+    os.makedirs(log_dir, exist_ok=True)
+    with jax.profiler.trace(log_dir):
+        for _ in range(runs):
+            fn()
+    found = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+    if not found:
+        raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
+    return max(found, key=os.path.getmtime)
+
+
+def kernel_breakdown(trace_file: str, runs: int, top: int = 15) -> dict:
+    """Device time by kernel from a profiler trace of ``runs`` repetitions of one step.
+
+    Events on processes whose name mentions a GPU/TPU device are device work (kernels,
+    memcpys); they are summed by name and divided by ``runs``. Returns {"busy_us": device
+    busy time per run (union of the events' intervals), "span_us": first start to last end
+    per run, "kernels": [(name, us per run, calls per run), ...] longest first (``top``)}.
+    Empty when the trace holds no device events (e.g. on CPU).
+    """
+    import gzip
+
+    with gzip.open(trace_file, "rb") as f:
+        events = json.load(f)["traceEvents"]
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "TPU", "gpu"))
+    }
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"))
+        for e in events
+        if e.get("ph") == "X" and e.get("pid") in device_pids
+    )
+    if not spans:
+        return {"busy_us": 0.0, "span_us": 0.0, "kernels": []}
+    by_name: dict[str, list[float]] = {}
+    for t0, t1, name in spans:
+        by_name.setdefault(name, []).append(t1 - t0)
+    busy, end = 0.0, float("-inf")
+    for t0, t1, _ in spans:  # union of intervals (streams may overlap)
+        if t1 > end:
+            busy += t1 - max(t0, end)
+            end = t1
+    kernels = sorted(
+        ((n, sum(d) / runs, len(d) / runs) for n, d in by_name.items()),
+        key=lambda r: -r[1],
+    )
+    return {
+        "busy_us": busy / runs,
+        "span_us": (spans[-1][1] - spans[0][0]) / runs,
+        "kernels": kernels[:top],
+    }

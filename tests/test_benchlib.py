@@ -1,0 +1,45 @@
+"""scripts/benchlib.py's profile parser on a synthetic trace (the GPU runs rely on it)."""
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import benchlib  # noqa: E402
+
+
+def _write(path, events):
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+
+
+def test_kernel_breakdown_sums_device_events_per_run(tmp_path):
+    ev = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+        # two runs of: kernel a (10 us) overlapping kernel b on another stream, then a again
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 10, "name": "a"},
+        {"ph": "X", "pid": 1, "tid": 2, "ts": 5, "dur": 10, "name": "b"},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 30, "dur": 10, "name": "a"},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 100, "dur": 4, "name": "a"},
+        {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 500, "name": "host work"},
+    ]
+    path = tmp_path / "t.trace.json.gz"
+    _write(path, ev)
+    out = benchlib.kernel_breakdown(str(path), runs=2)
+    # union of [0,15] + [30,40] + [100,104] = 29 us over 2 runs; host events ignored
+    assert out["busy_us"] == 14.5
+    assert out["span_us"] == 52.0
+    assert out["kernels"] == [("a", 12.0, 1.5), ("b", 5.0, 0.5)]
+
+
+def test_kernel_breakdown_without_device_events(tmp_path):
+    path = tmp_path / "t.trace.json.gz"
+    _write(path, [{"ph": "X", "pid": 3, "tid": 1, "ts": 0, "dur": 5, "name": "host"}])
+    assert benchlib.kernel_breakdown(str(path), runs=1) == {
+        "busy_us": 0.0,
+        "span_us": 0.0,
+        "kernels": [],
+    }
