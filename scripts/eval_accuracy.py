@@ -8,12 +8,12 @@ over Quest and over Double Sparsity at several p (twilight_jax/eval/runner.py).
 The full sweep (2K/4K/8K, every method) on a GPU, bounded in time and resumable: rerun the same
 command until it prints COMPLETE (exit code 0; 3 means the time limit stopped it):
 
-    python scripts/eval_accuracy.py --preset gpu --out docs/results/eval-gpu \\
+    python scripts/eval_accuracy.py --preset gpu --out docs/results/eval-h200 \\
         --time-limit 540 --compile-cache build/jax_cache
 
 then the page (on any machine with the eval extra, from the same folder):
 
-    python scripts/eval_accuracy.py --report-only --out docs/results/eval-gpu \\
+    python scripts/eval_accuracy.py --report-only --out docs/results/eval-h200 \\
         --report docs/results.md
 
 A small CPU run: ``--preset cpu-small --out docs/results/eval-cpu``. Presets, methods and their

@@ -313,7 +313,7 @@ PRESETS = {
         methods=("dense", "quest:ctx/4", "quest:ctx/4@0.95", "all@0.95"),
         ppl_docs=1,
     ),
-    # A small CPU run that shows the whole pipeline (docs/results.md's CPU example).
+    # A small CPU run that shows the whole pipeline (docs/results/eval-cpu/results.md).
     "cpu-small": EvalConfig(
         lengths=(256, 512),
         tasks=("passkey", "niah_multikey", "frequent_words"),
