@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -37,6 +38,20 @@ G = HQ // HKV
 DT = jnp.bfloat16
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _planted_kv(batch, ctx, planted, ksel, kk, kv, alpha, direction):
+    """K with planted tokens and V, both [B, ctx, Hkv, D] in DT. Jitted so the float32
+    intermediates fuse away: only the DT outputs are materialized (at batch 64 / 128K the
+    float32 K alone is 32 GiB, which ran the H200 out of memory when built eagerly)."""
+    is_planted = jax.random.uniform(ksel, (batch, ctx, HKV)) < planted
+    k = jax.random.normal(kk, (batch, ctx, HKV, D), jnp.float32)
+    k = k + jnp.where(
+        is_planted[..., None], alpha[:, None, :, None] * direction[:, None, :, :], 0.0
+    )
+    v = jax.random.normal(kv, (batch, ctx, HKV, D), DT)
+    return k.astype(DT), v
+
+
 def planted_problem(key, batch, ctx, planted, lift):
     """q [B, Hq, D] and a one-layer cache whose attention is peaked on planted tokens."""
     kq, kn, ksel, kk, kv = jax.random.split(key, 5)
@@ -46,14 +61,9 @@ def planted_problem(key, batch, ctx, planted, lift):
     direction = shared[:, :, 0] / jnp.linalg.norm(shared[:, :, 0], axis=-1, keepdims=True)
     # logit = q.k / sqrt(D); q . direction ~ |shared| ~ sqrt(D), so alpha ~ lift keeps the lift.
     alpha = lift * jnp.sqrt(D) / jnp.linalg.norm(shared[:, :, 0], axis=-1)  # [B, Hkv]
-    is_planted = jax.random.uniform(ksel, (batch, ctx, HKV)) < planted
-    k = jax.random.normal(kk, (batch, ctx, HKV, D), jnp.float32)
-    k = k + jnp.where(
-        is_planted[..., None], alpha[:, None, :, None] * direction[:, None, :, :], 0.0
-    )
-    v = jax.random.normal(kv, (batch, ctx, HKV, D), DT)
+    k, v = _planted_kv(batch, ctx, planted, ksel, kk, kv, alpha, direction)
     lengths = jnp.full((batch,), ctx, jnp.int32)
-    cache = PagedKVCache.from_dense(k.astype(DT), v, lengths, page_size=S)
+    cache = PagedKVCache.from_dense(k, v, lengths, page_size=S)
     return q.astype(DT), cache
 
 
