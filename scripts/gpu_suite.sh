@@ -8,7 +8,7 @@
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
 # outside the checkout survive between back-to-back calls while the machine stays warm).
-# The eval sweep lives in /tmp/eval-gpu (resumable across calls) and is copied to $OUT.
+# The eval sweep lives in /tmp/eval-gpu (resumable across calls); $OUT/eval-gpu.tgz holds it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -51,7 +51,8 @@ for step in $STEPS; do
       python3 scripts/eval_accuracy.py --preset ${EVAL_PRESET:-gpu-core} --out /tmp/eval-gpu \
         --time-limit ${EVAL_LIMIT:-500} --compile-cache /tmp/jax_cache ${EVAL_ARGS:-} 2>&1 | tee -a "$OUT/eval.log" | tail -60
       rc=${PIPESTATUS[0]}
-      mkdir -p "$OUT/eval-gpu" && cp -r /tmp/eval-gpu/. "$OUT/eval-gpu/" ;;
+      # one archive: a device call returns only a few files
+      tar czf "$OUT/eval-gpu.tgz" -C /tmp eval-gpu ;;
     tests)
       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       rc=${PIPESTATUS[0]} ;;
