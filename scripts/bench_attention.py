@@ -67,6 +67,19 @@ def planted_problem(key, batch, ctx, planted, lift):
     return q.astype(DT), cache
 
 
+def device_memory() -> str:
+    """Bytes in use / peak on the first device, for the log (empty where unsupported)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_in_use" not in stats:
+        return ""
+    gib = 1 << 30
+    return (
+        f"device memory in use {stats['bytes_in_use'] / gib:.1f} GiB, "
+        f"peak {stats.get('peak_bytes_in_use', 0) / gib:.1f} GiB, "
+        f"limit {stats.get('bytes_limit', 0) / gib:.1f} GiB"
+    )
+
+
 def stage_times(q, cache, cfg, top_p):
     """Seconds of each stage of decode_attention, each fed the previous stage's outputs.
 
@@ -222,6 +235,7 @@ def run(args):
             except Exception as e:
                 print(f"FAILED cudnn: {e}", flush=True)
             for name, (cfg, top_p) in methods.items():
+                print(f"[{name} batch {batch} ctx {ctx}] {device_memory()}", flush=True)
                 try:
 
                     def op(q, cache, cfg=cfg):
@@ -247,9 +261,10 @@ def run(args):
                             traceback.print_exc(limit=4)
                     table.add(**row)
                 except Exception as e:
+                    # The whole message: an allocation failure names the buffer and its size.
                     print(
                         f"FAILED {name} batch {batch} ctx {ctx}: {type(e).__name__}: "
-                        f"{str(e)[:300]}",
+                        f"{str(e)[:3000]}\n  {device_memory()}",
                         flush=True,
                     )
                     traceback.print_exc(limit=4)
