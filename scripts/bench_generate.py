@@ -47,7 +47,7 @@ def hf_time_per_token(gguf_dir, gguf_name, prompts, new_tokens):
 
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=gguf_name, torch_dtype=torch.bfloat16
+        gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16
     ).cuda()
     tok.padding_side = "left"
     if tok.pad_token is None:
