@@ -40,7 +40,11 @@ Kernels:
     and softmax sum, forms the union and compacts it: an on-chip cumsum gives each kept column
     its output slot, then one masked scatter store. The capacity bisection runs only for rows
     that overflow. ``gpu_split=False`` does all of it in one program per row (the original
-    kernel, kept for A/B runs: fewer, longer programs; no second read).
+    kernel, kept for A/B runs: fewer, longer programs; no second read). Rows longer than
+    ``TopPConfig.gpu_max_cols`` skip the kernels (a row must fit on chip; at 131072 columns the
+    Triton compile alone took 4 minutes) and run the same math as plain XLA ops over
+    ``[R, G, N]`` (one fused pass over the logits per bisection step; one bit per step, so
+    results equal the kernels' at ``search_bits=1``).
   * TPU (Mosaic): a block of rows per grid step, each row viewed as ``[N/128, 128]`` tiles (N
     padded to a multiple of 128). Mosaic has no cumsum or vector scatter, so prefix sums are
     triangular matmuls and compaction counts, for each output slot ``s``, the columns whose
@@ -95,6 +99,9 @@ class TopPConfig:
       [4, 16], so the resident row fits in registers.
     num_stages: GPU software pipelining stages (nothing to pipeline: one load per program).
     tpu_block_rows: rows per TPU grid step when it divides R (else one row per step).
+    gpu_max_cols: GPU only. Rows with more columns than this skip the Pallas kernels and run
+      the same bisections as XLA ops (see module doc): the kernels' results at search_bits=1,
+      at XLA's speed (about one pass over the logits per bisection step).
     """
 
     iters: int = _DEFAULT_ITERS
@@ -104,6 +111,7 @@ class TopPConfig:
     num_warps: int | None = None
     num_stages: int = 1
     tpu_block_rows: int = 8
+    gpu_max_cols: int = 32768
 
     def __post_init__(self):
         for name in ("iters", "capacity_iters"):
@@ -125,6 +133,14 @@ class TopPConfig:
         if not isinstance(self.tpu_block_rows, int) or self.tpu_block_rows < 1:
             raise ValueError(
                 f"TopPConfig.tpu_block_rows must be an int >= 1, got {self.tpu_block_rows!r}"
+            )
+        if (
+            isinstance(self.gpu_max_cols, bool)
+            or not isinstance(self.gpu_max_cols, int)
+            or self.gpu_max_cols < 1
+        ):
+            raise ValueError(
+                f"TopPConfig.gpu_max_cols must be an int >= 1, got {self.gpu_max_cols!r}"
             )
 
     def gpu_num_warps(self, block_elems: int) -> int:
@@ -349,8 +365,10 @@ def _limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix)
     running count in column order. Called only when the union holds more than `capacity`.
     """
     ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
-    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
-    hi = jnp.full((1,) * union.ndim, _ONE_BITS + 1, jnp.int32)
+    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there. One
+    # bracket per reduced slice: (1,...) in the kernels (one row), [R, 1] on the XLA path.
+    shape = tuple(1 if i in axes else d for i, d in enumerate(union.shape))
+    hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
     lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, jnp.zeros_like(hi), hi, iters)
     # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken
     # in column order. Exact bisection leaves only priority == lo in the band (ties).
@@ -633,7 +651,49 @@ def _gpu_split_call(logits, valid, p, capacity, config, interpret):
     )(logits, valid, *head_out)
 
 
+def _xla_call(logits, valid, p, capacity, config):
+    """The GPU kernels' math as XLA ops over whole [R, G, N] arrays, for rows too long to
+    hold on chip; same contract and outputs as ``_gpu_split_call``. Every bisection step is a
+    masked sum over N per (row, head), which XLA fuses into one pass over the logits."""
+    r, g, n = logits.shape
+    valid, m, z = _softmax_stats(logits, valid[:, None, :], axes=(2,))
+    w = _weights_from(logits, valid, m, z)  # [R, G, N], -1 off valid
+    t = _head_thresholds(w, _upper_bits(z), p[:, None, None], (2,), config.iters, n)
+    kept = w >= t  # [R, G, N]
+    if capacity is None:
+        count = jnp.sum(kept, axis=2, dtype=jnp.int32)
+        mass = jnp.sum(jnp.where(kept, w, 0.0), axis=2)
+        return t[..., 0], count, mass
+    union = jnp.any(kept, axis=1)  # [R, N]
+    priority = jnp.where(union, jnp.max(w, axis=1), -1.0)
+    n_union = jnp.sum(union, axis=1, dtype=jnp.int32)
+    over = n_union > capacity
+
+    def cumsum(mask):
+        return jnp.cumsum(mask.astype(jnp.int32), axis=1)
+
+    def limit(union):
+        cut = _limit_to_capacity(union, priority, capacity, (1,), config.capacity_iters, cumsum)
+        return jnp.where(over[:, None], cut, union)
+
+    # Most batches have no row over capacity: skip the second bisection for them.
+    final = jax.lax.cond(jnp.any(over), limit, lambda u: u, union)
+    count = jnp.sum(final, axis=1, dtype=jnp.int32)
+    col = jnp.arange(n, dtype=jnp.int32)
+    slot = jnp.where(final, cumsum(final) - 1, capacity)  # capacity: out of range, dropped
+    rows = jnp.arange(r, dtype=jnp.int32)[:, None]
+    indices = (
+        jnp.zeros((r, capacity), jnp.int32)
+        .at[rows, slot]
+        .set(jnp.broadcast_to(col, (r, n)), mode="drop")
+    )
+    mass = jnp.sum(jnp.where(final[:, None, :], w, 0.0), axis=2)
+    return indices, count, over.astype(jnp.int32), mass
+
+
 def _gpu_call(logits, valid, p, capacity, config, interpret):
+    if logits.shape[-1] > config.gpu_max_cols:
+        return _xla_call(logits, valid, p, capacity, config)
     call = _gpu_split_call if config.gpu_split else _gpu_fused_call
     return call(logits, valid, p, capacity, config, interpret)
 

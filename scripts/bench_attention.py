@@ -297,9 +297,9 @@ def main():
     ap.add_argument(
         "--all-max-ctx",
         type=int,
-        default=32768,
-        help="skip Twilight over all above this context (one top-p row per "
-        "(sequence, KV head) holds every token; at 128K its Triton compile ran 4 min)",
+        default=131072,
+        help="skip Twilight over all above this context (its top-p rows hold every token; "
+        "above TopPConfig.gpu_max_cols = 32768 they take the XLA path, not the kernel)",
     )
     ap.add_argument("--out", default="docs/results/attention")
     args = ap.parse_args()

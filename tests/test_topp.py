@@ -285,8 +285,9 @@ def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
     [
         TopPConfig(iters=30, gpu_split=False),  # the fused one-program-per-row kernel
         TopPConfig(iters=30, search_bits=3),  # split kernels, 8 candidates per pass
+        TopPConfig(iters=30, gpu_max_cols=64),  # rows longer than 64: the XLA path
     ],
-    ids=["fused", "split-bits3"],
+    ids=["fused", "split-bits3", "xla-long-rows"],
 )
 def test_gpu_variants_match_reference(config):
     # Every GPU path the config reaches is exact at 30 steps, with and without saturation.
@@ -381,6 +382,34 @@ def test_export_cuda_variants(config):
     export_cuda(threshold, jax.ShapeDtypeStruct((r, n), jnp.float32), v, p)
 
 
+def test_long_rows_default_iters_equal_the_kernels():
+    # At the default (conservative) 16 steps the XLA path for long rows keeps exactly what the
+    # split kernels keep with one bit per pass: the same bisection, the same weights.
+    logits, valid, p = _mixed_batch(43, rows=10, heads=4)
+    cap = 40
+    kern = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas")
+    xla = topp.topp_select_grouped(
+        logits, valid, p, cap, backend="pallas", config=TopPConfig(gpu_max_cols=N - 1)
+    )
+    for a, b in zip(kern[:3], xla[:3]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(kern[3], xla[3], **TOL)
+
+
+def test_long_rows_export_without_triton():
+    # 131072 columns: the XLA path, so the CUDA export holds no Triton call (and compiles in
+    # seconds, where the row-resident kernel took minutes); 32768 still takes the kernels.
+    v = jax.ShapeDtypeStruct((64, 131072), jnp.bool_)
+    p = jax.ShapeDtypeStruct((64,), jnp.float32)
+    x3 = jax.ShapeDtypeStruct((64, 4, 131072), jnp.float32)
+    select = functools.partial(topp.topp_select_grouped_gpu, capacity=4096)
+    call = "custom_call @__gpu$xla.gpu.triton"  # (plain "triton" is in this test's name)
+    assert call not in export_cuda(select, x3, v, p).mlir_module()
+    x3 = jax.ShapeDtypeStruct((64, 4, 32768), jnp.float32)
+    v = jax.ShapeDtypeStruct((64, 32768), jnp.bool_)
+    assert call in export_cuda(select, x3, v, p).mlir_module()
+
+
 # ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
@@ -447,6 +476,8 @@ def test_bad_config_and_backend():
         TopPConfig(search_bits=6)
     with pytest.raises(ValueError, match=r"TopPConfig.gpu_split must be a bool, got 1"):
         TopPConfig(gpu_split=1)
+    with pytest.raises(ValueError, match=r"TopPConfig.gpu_max_cols must be an int >= 1, got 0"):
+        TopPConfig(gpu_max_cols=0)
     with pytest.raises(ValueError, match=r"TopPConfig.iters"):
         topp.topp_threshold(logits, valid, 0.9, iters=100)
     with pytest.raises(ValueError, match="backend must be"):
