@@ -41,8 +41,8 @@ DT = jnp.bfloat16
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _planted_kv(batch, ctx, planted, ksel, kk, kv, alpha, direction):
     """K with planted tokens and V, both [B, ctx, Hkv, D] in DT. Jitted so the float32
-    intermediates fuse away: only the DT outputs are materialized (at batch 64 / 128K the
-    float32 K alone is 32 GiB, which ran the H200 out of memory when built eagerly)."""
+    intermediates fuse away and only the DT outputs are materialized (at batch 64 / 128K an
+    eager float32 K would be 32 GiB on its own)."""
     is_planted = jax.random.uniform(ksel, (batch, ctx, HKV)) < planted
     k = jax.random.normal(kk, (batch, ctx, HKV, D), jnp.float32)
     k = k + jnp.where(

@@ -54,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 1])
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per method")
     ap.add_argument("--unroll", action="store_true", help="also time scan_unroll=True")
     ap.add_argument("--out", default="docs/results/decode_step")
     ap.add_argument(
@@ -63,6 +63,8 @@ def main():
         help="also trace 3 steps per method: device busy time and the longest kernels",
     )
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
 
     config = LlamaConfig.from_hf(SMOLLM2)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
@@ -121,7 +123,7 @@ def main():
                     jax.block_until_ready(logits)
                     compile_s = time.perf_counter() - t0
                     times = []
-                    for _ in range(min(args.steps, 7)):
+                    for _ in range(args.steps):
                         t0 = time.perf_counter()
                         logits, cache, _ = jm.decode_step(tokens, cache, cfg)
                         jax.block_until_ready(logits)
