@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DEFAULT_PROMPT = "What is Twilight in one paragraph? Explain it to a curious ten-year-old."
-ATTENTION = ("dense", "all", "quest", "double_sparsity", "oracle", "streaming")
+# "twilight" is Twilight over every token ("all" + top-p); other selectors prune with --top-p.
+ATTENTION = ("dense", "twilight", "all", "quest", "double_sparsity", "oracle", "streaming")
 
 
 class UsageError(Exception):
@@ -69,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         default="dense",
         choices=ATTENTION,
-        help="decode attention: dense, or a Twilight base selector",
+        help="decode attention: dense, twilight (= all with --top-p 0.95), or a base selector "
+        "(Twilight over it when --top-p is given)",
     )
     att.add_argument(
         "--top-p",
         type=float,
         default=None,
-        help="Twilight pruning p in (0, 1] (default: 0.95 for 'all', none otherwise)",
+        help="Twilight pruning p in (0, 1] (default: 0.95 for 'twilight' and 'all', none "
+        "otherwise)",
     )
     att.add_argument("--budget", type=int, default=8192, help="base selector budget B0 (tokens)")
     att.add_argument("--max-budget", type=int, default=2048, help="selection capacity (tokens)")
@@ -103,11 +106,12 @@ def sparsity_config(args):
     from twilight_jax.config import SparsityConfig
 
     top_p = args.top_p
-    if top_p is None and args.attention == "all":
+    selector = "all" if args.attention == "twilight" else args.attention
+    if top_p is None and selector == "all":
         top_p = 0.95  # "all" without pruning is dense attention the long way round
     try:
         return SparsityConfig(
-            selector=args.attention,
+            selector=selector,
             budget=args.budget,
             top_p=top_p,
             max_budget=args.max_budget,

@@ -230,13 +230,34 @@ def test_cli_tiny_model_streams_and_summarizes():
 
 
 @pytest.fixture(scope="module")
-def cli_main():
+def cli_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("generate_cli", REPO / "scripts" / "generate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+    return mod
+
+
+@pytest.mark.parametrize(
+    "args, selector, top_p",
+    [
+        ([], "dense", None),
+        (["--attention", "twilight"], "all", 0.95),
+        (["--attention", "twilight", "--top-p", "0.8"], "all", 0.8),
+        (["--attention", "all"], "all", 0.95),
+        (["--attention", "quest"], "quest", None),
+        (["--attention", "quest", "--top-p", "0.9"], "quest", 0.9),
+    ],
+)
+def test_cli_attention_modes(cli_module, args, selector, top_p):
+    cfg = cli_module.sparsity_config(cli_module.build_parser().parse_args(args))
+    assert (cfg.selector, cfg.top_p) == (selector, top_p)
+
+
+@pytest.fixture(scope="module")
+def cli_main(cli_module):
+    return cli_module.main
 
 
 @pytest.mark.parametrize(
