@@ -222,6 +222,7 @@ def run(args):
                     )[:, 0],
                     [(q,)],
                     (kd, vd),
+                    label=f"jax cuDNN batch {batch} ctx {ctx}",
                 )
                 table.add(
                     method="jax cuDNN dense",
@@ -241,7 +242,9 @@ def run(args):
                     def op(q, cache, cfg=cfg):
                         return decode_attention(q, cache, cfg)[0]
 
-                    total = benchlib.time_fn(op, [(q,)], (cache,))
+                    total = benchlib.time_fn(
+                        op, [(q,)], (cache,), label=f"{name} batch {batch} ctx {ctx}"
+                    )
                     row = dict(
                         method=name,
                         batch=batch,

@@ -64,13 +64,15 @@ def time_fn(
     *,
     iters: int = 20,
     repeats: int = 5,
+    label: str | None = None,
 ) -> float:
     """Seconds per call of fn(*rotating[i], *fixed), cycling i inside one jitted loop.
 
     `rotating` holds small per-call inputs (the query, page tables, index lists); `fixed` the
     large ones (the caches), passed as jit arguments, never captured as constants. The first
     rotating input must be a floating array: a scalar from the previous call's output is added
-    to it with weight 0 so the calls are ordered but their results unchanged.
+    to it with weight 0 so the calls are ordered but their results unchanged. With a
+    `label`, the compiled loop's scratch memory is printed first (report_memory).
     """
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
     n_sets = len(rotating)
@@ -86,13 +88,51 @@ def time_fn(
 
         return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
 
-    loop(stacked, fixed).block_until_ready()
+    compiled = loop.lower(stacked, fixed).compile()
+    report_memory(compiled, fixed, label)
+    compiled(stacked, fixed).block_until_ready()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        loop(stacked, fixed).block_until_ready()
+        compiled(stacked, fixed).block_until_ready()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) / iters
+
+
+def compiled_memory(compiled) -> dict:
+    """{"argument_bytes", "output_bytes", "temp_bytes"} of a compiled program ({} where the
+    backend gives no analysis)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+    }
+
+
+def report_memory(compiled, fixed, label: str | None, *, warn_fraction: float = 0.25):
+    """Prints the program's scratch memory next to its large inputs, flagged when the scratch
+    is at least warn_fraction of them: a copy of a cache inside a timed program shows here,
+    at compile time, before it can run out of memory. Returns compiled_memory(compiled)."""
+    mem = compiled_memory(compiled)
+    if not mem or label is None:
+        return mem
+    fixed_bytes = sum(x.nbytes for x in jax.tree.leaves(fixed) if hasattr(x, "nbytes"))
+    gib = 1 << 30
+    flag = ""
+    if fixed_bytes and mem["temp_bytes"] >= warn_fraction * fixed_bytes:
+        flag = "  <-- scratch is a large fraction of the inputs (a copy?)"
+    print(
+        f"[{label}] compiled: scratch {mem['temp_bytes'] / gib:.2f} GiB, large inputs "
+        f"{fixed_bytes / gib:.2f} GiB, outputs {mem['output_bytes'] / gib:.3f} GiB{flag}",
+        flush=True,
+    )
+    return mem
 
 
 def time_update(

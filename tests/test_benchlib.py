@@ -43,3 +43,27 @@ def test_kernel_breakdown_without_device_events(tmp_path):
         "span_us": 0.0,
         "kernels": [],
     }
+
+
+def test_time_fn_reports_a_cache_sized_scratch_copy(capsys):
+    import jax
+    import jax.numpy as jnp
+
+    cache = jnp.ones((256, 1024), jnp.float32)  # 1 MiB "cache"
+
+    def reads(q, c):  # reads the cache in place: no scratch of its size
+        return q + jnp.sum(c)
+
+    def copies(q, c):  # a sort materializes a cache-sized temporary
+        return q + jnp.sort(c, axis=0)[0, 0] + jnp.sort(c.T, axis=0)[0, 0]
+
+    q = jnp.zeros((4,), jnp.float32)
+    assert benchlib.time_fn(reads, [(q,)], (cache,), iters=2, repeats=1, label="reads") > 0
+    out = capsys.readouterr().out
+    assert "[reads] compiled: scratch" in out and "a copy?" not in out
+    benchlib.time_fn(copies, [(q,)], (cache,), iters=2, repeats=1, label="copies")
+    out = capsys.readouterr().out
+    assert "[copies] compiled: scratch" in out and "a copy?" in out, out
+    mem = benchlib.compiled_memory(jax.jit(reads).lower(q, cache).compile())
+    assert set(mem) == {"argument_bytes", "output_bytes", "temp_bytes"}
+    assert mem["argument_bytes"] >= cache.nbytes
