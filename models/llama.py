@@ -322,6 +322,8 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.scan_unroll = scan_unroll
+        # None: one device. A "heads" mesh (twilight_jax.sharding) after shard(mesh).
+        self.mesh = None
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, init)
         self.blocks = DecoderLayer(config, dtype, init.stacked(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, init)
@@ -344,6 +346,48 @@ class LlamaForCausalLM(nnx.Module):
         """The compiled entry points (``JittedLlama``) over these weights."""
         return JittedLlama(self)
 
+    def shard(self, mesh) -> LlamaForCausalLM:
+        """Splits the model over a ``"heads"`` mesh (``twilight_jax.sharding.head_mesh``):
+        Q/K/V projection columns and output projection rows by head, MLP units likewise when
+        the device count divides intermediate_size, everything else replicated; prefill and
+        decode then run each layer's attention on each device's heads (shard_map) and
+        ``init_cache`` splits the cache the same way. In place; returns self. Build ``jit()``
+        after this."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from twilight_jax.sharding import HEADS, check_heads
+
+        c = self.config
+        check_heads(mesh, c.num_heads, c.num_kv_heads)
+        split_mlp = c.intermediate_size % mesh.size == 0
+        cols, rows = P(None, None, HEADS), P(None, HEADS, None)  # kernels are [L, in, out]
+        specs = {
+            "q_proj": cols,
+            "k_proj": cols,
+            "v_proj": cols,
+            "o_proj": rows,
+            "gate_proj": cols if split_mlp else P(),
+            "up_proj": cols if split_mlp else P(),
+            "down_proj": rows if split_mlp else P(),
+        }
+
+        def spec(path) -> P:
+            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+            if names and names[0] == "blocks":
+                for name, sp in specs.items():
+                    if name in names:
+                        return sp
+            return P()
+
+        state = nnx.state(self)
+        shardings = jax.tree_util.tree_map_with_path(
+            lambda path, _: NamedSharding(mesh, spec(path)), state
+        )
+        nnx.update(self, jax.device_put(state, shardings))
+        self.mesh = mesh
+        return self
+
     def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
         """An empty ``PagedKVCache`` for this model (model dtype): [L, Hkv, P, S, D] pages,
         sequence b owning pages 1 + b * ceil(max_seq_len / page_size), ...; kwargs go to
@@ -351,7 +395,7 @@ class LlamaForCausalLM(nnx.Module):
         from twilight_jax import PagedKVCache
 
         c = self.config
-        return PagedKVCache.create(
+        cache = PagedKVCache.create(
             c.num_layers,
             batch,
             c.num_kv_heads,
@@ -361,6 +405,27 @@ class LlamaForCausalLM(nnx.Module):
             dtype=self.dtype,
             **kwargs,
         )
+        return self.place_cache(cache)
+
+    def place_cache(self, cache):
+        """The cache split over this model's mesh (unchanged without one)."""
+        if self.mesh is None:
+            return cache
+        from twilight_jax.sharding import shard_cache
+
+        return shard_cache(cache, self.mesh)
+
+    def _per_device(self, attend, cache, num_stats: int):
+        """attend(q, k, v, layer, cache) as is, or run on each device's heads under the mesh
+        (its stats: num_stats [B, heads] arrays)."""
+        if self.mesh is None:
+            return attend
+        from jax.sharding import PartitionSpec as P
+
+        from twilight_jax.sharding import HEADS, cache_specs, shard_attention
+
+        stats = (P(None, HEADS),) * num_stats if num_stats else None
+        return shard_attention(attend, self.mesh, cache_specs(cache), stats_specs=stats)
 
     # ------------------------------------------------------------------ pieces
 
@@ -453,7 +518,12 @@ class LlamaForCausalLM(nnx.Module):
             return dense_attention(q, k, v, lengths), (cache, None)
 
         h, cache, _ = self._run_layers(
-            self._embed(token_ids), positions, cache, attend, 0, self.config.num_layers
+            self._embed(token_ids),
+            positions,
+            cache,
+            self._per_device(attend, cache, 0),
+            0,
+            self.config.num_layers,
         )
         last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]
         cache = cache.with_lengths(jnp.where(lengths > 0, lengths, cache.lengths))
@@ -493,10 +563,12 @@ class LlamaForCausalLM(nnx.Module):
         positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
         cache = cache.begin_decode_step(active)
         kv_dtype = cache.k_pages.dtype
-        hs = c.num_heads if sparsity.gqa == "per_head" else c.num_kv_heads
         h = self._embed(tokens[:, None])  # [B, 1, hidden]
 
         def attend(q, k, v, layer, cache, dense):
+            # Head counts from the arrays: under a mesh they are this device's heads.
+            hq = q.shape[2]
+            hs = hq if sparsity.gqa == "per_head" else cache.num_kv_heads
             cache = cache.write_decode(
                 layer,
                 k[:, 0].astype(kv_dtype),
@@ -516,7 +588,7 @@ class LlamaForCausalLM(nnx.Module):
                     backend=backend,
                 )
                 n = jnp.broadcast_to(cache.lengths[:, None], (b, hs)).astype(jnp.int32)
-                ones = jnp.ones((b, c.num_heads), jnp.float32)
+                ones = jnp.ones((b, hq), jnp.float32)
                 stats = (n, n, ones, jnp.zeros((b, hs), bool))
             else:
                 out, info = decode_attention(
@@ -532,11 +604,11 @@ class LlamaForCausalLM(nnx.Module):
 
         n_dense = c.num_layers if sparsity.selector == "dense" else sparsity.dense_layers
         n_dense = min(n_dense, c.num_layers)
-        h, cache, dense_stats = self._run_layers(
-            h, positions, cache, functools.partial(attend, dense=True), 0, n_dense
-        )
+        dense_attend = self._per_device(functools.partial(attend, dense=True), cache, 4)
+        sparse_attend = self._per_device(functools.partial(attend, dense=False), cache, 4)
+        h, cache, dense_stats = self._run_layers(h, positions, cache, dense_attend, 0, n_dense)
         h, cache, sparse_stats = self._run_layers(
-            h, positions, cache, functools.partial(attend, dense=False), n_dense, c.num_layers
+            h, positions, cache, sparse_attend, n_dense, c.num_layers
         )
         parts = [x for x in (dense_stats, sparse_stats) if x is not None]
         names = ("counts", "candidates", "estimated_mass", "saturated")
@@ -576,6 +648,7 @@ class JittedLlama:
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
+        self.mesh = model.mesh
         self.graphdef, self.state = nnx.split(model)
 
     def jit(self) -> JittedLlama:
@@ -583,6 +656,9 @@ class JittedLlama:
 
     def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
         return self.model.init_cache(batch, max_seq_len, page_size=page_size, **kwargs)
+
+    def place_cache(self, cache):
+        return self.model.place_cache(cache)
 
     def logits(self, token_ids):
         return _logits_jit(self.graphdef, self.state, jnp.asarray(token_ids, jnp.int32))

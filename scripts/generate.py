@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--page-size", type=int, default=16)
     att.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: by platform)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split the KV heads (and the weights by head) over this many local devices",
+    )
     p.add_argument("--no-stream", action="store_true", help="print answers only when done")
     return p
 
@@ -122,6 +128,18 @@ def sparsity_config(args):
         raise UsageError(str(e)) from e
 
 
+def shard_model(model, devices: int):
+    """model split over `devices` local devices (unchanged for 1)."""
+    if devices == 1:
+        return model
+    from twilight_jax.sharding import head_mesh
+
+    try:
+        return model.shard(head_mesh(devices))
+    except ValueError as e:
+        raise UsageError(f"--devices {devices}: {e}") from e
+
+
 def load_model(name: str | None, dtype: str | None):
     import jax.numpy as jnp
 
@@ -153,6 +171,7 @@ def run(args) -> int:
     sparsity = sparsity_config(args)
     temperature = 0.0 if args.greedy else args.temperature
     model, tokenizer, config = load_model(args.model, args.dtype)
+    model = shard_model(model, args.devices)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if chat and not tokenizer.chat_template:
         raise UsageError("--chat: this model has no chat template (use --raw)")

@@ -208,6 +208,8 @@ def generate(
         dtype=model.dtype,
         ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
     )
+    if hasattr(model, "place_cache"):  # split over the model's devices (model.shard)
+        cache = model.place_cache(cache)
     bar = None
     if progress:
         from tqdm.auto import tqdm

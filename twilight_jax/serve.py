@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: by platform)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split KV heads over this many local devices (twilight_jax.sharding)",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights seed of tiny-random")
     p.add_argument("--log-level", default="info")
     return p
@@ -128,6 +134,10 @@ def build_server(args):
         model, tokenizer, config = models.load(name, dtype=dtype)
     if tokenizer is None:
         raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
+    if args.devices != 1:
+        from twilight_jax.sharding import head_mesh
+
+        model.shard(head_mesh(args.devices))
     sparsity = SparsityConfig(
         selector=args.selector,
         budget=args.budget,

@@ -272,7 +272,7 @@ class Engine:
             dtype=getattr(model, "dtype", jnp.float32),
             ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
         )
-        self.cache = PagedKVCache.create(**self._cache_shape)
+        self.cache = self._new_cache()
         self.allocator = PageAllocator(self.num_pages)
 
         b = config.max_batch
@@ -722,13 +722,19 @@ class Engine:
         self._publish_state()
         self._emit(req, final=True)
 
+    def _new_cache(self) -> PagedKVCache:
+        """An empty cache, split over the model's devices when it has a mesh."""
+        cache = PagedKVCache.create(**self._cache_shape)
+        place = getattr(self.model, "place_cache", None)
+        return place(cache) if place is not None else cache
+
     def _fail_all(self, error: str) -> None:
         """After a fault in a model call: fail every running request, rebuild the cache."""
         log.error("%s", error)
         for req in list(self._slots):
             if req is not None:
                 self._finish(req, "error", error.strip().splitlines()[-1])
-        self.cache = PagedKVCache.create(**self._cache_shape)
+        self.cache = self._new_cache()
         self._table_dirty = True
 
     def _drain(self) -> None:

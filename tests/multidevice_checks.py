@@ -1,0 +1,146 @@
+"""Checks of twilight_jax.sharding on several (forced) CPU devices.
+
+Not collected by default (the name does not start with test_): tests/test_sharding.py runs this
+file in a pytest subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4, since the
+device count is fixed when jax starts.
+"""
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama
+from twilight_jax import SparsityConfig, generate
+from twilight_jax.serve import tiny_random_model, tiny_tokenizer
+from twilight_jax.sharding import HEADS, head_mesh
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (forced) devices")
+
+B, T, CTX = 2, 40, 64
+LENGTHS = np.array([40, 23], np.int32)
+CONFIGS = {
+    "dense": SparsityConfig(selector="dense"),
+    "twilight_all": SparsityConfig(
+        selector="all", top_p=0.6, dense_layers=1, max_budget=64, sink_tokens=1, recent_tokens=1
+    ),
+    "twilight_quest": SparsityConfig(
+        selector="quest", budget=32, top_p=0.9, dense_layers=1, max_budget=64
+    ),
+    "twilight_all_per_head": SparsityConfig(
+        selector="all", top_p=0.8, dense_layers=1, max_budget=64, gqa="per_head"
+    ),
+    "double_sparsity": SparsityConfig(
+        selector="double_sparsity", budget=16, top_p=0.9, dense_layers=1, ds_channels=4
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def models_pair():
+    ref, _, _ = tiny_random_model(0)  # 4 query heads, 2 KV heads
+    shd, _, _ = tiny_random_model(0)
+    shd.shard(head_mesh(2))
+    return ref.jit(), shd.jit()
+
+
+def _caches(ref, shd, cfg):
+    extra = {}
+    if cfg.selector == "double_sparsity":
+        extra["ds_channels"] = cfg.ds_channels
+    rc = ref.init_cache(B, CTX, **extra)
+    sc = shd.init_cache(B, CTX, **extra)
+    if extra:
+        c = ref.config
+        rng = np.random.default_rng(3)
+        idx = np.sort(
+            np.stack(
+                [
+                    np.stack(
+                        [rng.choice(c.head_dim, cfg.ds_channels, replace=False) for _ in range(2)]
+                    )
+                    for _ in range(c.num_layers)
+                ]
+            ),
+            axis=-1,
+        ).astype(np.int32)
+        rc, sc = rc.with_ds_channels(idx), shd.place_cache(sc.with_ds_channels(idx))
+    return rc, sc
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_devices_decode_like_one(models_pair, name):
+    ref, shd = models_pair
+    cfg = CONFIGS[name]
+    rc, sc = _caches(ref, shd, cfg)
+    assert sc.k_pages.sharding.spec == jax.sharding.PartitionSpec(HEADS)
+    ids = np.random.default_rng(0).integers(0, 250, (B, T)).astype(np.int32)
+    l1, rc = ref.prefill(ids, LENGTHS, rc)
+    l2, sc = shd.prefill(ids, LENGTHS, sc)
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), atol=1e-5)
+    tok = np.array([3, 7], np.int32)
+    for _ in range(4):
+        l1, rc, i1 = ref.decode_step(tok, rc, cfg)
+        l2, sc, i2 = shd.decode_step(tok, sc, cfg)
+        np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), atol=1e-5)
+        for key in ("counts", "candidates", "saturated"):
+            np.testing.assert_array_equal(np.asarray(i2[key]), np.asarray(i1[key]), err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(i2["estimated_mass"]), np.asarray(i1["estimated_mass"]), atol=1e-5
+        )
+        # Each device still holds its KV heads of the cache (no gather back to one device).
+        assert sc.k_pages.sharding.spec == jax.sharding.PartitionSpec(HEADS)
+        assert len(sc.k_pages.addressable_shards) == 2
+        assert sc.k_pages.addressable_shards[0].data.shape[0] == 1
+        tok = np.asarray(jnp.argmax(l1, -1)).astype(np.int32)
+    if cfg.selector != "dense":
+        pruned = np.asarray(i1["counts"])[1:] < np.asarray(i1["candidates"])[1:]
+        assert pruned.any(), (
+            "the sparse layers pruned nothing: the check would not see a head mix-up"
+        )
+
+
+def test_decode_step_moves_no_cache_between_devices(models_pair):
+    _, shd = models_pair
+    cfg = CONFIGS["twilight_all"]
+    cache = shd.init_cache(B, CTX)
+    tok = jnp.zeros((B,), jnp.int32)
+    hlo = (
+        llama._decode_jit.lower(shd.graphdef, shd.state, tok, cache, cfg, None, None, "auto")
+        .compile()
+        .as_text()
+    )
+    ops = collections.Counter(
+        m.group(1)
+        for m in re.finditer(
+            r"(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(",
+            hlo,
+        )
+    )
+    # One all-reduce of the [B, 1, hidden] residual after the attention output projection and
+    # one after the MLP, per scanned layer body (dense and sparse bodies): nothing else.
+    assert set(ops) == {"all-reduce"}, ops
+    hidden = shd.config.hidden_size
+    shapes = set(re.findall(r"= (\S+) all-reduce(?:-start)?\(", hlo))
+    assert shapes == {f"f32[{B},1,{hidden}]{{2,1,0}}"}, shapes
+
+
+def test_generate_on_two_devices_equals_one():
+    tok = tiny_tokenizer()
+    ref, _, _ = tiny_random_model(1)
+    shd, _, _ = tiny_random_model(1)
+    shd.shard(head_mesh(2))
+    kw = dict(max_new_tokens=6, sparsity=CONFIGS["twilight_all"], chat=False, stop_on_eos=False)
+    a = generate(ref, tok, ["hello there", "a b c"], **kw)
+    b = generate(shd, tok, ["hello there", "a b c"], **kw)
+    assert a.token_ids == b.token_ids
+
+
+def test_device_count_must_divide_the_heads():
+    model, _, _ = tiny_random_model(0)  # 2 KV heads
+    with pytest.raises(ValueError, match=r"4 devices must divide the KV heads \(2\)"):
+        model.shard(head_mesh(4))
+    assert model.mesh is None
