@@ -144,3 +144,27 @@ def test_device_count_must_divide_the_heads():
     with pytest.raises(ValueError, match=r"4 devices must divide the KV heads \(2\)"):
         model.shard(head_mesh(4))
     assert model.mesh is None
+
+
+def test_server_with_two_devices_serves_like_one():
+    from twilight_jax.serve import build_parser, build_server
+    from twilight_jax.serving import SamplingParams
+
+    common = ["--model", "tiny-random", "--max-batch", "2", "--max-seq-len", "128"]
+    common += ["--selector", "all", "--top-p", "0.8", "--dense-layers", "1"]
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 50)), [1, 2, 3]]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True) for _ in prompts]
+    outs = []
+    for devices in ("1", "2"):
+        _, engine = build_server(build_parser().parse_args(common + ["--devices", devices]))
+        engine.start()
+        try:
+            if devices == "2":
+                spec = engine.cache.k_pages.sharding.spec
+                assert spec == jax.sharding.PartitionSpec(HEADS), spec
+            res = engine.generate(prompts, params)  # 3 requests, 2 slots: one waits
+            outs.append([r.token_ids for r in res])
+            assert engine.pages_free == engine.pages_total
+        finally:
+            engine.shutdown()
+    assert outs[0] == outs[1] and all(len(t) == 5 for t in outs[0])
