@@ -168,3 +168,9 @@ def test_server_with_two_devices_serves_like_one():
         finally:
             engine.shutdown()
     assert outs[0] == outs[1] and all(len(t) == 5 for t in outs[0])
+
+
+def test_full_sequence_logits_on_two_devices(models_pair):
+    ref, shd = models_pair
+    ids = np.random.default_rng(5).integers(0, 250, (2, 24)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(shd.logits(ids)), np.asarray(ref.logits(ids)), atol=1e-5)
