@@ -38,7 +38,7 @@ def test_multidevice_checks_in_a_four_device_process():
     )
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
-    assert "10 passed" in r.stdout and "skipped" not in r.stdout, tail
+    assert "12 passed" in r.stdout and "skipped" not in r.stdout, tail
 
 
 def test_head_mesh_and_divisibility_errors():

@@ -1,0 +1,80 @@
+"""The whole model's prefill and decode step lower for TPU (Mosaic) and CUDA (Pallas Triton).
+
+The kernel tests export each kernel alone; this exports the jitted model entry points at the
+embedded default's attention shapes (9 query / 3 KV heads, head_dim 64, bf16, page 16), so a
+layout the kernels accept alone but not inside the model (the cache's layer pool, the INT4
+writes, Quest refreshes) fails here rather than on the accelerator.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from _export import export_cuda, export_tpu
+from flax import nnx
+
+import models
+from pallas_kernels import _common
+from twilight_jax import SparsityConfig
+
+CONFIG = models.LlamaConfig(
+    vocab_size=512,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=3,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+)
+B = 4
+SPARSITY = {
+    "dense": SparsityConfig(selector="dense"),
+    "twilight_all": SparsityConfig(selector="all", top_p=0.95, max_budget=256, dense_layers=1),
+    "twilight_quest": SparsityConfig(
+        selector="quest", budget=256, top_p=0.95, max_budget=128, dense_layers=1
+    ),
+}
+MARKER = {"tpu": "tpu_custom_call", "gpu": "xla.gpu.triton"}
+
+
+@pytest.fixture(scope="module")
+def jitted():
+    model = models.LlamaForCausalLM(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    return model.jit()
+
+
+@pytest.fixture
+def on_platform(monkeypatch):
+    """Makes backend="auto" pick the kernels of `platform`; traces of the other platform's
+    kernels are dropped from jax's caches before and after (they would be reused)."""
+
+    def set_platform(platform):
+        jax.clear_caches()
+        monkeypatch.setattr(_common, "platform", lambda: platform)
+
+    yield set_platform
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_model_entry_points_lower(jitted, on_platform, platform):
+    on_platform(platform)
+    export = export_tpu if platform == "tpu" else export_cuda
+    cache = jitted.init_cache(B, 1024)
+    state = jitted.state
+
+    def prefill(state, ids, lengths, cache):
+        return nnx.merge(jitted.graphdef, state).prefill(ids, lengths, cache)
+
+    text = export(
+        prefill, state, jnp.zeros((B, 128), jnp.int32), jnp.full((B,), 100, jnp.int32), cache
+    ).mlir_module()
+    assert MARKER[platform] in text  # the INT4 pack of the prefill writes is a kernel
+    for name, sparsity in SPARSITY.items():
+
+        def step(state, tokens, cache, sparsity=sparsity):
+            return nnx.merge(jitted.graphdef, state).decode_step(tokens, cache, sparsity)
+
+        text = export(step, state, jnp.zeros((B,), jnp.int32), cache).mlir_module()
+        # dense: INT4 pack + paged attention; sparse layers add SpGEMV, top-p and attention.
+        assert text.count(MARKER[platform]) >= (2 if name == "dense" else 4), name
