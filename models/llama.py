@@ -287,6 +287,36 @@ def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_
         )
 
 
+# Tensor-parallel split of the stacked [L, in, out] kernels over a "heads" mesh: Q/K/V by output
+# columns (heads), O by input rows (heads); the MLP likewise by intermediate unit.
+_COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_SPLIT = ("o_proj", "down_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def param_sharding(config: LlamaConfig, mesh, path):
+    """NamedSharding of the parameter at ``path`` (nnx state keys, e.g. ``("blocks",
+    "self_attn", "q_proj", "kernel")``) on a ``"heads"`` mesh: attention projections split by
+    head, the MLP by intermediate unit when the device count divides intermediate_size,
+    everything else (embeddings, norms, LM head) replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from twilight_jax.sharding import HEADS
+
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    spec = P()
+    if names and names[0] == "blocks":
+        for name in names:
+            if name in _MLP and config.intermediate_size % mesh.size:
+                break
+            if name in _COLUMN_SPLIT:
+                spec = P(None, None, HEADS)
+            elif name in _ROW_SPLIT:
+                spec = P(None, HEADS, None)
+    return NamedSharding(mesh, spec)
+
+
 def _layer_slice(x: jax.Array, layer: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
 
@@ -347,42 +377,17 @@ class LlamaForCausalLM(nnx.Module):
         return JittedLlama(self)
 
     def shard(self, mesh) -> LlamaForCausalLM:
-        """Splits the model over a ``"heads"`` mesh (``twilight_jax.sharding.head_mesh``):
-        Q/K/V projection columns and output projection rows by head, MLP units likewise when
-        the device count divides intermediate_size, everything else replicated; prefill and
-        decode then run each layer's attention on each device's heads (shard_map) and
-        ``init_cache`` splits the cache the same way. In place; returns self. Build ``jit()``
-        after this."""
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
+        """Splits the model over a ``"heads"`` mesh (``twilight_jax.sharding.head_mesh``), as
+        ``param_sharding`` says; prefill and decode then run each layer's attention on each
+        device's heads (shard_map) and ``init_cache`` splits the cache the same way. In place;
+        returns self. Build ``jit()`` after this. (``models.load(..., mesh=mesh)`` places the
+        weights so while loading, without a whole copy on one device first.)"""
+        from twilight_jax.sharding import check_heads
 
-        from twilight_jax.sharding import HEADS, check_heads
-
-        c = self.config
-        check_heads(mesh, c.num_heads, c.num_kv_heads)
-        split_mlp = c.intermediate_size % mesh.size == 0
-        cols, rows = P(None, None, HEADS), P(None, HEADS, None)  # kernels are [L, in, out]
-        specs = {
-            "q_proj": cols,
-            "k_proj": cols,
-            "v_proj": cols,
-            "o_proj": rows,
-            "gate_proj": cols if split_mlp else P(),
-            "up_proj": cols if split_mlp else P(),
-            "down_proj": rows if split_mlp else P(),
-        }
-
-        def spec(path) -> P:
-            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-            if names and names[0] == "blocks":
-                for name, sp in specs.items():
-                    if name in names:
-                        return sp
-            return P()
-
+        check_heads(mesh, self.config.num_heads, self.config.num_kv_heads)
         state = nnx.state(self)
         shardings = jax.tree_util.tree_map_with_path(
-            lambda path, _: NamedSharding(mesh, spec(path)), state
+            lambda path, _: param_sharding(self.config, mesh, path), state
         )
         nnx.update(self, jax.device_put(state, shardings))
         self.mesh = mesh

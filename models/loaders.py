@@ -28,7 +28,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.gguf_file import GGUFError, GGUFFile
-from models.llama import LlamaForCausalLM, abstract_model
+from models.llama import LlamaForCausalLM, abstract_model, param_sharding
 from models.tokenizer import Tokenizer
 
 
@@ -253,8 +253,10 @@ def build_model(
     ignored: Callable[[str], bool] = lambda name: False,
     progress: bool = True,
     source: str = "checkpoint",
+    mesh=None,
 ) -> LlamaForCausalLM:
-    """Fills a model from ``tensors`` (name -> loader of a numpy array) following ``table``."""
+    """Fills a model from ``tensors`` (name -> loader of a numpy array) following ``table``;
+    with a ``"heads"`` mesh each parameter goes straight to its devices (``param_sharding``)."""
     from tqdm.auto import tqdm
 
     wanted = {s.source for s in table}
@@ -267,6 +269,13 @@ def build_model(
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ModelLoadError(f"{source} has unexpected tensor {unexpected[0]!r}{more}")
 
+    if mesh is not None:
+        from twilight_jax.sharding import check_heads
+
+        try:
+            check_heads(mesh, config.num_heads, config.num_kv_heads)
+        except ValueError as e:
+            raise ModelLoadError(f"{source}: {e}") from e
     model = abstract_model(config, dtype)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -286,8 +295,16 @@ def build_model(
         dst = host[spec.target] if spec.layer is None else host[spec.target][spec.layer]
         assert arr.shape == dst.shape, (spec.source, arr.shape, dst.shape)
         dst[...] = arr
-    values = {path: var.replace(jax.device_put(host.pop(path))) for path, var in flat.items()}
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+    def place(path):
+        if mesh is None:
+            return jax.device_put(host.pop(path))
+        return jax.device_put(host.pop(path), param_sharding(config, mesh, path))
+
+    values = {path: var.replace(place(path)) for path, var in flat.items()}
+    model = nnx.merge(graphdef, nnx.from_flat_state(values))
+    model.mesh = mesh
+    return model
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -321,7 +338,7 @@ def _check_gguf_types(gf: GGUFFile) -> None:
             ) from None
 
 
-def load_gguf(path: str | Path, *, dtype=None, progress: bool = True):
+def load_gguf(path: str | Path, *, dtype=None, progress: bool = True, mesh=None):
     """(model, tokenizer, config) of a LLaMA-architecture GGUF file."""
     path = Path(path)
     if not path.is_file():
@@ -343,6 +360,7 @@ def load_gguf(path: str | Path, *, dtype=None, progress: bool = True):
         ignored=lambda n: n == "rope_freqs.weight",
         progress=progress,
         source=f"GGUF {path.name}",
+        mesh=mesh,
     )
     try:
         tokenizer = Tokenizer.from_gguf(gf.metadata)
@@ -379,7 +397,7 @@ def _safetensors_index(path: Path) -> dict[str, Path]:
     return shards
 
 
-def load_hf(path: str | Path, *, dtype=None, progress: bool = True):
+def load_hf(path: str | Path, *, dtype=None, progress: bool = True, mesh=None):
     """(model, tokenizer or None, config) of a Hugging Face LLaMA directory: config.json +
     safetensors (single file or sharded with model.safetensors.index.json); tokenizer from
     tokenizer.json when present."""
@@ -418,6 +436,7 @@ def load_hf(path: str | Path, *, dtype=None, progress: bool = True):
             ignored=_hf_ignored(config),
             progress=progress,
             source=f"checkpoint {path.name}",
+            mesh=mesh,
         )
     finally:
         handles.clear()
@@ -430,26 +449,28 @@ def load_hf(path: str | Path, *, dtype=None, progress: bool = True):
 # ---------------------------------------------------------------------------- entry
 
 
-def load(name_or_path: str | os.PathLike, *, dtype=None, progress: bool = True):
+def load(name_or_path: str | os.PathLike, *, dtype=None, progress: bool = True, mesh=None):
     """Loads a model: (model, tokenizer, config).
 
     name_or_path: an embedded name ("smollm2-135m-instruct"), a GGUF file, or a Hugging Face
     LLaMA directory. dtype: parameter and activation dtype (default: bf16 on GPU/TPU, float32
-    on CPU). Raises ``ModelLoadError`` (a ValueError) for an unknown name, a missing file, or a
-    checkpoint that does not match the architecture.
+    on CPU). mesh: a ``"heads"`` mesh (``twilight_jax.sharding.head_mesh``) to split the model
+    over while loading (as ``model.shard(mesh)``, without a whole copy on one device first).
+    Raises ``ModelLoadError`` (a ValueError) for an unknown name, a missing file, a checkpoint
+    that does not match the architecture, or head counts the mesh does not divide.
     """
     key = str(name_or_path)
     if key in EMBEDDED:
-        return load_gguf(embedded_gguf_path(key), dtype=dtype, progress=progress)
+        return load_gguf(embedded_gguf_path(key), dtype=dtype, progress=progress, mesh=mesh)
     path = Path(key).expanduser()
     if path.is_dir():
-        return load_hf(path, dtype=dtype, progress=progress)
+        return load_hf(path, dtype=dtype, progress=progress, mesh=mesh)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(
                 f"{key!r} is a file but not a .gguf; pass a GGUF file or a Hugging Face directory"
             )
-        return load_gguf(path, dtype=dtype, progress=progress)
+        return load_gguf(path, dtype=dtype, progress=progress, mesh=mesh)
     if path.suffix.lower() == ".gguf" or os.sep in key:
         raise ModelLoadError(f"model path {key!r} does not exist")
     raise ModelLoadError(

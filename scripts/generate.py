@@ -128,33 +128,40 @@ def sparsity_config(args):
         raise UsageError(str(e)) from e
 
 
-def shard_model(model, devices: int):
-    """model split over `devices` local devices (unchanged for 1)."""
+def device_mesh(devices: int):
+    """None for one device, else a "heads" mesh over the first `devices` local devices."""
     if devices == 1:
-        return model
+        return None
     from twilight_jax.sharding import head_mesh
 
     try:
-        return model.shard(head_mesh(devices))
+        return head_mesh(devices)
     except ValueError as e:
         raise UsageError(f"--devices {devices}: {e}") from e
 
 
-def load_model(name: str | None, dtype: str | None):
+def load_model(name: str | None, dtype: str | None, devices: int = 1):
     import jax.numpy as jnp
 
     import models
     from twilight_jax.serve import TINY_RANDOM, tiny_random_model
 
     name = name or models.DEFAULT_MODEL
+    mesh = device_mesh(devices)
     if name == TINY_RANDOM:
-        return tiny_random_model(0)
+        model, tokenizer, config = tiny_random_model(0)
+        if mesh is not None:
+            try:
+                model.shard(mesh)
+            except ValueError as e:
+                raise UsageError(f"--devices {devices}: {e}") from e
+        return model, tokenizer, config
     try:
         dt = jnp.dtype(dtype) if dtype else None
     except TypeError as e:
         raise UsageError(f"--dtype {dtype!r} is not a dtype") from e
     try:
-        model, tokenizer, config = models.load(name, dtype=dt)
+        model, tokenizer, config = models.load(name, dtype=dt, mesh=mesh)
     except (models.ModelLoadError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     if tokenizer is None:
@@ -170,8 +177,7 @@ def run(args) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sparsity = sparsity_config(args)
     temperature = 0.0 if args.greedy else args.temperature
-    model, tokenizer, config = load_model(args.model, args.dtype)
-    model = shard_model(model, args.devices)
+    model, tokenizer, config = load_model(args.model, args.dtype, args.devices)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if chat and not tokenizer.chat_template:
         raise UsageError("--chat: this model has no chat template (use --raw)")

@@ -211,3 +211,25 @@ def test_three_way_split_of_the_default_model_shape_lowers(platform, monkeypatch
     marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
     assert exported.nr_devices == 3 and marker in exported.mlir_module()
     jax.clear_caches()
+
+
+def test_load_with_a_mesh_places_each_weight_on_its_devices():
+    """The embedded SmolLM2 GGUF (9 / 3 heads) loaded straight onto 3 devices."""
+    import models
+
+    mesh = head_mesh(3)
+    one, _, _ = models.load("smollm2-135m-instruct", progress=False)
+    three, _, config = models.load("smollm2-135m-instruct", progress=False, mesh=mesh)
+    assert three.mesh is mesh and one.mesh is None
+    q = three.blocks.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, HEADS)
+    assert q.addressable_shards[0].data.shape == (config.num_layers, 576, 3 * config.head_dim)
+    down = three.blocks.mlp.down_proj.kernel[...]
+    assert down.addressable_shards[0].data.shape == (config.num_layers, 1536 // 3, 576)
+    assert three.embed_tokens.embedding[...].sharding.spec == jax.sharding.PartitionSpec()
+    ids = np.random.default_rng(2).integers(0, config.vocab_size, (1, 48)).astype(np.int32)
+    np.testing.assert_allclose(
+        np.asarray(three.jit().logits(ids)), np.asarray(one.jit().logits(ids)), atol=2e-4
+    )
+    with pytest.raises(models.ModelLoadError, match="2 devices must divide the KV heads"):
+        models.load("smollm2-135m-instruct", progress=False, mesh=head_mesh(2))

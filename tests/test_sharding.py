@@ -38,7 +38,7 @@ def test_multidevice_checks_in_a_four_device_process():
     )
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
-    assert "12 passed" in r.stdout and "skipped" not in r.stdout, tail
+    assert "13 passed" in r.stdout and "skipped" not in r.stdout, tail
 
 
 def test_head_mesh_and_divisibility_errors():
@@ -99,4 +99,4 @@ def test_cli_devices_flag_errors_in_one_line():
     spec.loader.exec_module(mod)
     n = len(jax.devices())
     with pytest.raises(mod.UsageError, match=f"--devices {n + 1}: num_devices must be"):
-        mod.shard_model(tiny_random_model(0)[0], n + 1)
+        mod.load_model("tiny-random", None, n + 1)

@@ -128,16 +128,19 @@ def build_server(args):
 
     name = args.model or models.DEFAULT_MODEL
     dtype = jnp.dtype(args.dtype) if args.dtype else None
-    if name == TINY_RANDOM:
-        model, tokenizer, config = tiny_random_model(args.seed)
-    else:
-        model, tokenizer, config = models.load(name, dtype=dtype)
-    if tokenizer is None:
-        raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
+    mesh = None
     if args.devices != 1:
         from twilight_jax.sharding import head_mesh
 
-        model.shard(head_mesh(args.devices))
+        mesh = head_mesh(args.devices)
+    if name == TINY_RANDOM:
+        model, tokenizer, config = tiny_random_model(args.seed)
+        if mesh is not None:
+            model.shard(mesh)
+    else:
+        model, tokenizer, config = models.load(name, dtype=dtype, mesh=mesh)
+    if tokenizer is None:
+        raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
     sparsity = SparsityConfig(
         selector=args.selector,
         budget=args.budget,
