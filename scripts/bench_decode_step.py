@@ -58,6 +58,12 @@ def main():
     ap.add_argument("--unroll", action="store_true", help="also time scan_unroll=True")
     ap.add_argument("--out", default="docs/results/decode_step")
     ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split KV heads and weights over this many local devices (twilight_jax.sharding)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also trace 3 steps per method: device busy time and the longest kernels",
@@ -103,6 +109,10 @@ def main():
     )
     for unroll in [1, True] if args.unroll else [1]:
         model = LlamaForCausalLM(config, dtype=dtype, scan_unroll=unroll)
+        if args.devices != 1:
+            from twilight_jax.sharding import head_mesh
+
+            model.shard(head_mesh(args.devices))
         jm = model.jit()
         for batch in args.batches:
             t = args.context
@@ -115,7 +125,7 @@ def main():
                     k = jax.random.normal(key, shape, dtype)
                     v = jax.random.normal(jax.random.fold_in(key, 1), shape, dtype)
                     lengths = jnp.full((batch,), t - 8, jnp.int32)
-                    cache = PagedKVCache.from_dense(k, v, lengths, page_size=16)
+                    cache = jm.place_cache(PagedKVCache.from_dense(k, v, lengths, page_size=16))
                     del k, v
                     tokens = jnp.ones((batch,), jnp.int32)
                     t0 = time.perf_counter()

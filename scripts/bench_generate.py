@@ -75,9 +75,20 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
     ap.add_argument("--out", default="docs/results/generate")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split KV heads and weights over this many local devices (twilight_jax.sharding)",
+    )
     args = ap.parse_args()
 
-    model, tokenizer, config = models.load(args.model, dtype=jnp.bfloat16)
+    mesh = None
+    if args.devices != 1:
+        from twilight_jax.sharding import head_mesh
+
+        mesh = head_mesh(args.devices)
+    model, tokenizer, config = models.load(args.model, dtype=jnp.bfloat16, mesh=mesh)
     methods = {
         "dense": SparsityConfig(selector="dense"),
         "twilight/all p=0.95": SparsityConfig(selector="all", top_p=0.95, max_budget=1024),
