@@ -3,7 +3,7 @@
 # a short table printed last. Usage (from the repo root, on the device):
 #   STEPS="tests kernels attention generate" bash scripts/gpu_suite.sh
 # Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first.
-# Steps: stage tests kernels sweep attention decode generate serving eval (any order).
+# Steps: stage tests kernels sweep ptxas attention decode generate serving eval (any order).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
@@ -62,6 +62,28 @@ for step in $STEPS; do
     sweep)
       python3 scripts/bench_kernels.py --out "$OUT/sweep" --batches 64 --contexts 32768 --sweep --no-torch 2>&1 | tee "$OUT/sweep.log" | grep -v '^  kernel='
       rc=${PIPESTATUS[0]} ;;
+    ptxas)
+      # Registers and spills of every kernel at the batch 64 / 32K point: XLA dumps the PTX
+      # (Pallas Triton kernels included), ptxas -v reports per function. For the top-p and
+      # SpGEMV kernels, whose time does not follow their bytes or bisection steps.
+      rm -rf /tmp/xla_dump
+      XLA_FLAGS="--xla_dump_to=/tmp/xla_dump" python3 scripts/bench_kernels.py --batches 64 \
+        --contexts 32768 --no-torch --out "$OUT/ptxas_kernels" > "$OUT/ptxas_bench.log" 2>&1
+      rc=$?
+      PTXAS=$(command -v ptxas || find / -name ptxas -type f -perm -u+x 2>/dev/null | head -n 1)
+      echo "ptxas: ${PTXAS:-not found}; $(ls /tmp/xla_dump/*.ptx 2>/dev/null | wc -l) PTX files"
+      for f in /tmp/xla_dump/*.ptx; do
+        [ -n "$PTXAS" ] && [ -f "$f" ] || break
+        # One line per function: name, registers, spill bytes.
+        "$PTXAS" -arch=sm_90 -v "$f" -o /dev/null 2>&1 | awk -v file="$(basename "$f")" '
+          /Compiling entry function/ { split($0, a, "'\''"); fn = a[2] }
+          /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
+          /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/);
+            print file ": " fn ": " substr($0, RSTART, RLENGTH) ", " spill }'
+      done > "$OUT/ptxas.txt"
+      # Ours (named after their pallas_call) and anything that spills.
+      grep -E "topp|spgemv|quest|decode_attention|int4|[1-9][0-9]* bytes spill stores" \
+        "$OUT/ptxas.txt" | sort -u | head -60 ;;
     attention)
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"
       rc=${PIPESTATUS[0]} ;;
