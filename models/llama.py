@@ -22,6 +22,7 @@ float32; matmuls run in the model dtype (bf16 on accelerators, float32 on CPU by
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -96,7 +97,14 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init.normal((d_in, d_out), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...i,io->...o", x, self.kernel[...]).astype(x.dtype)
+        w = self.kernel[...]
+        if math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
+            # One row (a batch-1 decode step): XLA CPU's dot of a vector with a row-major
+            # [in, out] matrix streams it at ~5 GB/s, a fused multiply-reduce at ~16 GB/s
+            # (measured on the 2-core CI machine: 30 x [576, 1536] float32, 20 vs 6.7 ms).
+            y = jnp.sum(x.reshape(-1, 1).astype(jnp.float32) * w, axis=0)
+            return y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+        return jnp.einsum("...i,io->...o", x, w).astype(x.dtype)
 
 
 class Embed(nnx.Module):
