@@ -13,9 +13,10 @@ the Pallas kernels see ordinary local arrays. The projections are left to XLA's 
 one after the MLP of each layer. Page tables, lengths and everything per sequence are
 replicated.
 
-    mesh = head_mesh(2)                       # the first 2 local devices
-    model.shard(mesh)                         # models.LlamaForCausalLM: weights placed
-    cache = shard_cache(model.init_cache(batch, max_seq_len), mesh)
+    mesh = head_mesh(2)                                   # the first 2 local devices
+    model, tokenizer, config = models.load(name, mesh=mesh)   # or model.shard(mesh)
+    cache = model.init_cache(batch, max_seq_len)          # split like the model
+    cache = shard_cache(cache_made_elsewhere, mesh)       # the same for any PagedKVCache
 
 Constraints: Hkv and Hq divisible by the device count.
 """
