@@ -19,3 +19,21 @@ def export_cuda(fn, *args, **kwargs):
         platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
     )(*args)
+
+
+def default_model_shapes(num_layers: int = 3):
+    """A LlamaConfig with the embedded default's attention and MLP shapes (SmolLM2-135M: 9 query
+    / 3 KV heads, head_dim 64, hidden 576, intermediate 1536), few layers and a small vocab,
+    for lowering checks of the whole model."""
+    import models
+
+    return models.LlamaConfig(
+        vocab_size=512,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=num_layers,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+    )

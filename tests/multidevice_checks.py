@@ -180,23 +180,13 @@ def test_full_sequence_logits_on_two_devices(models_pair):
 def test_three_way_split_of_the_default_model_shape_lowers(platform, monkeypatch):
     """SmolLM2's 9 / 3 heads over 3 devices: each device's kernels see 1 KV head and a group
     of 3 query heads (not a power of two) and must still lower for TPU and CUDA."""
-    from _export import export_cuda, export_tpu
+    from _export import default_model_shapes, export_cuda, export_tpu
     from flax import nnx
 
     import models
     from pallas_kernels import _common
 
-    config = models.LlamaConfig(
-        vocab_size=512,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=3,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-    )
-    model = models.LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = models.LlamaForCausalLM(default_model_shapes(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     jitted = model.shard(head_mesh(3)).jit()
     cache = jitted.init_cache(4, 1024)
     cfg = SparsityConfig(selector="quest", budget=256, top_p=0.95, max_budget=128, dense_layers=1)

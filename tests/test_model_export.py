@@ -9,23 +9,14 @@ writes, Quest refreshes) fails here rather than on the accelerator.
 import jax
 import jax.numpy as jnp
 import pytest
-from _export import export_cuda, export_tpu
+from _export import default_model_shapes, export_cuda, export_tpu
 from flax import nnx
 
 import models
 from pallas_kernels import _common
 from twilight_jax import SparsityConfig
 
-CONFIG = models.LlamaConfig(
-    vocab_size=512,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=3,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-)
+CONFIG = default_model_shapes()
 B = 4
 SPARSITY = {
     "dense": SparsityConfig(selector="dense"),
