@@ -221,6 +221,29 @@ def dense_attention(q, k, v, lengths=None):
     )
 
 
+def cached_attention(q, cache, layer, positions):
+    """Causal attention of a chunk over everything cached before it and itself.
+
+    q [B, T, Hq, D] at positions [B, T] int32; cache holds this layer's keys and values at every
+    position up to positions[b, -1] (the chunk's own already written). Query i of sequence b
+    attends to positions [0, positions[b, i]] -> [B, T, Hq, D] in q.dtype. Reads the whole
+    capacity of the sequence's pages (XLA attention, logits [B, Hq, T, capacity]): meant for
+    prefill chunks, not for decode.
+    """
+    view = cache.layer_view(layer)
+    s = cache.page_size
+    pos = jnp.arange(cache.capacity, dtype=jnp.int32)
+    phys = view.page_table[:, pos // s]  # [B, N]
+
+    def tokens(pages):  # [Hkv, L * P, S, D] -> [B, N, Hkv, D]
+        return jnp.moveaxis(pages[:, phys, pos % s], 0, 2).astype(q.dtype)
+
+    mask = pos[None, None, :] <= positions[:, :, None]  # [B, T, N]
+    return jax.nn.dot_product_attention(
+        q, tokens(view.k_pages), tokens(view.v_pages), mask=mask[:, None], implementation="xla"
+    )
+
+
 def _host_values(x):
     """x as numpy when it is already on the host (lists, numpy); None for device or traced
     arrays, whose values are not checked (that would cost a device sync per call)."""
@@ -240,7 +263,7 @@ def _check_cache(config: LlamaConfig, cache, batch: int) -> None:
             raise ValueError(f"cache {name} must be {want} (the model's / the batch's), got {got}")
 
 
-def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache) -> None:
+def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache, start=None) -> None:
     """Static checks of ``prefill`` arguments (ValueError naming the argument)."""
     if np.ndim(token_ids) != 2:
         raise ValueError(f"token_ids must be [B, T], got shape {tuple(np.shape(token_ids))}")
@@ -258,6 +281,18 @@ def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache) -> None:
     ln = _host_values(lengths)
     if ln is not None and (ln.min(initial=0) < 0 or ln.max(initial=0) > t):
         raise ValueError(f"lengths must lie in [0, T={t}], got {ln.tolist()}")
+    if start is not None:
+        if np.shape(start) != (b,):
+            raise ValueError(f"start must be [B={b}], got shape {tuple(np.shape(start))}")
+        st = _host_values(start)
+        if st is not None:
+            end = st + (ln if ln is not None else t)
+            limit = min(cache.capacity, config.max_position_embeddings)
+            if st.min(initial=0) < 0 or end.max(initial=0) > limit:
+                raise ValueError(
+                    f"start must be >= 0 with start + lengths <= {limit} (the cache capacity "
+                    f"and the model context), got start {st.tolist()}"
+                )
     ids = _host_values(token_ids)
     if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
         raise ValueError(
@@ -503,32 +538,38 @@ class LlamaForCausalLM(nnx.Module):
         )
         return self._head(h)
 
-    def prefill(self, token_ids: jax.Array, lengths: jax.Array, cache):
+    def prefill(self, token_ids: jax.Array, lengths: jax.Array, cache, start=None):
         """Dense forward over right-padded prompts, filling the KV cache.
 
         token_ids [B, T] int32 (entries at or past lengths[b] are padding); lengths [B] int32
-        in [0, T]; cache: a ``PagedKVCache`` with room for T tokens per sequence, empty for the
-        sequences being prefilled. Writes post-RoPE K/V of every layer at positions
-        [0, lengths[b]) and sets the cache length of b to lengths[b]. A sequence with
-        lengths[b] == 0 is left as it was (its cache length too), so one call can prefill some
-        slots of a batch while others hold state.
+        in [0, T]; cache: a ``PagedKVCache`` with room for the tokens. Writes post-RoPE K/V of
+        every layer at positions [start[b], start[b] + lengths[b]) and sets the cache length of
+        b to start[b] + lengths[b]. A sequence with lengths[b] == 0 is left as it was (its cache
+        length too), so one call can prefill some slots of a batch while others hold state.
 
-        Returns (logits [B, vocab] float32 of token lengths[b] - 1 (unspecified where
-        lengths[b] == 0), cache).
+        start: None (a whole prompt from position 0: causal attention within the chunk,
+        cuDNN flash attention on a GPU) or [B] int32, the position of each chunk's first token
+        for chunked prefill: the cache must hold positions [0, start[b]) of sequence b, and
+        the chunk attends to them and to itself (``cached_attention``).
+
+        Returns (logits [B, vocab] float32 of token lengths[b] - 1 of the chunk (unspecified
+        where lengths[b] == 0), cache).
         """
-        check_prefill_args(self.config, token_ids, lengths, cache)
+        check_prefill_args(self.config, token_ids, lengths, cache, start)
         token_ids = jnp.asarray(token_ids, jnp.int32)
         b, t = token_ids.shape
         lengths = jnp.asarray(lengths, jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        start = jnp.zeros((b,), jnp.int32)
+        offset = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        positions = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         kv_dtype = cache.k_pages.dtype
 
         def attend(q, k, v, layer, cache):
             cache = cache.write_prefill(
-                layer, k.astype(kv_dtype), v.astype(kv_dtype), start, lengths
+                layer, k.astype(kv_dtype), v.astype(kv_dtype), offset, lengths
             )
-            return dense_attention(q, k, v, lengths), (cache, None)
+            if start is None:
+                return dense_attention(q, k, v, lengths), (cache, None)
+            return cached_attention(q, cache, layer, positions), (cache, None)
 
         h, cache, _ = self._run_layers(
             self._embed(token_ids),
@@ -539,7 +580,7 @@ class LlamaForCausalLM(nnx.Module):
             self.config.num_layers,
         )
         last = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]
-        cache = cache.with_lengths(jnp.where(lengths > 0, lengths, cache.lengths))
+        cache = cache.with_lengths(jnp.where(lengths > 0, offset + lengths, cache.lengths))
         return self._head(last), cache
 
     def decode_step(
@@ -641,8 +682,8 @@ def _logits_jit(graphdef, state, token_ids):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _prefill_jit(graphdef, state, token_ids, lengths, cache):
-    return nnx.merge(graphdef, state).prefill(token_ids, lengths, cache)
+def _prefill_jit(graphdef, state, token_ids, lengths, cache, start):
+    return nnx.merge(graphdef, state).prefill(token_ids, lengths, cache, start)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 7), donate_argnums=(3,))
@@ -676,14 +717,15 @@ class JittedLlama:
     def logits(self, token_ids):
         return _logits_jit(self.graphdef, self.state, jnp.asarray(token_ids, jnp.int32))
 
-    def prefill(self, token_ids, lengths, cache):
-        check_prefill_args(self.config, token_ids, lengths, cache)
+    def prefill(self, token_ids, lengths, cache, start=None):
+        check_prefill_args(self.config, token_ids, lengths, cache, start)
         return _prefill_jit(
             self.graphdef,
             self.state,
             jnp.asarray(token_ids, jnp.int32),
             jnp.asarray(lengths, jnp.int32),
             cache,
+            None if start is None else jnp.asarray(start, jnp.int32),
         )
 
     def decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):

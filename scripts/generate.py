@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="split the KV heads (and the weights by head) over this many local devices",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="prefill prompts longer than this many tokens in chunks (0 = in one call)",
+    )
     p.add_argument("--no-stream", action="store_true", help="print answers only when done")
     return p
 
@@ -175,6 +181,8 @@ def run(args) -> int:
     prompts = read_prompts(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk < 0:
+        raise UsageError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
     sparsity = sparsity_config(args)
     temperature = 0.0 if args.greedy else args.temperature
     model, tokenizer, config = load_model(args.model, args.dtype, args.devices)
@@ -202,6 +210,7 @@ def run(args) -> int:
             system=args.system,
             on_text=on_text if stream else None,
             progress=max(len(p) for p in prompts) > 2000,
+            prefill_chunk=args.prefill_chunk or None,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -137,6 +137,9 @@ def test_generate_on_two_devices_equals_one():
     a = generate(ref, tok, ["hello there", "a b c"], **kw)
     b = generate(shd, tok, ["hello there", "a b c"], **kw)
     assert a.token_ids == b.token_ids
+    # Chunked prefill: each device's chunk attends to its heads of the cached tokens.
+    c = generate(shd, tok, ["hello there", "a b c"], prefill_chunk=4, **kw)
+    assert c.token_ids == a.token_ids
 
 
 def test_device_count_must_divide_the_heads():

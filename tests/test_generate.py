@@ -108,6 +108,57 @@ def test_sparse_p1_generation_equals_dense(tiny):
     assert st.attended_tokens == pytest.approx(st.context_tokens)
 
 
+@pytest.mark.parametrize(
+    "sparsity",
+    [
+        SparsityConfig(selector="dense"),
+        SparsityConfig(selector="quest", budget=32, top_p=0.8, dense_layers=1, max_budget=64),
+    ],
+    ids=["dense", "twilight_quest"],
+)
+def test_chunked_prefill_generates_the_same_tokens(tiny, sparsity, capsys):
+    model, tok, _ = tiny
+    # A ~50-token and a few-token prompt: chunks end mid-prompt and past the short prompt's
+    # end; 16 is page-aligned, 24 starts chunks mid-page (Quest refresh of a shared page).
+    prompts = ["The quick brown fox jumps over the lazy dog, twice.", "Hi"]
+    kw = dict(max_new_tokens=8, sparsity=sparsity, stop_on_eos=False)
+    whole = generate(model, tok, prompts, **kw)
+    for chunk in (16, 24):
+        got = generate(model, tok, prompts, prefill_chunk=chunk, progress=True, **kw)
+        assert got.token_ids == whole.token_ids, chunk
+    assert "prefill" in capsys.readouterr().err  # the progress bar ran
+    with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 1"):
+        generate(model, tok, prompts, prefill_chunk=0, **kw)
+
+
+def test_chunked_prefill_fills_the_cache_like_one_call(tiny):
+    from models.llama import check_prefill_args
+
+    model, _, config = tiny
+    jm = model.jit()
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, 40)).astype(np.int32)
+    lengths = np.array([40, 23], np.int32)
+    one, whole = jm.prefill(ids, lengths, jm.init_cache(2, 64))
+    cache, last = jm.init_cache(2, 64), np.zeros(one.shape, np.float32)
+    for s0 in range(0, 40, 16):
+        n = np.clip(lengths - s0, 0, 16).astype(np.int32)
+        piece = np.zeros((2, 16), np.int32)
+        piece[:, : min(16, 40 - s0)] = ids[:, s0 : s0 + 16]
+        logits, cache = jm.prefill(piece, n, cache, start=np.full((2,), s0, np.int32))
+        ends = (lengths > s0) & (lengths <= s0 + 16)
+        last[ends] = np.asarray(logits)[ends]
+    np.testing.assert_allclose(last, np.asarray(one), atol=1e-5)
+    for f in ("k_pages", "v_pages", "k_scale", "k_zero", "k_min", "k_max"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(cache, f)), np.asarray(getattr(whole, f)), atol=1e-5, err_msg=f
+        )
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    with pytest.raises(ValueError, match="start must be >= 0 with start"):
+        check_prefill_args(config, piece, np.array([16, 16]), cache, np.array([60, 0]))
+    with pytest.raises(ValueError, match=r"start must be \[B=2\]"):
+        check_prefill_args(config, piece, n, cache, np.array([0]))
+
+
 def test_pruning_stats(tiny):
     model, tok, _ = tiny
     cfg = SparsityConfig(selector="all", top_p=0.5, dense_layers=1, max_budget=256)

@@ -115,7 +115,9 @@ def encode_prompts(
     return out
 
 
-def _validate(prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple):
+def _validate(
+    prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple, prefill_chunk
+):
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
     for i, p in enumerate(prompts):
@@ -133,6 +135,33 @@ def _validate(prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_
         raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
     if not isinstance(pad_multiple, int) or pad_multiple < 1:
         raise ValueError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
+
+
+def _prefill(model, tokens, lengths, cache, chunk, bar):
+    """(logits [B, vocab] of each prompt's last token, cache): the whole prompt in one call, or
+    with ``chunk`` in pieces of that many tokens (each attending to the cached ones before it),
+    the progress bar advancing per piece."""
+    b, t = tokens.shape
+    if chunk is None or t <= chunk:
+        logits, cache = model.prefill(tokens, lengths, cache)
+        logits.block_until_ready()
+        if bar is not None:
+            bar.update(int(lengths.sum()))
+        return logits, cache
+    last = None
+    for s0 in range(0, int(lengths.max()), chunk):
+        piece = np.zeros((b, chunk), np.int32)
+        piece[:, : min(chunk, t - s0)] = tokens[:, s0 : s0 + chunk]
+        n = np.clip(lengths - s0, 0, chunk).astype(np.int32)
+        logits, cache = model.prefill(piece, n, cache, start=np.full((b,), s0, np.int32))
+        ends = jnp.asarray((lengths > s0) & (lengths <= s0 + chunk))[:, None]
+        last = logits if last is None else jnp.where(ends, logits, last)
+        last.block_until_ready()
+        if bar is not None:
+            bar.update(int(n.sum()))
+    return last, cache
 
 
 def generate(
@@ -152,6 +181,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     pad_multiple: int = 64,
     progress: bool = False,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generates continuations of a batch of prompts.
 
@@ -161,7 +191,9 @@ def generate(
     (nucleus) and ``seed`` (sequence b uses seed + b). on_text(b, piece): called with text
     of sequence b as soon as it is complete UTF-8 (streaming). pad_multiple: prompts are padded
     to a multiple of this many tokens (fewer distinct compiled shapes). progress: a status bar
-    on stderr for the prefill.
+    on stderr for the prefill. prefill_chunk: None (each prompt in one prefill call) or a
+    token count: longer prompts are prefilled in chunks of it, each attending to the cached
+    tokens before it (lower peak memory for long documents; the bar moves per chunk).
 
     Raises ValueError (naming the argument) for bad arguments, or when a prompt plus
     max_new_tokens does not fit the model's context (max_position_embeddings).
@@ -171,7 +203,9 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     sparsity = sparsity if sparsity is not None else SparsityConfig(selector="dense")
-    _validate(prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple)
+    _validate(
+        prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple, prefill_chunk
+    )
     if not hasattr(model, "decode_step") or not hasattr(model, "prefill"):
         raise ValueError(f"model must have prefill and decode_step, got {type(model).__name__}")
     if hasattr(model, "jit"):
@@ -216,11 +250,9 @@ def generate(
 
         bar = tqdm(total=int(lengths.sum()), desc="prefill", unit="tok", file=sys.stderr)
     t0 = time.perf_counter()
-    logits, cache = model.prefill(tokens, lengths, cache)
-    logits.block_until_ready()
+    logits, cache = _prefill(model, tokens, lengths, cache, prefill_chunk, bar)
     prefill_s = time.perf_counter() - t0
     if bar is not None:
-        bar.update(int(lengths.sum()))
         bar.close()
 
     eos = set()
