@@ -505,3 +505,101 @@ def test_metrics_histogram_is_cumulative():
     buckets = [int(ln.rsplit(" ", 1)[1]) for ln in lines if "_bucket" in ln]
     assert buckets == sorted(buckets) and buckets[-1] == 5
     assert "twilight_time_per_output_token_seconds_count 5" in lines
+
+
+# ---------------------------------------------------------------------- chunked prefill
+
+
+class _CallLog(FaultyModel):
+    """Records the order of model calls: "P" a whole prefill, "C" a chunk, "D" a decode step."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.calls = []
+
+    def prefill(self, *args):
+        self.calls.append("C" if len(args) > 3 else "P")
+        return super().prefill(*args)
+
+    def decode_step(self, *args, **kwargs):
+        self.calls.append("D")
+        return super().decode_step(*args, **kwargs)
+
+
+def test_chunked_prefill_serves_like_whole_prefill(engine):
+    chunked = make_engine(prefill_chunk=16).start()
+    try:
+        prompts = _prompts(21, 7, lo=3, hi=60)  # most longer than one chunk, some not
+        assert any(len(p) > 16 for p in prompts) and any(len(p) <= 16 for p in prompts)
+        params = [SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY) for _ in prompts]
+        want = engine.generate(prompts, params)
+        got = chunked.generate(prompts, params)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert all(c.finish_reason == "length" for c in got)
+        _assert_all_pages_free(chunked)
+    finally:
+        chunked.shutdown()
+
+
+def test_chunked_prefill_interleaves_with_running_decodes():
+    model = _CallLog(tiny()[0])
+    eng = make_engine(model, prefill_chunk=16).start()
+    try:
+        short, long_prompt = _prompts(22, 1, lo=5, hi=6)[0], list(range(1, 61))  # 60 tokens
+        events = threading.Event()
+
+        def first_token(ev):
+            events.set()
+
+        eng.submit(short, SamplingParams(max_tokens=30, ignore_eos=True, **GREEDY), first_token)
+        assert events.wait(60)  # the short request is decoding
+        out = eng.generate([long_prompt], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
+        assert out[0].finish_reason == "length" and len(out[0].token_ids) == 3
+        calls = "".join(model.calls)
+        # 60 tokens = 4 chunks of 16, each followed by the running request's decode step.
+        assert "CDCDCDCD" in calls, calls
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_cancel_during_chunked_prefill_frees_pages():
+    model = FaultyModel(tiny()[0])
+    eng = make_engine(model, prefill_chunk=16).start()
+    try:
+        done = threading.Event()
+        final = {}
+
+        def on_event(ev):
+            if ev.finished:
+                final["ev"] = ev
+                done.set()
+
+        model.gate.clear()  # the first chunk's prefill blocks the engine thread
+        rid = eng.submit(list(range(1, 61)), SamplingParams(max_tokens=3, **GREEDY), on_event)
+        deadline = time.monotonic() + 30
+        while eng.pages_free == eng.pages_total:  # admitted: pages reserved, chunk 1 running
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        eng.cancel(rid)
+        model.gate.set()
+        assert done.wait(60)
+        assert final["ev"].finish_reason == "cancelled" and not final["ev"].token_ids
+        _assert_all_pages_free(eng)
+        # The engine goes on serving, chunked prompts included.
+        ok = eng.generate([list(range(5, 45))], SamplingParams(max_tokens=2, **GREEDY))
+        assert ok[0].finish_reason in ("length", "stop")
+    finally:
+        model.gate.set()
+        eng.shutdown()
+
+
+def test_chunked_prefill_needs_a_model_that_takes_start():
+    class NoStart(FaultyModel):
+        def prefill(self, token_ids, lengths, cache):
+            return super().prefill(token_ids, lengths, cache)
+
+    with pytest.raises(ValueError, match="prefill_chunk needs a model whose prefill takes start"):
+        make_engine(NoStart(tiny()[0]), prefill_chunk=16)
+    with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 1"):
+        EngineConfig(prefill_chunk=0)

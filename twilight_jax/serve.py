@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=int, default=None, help="KV pages in the shared pool")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most")
     p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="prefill prompts longer than this in chunks between decode steps (0 = whole)",
+    )
     p.add_argument("--selector", default="all", choices=SELECTORS)
     p.add_argument(
         "--top-p", type=float, default=0.95, help="Twilight attention p; <= 0 turns pruning off"
@@ -156,6 +162,7 @@ def build_server(args):
         num_pages=args.num_pages,
         max_queue=args.max_queue,
         prefill_batch=args.prefill_batch,
+        prefill_chunk=args.prefill_chunk or None,
     )
     engine = Engine(JittedLlama(model), tokenizer, sparsity, engine_cfg)
     served = args.served_model_name or name

@@ -73,6 +73,10 @@ class EngineConfig:
     prefill_batch: requests prefilled together (padded to a power of two rows). 1 makes a
       request's prefill independent of what arrives with it, bit for bit.
     min_prefill_len: smallest prefill length bucket (buckets are powers of two).
+    prefill_chunk: None, or a token count: prompts longer than it are prefilled in chunks of
+      it, one chunk per engine iteration between the running batch's decode steps, so a long
+      prompt delays the others' next token by one chunk's prefill instead of its whole
+      prefill (the model's prefill must take ``start``).
     """
 
     max_batch: int = 8
@@ -81,6 +85,7 @@ class EngineConfig:
     max_queue: int = 256
     prefill_batch: int = 1
     min_prefill_len: int = 16
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("max_batch", "max_seq_len", "max_queue", "prefill_batch", "min_prefill_len"):
@@ -92,6 +97,13 @@ class EngineConfig:
         ):
             raise ValueError(
                 f"EngineConfig.num_pages must be None or an int, got {self.num_pages!r}"
+            )
+        chunk = self.prefill_chunk
+        if chunk is not None and (
+            isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1
+        ):
+            raise ValueError(
+                f"EngineConfig.prefill_chunk must be None or an int >= 1, got {chunk!r}"
             )
 
 
@@ -204,6 +216,13 @@ class _Request:
     first_token_t: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    prefilled: int | None = None  # chunked prefill: prompt tokens cached so far (else None)
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether fn accepts the keyword or positional argument `name` (or *args)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _next_pow2(n: int) -> int:
@@ -260,6 +279,11 @@ class Engine:
                 f"needs at least 1 + ceil(max_seq_len / page_size) = {1 + self.max_pages}"
             )
         self.eos_ids = frozenset(int(i) for i in getattr(mc, "eos_token_ids", ()) or ())
+        if config.prefill_chunk is not None and not _takes(model.prefill, "start"):
+            raise ValueError(
+                "EngineConfig.prefill_chunk needs a model whose prefill takes start= "
+                f"(chunked prefill); {type(model).__name__}.prefill does not"
+            )
         self.per_request_p = "top_p" in inspect.signature(model.decode_step).parameters
         self._cache_shape = dict(
             num_layers=mc.num_layers,
@@ -277,6 +301,7 @@ class Engine:
 
         b = config.max_batch
         self._slots: list[_Request | None] = [None] * b
+        self._prefilling: collections.deque[_Request] = collections.deque()  # oldest first
         self._page_table = np.zeros((b, self.max_pages), np.int32)
         self._table_dirty = True  # the host table changed since the cache's copy was made
         self._lengths = np.zeros((b,), np.int32)
@@ -493,7 +518,8 @@ class Engine:
     def _iteration(self) -> None:
         self._apply_cancellations()
         self._admit()
-        if any(self._slots):
+        self._prefill_chunk()
+        if any(r is not None and r.prefilled is None for r in self._slots):
             self._decode()
         self._publish_state()
 
@@ -541,8 +567,16 @@ class Engine:
                 self._page_table[slot] = self.allocator.table_row(req.request_id, self.max_pages)
                 self._table_dirty = True
                 self._lengths[slot] = 0
+            chunk = self.config.prefill_chunk
+            whole = [r for r in batch if chunk is None or len(r.prompt) <= chunk]
+            for req in batch:
+                if req not in whole:
+                    req.prefilled = 0  # _prefill_chunk takes it from here
+                    self._prefilling.append(req)
+            if not whole:
+                continue
             try:
-                self._prefill(batch)
+                self._prefill(whole)
             except Exception:
                 # A failed prefill may have consumed the donated cache: everyone's state is gone.
                 self._fail_all(f"prefill failed: {traceback.format_exc(limit=3)}")
@@ -569,6 +603,46 @@ class Engine:
         # batch's page table (decode sets the lengths).
         self.cache = dataclasses.replace(view, page_table=jnp.asarray(self._page_table))
         self._table_dirty = False
+        self._begin_decoding(batch, logits)
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest request in chunked prefill (EngineConfig.prefill_chunk);
+        after its last chunk the request samples its first token and joins the decode batch."""
+        while self._prefilling and self._prefilling[0].finish_reason is not None:
+            self._prefilling.popleft()  # cancelled or failed meanwhile
+        if not self._prefilling:
+            return
+        req = self._prefilling[0]
+        c = self.config.prefill_chunk
+        start = req.prefilled
+        piece = req.prompt[start : start + c]
+        tokens = np.zeros((1, c), np.int32)
+        tokens[0, : len(piece)] = piece
+        view = dataclasses.replace(
+            self.cache,
+            page_table=jnp.asarray(self._page_table[req.slot : req.slot + 1]),
+            lengths=jnp.full((1,), start, jnp.int32),
+        )
+        try:
+            logits, view = self.model.prefill(
+                tokens, np.array([len(piece)], np.int32), view, np.array([start], np.int32)
+            )
+        except Exception:
+            self._fail_all(f"prefill failed: {traceback.format_exc(limit=3)}")
+            return
+        self.cache = dataclasses.replace(view, page_table=jnp.asarray(self._page_table))
+        self._table_dirty = False
+        req.prefilled = start + len(piece)
+        if req.prefilled == len(req.prompt):
+            self._prefilling.popleft()
+            req.prefilled = None
+            self._begin_decoding([req], logits)
+
+    def _begin_decoding(self, batch: list[_Request], logits) -> None:
+        """Samples the first token of freshly prefilled requests (logits [rows >= len(batch),
+        vocab]) and sets up their decode rows."""
+        n, b = len(batch), self.config.max_batch
+        rows = logits.shape[0]
         # The first tokens go through the decode step's sampler at [max_batch] rows: one
         # compiled sampler instead of one per prefill batch size.
         params = [r.params for r in batch] + [None] * (b - n)
@@ -601,7 +675,7 @@ class Engine:
 
     def _decode(self) -> None:
         t0 = time.monotonic()
-        active = np.array([r is not None for r in self._slots])
+        active = np.array([r is not None and r.prefilled is None for r in self._slots])
         cache = dataclasses.replace(
             self.cache, page_table=self._device_page_table(), lengths=jnp.asarray(self._lengths)
         )
@@ -627,7 +701,7 @@ class Engine:
         self._lengths += active.astype(np.int32)
         self._record_attention(info, active, t0)
         for slot, req in enumerate(self._slots):
-            if req is not None:
+            if active[slot]:  # not the requests still in chunked prefill
                 self._accept_token(req, int(new[slot]))
 
     def _device_page_table(self):
@@ -734,6 +808,7 @@ class Engine:
         for req in list(self._slots):
             if req is not None:
                 self._finish(req, "error", error.strip().splitlines()[-1])
+        self._prefilling.clear()
         self.cache = self._new_cache()
         self._table_dirty = True
 
