@@ -265,6 +265,8 @@ def test_cli_tiny_model_streams_and_summarizes():
     r = _cli(
         "--model",
         "tiny-random",
+        "--prefill-chunk",
+        "2",
         "--prompt",
         "hello",
         "--max-new-tokens",
@@ -320,6 +322,7 @@ def cli_main(cli_module):
         (["--model", "tiny-random", "--prompt", "z" * 700], "exceeds the model context"),
         (["--model", "tiny-random", "--attention", "quest", "--budget", "10"], "multiple of"),
         (["--model", "tiny-random", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--model", "tiny-random", "--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(cli_main, capsys, args, msg):
