@@ -158,8 +158,10 @@ def test_server_with_two_devices_serves_like_one():
     prompts = [[5, 6, 7, 8, 9], list(range(20, 50)), [1, 2, 3]]
     params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True) for _ in prompts]
     outs = []
-    for devices in ("1", "2"):
-        _, engine = build_server(build_parser().parse_args(common + ["--devices", devices]))
+    # The 2-device server also prefills the 30-token prompt in chunks of 8.
+    for extra in (["--devices", "1"], ["--devices", "2", "--prefill-chunk", "8"]):
+        devices = extra[1]
+        _, engine = build_server(build_parser().parse_args(common + extra))
         engine.start()
         try:
             if devices == "2":
