@@ -100,5 +100,7 @@ def shard_attention(fn, mesh: Mesh, cache_spec, *, stats_specs=None):
         mesh=mesh,
         in_specs=(heads4, heads4, heads4, P(), cache_spec),
         out_specs=(heads4, (cache_spec, stats_specs)),
+        # Pallas calls declare their outputs without a varying-axes annotation, which the
+        # checker requires (jax: "manual_axis_type ... must not be None").
         check_vma=False,
     )
