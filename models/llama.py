@@ -221,27 +221,53 @@ def dense_attention(q, k, v, lengths=None):
     )
 
 
-def cached_attention(q, cache, layer, positions):
+def cached_attention(q, cache, layer, positions, *, block_tokens: int = 512):
     """Causal attention of a chunk over everything cached before it and itself.
 
     q [B, T, Hq, D] at positions [B, T] int32; cache holds this layer's keys and values at every
     position up to positions[b, -1] (the chunk's own already written). Query i of sequence b
-    attends to positions [0, positions[b, i]] -> [B, T, Hq, D] in q.dtype. Reads the whole
-    capacity of the sequence's pages (XLA attention, logits [B, Hq, T, capacity]): meant for
-    prefill chunks, not for decode.
+    attends to positions [0, positions[b, i]] -> [B, T, Hq, D] in q.dtype.
+
+    Keys and values are gathered from the pages ``block_tokens`` positions at a time under an
+    online softmax, in a loop that stops after the block holding the largest position: memory
+    is [B, Hq, T, block_tokens] logits, not [B, Hq, T, capacity], and the work follows the
+    cached prefix rather than the capacity. XLA ops (meant for prefill chunks, not decode).
     """
+    b, t, hq, d = q.shape
     view = cache.layer_view(layer)
-    s = cache.page_size
-    pos = jnp.arange(cache.capacity, dtype=jnp.int32)
-    phys = view.page_table[:, pos // s]  # [B, N]
+    hkv, s, n = view.k_pages.shape[0], cache.page_size, cache.capacity
+    kb = min(block_tokens, n)
+    qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * (1.0 / math.sqrt(d))
+    positions = positions.astype(jnp.int32)
 
-    def tokens(pages):  # [Hkv, L * P, S, D] -> [B, N, Hkv, D]
-        return jnp.moveaxis(pages[:, phys, pos % s], 0, 2).astype(q.dtype)
+    def block(i, carry):
+        m, den, acc = carry  # [B, Hkv, G, T], [B, Hkv, G, T], [B, Hkv, G, T, D]
+        pos = i * kb + jnp.arange(kb, dtype=jnp.int32)
+        at = jnp.minimum(pos, n - 1)
+        phys = view.page_table[:, at // s]  # [B, kb]
+        k = view.k_pages[:, phys, at % s].astype(jnp.float32)  # [Hkv, B, kb, D]
+        v = view.v_pages[:, phys, at % s].astype(jnp.float32)
+        logits = jnp.einsum("bthgd,hbkd->bhgtk", qg, k)
+        seen = (pos[None, None, :] <= positions[:, :, None]) & (pos < n)  # [B, T, kb]
+        logits = jnp.where(seen[:, None, None], logits, -jnp.inf)
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        den = den * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhgtk,hbkd->bhgtd", p, v)
+        return m_new, den, acc
 
-    mask = pos[None, None, :] <= positions[:, :, None]  # [B, T, N]
-    return jax.nn.dot_product_attention(
-        q, tokens(view.k_pages), tokens(view.v_pages), mask=mask[:, None], implementation="xla"
+    # Position 0 is in every query's range, so the first block leaves no row at -inf.
+    shape = (b, hkv, hq // hkv, t)
+    init = (
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, d), jnp.float32),
     )
+    num_blocks = jnp.max(positions) // kb + 1
+    _, den, acc = jax.lax.fori_loop(0, num_blocks, block, init)
+    out = acc / den[..., None]  # [B, Hkv, G, T, D]
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, hq, d).astype(q.dtype)
 
 
 def _host_values(x):

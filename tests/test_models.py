@@ -797,3 +797,32 @@ def test_prefill_decode_argument_errors(llama31_jitted):
         llama31_jitted.decode_step(ids[:, 0], cache, "dense")
     with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
         llama31_jitted.decode_step(ids[:, 0], cache, cfg, top_p=np.array([0.5, 1.5], np.float32))
+
+
+@pytest.mark.parametrize("block_tokens", [8, 24, 4096])
+def test_cached_attention_matches_masked_softmax(block_tokens):
+    from models.llama import cached_attention
+    from twilight_jax import PagedKVCache
+
+    rng = np.random.default_rng(11)
+    b, t_cache, hkv, g, d, t = 2, 56, 2, 3, 16, 5
+    k = rng.standard_normal((b, t_cache, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, t_cache, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((b, t, hkv * g, d)).astype(np.float32)
+    cache = PagedKVCache.from_dense(
+        jnp.asarray(k), jnp.asarray(v), jnp.asarray([t_cache, t_cache], jnp.int32), page_size=8
+    )
+    # Chunks starting mid-page (13) and in the last page (49); positions past a block edge.
+    positions = np.array([13, 49])[:, None] + np.arange(t)[None, :]
+    got = cached_attention(
+        jnp.asarray(q), cache, 0, jnp.asarray(positions), block_tokens=block_tokens
+    )
+    # Reference: query i of sequence b against keys 0..positions[b, i] of its KV head.
+    qg = q.reshape(b, t, hkv, g, d)
+    logits = np.einsum("bthgd,bkhd->bhgtk", qg, k) / np.sqrt(d)
+    seen = np.arange(t_cache)[None, None, :] <= positions[:, :, None]  # [B, T, K]
+    logits = np.where(seen[:, None, None], logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    want = np.einsum("bhgtk,bkhd->bthgd", w, v).reshape(b, t, hkv * g, d)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
