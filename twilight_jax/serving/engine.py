@@ -567,12 +567,13 @@ class Engine:
                 self._page_table[slot] = self.allocator.table_row(req.request_id, self.max_pages)
                 self._table_dirty = True
                 self._lengths[slot] = 0
-            chunk = self.config.prefill_chunk
-            whole = [r for r in batch if chunk is None or len(r.prompt) <= chunk]
+            chunk, whole = self.config.prefill_chunk, []
             for req in batch:
-                if req not in whole:
+                if chunk is not None and len(req.prompt) > chunk:
                     req.prefilled = 0  # _prefill_chunk takes it from here
                     self._prefilling.append(req)
+                else:
+                    whole.append(req)
             if not whole:
                 continue
             try:
