@@ -233,9 +233,11 @@ def cached_attention(q, cache, layer, positions, *, block_tokens: int = 512):
     is [B, Hq, T, block_tokens] logits, not [B, Hq, T, capacity], and the work follows the
     cached prefix rather than the capacity. XLA ops (meant for prefill chunks, not decode).
     """
+    from twilight_jax.cache import gather_tokens
+
     b, t, hq, d = q.shape
     view = cache.layer_view(layer)
-    hkv, s, n = view.k_pages.shape[0], cache.page_size, cache.capacity
+    hkv, n = view.k_pages.shape[0], cache.capacity
     kb = min(block_tokens, n)
     qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * (1.0 / math.sqrt(d))
     positions = positions.astype(jnp.int32)
@@ -244,17 +246,16 @@ def cached_attention(q, cache, layer, positions, *, block_tokens: int = 512):
         m, den, acc = carry  # [B, Hkv, G, T], [B, Hkv, G, T], [B, Hkv, G, T, D]
         pos = i * kb + jnp.arange(kb, dtype=jnp.int32)
         at = jnp.minimum(pos, n - 1)
-        phys = view.page_table[:, at // s]  # [B, kb]
-        k = view.k_pages[:, phys, at % s].astype(jnp.float32)  # [Hkv, B, kb, D]
-        v = view.v_pages[:, phys, at % s].astype(jnp.float32)
-        logits = jnp.einsum("bthgd,hbkd->bhgtk", qg, k)
+        k = gather_tokens(view.k_pages, view.page_table, at).astype(jnp.float32)  # [B,Hkv,kb,D]
+        v = gather_tokens(view.v_pages, view.page_table, at).astype(jnp.float32)
+        logits = jnp.einsum("bthgd,bhkd->bhgtk", qg, k)
         seen = (pos[None, None, :] <= positions[:, :, None]) & (pos < n)  # [B, T, kb]
         logits = jnp.where(seen[:, None, None], logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
         p = jnp.exp(logits - m_new[..., None])
         corr = jnp.exp(m - m_new)
         den = den * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhgtk,hbkd->bhgtd", p, v)
+        acc = acc * corr[..., None] + jnp.einsum("bhgtk,bhkd->bhgtd", p, v)
         return m_new, den, acc
 
     # Position 0 is in every query's range, so the first block leaves no row at -inf.
@@ -728,8 +729,11 @@ class JittedLlama:
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
-        self.mesh = model.mesh
         self.graphdef, self.state = nnx.split(model)
+
+    @property
+    def mesh(self):
+        return self.model.mesh
 
     def jit(self) -> JittedLlama:
         return self

@@ -155,13 +155,10 @@ def load_model(name: str | None, dtype: str | None, devices: int = 1):
     name = name or models.DEFAULT_MODEL
     mesh = device_mesh(devices)
     if name == TINY_RANDOM:
-        model, tokenizer, config = tiny_random_model(0)
-        if mesh is not None:
-            try:
-                model.shard(mesh)
-            except ValueError as e:
-                raise UsageError(f"--devices {devices}: {e}") from e
-        return model, tokenizer, config
+        try:
+            return tiny_random_model(0, mesh=mesh)
+        except ValueError as e:
+            raise UsageError(f"--devices {devices}: {e}") from e
     try:
         dt = jnp.dtype(dtype) if dtype else None
     except TypeError as e:

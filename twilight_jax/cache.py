@@ -50,6 +50,16 @@ def _check_layer(layer, num_layers: int) -> None:
         raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
 
 
+def gather_tokens(pages, page_table, positions):
+    """Rows of logical positions from a page pool: pages [Hkv, P, S, X], page_table
+    [B, max_pages], positions [N] int (each < max_pages * S) -> [B, Hkv, N, X] in pages.dtype.
+    """
+    s = pages.shape[2]
+    phys = page_table[:, positions // s]  # [B, N]
+    g = jnp.arange(pages.shape[0])[None, :, None]
+    return pages[g, phys[:, None, :], (positions % s)[None, None, :]]
+
+
 class LayerView(NamedTuple):
     """One layer of a PagedKVCache in the kernels' layout (docs/kernel_api.md): arrays
     [Hkv, L * P, ...] shared by all layers, and page_table [B, max_pages] already pointing into

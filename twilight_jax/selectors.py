@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quest import quest_page_scores
-from twilight_jax.cache import PagedKVCache
+from twilight_jax.cache import PagedKVCache, gather_tokens
 from twilight_jax.config import SparsityConfig
 
 
@@ -78,11 +78,7 @@ def _from_topk(ids, n_valid, lengths, block_size, hkv):
 
 def _gather_tokens(pages, page_table, num_tokens: int):
     """pages [Hkv, P, S, X] -> [B, Hkv, num_tokens, X] float32 in logical order."""
-    s = pages.shape[2]
-    pos = jnp.arange(num_tokens)
-    phys = page_table[:, pos // s]  # [B, N]
-    g = jnp.arange(pages.shape[0])[None, :, None]
-    return pages[g, phys[:, None, :], (pos % s)[None, None, :]].astype(jnp.float32)
+    return gather_tokens(pages, page_table, jnp.arange(num_tokens)).astype(jnp.float32)
 
 
 def _token_topk(score, lengths, budget, hkv):

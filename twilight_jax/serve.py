@@ -42,10 +42,11 @@ def tiny_tokenizer():
     return Tokenizer(backend, eos_token_ids=(258, 256), chat_template=_CHATML)
 
 
-def tiny_random_model(seed: int = 0, *, num_layers: int = 3, max_seq_len: int = 512):
+def tiny_random_model(seed: int = 0, *, num_layers: int = 3, max_seq_len: int = 512, mesh=None):
     """(model, tokenizer, config): a random LLaMA small enough to serve on one CPU core.
 
-    Three layers so that one is sparse under the default two dense layers; GQA 4:2.
+    Three layers so that one is sparse under the default two dense layers; GQA 4:2. mesh: split
+    it over a "heads" mesh, as ``models.load(..., mesh=)`` does.
     """
     from flax import nnx
 
@@ -64,6 +65,8 @@ def tiny_random_model(seed: int = 0, *, num_layers: int = 3, max_seq_len: int = 
         name=TINY_RANDOM,
     )
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        model.shard(mesh)
     return model, tiny_tokenizer(), config
 
 
@@ -140,9 +143,7 @@ def build_server(args):
 
         mesh = head_mesh(args.devices)
     if name == TINY_RANDOM:
-        model, tokenizer, config = tiny_random_model(args.seed)
-        if mesh is not None:
-            model.shard(mesh)
+        model, tokenizer, config = tiny_random_model(args.seed, mesh=mesh)
     else:
         model, tokenizer, config = models.load(name, dtype=dtype, mesh=mesh)
     if tokenizer is None:

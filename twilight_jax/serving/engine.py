@@ -596,15 +596,24 @@ class Engine:
             tokens[i, : len(req.prompt)] = req.prompt
             lengths[i] = len(req.prompt)
             table[i] = self._page_table[req.slot]
+        logits = self._prefill_rows(tokens, lengths, table)
+        self._begin_decoding(batch, logits)
+
+    def _prefill_rows(self, tokens, lengths, table, start=None):
+        """model.prefill of [rows, T] tokens on a view of the cache holding those rows' page
+        tables (start: chunk offsets [rows], or None for whole prompts); returns the logits."""
+        rows = tokens.shape[0]
+        cached = np.zeros((rows,), np.int32) if start is None else start
         view = dataclasses.replace(
-            self.cache, page_table=jnp.asarray(table), lengths=jnp.zeros((rows,), jnp.int32)
+            self.cache, page_table=jnp.asarray(table), lengths=jnp.asarray(cached)
         )
-        logits, view = self.model.prefill(tokens, lengths, view)
+        args = (tokens, lengths, view) if start is None else (tokens, lengths, view, start)
+        logits, view = self.model.prefill(*args)
         # The donated view's page pool is the only live copy now: put it back under the full
         # batch's page table (decode sets the lengths).
         self.cache = dataclasses.replace(view, page_table=jnp.asarray(self._page_table))
         self._table_dirty = False
-        self._begin_decoding(batch, logits)
+        return logits
 
     def _prefill_chunk(self) -> None:
         """One chunk of the oldest request in chunked prefill (EngineConfig.prefill_chunk);
@@ -619,20 +628,16 @@ class Engine:
         piece = req.prompt[start : start + c]
         tokens = np.zeros((1, c), np.int32)
         tokens[0, : len(piece)] = piece
-        view = dataclasses.replace(
-            self.cache,
-            page_table=jnp.asarray(self._page_table[req.slot : req.slot + 1]),
-            lengths=jnp.full((1,), start, jnp.int32),
-        )
         try:
-            logits, view = self.model.prefill(
-                tokens, np.array([len(piece)], np.int32), view, np.array([start], np.int32)
+            logits = self._prefill_rows(
+                tokens,
+                np.array([len(piece)], np.int32),
+                self._page_table[req.slot : req.slot + 1],
+                np.array([start], np.int32),
             )
         except Exception:
             self._fail_all(f"prefill failed: {traceback.format_exc(limit=3)}")
             return
-        self.cache = dataclasses.replace(view, page_table=jnp.asarray(self._page_table))
-        self._table_dirty = False
         req.prefilled = start + len(piece)
         if req.prefilled == len(req.prompt):
             self._prefilling.popleft()
