@@ -11,7 +11,9 @@ the calls inside the loop are included, as they are in a real decode step.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -132,7 +134,38 @@ def report_memory(compiled, fixed, label: str | None, *, warn_fraction: float = 
         f"{fixed_bytes / gib:.2f} GiB, outputs {mem['output_bytes'] / gib:.3f} GiB{flag}",
         flush=True,
     )
+    if flag:
+        for line in large_instructions(compiled, min_bytes=max(1 << 28, mem["temp_bytes"] // 8)):
+            print(f"[{label}]   {line}", flush=True)
     return mem
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
+_DTYPE_BYTES.update({"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8})
+
+
+def large_instructions(compiled, min_bytes: int, limit: int = 12) -> list[str]:
+    """Instructions of the optimized HLO whose result is at least min_bytes (parameters and
+    pass-through tuples left out): where a cache-sized temporary comes from."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        return []
+    found, in_fusion = [], False
+    for line in text.splitlines():
+        if line.rstrip().endswith("{") and "->" in line:  # a computation's header
+            in_fusion = "fused" in line.split("(")[0] or "region" in line.split("(")[0]
+            continue
+        if in_fusion:
+            continue
+        m = re.match(r"\s*(ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", line)
+        if not m or " parameter(" in line or "get-tuple-element" in line:
+            continue
+        dtype, dims = m.group(3), m.group(4)
+        size = _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        if size >= min_bytes:
+            found.append(f"{size / (1 << 30):.2f} GiB: {line.strip()[:240]}")
+    return found[:limit]
 
 
 def time_update(

@@ -3,7 +3,8 @@
 # a short table printed last. Usage (from the repo root, on the device):
 #   STEPS="tests kernels attention generate" bash scripts/gpu_suite.sh
 # Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first.
-# Steps: stage tests kernels sweep ptxas attention decode generate serving eval (any order).
+# Steps: stage tests kernels sweep ptxas profile ncu attention decode generate serving eval
+# (any order).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
@@ -14,7 +15,10 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-"tests kernels attention"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Without preallocation the allocator's limit is still MEM_FRACTION of the device (0.75 by
+# default): batch 64 / 128K holds a 44 GB cache and needs room beside it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TWILIGHT_TEST_PLATFORM=cuda
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export TWILIGHT_JAX_CACHE=${TWILIGHT_JAX_CACHE:-/tmp/twc/cache}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GGUF="$TWILIGHT_JAX_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +88,30 @@ for step in $STEPS; do
       # Ours (named after their pallas_call) and anything that spills.
       grep -E "topp|spgemv|quest|decode_attention|int4|[1-9][0-9]* bytes spill stores" \
         "$OUT/ptxas.txt" | sort -u | head -60 ;;
+    profile)
+      # Device time of every kernel of one decode_attention call (Pallas and XLA glue).
+      python3 scripts/profile_attention.py --out /tmp/profile_attention ${PROFILE_ARGS:-} 2>&1 \
+        | grep -v Warning | tee "$OUT/profile.log"
+      rc=${PIPESTATUS[0]}
+      cp /tmp/profile_attention/breakdown.json "$OUT/profile_breakdown.json" 2>/dev/null ;;
+    ncu)
+      # Hardware counters of our kernels inside one Twilight-over-Quest call: throughput,
+      # occupancy, registers, local-memory (spill) traffic and warp stall reasons.
+      stalls=""
+      for s in long_scoreboard short_scoreboard barrier mio_throttle lg_throttle wait \
+        math_pipe_throttle not_selected selected no_instruction branch_resolving membar \
+        dispatch_stall drain imc_miss tex_throttle; do
+        stalls="$stalls,smsp__average_warps_issue_stalled_${s}_per_issue_active.ratio"
+      done
+      timeout 420 ncu --clock-control none -k "regex:${NCU_KERNELS:-spgemv|topp|quest_page|sparse_decode}" \
+        -c ${NCU_COUNT:-5} --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --metrics "l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum${stalls}" \
+        python3 scripts/profile_attention.py --ncu-once --methods ${NCU_METHODS:-twilight/quest} \
+        ${PROFILE_ARGS:-} > "$OUT/ncu.txt" 2>&1
+      rc=$?
+      grep -E "^  [a-z_]+.*\(|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Block Limit|local_op|stalled|Warp Cycles Per Issued|Eligible Warps|No Eligible|Grid Size|Block Size|Waves" \
+        "$OUT/ncu.txt" | sed -E 's/ +/ /g' | head -${NCU_LINES:-200} ;;
     attention)
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"
       rc=${PIPESTATUS[0]} ;;
