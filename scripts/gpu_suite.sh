@@ -64,7 +64,7 @@ for step in $STEPS; do
       python3 scripts/bench_kernels.py --out "$OUT/kernels" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | grep -v '^  kernel='
       rc=${PIPESTATUS[0]} ;;
     sweep)
-      python3 scripts/bench_kernels.py --out "$OUT/sweep" --batches 64 --contexts 32768 --sweep --no-torch 2>&1 | tee "$OUT/sweep.log" | grep -v '^  kernel='
+      python3 scripts/bench_kernels.py --out "$OUT/sweep" --batches 64 --contexts 32768 --sweep --no-torch ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | grep -v '^  kernel='
       rc=${PIPESTATUS[0]} ;;
     ptxas)
       # Registers and spills of every kernel at the batch 64 / 32K point: XLA dumps the PTX
