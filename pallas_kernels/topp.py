@@ -408,26 +408,11 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
     """
     from jax.experimental.pallas import triton as plt
 
+    indices_ref, count_ref, saturated_ref, mass_ref = out_refs
+    gp, np_ = w.shape
+    col = jnp.arange(np_, dtype=jnp.int32)
     union = jnp.max(kept.astype(jnp.int32), axis=0) > 0  # [Np]
     priority = jnp.where(union, jnp.max(w, axis=0), -1.0)
-    final = _gpu_compact_store(union, priority, out_refs[:3], capacity, config)
-    gp = w.shape[0]
-    mass = jnp.sum(jnp.where(final[None, :], w, 0.0), axis=1)
-    head = jnp.arange(gp, dtype=jnp.int32)
-    plt.store(out_refs[3].at[pl.ds(0, gp)], mass, mask=head < num_heads)
-
-
-def _gpu_compact_store(union, priority, out_refs, capacity, config):
-    """Capacity limit and compaction of one row's selection; returns the final [Np] mask.
-
-    union [Np] bool, priority [Np] f32 (-1 off the union); out_refs: indices [capacity] i32,
-    count [1] i32, saturated [1] i32.
-    """
-    from jax.experimental.pallas import triton as plt
-
-    indices_ref, count_ref, saturated_ref = out_refs
-    np_ = union.shape[0]
-    col = jnp.arange(np_, dtype=jnp.int32)
     n_union = jnp.sum(union, dtype=jnp.int32)
 
     def cumsum(mask):
@@ -454,7 +439,9 @@ def _gpu_compact_store(union, priority, out_refs, capacity, config):
     )
     count_ref[0] = count
     saturated_ref[0] = (n_union > capacity).astype(jnp.int32)
-    return final
+    mass = jnp.sum(jnp.where(final[None, :], w, 0.0), axis=1)
+    head = jnp.arange(gp, dtype=jnp.int32)
+    plt.store(mass_ref.at[pl.ds(0, gp)], mass, mask=head < num_heads)
 
 
 def _gpu_fused_kernel(
@@ -535,34 +522,21 @@ def _gpu_union_kernel(
 ):
     """TopPConfig.gpu_split=True, second kernel: union of the G heads' sets, compaction.
 
-    Works one head at a time, so only [N]-sized vectors are live (holding the whole [G, N]
-    row spilled registers: 35 MB of local-memory traffic at batch 64 / 8192 candidates). Each
-    head's w is recomputed from its logits with the first kernel's m and z through the same
-    expression, so `w >= t` selects exactly the entries that kernel counted; a second pass
-    over the heads (their rows are in L2 by then) sums each head's mass over the final set.
+    Recomputes w with the first kernel's m and z through the same expression, so `w >= t`
+    selects exactly the entries that kernel counted.
     """
     from jax.experimental.pallas import triton as plt
 
-    np_ = pl.next_power_of_2(num_cols)
-    col = jnp.arange(np_, dtype=jnp.int32)
-    in_row = col < num_cols
-    valid = plt.load(valid_ref.at[pl.ds(0, np_)], mask=in_row, other=False)
-
-    def head_weights(h):
-        x = plt.load(x_ref.at[jnp.int32(h), pl.ds(0, np_)], mask=in_row, other=-jnp.inf)
-        return _weights_from(x, valid & (x > -jnp.inf), m_ref[h], z_ref[h])
-
-    union = jnp.zeros((np_,), jnp.bool_)
-    priority = jnp.full((np_,), -1.0, jnp.float32)
-    for h in range(num_heads):
-        w = head_weights(h)
-        union = union | (w >= t_ref[h])
-        priority = jnp.maximum(priority, w)
-    priority = jnp.where(union, priority, -1.0)
-    final = _gpu_compact_store(union, priority, out_refs[:3], capacity, config)
-    mass_ref = out_refs[3]
-    for h in range(num_heads):
-        mass_ref[h] = jnp.sum(jnp.where(final, head_weights(h), 0.0))
+    x, valid = _gpu_load_row(x_ref, valid_ref, num_heads, num_cols)  # [Gp, Np], [1, Np]
+    gp = x.shape[0]
+    heads = pl.ds(0, gp)
+    head_ok = jnp.arange(gp, dtype=jnp.int32) < num_heads
+    # Padding heads: x = -inf makes them invalid (w = -1), and -1 never reaches t >= 0.
+    t = plt.load(t_ref.at[heads], mask=head_ok, other=0.0)[:, None]
+    m = plt.load(m_ref.at[heads], mask=head_ok, other=0.0)[:, None]
+    z = plt.load(z_ref.at[heads], mask=head_ok, other=1.0)[:, None]
+    w = _weights_from(x, valid & (x > -jnp.inf), m, z)
+    _gpu_select_store(w, w >= t, out_refs, num_heads, capacity, config)
 
 
 def _gpu_select_outputs(r, g, capacity):
