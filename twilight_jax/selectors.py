@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quest import quest_page_scores
+from pallas_kernels.topk import topk_ids
 from twilight_jax.cache import PagedKVCache, gather_tokens
 from twilight_jax.config import SparsityConfig
 
@@ -112,7 +113,8 @@ def select_streaming(cache: PagedKVCache, cfg: SparsityConfig, g: int) -> Candid
 
 def select_quest(q, cache, cfg, layer, backend) -> Candidates:
     """Quest: pages ranked by sum_d max(q_d min_d, q_d max_d) (summed over a group's heads for
-    group_union); the top budget / page_size pages."""
+    group_union); the top budget / page_size pages, listed in ascending page order (ties at
+    the cut go to lower pages; pages past the length score -inf and come last)."""
     hkv, s = cache.num_kv_heads, cache.page_size
     view = cache.layer_view(layer)
     scores = quest_page_scores(
@@ -126,7 +128,8 @@ def select_quest(q, cache, cfg, layer, backend) -> Candidates:
     )  # [B, Hq, max_pages], -inf past the length
     scores = _group_sum(scores, cfg, hkv)
     k = min(cfg.budget // s, cache.max_pages)
-    _, ids = jax.lax.top_k(scores, k)
+    # The set of the k best pages, in ascending page order (no sort of the scores on the GPU).
+    ids = topk_ids(scores, k, backend=backend)
     n_valid = jnp.minimum(-(-cache.lengths // s), k)[:, None]
     return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), cache.lengths, s, hkv)
 
