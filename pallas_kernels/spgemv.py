@@ -64,9 +64,10 @@ class SpGEMVConfig:
     The structure follows attention.py's sparse kernel, which reaches ~90% of copy bandwidth
     on the same kind of gather: grid (B, Hkv, splits), each program loops over tiles so Triton
     can software-pipeline the dependent loads (cand -> page table -> INT4 rows) across
-    iterations. Defaults are reasoned, not measured; sweep on the target (H200, batch 64,
-    8192 candidates): tokens_per_chunk {32, 64, 128, 256}, target_programs {512, 1024, 2048,
-    4096}, num_stages {2, 3, 4}, num_warps {4, 8}, prefetch_rows and token_major on/off.
+    iterations. Defaults from the H200 sweeps at batch 64 / 8192 candidates
+    (docs/results/kernels-sweep*-h200.md): prefetch_rows with 4096 target programs took
+    227 us against 258 us for the former defaults (1024 programs, no prefetch) in the same
+    run; tiles, stages, warps, token_major and word widths moved it less.
 
     tokens_per_chunk: candidate tokens (output columns) per loop step, the tile; a power of
       two >= 16 (Triton's dot needs every dim >= 16). 128 tokens is 8 KB of INT4 rows per
@@ -95,12 +96,12 @@ class SpGEMVConfig:
     """
 
     tokens_per_chunk: int = 128
-    target_programs: int = 1024
+    target_programs: int = 4096
     max_splits: int = 64
     num_warps: int = 4
     num_stages: int = 2
     token_major: bool = False
-    prefetch_rows: bool = False
+    prefetch_rows: bool = True
     word_bytes: int = 4
 
     def __post_init__(self):
