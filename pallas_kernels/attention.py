@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (
     check_dim,
     check_dtype,
+    check_gpu_addressable,
     check_rank,
     resolve_backend,
     tpu_interpret_params,
@@ -742,6 +743,7 @@ def paged_decode_attention(
     """
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
     impl, interpret = resolve_backend(backend)
+    check_gpu_addressable(impl, k_pages=k_pages, v_pages=v_pages)
     _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, lengths)
     if impl == "reference":
@@ -775,6 +777,7 @@ def sparse_decode_attention(
     """
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
     impl, interpret = resolve_backend(backend)
+    check_gpu_addressable(impl, k_pages=k_pages, v_pages=v_pages)
     _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, token_pos, counts)
     if impl == "reference":

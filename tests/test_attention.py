@@ -406,3 +406,94 @@ def test_bad_scale_backend_and_gpu_head_dim():
 def test_bad_config(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_gpu_kernels_reject_pools_past_32bit_offsets():
+    # Batch 64 x 128K tokens of LLaMA-8B shapes: the paged kernel crashed on the H200 with an
+    # illegal address (32-bit block offsets). Shapes only: nothing is allocated.
+    import jax
+
+    from pallas_kernels import attention as attn
+    from pallas_kernels import int4, quest, spgemv
+
+    sds = jax.ShapeDtypeStruct
+    hkv, pages, s, d, b = 8, 64 * 8192 + 1, 16, 128, 64
+    big = sds((hkv, pages, s, d), jnp.bfloat16)
+    q = sds((b, 32, d), jnp.bfloat16)
+    table = sds((b, 8192), jnp.int32)
+    lengths = sds((b,), jnp.int32)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        jax.eval_shape(
+            lambda *a: attn.paged_decode_attention(*a, backend="pallas_gpu"),
+            q,
+            big,
+            big,
+            table,
+            lengths,
+        )
+    pos = sds((b, hkv, 64), jnp.int32)
+    counts = sds((b, hkv), jnp.int32)
+    with pytest.raises(ValueError, match="k_pages of shape"):
+        jax.eval_shape(
+            lambda *a: attn.sparse_decode_attention(*a, backend="pallas_gpu"),
+            q,
+            big,
+            big,
+            table,
+            pos,
+            counts,
+        )
+    k4 = sds((hkv, pages, s, d // 2), jnp.uint8)
+    ks = sds((hkv, pages, s), jnp.float32)
+    with pytest.raises(ValueError, match="k_int4 of shape"):
+        jax.eval_shape(
+            lambda *a: spgemv.block_spgemv(*a, block_size=s, backend="pallas_gpu"),
+            q,
+            k4,
+            ks,
+            ks,
+            table,
+            lengths,
+            pos,
+            counts,
+        )
+    with pytest.raises(ValueError, match="k_int4 of shape"):
+        jax.eval_shape(
+            lambda *a: int4.int4_pack_decode(*a, backend="pallas_gpu"),
+            k4,
+            ks,
+            ks,
+            sds((b, hkv, d), jnp.bfloat16),
+            table,
+            lengths,
+        )
+    # Quest metadata of 16x more pages than batch 64 x 128K (one row per page, so 16x the
+    # pages to pass the offset limit).
+    meta = sds((hkv, 16 * pages, d), jnp.bfloat16)
+    with pytest.raises(ValueError, match="k_min of shape"):
+        jax.eval_shape(
+            lambda *a: quest.quest_page_scores(*a, backend="pallas_gpu"),
+            q,
+            meta,
+            meta,
+            table,
+            lengths,
+        )
+    # The batch 64 x 32K pool ran on the H200: accepted; the reference backend has no limit.
+    ok = sds((hkv, 64 * 2048 + 1, s, d), jnp.bfloat16)
+    jax.eval_shape(
+        lambda *a: attn.paged_decode_attention(*a, backend="pallas_gpu"),
+        q,
+        ok,
+        ok,
+        sds((b, 2048), jnp.int32),
+        lengths,
+    )
+    jax.eval_shape(
+        lambda *a: attn.paged_decode_attention(*a, backend="reference"),
+        q,
+        big,
+        big,
+        table,
+        lengths,
+    )
