@@ -79,33 +79,3 @@ def check_static_p(p) -> None:
     """Checks a Python-number p; traced or array p is checked only for shape by callers."""
     if isinstance(p, (int, float)) and not (0.0 < float(p) <= 1.0):
         raise ValueError(f"p must be in (0, 1], got {p}")
-
-
-# Pallas Triton computes a block's base offset as (leading block index) x (elements per
-# leading index) and the offsets inside it in 32-bit integers. On the H200 a paged K pool of
-# [8, 524289, 16, 128] bf16 (batch 64 x 128K tokens) crashed the paged attention kernel with an
-# illegal address, while [8, 131073, 16, 128] (batch 64 x 32K) ran: each term, not the whole
-# offset, must fit. An inference from those two runs, checked no further.
-_INT32_MAX = 2**31 - 1
-
-
-def check_gpu_addressable(impl: str, **arrays) -> None:
-    """Rejects, for the GPU kernels, arrays too large for their 32-bit offsets.
-
-    Each array is indexed by its leading (KV head) dimension, then within one leading slice:
-    (leading - 1) * slice elements and the slice elements must both stay below 2**31.
-    """
-    if impl != "gpu":
-        return
-    for name, x in arrays.items():
-        shape = tuple(int(d) for d in np.shape(x))
-        if not shape:
-            continue
-        per_lead = int(np.prod(shape[1:], dtype=np.int64))
-        if per_lead > _INT32_MAX or (shape[0] - 1) * per_lead > _INT32_MAX:
-            raise ValueError(
-                f"{name} of shape {shape} is too large for the Pallas GPU kernels, which "
-                f"address it with 32-bit offsets ((leading dim - 1) x {per_lead} elements per "
-                "leading index must stay below 2**31): use fewer pages per pool, or split the "
-                "KV heads over devices (twilight_jax.sharding)"
-            )

@@ -47,7 +47,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (
     check_dim,
     check_dtype,
-    check_gpu_addressable,
     check_rank,
     resolve_backend,
     tpu_interpret_params,
@@ -743,7 +742,6 @@ def paged_decode_attention(
     """
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
     impl, interpret = resolve_backend(backend)
-    check_gpu_addressable(impl, k_pages=k_pages, v_pages=v_pages)
     _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, lengths)
     if impl == "reference":
@@ -777,7 +775,6 @@ def sparse_decode_attention(
     """
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
     impl, interpret = resolve_backend(backend)
-    check_gpu_addressable(impl, k_pages=k_pages, v_pages=v_pages)
     _check_config(config, impl)
     args = (q, k_pages, v_pages, page_table, token_pos, counts)
     if impl == "reference":

@@ -823,7 +823,6 @@ def int4_pack_prefill(
     """
     _check_prefill_args(k_int4, k_scale, k_zero, k_new, page_table, start, count)
     impl, interpret = _common.resolve_backend(backend)
-    _common.check_gpu_addressable(impl, k_int4=k_int4, k_scale=k_scale, k_zero=k_zero)
     args = (k_int4, k_scale, k_zero, k_new, page_table, start, count)
     if impl == "reference":
         return int4_pack_prefill_reference(*args)
@@ -848,7 +847,6 @@ def int4_pack_decode(
     """
     _check_decode_args(k_int4, k_scale, k_zero, k_new, page_table, positions)
     impl, interpret = _common.resolve_backend(backend)
-    _common.check_gpu_addressable(impl, k_int4=k_int4, k_scale=k_scale, k_zero=k_zero)
     args = (k_int4, k_scale, k_zero, k_new, page_table, positions)
     if impl == "reference":
         return int4_pack_decode_reference(*args)

@@ -907,7 +907,6 @@ def quest_refresh(k_min, k_max, k_pages, page_table, lengths, *, backend: str = 
     """
     _check_refresh_args(k_min, k_max, k_pages, page_table, lengths)
     impl, interpret = _common.resolve_backend(backend)
-    _common.check_gpu_addressable(impl, k_min=k_min, k_max=k_max, k_pages=k_pages)
     args = (k_min, k_max, k_pages, page_table, lengths)
     if impl == "reference":
         return quest_refresh_reference(*args)
@@ -943,7 +942,6 @@ def quest_update_decode(
     """
     _check_update_args(k_min, k_max, k_new, page_table, positions, page_size)
     impl, interpret = _common.resolve_backend(backend)
-    _common.check_gpu_addressable(impl, k_min=k_min, k_max=k_max)
     args = (k_min, k_max, k_new, page_table, positions)
     if impl == "reference":
         return quest_update_decode_reference(*args, page_size=page_size)
@@ -984,7 +982,6 @@ def quest_page_scores(
     if config is not None and not isinstance(config, QuestGpuConfig):
         raise ValueError(f"config must be a QuestGpuConfig or None, got {type(config).__name__}")
     impl, interpret = _common.resolve_backend(backend)
-    _common.check_gpu_addressable(impl, k_min=k_min, k_max=k_max)
     args = (q, k_min, k_max, page_table, lengths)
     if impl == "reference":
         return quest_page_scores_reference(*args, page_size=page_size)

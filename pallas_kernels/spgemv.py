@@ -749,7 +749,6 @@ def block_spgemv(
     impl, interpret = _common.resolve_backend(backend)
     if impl == "gpu":
         _check_gpu_args(q.shape[2], block_size)
-    _common.check_gpu_addressable(impl, k_int4=k_int4, k_scale=k_scale, k_zero=k_zero)
     batch, num_q_heads, _ = q.shape
     num_cand = cand_blocks.shape[2]
     if num_cand == 0:
