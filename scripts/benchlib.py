@@ -101,6 +101,22 @@ def time_fn(
     return statistics.median(ts) / iters
 
 
+def time_calls(fn: Callable, args: tuple, *, iters: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of the jitted fn(*args), dispatched iters times from Python and waited
+    for once (no device-side loop: the fallback where time_fn's loop program fails, e.g. for
+    memory). Includes any dispatch gap the device cannot hide, so it reads high for calls of
+    a few tens of microseconds."""
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [jitted(*args) for _ in range(iters)]
+        jax.block_until_ready(outs)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / iters
+
+
 def compiled_memory(compiled) -> dict:
     """{"argument_bytes", "output_bytes", "temp_bytes"} of a compiled program ({} where the
     backend gives no analysis)."""
