@@ -84,15 +84,23 @@ def _check_against_dense(cache, k, v, lengths, channels=None):
 
 @pytest.mark.parametrize("page_size", [4, 8])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_from_dense_round_trip(page_size, dtype):
-    rng = np.random.default_rng(page_size)
+# 8192: one write per layer; 4, 7 and 8: several page-aligned chunks (7 rounds down to whole
+# pages, at least one), the last one partial, the 9-token row ending inside the second chunk.
+@pytest.mark.parametrize("chunk_tokens", [8192, 4, 7, 8])
+def test_from_dense_round_trip(page_size, dtype, chunk_tokens):
+    rng = np.random.default_rng(page_size + chunk_tokens)
     b, t = 3, 21
     k, v = _kv(rng, b, t)
     k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
     lengths = [t, 0, 9]
     channels = np.stack([np.stack([rng.choice(D, 3, replace=False) for _ in range(HKV)])] * L)
     cache = PagedKVCache.from_dense(
-        k, v, jnp.asarray(lengths), page_size=page_size, ds_channel_idx=jnp.asarray(channels)
+        k,
+        v,
+        jnp.asarray(lengths),
+        page_size=page_size,
+        ds_channel_idx=jnp.asarray(channels),
+        chunk_tokens=chunk_tokens,
     )
     max_pages = -(-t // page_size)
     assert cache.k_pages.shape == (HKV, L, 1 + b * max_pages, page_size, D)
@@ -105,6 +113,13 @@ def test_from_dense_round_trip(page_size, dtype):
     _check_against_dense(
         cache, np.asarray(k, np.float32), np.asarray(v, np.float32), lengths, channels
     )
+
+
+def test_from_dense_chunk_tokens_validated():
+    k = jnp.zeros((1, 4, HKV, D))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            PagedKVCache.from_dense(k, k, jnp.asarray([4]), page_size=4, chunk_tokens=bad)
 
 
 def test_single_layer_from_dense():

@@ -240,13 +240,19 @@ class PagedKVCache:
         *,
         ds_channel_idx=None,
         backend: str = "auto",
+        chunk_tokens: int = 8192,
     ) -> PagedKVCache:
         """A cache holding the first lengths[b] tokens of dense K/V.
 
         k, v: [B, T, Hkv, D] (one layer) or [L, B, T, Hkv, D], post-RoPE; lengths: [B] int
         (<= T); ds_channel_idx: optional [L, Hkv, C] int heavy channels (allocates labels).
-        The cache has dtype k.dtype, max_pages = ceil(T / page_size).
+        The cache has dtype k.dtype, max_pages = ceil(T / page_size). Each layer is written
+        in chunks of chunk_tokens positions (rounded down to whole pages), so the write's
+        temporaries (the Quest refresh reads the touched pages back) stay a chunk's size: in
+        one write, batch 64 x 128K tokens of LLaMA-8B shapes asked for a 32 GiB temporary.
         """
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
         if np.ndim(k) == 4:  # one layer
             k = k[None]
             v = v[None] if np.ndim(v) == 4 else v
@@ -279,10 +285,16 @@ class PagedKVCache:
         )
         if ds_channel_idx is not None:
             cache = cache.with_ds_channels(ds_channel_idx)
-        start = jnp.zeros((batch,), jnp.int32)
         lengths = jnp.asarray(lengths, jnp.int32)
+        chunk = max(page_size, chunk_tokens // page_size * page_size)
         for layer in range(num_layers):
-            cache = cache.write_prefill(layer, k[layer], v[layer], start, lengths, backend=backend)
+            for c0 in range(0, max(t, 1), chunk):
+                c1 = min(t, c0 + chunk)
+                start = jnp.full((batch,), c0, jnp.int32)
+                count = jnp.clip(lengths - c0, 0, c1 - c0)
+                cache = cache.write_prefill(
+                    layer, k[layer][:, c0:c1], v[layer][:, c0:c1], start, count, backend=backend
+                )
         return cache.with_lengths(lengths)
 
     # ------------------------------------------------------------------ functional updates
