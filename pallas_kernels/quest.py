@@ -67,7 +67,7 @@ class QuestGpuConfig:
       split so that batch * Hkv * splits reaches about target_programs programs (a few per SM
       on an H200), at most max_splits; each program loops over its tiles so Triton can
       pipeline the page-table -> min/max gathers across steps (num_stages). Setting both to
-      2**30 with num_stages = 1 gives one tile per program, the previous structure.
+      2**30 with num_stages = 1 gives one tile per program (the default).
     tokens_per_block: refresh, K tokens one program reduces (pages = tokens // page_size).
     seqs_per_block: decode update, sequences one program handles.
     num_warps, num_stages: Triton launch parameters of all three kernels (only page scores
@@ -77,18 +77,19 @@ class QuestGpuConfig:
       dependent page-table load (ncu at batch 64 / 32K: 17% occupancy, long-scoreboard
       stalls, 48% of DRAM bandwidth without it).
 
-    Scores defaults are reasoned, not measured; sweep on the target (H200, batch 64, 2048 and
-    8192 pages): pages_per_block {8, 16, 32, 64}, target_programs {512, 1024, 2048, 4096},
-    num_stages {2, 3, 4}, num_warps {4, 8}.
+    Scores defaults from four H200 sweeps at batch 64 / 2048 pages (docs/results/
+    kernels-sweep*-h200): one 32-page tile per program (target_programs = max_splits = 2**30,
+    num_stages = 1) took 234-239 us against 256-277 us for 1024-2048 looping programs with 2-3
+    stages, with or without prefetch_pages.
     """
 
     pages_per_block: int = 32
     tokens_per_block: int = 64
     seqs_per_block: int = 16
-    target_programs: int = 1024
-    max_splits: int = 64
+    target_programs: int = 2**30
+    max_splits: int = 2**30
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
     prefetch_pages: bool = False
 
     def __post_init__(self):

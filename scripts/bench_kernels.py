@@ -40,27 +40,28 @@ OLD_GRID = dict(target_programs=2**30, max_splits=2**30, num_stages=1)  # one ti
 # and gather word widths. ncu then showed the SpGEMV and Quest-score kernels at 17-28%
 # occupancy stalled on dependent loads (cand -> page table -> rows), so this sweep tries
 # carrying the next tile's index lookups in the loop (prefetch_rows / prefetch_pages).
-SPGEMV_SWEEP = [
-    spgemv.SpGEMVConfig(prefetch_rows=True),
-    spgemv.SpGEMVConfig(prefetch_rows=True, num_stages=1),
-    spgemv.SpGEMVConfig(prefetch_rows=True, num_stages=3),
-    spgemv.SpGEMVConfig(prefetch_rows=True, tokens_per_chunk=256, num_warps=8),
-    spgemv.SpGEMVConfig(prefetch_rows=True, target_programs=4096),
-    spgemv.SpGEMVConfig(tokens_per_chunk=256, **OLD_GRID),  # the best of the earlier sweeps
+SPGEMV_SWEEP = [  # the default is now prefetch_rows with 4096 target programs
+    spgemv.SpGEMVConfig(num_stages=3),
+    spgemv.SpGEMVConfig(num_stages=1),
+    spgemv.SpGEMVConfig(target_programs=8192),
+    spgemv.SpGEMVConfig(tokens_per_chunk=64),
+    spgemv.SpGEMVConfig(target_programs=1024, prefetch_rows=False),  # the former default
 ]
+LOOP = dict(target_programs=1024, max_splits=64, num_stages=2)
 QUEST_SWEEP = [
-    quest.QuestGpuConfig(prefetch_pages=True),
-    quest.QuestGpuConfig(prefetch_pages=True, num_stages=1),
-    quest.QuestGpuConfig(prefetch_pages=True, pages_per_block=16, target_programs=2048),
-    quest.QuestGpuConfig(prefetch_pages=True, num_warps=8, target_programs=2048),
-    quest.QuestGpuConfig(pages_per_block=32, **OLD_GRID),  # the best of the earlier sweeps
+    quest.QuestGpuConfig(pages_per_block=16),  # one tile per program, smaller tiles
+    quest.QuestGpuConfig(num_warps=8),
+    quest.QuestGpuConfig(prefetch_pages=True, **LOOP),
+    # The former default (looping programs); the default is now one tile per program.
+    quest.QuestGpuConfig(target_programs=1024, max_splits=64, num_stages=2),
 ]
 ATTN_SWEEP = [  # defaults were picked from an earlier sweep (docs/kernels.md); one check
     attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
     topp.TopPConfig(gpu_split=True, iters=12),
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=8),
+    topp.TopPConfig(gpu_split=True, iters=16, num_warps=16),  # default picks 8 at 8192
+    topp.TopPConfig(gpu_split=True, iters=16, num_warps=4),
 ]
 
 
