@@ -436,3 +436,21 @@ def test_bad_inputs_raise_before_tracing():
     no_labels = PagedKVCache.create(1, 4, 2, 16, max_seq_len=T, page_size=S)
     with pytest.raises(ValueError, match="no Double Sparsity labels"):
         decode_attention(q, no_labels, _cfg("double_sparsity"))
+
+
+def test_quest_with_a_budget_over_the_table_is_select_all():
+    # B0 >= every page: the scores are skipped (select_all); the candidates must be exactly
+    # what Quest's page top-k gives, and a budget one page short still scores.
+    from twilight_jax import selectors
+
+    q, _, _, cache = _case(seed=4)
+    full = cache.max_pages * S
+    for budget in (full, full + 5 * S):
+        cfg = _cfg("quest", budget=budget)
+        got = selectors.select_candidates(q, cache, cfg, 0, "auto")
+        want = selectors.select_quest(q, cache, cfg, 0, "auto")
+        for name in ("blocks", "count", "valid"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert got.block_size == want.block_size
+    short = selectors.select_candidates(q, cache, _cfg("quest", budget=full - S), 0, "auto")
+    assert short.blocks.shape[-1] == cache.max_pages - 1

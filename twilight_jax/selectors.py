@@ -177,6 +177,11 @@ def select_candidates(q, cache: PagedKVCache, cfg: SparsityConfig, layer, backen
     if cfg.selector == "streaming":
         return select_streaming(cache, cfg, g)
     if cfg.selector == "quest":
+        if cfg.gqa == "group_union" and cfg.budget // cache.page_size >= cache.max_pages:
+            # The budget covers every page of the table: Quest keeps them all, and its
+            # candidates are exactly select_all's (same blocks, counts and mask), without
+            # scoring the pages (at batch 64 / 8K, B0 = 8192, that was 100 us of 500).
+            return select_all(cache, cfg, g)
         return select_quest(q, cache, cfg, layer, backend)
     if cfg.selector == "double_sparsity":
         return select_double_sparsity(q, cache, cfg, layer)
