@@ -74,6 +74,30 @@ def planted_problem(key, batch, ctx, planted, lift):
     return _planted_cache(batch, ctx, float(planted), float(lift), key)
 
 
+def method_configs(ctx, budget, p, max_budget):
+    """The benchmarked methods' SparsityConfigs: dense, Quest at B0 (no pruning, no forced
+    tokens), Twilight over Quest at B0 and Twilight over all, p and max_budget for both."""
+    b0 = min(budget, ctx)
+    return {
+        "dense": SparsityConfig(selector="dense", page_size=S),
+        "quest": SparsityConfig(
+            selector="quest",
+            budget=b0,
+            top_p=None,
+            max_budget=b0,
+            page_size=S,
+            sink_tokens=0,
+            recent_tokens=0,
+        ),
+        "twilight/quest": SparsityConfig(
+            selector="quest", budget=b0, top_p=p, max_budget=max_budget, page_size=S
+        ),
+        "twilight/all": SparsityConfig(
+            selector="all", budget=ctx, top_p=p, max_budget=max_budget, page_size=S
+        ),
+    }
+
+
 def device_memory() -> str:
     """Bytes in use / peak on the first device, for the log (empty where unsupported)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -213,47 +237,16 @@ def run(args):
                 table.add(method="setup", batch=batch, ctx=ctx, note=f"FAILED {type(e).__name__}")
                 continue
             b0 = min(args.budget, ctx)
-            methods = {
-                "dense (ours)": (SparsityConfig(selector="dense", page_size=S), None),
-                f"quest B0={b0}": (
-                    SparsityConfig(
-                        selector="quest",
-                        budget=b0,
-                        top_p=None,
-                        max_budget=b0,
-                        page_size=S,
-                        sink_tokens=0,
-                        recent_tokens=0,
-                    ),
-                    None,
-                ),
-                f"twilight/quest B0={b0} p={args.p}": (
-                    SparsityConfig(
-                        selector="quest",
-                        budget=b0,
-                        top_p=args.p,
-                        max_budget=args.max_budget,
-                        page_size=S,
-                    ),
-                    args.p,
-                ),
-                **(
-                    {}
-                    if ctx > args.all_max_ctx
-                    else {
-                        f"twilight/all p={args.p}": (
-                            SparsityConfig(
-                                selector="all",
-                                budget=ctx,
-                                top_p=args.p,
-                                max_budget=args.max_budget,
-                                page_size=S,
-                            ),
-                            args.p,
-                        )
-                    }
-                ),
+            configs = method_configs(ctx, args.budget, args.p, args.max_budget)
+            if ctx > args.all_max_ctx:
+                del configs["twilight/all"]
+            labels = {
+                "dense": "dense (ours)",
+                "quest": f"quest B0={b0}",
+                "twilight/quest": f"twilight/quest B0={b0} p={args.p}",
+                "twilight/all": f"twilight/all p={args.p}",
             }
+            methods = {labels[k]: (cfg, cfg.top_p) for k, cfg in configs.items()}
             for name, (cfg, top_p) in methods.items():
                 print(f"[{name} batch {batch} ctx {ctx}] {device_memory()}", flush=True)
                 try:

@@ -27,31 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
-from bench_attention import S, planted_problem  # noqa: E402
+from bench_attention import method_configs, planted_problem  # noqa: E402
 
-from twilight_jax import SparsityConfig, decode_attention  # noqa: E402
-
-
-def method_configs(ctx, budget, p, max_budget):
-    b0 = min(budget, ctx)
-    return {
-        "dense": SparsityConfig(selector="dense", page_size=S),
-        "quest": SparsityConfig(
-            selector="quest",
-            budget=b0,
-            top_p=None,
-            max_budget=b0,
-            page_size=S,
-            sink_tokens=0,
-            recent_tokens=0,
-        ),
-        "twilight/quest": SparsityConfig(
-            selector="quest", budget=b0, top_p=p, max_budget=max_budget, page_size=S
-        ),
-        "twilight/all": SparsityConfig(
-            selector="all", budget=ctx, top_p=p, max_budget=max_budget, page_size=S
-        ),
-    }
+from twilight_jax import decode_attention  # noqa: E402
 
 
 def main():

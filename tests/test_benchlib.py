@@ -67,3 +67,35 @@ def test_time_fn_reports_a_cache_sized_scratch_copy(capsys):
     mem = benchlib.compiled_memory(jax.jit(reads).lower(q, cache).compile())
     assert set(mem) == {"argument_bytes", "output_bytes", "temp_bytes"}
     assert mem["argument_bytes"] >= cache.nbytes
+
+
+def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
+    # The H200 benchmark's whole path at a tiny size (cuDNN is absent on CPU and reported as
+    # failed): every method and stage gets a time, and the table is written.
+    import argparse
+
+    import bench_attention
+
+    monkeypatch.setattr(benchlib, "measure_copy_bandwidth", lambda *a, **k: {"peak": 1e11})
+    out = tmp_path / "attn"
+    args = argparse.Namespace(
+        batches=[1],
+        contexts=[128],
+        budget=64,
+        max_budget=32,
+        p=0.85,
+        planted=0.05,
+        lift=7.0,
+        all_max_ctx=1 << 20,
+        out=str(out),
+    )
+    bench_attention.run(args)
+    rows = json.loads(Path(f"{out}.json").read_text())["rows"]
+    by_method = {r["method"].split(" ")[0]: r for r in rows}
+    assert set(by_method) == {"dense", "quest", "twilight/quest", "twilight/all"}
+    for r in rows:
+        assert r["total_us"] > 0, r
+    for name in ("twilight/quest", "twilight/all"):
+        r = by_method[name]
+        assert all(r[f"{s}_us"] > 0 for s in ("select", "estimate", "threshold", "attend")), r
+        assert 0 < r["attended"] <= 64
