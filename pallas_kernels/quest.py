@@ -72,15 +72,12 @@ class QuestGpuConfig:
     seqs_per_block: decode update, sequences one program handles.
     num_warps, num_stages: Triton launch parameters of all three kernels (only page scores
       has a loop for num_stages to pipeline).
-    prefetch_pages: page scores, look up the physical pages of tile t + 1 during step t
-      (carried in the loop), so the min/max gather of a step does not wait behind its
-      dependent page-table load (ncu at batch 64 / 32K: 17% occupancy, long-scoreboard
-      stalls, 48% of DRAM bandwidth without it).
 
     Scores defaults from four H200 sweeps at batch 64 / 2048 pages (docs/results/
     kernels-sweep*-h200): one 32-page tile per program (target_programs = max_splits = 2**30,
     num_stages = 1) took 234-239 us against 256-277 us for 1024-2048 looping programs with 2-3
-    stages, with or without prefetch_pages.
+    stages, also with the next tile's page-table lookup carried in the loop (245-263 us; that
+    variant was removed).
     """
 
     pages_per_block: int = 32
@@ -90,11 +87,8 @@ class QuestGpuConfig:
     max_splits: int = 2**30
     num_warps: int = 4
     num_stages: int = 1
-    prefetch_pages: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.prefetch_pages, bool):
-            raise ValueError(f"prefetch_pages must be a bool, got {self.prefetch_pages!r}")
         for name in ("pages_per_block", "tokens_per_block", "seqs_per_block", "num_warps"):
             v = getattr(self, name)
             if not _is_pow2(v):
@@ -456,7 +450,6 @@ def _scores_gpu_kernel(
     pages_per_block: int,
     page_size: int,
     num_splits: int,
-    prefetch_pages: bool,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
@@ -493,13 +486,10 @@ def _scores_gpu_kernel(
         mask = lpage < max_pages if max_pages % ppb else None  # last tile overhangs the table
         plt.store(o_ref.at[b, h * group + g, lpage], scores, mask=mask)
 
-    def phys_of(t):
-        lpage = (first + t) * ppb + pages
-        return plt.load(pt_ref.at[b, lpage], mask=lpage < live_pages, other=0)
-
-    def tile(t, phys):
+    def live_body(t, carry):
         lpage = (first + t) * ppb + pages
         ok = lpage < live_pages
+        phys = plt.load(pt_ref.at[b, lpage], mask=ok, other=0)
         p2, c2 = phys[:, None], col[None, :]
         ok2 = _and(ok[:, None], _expand(col_ok, 0))
         # One read of the group's min/max rows serves its G query heads.
@@ -508,23 +498,7 @@ def _scores_gpu_kernel(
         for g, (q_pos, q_neg) in enumerate(q_parts):
             score = jnp.sum(q_pos * mx + q_neg * mn, axis=1)
             store(lpage, g, jnp.where(ok, score, -jnp.inf))
-
-    if prefetch_pages:
-        # The page-table lookup of tile t + 1 is issued in step t, so each step's min/max
-        # gather does not wait behind it (past the last live tile the lookup is masked off).
-        def live_body(t, phys):
-            nxt = phys_of(t + 1)
-            tile(t, phys)
-            return nxt
-
-        live_init = phys_of(0)
-    else:
-
-        def live_body(t, carry):
-            tile(t, phys_of(t))
-            return carry
-
-        live_init = jnp.int32(0)
+        return carry
 
     def dead_body(t, carry):
         lpage = (first_dead + t) * ppb + pages
@@ -532,7 +506,7 @@ def _scores_gpu_kernel(
             store(lpage, g, jnp.full((ppb,), -jnp.inf, jnp.float32))
         return carry
 
-    jax.lax.fori_loop(0, num_live, live_body, live_init)
+    jax.lax.fori_loop(0, num_live, live_body, jnp.int32(0))
     jax.lax.fori_loop(0, num_dead, dead_body, jnp.int32(0))
 
 
@@ -566,7 +540,6 @@ def quest_page_scores_gpu(
             pages_per_block=pages,
             page_size=page_size,
             num_splits=splits,
-            prefetch_pages=config.prefetch_pages,
         ),
         grid=(batch, hkv, splits),
         in_specs=[pl.no_block_spec] * 5,

@@ -39,7 +39,7 @@ OLD_GRID = dict(target_programs=2**30, max_splits=2**30, num_stages=1)  # one ti
 # Earlier sweeps (docs/results/kernels-sweep*-h200.md) covered tiles, splits, stages, warps
 # and gather word widths. ncu then showed the SpGEMV and Quest-score kernels at 17-28%
 # occupancy stalled on dependent loads (cand -> page table -> rows), so this sweep tries
-# carrying the next tile's index lookups in the loop (prefetch_rows / prefetch_pages).
+# carrying the next tile's index lookups in the loop (SpGEMVConfig.prefetch_rows, now its default).
 SPGEMV_SWEEP = [  # the default is now prefetch_rows with 4096 target programs
     spgemv.SpGEMVConfig(num_stages=3),
     spgemv.SpGEMVConfig(num_stages=1),
@@ -51,7 +51,7 @@ LOOP = dict(target_programs=1024, max_splits=64, num_stages=2)
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=16),  # one tile per program, smaller tiles
     quest.QuestGpuConfig(num_warps=8),
-    quest.QuestGpuConfig(prefetch_pages=True, **LOOP),
+    quest.QuestGpuConfig(**LOOP, num_warps=8),
     # The former default (looping programs); the default is now one tile per program.
     quest.QuestGpuConfig(target_programs=1024, max_splits=64, num_stages=2),
 ]

@@ -266,9 +266,6 @@ SPLIT_PAGES, SPLIT_LIVE = 23, (0, 1, 7, 9, 16, 23)
 SPLIT_CONFIGS = [
     quest.QuestGpuConfig(pages_per_block=2, target_programs=48),
     quest.QuestGpuConfig(pages_per_block=4, target_programs=24, num_stages=3),
-    # The next tile's page-table lookup carried in the loop.
-    quest.QuestGpuConfig(pages_per_block=2, target_programs=48, prefetch_pages=True),
-    quest.QuestGpuConfig(pages_per_block=4, target_programs=24, num_stages=3, prefetch_pages=True),
     # One tile per program, the previous structure.
     quest.QuestGpuConfig(pages_per_block=2, target_programs=2**30, max_splits=2**30, num_stages=1),
 ]
@@ -362,8 +359,6 @@ def test_export_cuda(case):
     export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s), *scores)
     # 1-page tiles, several splits: the lowered kernel has a real tile loop.
     cfg = quest.QuestGpuConfig(pages_per_block=1, target_programs=40, num_stages=3)
-    export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=cfg), *scores)
-    cfg = dataclasses.replace(cfg, prefetch_pages=True)
     export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=cfg), *scores)
 
 
@@ -473,8 +468,6 @@ def test_config_validation():
     for field in ("target_programs", "max_splits", "num_stages"):
         with pytest.raises(ValueError, match=field):
             quest.QuestGpuConfig(**{field: 0})
-    with pytest.raises(ValueError, match="prefetch_pages"):
-        quest.QuestGpuConfig(prefetch_pages=1)
     with pytest.raises(ValueError, match="config"):
         quest.quest_page_scores(*_SCORES, backend="reference", config=quest.QuestTpuConfig())
     with pytest.raises(ValueError, match="pages_per_block"):
