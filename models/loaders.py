@@ -125,13 +125,12 @@ def _installed_package_file(spec: EmbeddedModel) -> Path | None:
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
     """checkpoint tensor ``source`` of shape ``shape`` -> model parameter at ``target``
-    (entry ``layer`` of its leading layer axis for the stacked decoder layers)."""
+    (an nnx state path, e.g. ``("layers", 3, "self_attn", "q_proj", "kernel")``)."""
 
     source: str
     target: tuple
     shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] | None = None
-    layer: int | None = None
 
 
 def _t(x):
@@ -155,7 +154,7 @@ def _unpermute(n_heads: int):
     return fn
 
 
-# Per-layer parameters: module path under ``blocks`` -> name in each checkpoint format.
+# Per-layer parameters: module path under ``layers.<n>`` -> name in each checkpoint format.
 _LAYER_NAMES = {
     # path: (Hugging Face, llama.cpp)
     ("input_layernorm", "weight"): ("input_layernorm", "attn_norm"),
@@ -199,7 +198,7 @@ def hf_weight_table(config: LlamaConfig) -> list[WeightSpec]:
             fn = _t if path[-1] == "kernel" else None
             table.append(
                 WeightSpec(
-                    f"model.layers.{n}.{name}.weight", ("blocks", *path), shapes[path], fn, n
+                    f"model.layers.{n}.{name}.weight", ("layers", n, *path), shapes[path], fn
                 )
             )
     table.append(WeightSpec("model.norm.weight", ("norm", "weight"), (h,)))
@@ -233,7 +232,7 @@ def gguf_weight_table(config: LlamaConfig) -> list[WeightSpec]:
         for path, (_, name) in _LAYER_NAMES.items():
             fn = transforms.get(path, _t if path[-1] == "kernel" else None)
             table.append(
-                WeightSpec(f"blk.{n}.{name}.weight", ("blocks", *path), shapes[path], fn, n)
+                WeightSpec(f"blk.{n}.{name}.weight", ("layers", n, *path), shapes[path], fn)
             )
     table.append(WeightSpec("output_norm.weight", ("norm", "weight"), (h,)))
     if not c.tie_word_embeddings:
@@ -281,7 +280,6 @@ def build_model(
     flat = dict(nnx.to_flat_state(state))
     if set(flat) != {s.target for s in table}:
         raise AssertionError("weight table does not cover the model's parameters")
-    # Host buffers in the parameter dtype; stacked layer parameters are filled slice by slice.
     host = {path: np.empty(var.shape, var.dtype) for path, var in flat.items()}
     for spec in tqdm(table, desc="loading weights", file=sys.stderr, disable=not progress):
         arr = np.asarray(tensors[spec.source]())
@@ -292,7 +290,7 @@ def build_model(
             )
         if spec.transform is not None:
             arr = spec.transform(arr)
-        dst = host[spec.target] if spec.layer is None else host[spec.target][spec.layer]
+        dst = host[spec.target]
         assert arr.shape == dst.shape, (spec.source, arr.shape, dst.shape)
         dst[...] = arr
 

@@ -1,188 +1,466 @@
-"""Model decode-step time on a GPU with random weights of a given LLaMA shape (no checkpoint).
+"""Decode-step time of the model on a GPU against its byte floor, per attention method.
 
-Default shape: SmolLM2-135M (30 layers, 9 q / 3 KV heads, head_dim 64, hidden 576). The KV
-cache is filled with random post-RoPE K/V of --context tokens per sequence through
-`PagedKVCache.from_dense` (pages, INT4 K and Quest metadata consistent). Each method's jitted
-decode step (cache donated) runs --steps times; the median step time is reported next to the
-floor of reading every layer's K and V once plus the weights once at the copy bandwidth. A step
-far above that floor means bytes are moved that need not be (e.g. per-layer cache copies).
-With --profile, 3 more steps per method run under the JAX profiler: device busy time per step
-(gaps between kernels excluded) and the longest kernels.
+Random weights of a LLaMA shape (no checkpoint): ``--shape smollm2`` (SmolLM2-135M) or
+``llama3-8b`` (LLaMA-3.1-8B; ``--layers N`` keeps the first N layers so that a large cache
+fits beside the weights). For each ``--points BATCHxCONTEXT`` the KV cache is filled with a
+planted, peaked distribution, written layer by layer and chunk by chunk through
+``PagedKVCache.write_prefill`` (pages, INT4 K and Quest metadata consistent):
 
-    python scripts/bench_decode_step.py --batch 64 --context 4096 --out docs/results/decode_step
+- ordinary keys are N(0, 1) per coordinate, whose logits against the model's queries have a
+  standard deviation near sigma_q = 0.02 * sqrt(hidden) (random N(0, 0.02) projections of
+  unit-RMS hidden states);
+- a fraction ``--planted`` of the tokens (1% by default) get keys ``--lift / sigma_q`` times
+  larger: their logits spread over about +-lift, so each head's largest few planted tokens
+  carry most of its softmax mass, as in peaked real heads. The attended fraction (tokens
+  attended over tokens cached, sparse layers) is measured and reported, not assumed.
+
+Each method's jitted step (the cache donated and threaded from step to step) is compiled
+ahead of time (compile seconds and XLA's temporary bytes reported), then timed as ``--steps``
+steps dispatched back to back and waited for once (device-bound: the host dispatches the next
+step while the device runs this one). The floor is the bytes the method must read at the copy
+bandwidth measured in the same run: the weights once (the LM head included, the embedding
+gather not) plus, per layer, every cached K and V (dense layers) or the page metadata, the
+INT4 keys of its candidates and the K/V of the tokens it kept (sparse layers). With
+``--profile`` three more steps run under the JAX profiler: device busy time per step (kernels
+only), device span (first kernel start to last kernel end of a step: their difference is
+launch gaps), the longest kernels, and any kernel that moves a weight-sized copy.
+
+    python scripts/bench_decode_step.py --shape llama3-8b --layers 16 \\
+        --points 8x32768 32x32768 4x131072 --profile --out docs/results/decode-step
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import sys
 import time
-from pathlib import Path
+from functools import partial
 
+import benchlib
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.config import LlamaConfig
+from models.llama import CACHE_PROGRAM_OPTIONS, LlamaForCausalLM
+from twilight_jax import PagedKVCache, SparsityConfig
 
-import benchlib  # noqa: E402
-
-from models.config import LlamaConfig  # noqa: E402
-from models.llama import LlamaForCausalLM  # noqa: E402
-from twilight_jax import PagedKVCache, SparsityConfig  # noqa: E402
-
-SMOLLM2 = dict(
-    model_type="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 1])
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=7, help="timed steps per method")
-    ap.add_argument("--unroll", action="store_true", help="also time scan_unroll=True")
-    ap.add_argument("--out", default="docs/results/decode_step")
-    ap.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="split KV heads and weights over this many local devices (twilight_jax.sharding)",
-    )
-    ap.add_argument(
-        "--profile",
-        action="store_true",
-        help="also trace 3 steps per method: device busy time and the longest kernels",
-    )
-    args = ap.parse_args()
-    if args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
-
-    config = LlamaConfig.from_hf(SMOLLM2)
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    bw = benchlib.measure_copy_bandwidth() if jax.default_backend() == "gpu" else {"peak": 0}
-    methods = {
-        "dense": SparsityConfig(selector="dense"),
-        "twilight/all p=0.95": SparsityConfig(selector="all", top_p=0.95, max_budget=512),
-        "quest B0=1024": SparsityConfig(selector="quest", budget=1024, max_budget=1024),
-        "twilight/quest B0=1024 p=0.95": SparsityConfig(
-            selector="quest", budget=1024, top_p=0.95, max_budget=512
+SHAPES = {
+    "smollm2": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "llama3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
         ),
+        tie_word_embeddings=False,
+    ),
+}
+METHODS = ("dense", "quest", "twilight/quest", "twilight/all")
+PAGE = 16
+# Steps each method appends before its timed ones, and room for them in the cache.
+_WARMUP = 2
+_PROFILE_STEPS = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv=None):
+    ap = _Parser(
+        prog="bench_decode_step.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="model shape")
+    ap.add_argument("--layers", type=int, help="keep the first N layers (default: all)")
+    ap.add_argument(
+        "--points",
+        nargs="+",
+        default=["64x4096", "1x4096"],
+        help="BATCHxCONTEXT points; CONTEXT is the cache capacity per sequence in tokens",
+    )
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {METHODS}")
+    ap.add_argument("--budget", type=int, default=8192, help="B0 of Quest (capped at CONTEXT)")
+    ap.add_argument("--top-p", type=float, default=0.85, help="p of the Twilight methods")
+    ap.add_argument("--max-budget", type=int, default=2048, help="selection capacity")
+    ap.add_argument("--dense-layers", type=int, default=1, help="first N layers stay dense")
+    ap.add_argument("--planted", type=float, default=0.01, help="fraction of planted keys")
+    ap.add_argument("--lift", type=float, default=5.0, help="logit scale of planted keys")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per method")
+    ap.add_argument("--profile", action="store_true", help="trace 3 steps per method")
+    ap.add_argument("--out", default="docs/results/decode-step", help="output path stem")
+    ap.add_argument("--dump-hlo", help="write each step's optimized HLO (gzipped) to this folder")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    n_layers = SHAPES[args.shape]["num_hidden_layers"]
+    if args.layers is not None and not 1 <= args.layers <= n_layers:
+        ap.error(f"--layers must be in [1, {n_layers}] for --shape {args.shape}, got {args.layers}")
+    points = []
+    for p in args.points:
+        try:
+            b, t = (int(x) for x in p.lower().split("x"))
+        except ValueError:
+            ap.error(f"--points entries must look like 8x32768 (BATCHxCONTEXT), got {p!r}")
+        if b < 1 or t < 256 or t % PAGE:
+            ap.error(f"--points {p}: batch must be >= 1, context >= 256 and a multiple of {PAGE}")
+        points.append((b, t))
+    args.points = points
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        ap.error(f"--methods must be among {METHODS}, got {bad[0]!r}")
+    if not 0.0 < args.top_p <= 1.0:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    for name in ("budget", "max_budget", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.budget % PAGE:
+        ap.error(f"--budget must be a multiple of the page size {PAGE}, got {args.budget}")
+    if args.dense_layers < 0:
+        ap.error(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if not 0.0 <= args.planted < 1.0:
+        ap.error(f"--planted must be in [0, 1), got {args.planted}")
+    return args
+
+
+def method_config(name: str, context: int, args) -> SparsityConfig:
+    b0 = min(args.budget, context)
+    common = dict(page_size=PAGE, dense_layers=args.dense_layers)
+    if name == "dense":
+        return SparsityConfig(selector="dense", **common)
+    if name == "quest":  # the base selector alone: B0 tokens attended, none forced
+        return SparsityConfig(
+            selector="quest",
+            budget=b0,
+            top_p=None,
+            max_budget=b0,
+            sink_tokens=0,
+            recent_tokens=0,
+            **common,
+        )
+    selector = "quest" if name == "twilight/quest" else "all"
+    return SparsityConfig(
+        selector=selector, budget=b0, top_p=args.top_p, max_budget=args.max_budget, **common
+    )
+
+
+def weight_bytes(model: LlamaForCausalLM) -> int:
+    """Bytes a decode step reads of the weights: everything but the embedding table, which it
+    gathers B rows of (unless the head is tied to it)."""
+    state = nnx.state(model)
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    if model.lm_head is not None:
+        total -= model.embed_tokens.embedding[...].nbytes
+    return total
+
+
+def floor_bytes(name, cfg, config, lengths, kept_tokens, n_dense) -> int:
+    """Bytes of the cache one step of the method must read (see the module docstring).
+
+    lengths [B] tokens cached per sequence; kept_tokens: tokens attended summed over the
+    sparse layers, sequences and KV heads (measured)."""
+    hkv, d, L = config.num_kv_heads, config.head_dim, config.num_layers
+    if name == "dense":
+        n_dense = L
+    tokens = int(np.sum(lengths)) * hkv  # (sequence, KV head) token rows of one layer
+    kv_row = 2 * d * 2  # bf16 K and V of one token of one head
+    total = n_dense * tokens * kv_row
+    n_sparse = L - n_dense
+    if n_sparse == 0:
+        return total
+    pages = int(np.sum(-(-np.asarray(lengths) // PAGE))) * hkv
+    meta = pages * 2 * d * 2  # bf16 min and max per page and head
+    cand = int(np.sum(np.minimum(lengths, cfg.budget))) * hkv
+    int4_row = d // 2 + 8  # nibbles + float32 scale and zero
+    if name == "quest":
+        per_layer = meta + cand * kv_row
+        return total + n_sparse * per_layer
+    if name == "twilight/quest":
+        per_layer = meta + cand * int4_row
+    else:  # twilight/all: every token is a candidate
+        per_layer = tokens * int4_row
+    return total + n_sparse * per_layer + int(kept_tokens) * kv_row
+
+
+@partial(jax.jit, static_argnums=(5, 6), donate_argnums=(0,))
+def _write_planted(cache, key, layer, c0, lengths, chunk, scales):
+    """Writes tokens [c0, c0 + chunk) of one layer with planted keys (see module docstring)."""
+    plant_frac, plant_scale = scales
+    b, hkv, d = cache.batch, cache.num_kv_heads, cache.head_dim
+    kk, kv, kp = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, layer), c0), 3)
+    k = jax.random.normal(kk, (b, chunk, hkv, d), jnp.float32)
+    planted = jax.random.uniform(kp, (b, chunk, hkv, 1)) < plant_frac
+    k = jnp.where(planted, k * plant_scale, k)
+    v = jax.random.normal(kv, (b, chunk, hkv, d), jnp.float32)
+    count = jnp.clip(lengths - c0, 0, chunk)
+    start = jnp.full((b,), c0, jnp.int32)
+    dt = cache.k_pages.dtype
+    return cache.write_prefill(layer, k.astype(dt), v.astype(dt), start, count)
+
+
+def planted_cache(config, dtype, batch, context, lengths, args, key):
+    cache = PagedKVCache.create(
+        config.num_layers,
+        batch,
+        config.num_kv_heads,
+        config.head_dim,
+        max_seq_len=context,
+        page_size=PAGE,
+        dtype=dtype,
+    )
+    sigma_q = 0.02 * math.sqrt(config.hidden_size)
+    scales = (float(args.planted), float(args.lift / sigma_q))
+    chunk = min(context, max(PAGE, (1 << 22) // max(batch, 1) // PAGE * PAGE))
+    ln = jnp.asarray(lengths, jnp.int32)
+    for layer in range(config.num_layers):
+        for c0 in range(0, context, chunk):
+            cache = _write_planted(
+                cache, key, jnp.int32(layer), jnp.int32(c0), ln, min(chunk, context), scales
+            )
+    return cache.with_lengths(ln)
+
+
+def step_segments(trace_file: str, runs: int) -> dict:
+    """Per-step device busy and span from a profiler trace of ``runs`` blocking steps: the
+    device events are split into steps at the runs - 1 longest idle gaps (between steps the
+    host waits for the result, so those gaps are the longest)."""
+    import gzip
+
+    with gzip.open(trace_file, "rb") as f:
+        events = json.load(f)["traceEvents"]
+    pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "TPU", "gpu"))
     }
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+        for e in events
+        if e.get("ph") == "X" and e.get("pid") in pids
+    )
+    if not spans:
+        return {}
+    merged = [list(spans[0])]
+    for t0, t1 in spans[1:]:
+        if t0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], t1)
+        else:
+            merged.append([t0, t1])
+    gaps = sorted(range(1, len(merged)), key=lambda i: merged[i][0] - merged[i - 1][1])
+    cuts = sorted(gaps[-(runs - 1) :]) if runs > 1 else []
+    bounds = [0, *cuts, len(merged)]
+    steps = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = merged[a:b]
+        steps.append((sum(t1 - t0 for t0, t1 in seg), seg[-1][1] - seg[0][0]))
+    busy = sorted(s[0] for s in steps)[len(steps) // 2]
+    span = sorted(s[1] for s in steps)[len(steps) // 2]
+    return {"busy_us": busy, "span_us": span}
+
+
+def weight_copies(kernels) -> list[tuple[str, float]]:
+    """Kernels of the profile that look like a copy of a weight (copy / dynamic-slice
+    fusions), with their time: the layer loop must hand weights to the matmuls in place."""
+    return [
+        (name, us)
+        for name, us, _ in kernels
+        if ("dynamic_slice" in name or "copy" in name) and us > 5.0
+    ]
+
+
+def run_method(model, jm_state, graphdef, cache, tokens, name, cfg, args, tag):
+    """Compile, time and (optionally) profile one method; returns (row, cache, info)."""
+
+    def step(state, tokens, cache):
+        return nnx.merge(graphdef, state).decode_step(tokens, cache, cfg)
+
+    jitted = jax.jit(step, donate_argnums=(2,), compiler_options=CACHE_PROGRAM_OPTIONS)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(jm_state, tokens, cache).compile()
+    compile_s = time.perf_counter() - t0
+    mem = benchlib.compiled_memory(compiled)
+    if args.dump_hlo:
+        import gzip
+        import os
+
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        with gzip.open(os.path.join(args.dump_hlo, f"{tag}.hlo.txt.gz"), "wt") as f:
+            f.write(compiled.as_text())
+    for _ in range(_WARMUP):
+        logits, cache, info = compiled(jm_state, tokens, cache)
+    jax.block_until_ready(logits)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        logits, cache, info = compiled(jm_state, tokens, cache)
+    jax.block_until_ready((logits, cache))
+    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    row = {"compile_s": compile_s, "step_ms": step_ms, "temp_bytes": mem.get("temp_bytes")}
+    if args.profile:
+        state = {"cache": cache}
+
+        def one_step():
+            lg, state["cache"], _ = compiled(jm_state, tokens, state["cache"])
+            jax.block_until_ready(lg)
+
+        trace = benchlib.profile(one_step, f"/tmp/decode_trace/{tag}", runs=_PROFILE_STEPS)
+        cache = state["cache"]
+        prof = benchlib.kernel_breakdown(trace, runs=_PROFILE_STEPS, top=40)
+        seg = step_segments(trace, _PROFILE_STEPS)
+        row["busy_ms"] = seg.get("busy_us", 0) / 1e3
+        row["span_ms"] = seg.get("span_us", 0) / 1e3
+        row["kernels"] = prof["kernels"]
+        row["weight_copies"] = weight_copies(prof["kernels"])
+    return row, cache, info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hf = dict(SHAPES[args.shape])
+    if args.layers:
+        hf["num_hidden_layers"] = args.layers
+    config = LlamaConfig.from_hf(hf)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    bw = benchlib.measure_copy_bandwidth() if on_gpu else {"peak": 0.0}
+    print(f"copy bandwidth {bw['peak'] / 1e12:.2f} TB/s", flush=True)
+    t0 = time.perf_counter()
+    model = LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    wbytes = weight_bytes(model)
+    print(f"random weights: {wbytes / 1e9:.2f} GB read per step ({time.perf_counter() - t0:.0f} s)")
     table = benchlib.Table(
         [
             "method",
-            "unroll",
             "batch",
             "context",
             "step_ms",
-            "busy_ms",
             "floor_ms",
+            "x_floor",
+            "vs_dense",
+            "busy_ms",
+            "span_ms",
+            "attended",
+            "cache_GB",
+            "temp_GB",
+            "peak_GB",
             "compile_s",
             "note",
         ]
     )
-    profiles = {}
-    c = config
-    weight_bytes = 2 * (
-        c.vocab_size * c.hidden_size
-        + c.num_layers
-        * (
-            c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-            + c.num_heads * c.head_dim * c.hidden_size
-            + 3 * c.hidden_size * c.intermediate_size
-        )
-    )
-    for unroll in [1, True] if args.unroll else [1]:
-        model = LlamaForCausalLM(config, dtype=dtype, scan_unroll=unroll)
-        if args.devices != 1:
-            from twilight_jax.sharding import head_mesh
-
-            model.shard(head_mesh(args.devices))
-        jm = model.jit()
-        for batch in args.batches:
-            t = args.context
-            key = jax.random.key(batch)
-            shape = (c.num_layers, batch, t, c.num_kv_heads, c.head_dim)
-            kv_bytes = 2 * 2 * batch * t * c.num_layers * c.num_kv_heads * c.head_dim
-            floor = (kv_bytes + weight_bytes) / bw["peak"] * 1e3 if bw["peak"] else 0.0
-            for name, cfg in methods.items():
-                try:
-                    k = jax.random.normal(key, shape, dtype)
-                    v = jax.random.normal(jax.random.fold_in(key, 1), shape, dtype)
-                    lengths = jnp.full((batch,), t - 8, jnp.int32)
-                    cache = jm.place_cache(PagedKVCache.from_dense(k, v, lengths, page_size=16))
-                    del k, v
-                    tokens = jnp.ones((batch,), jnp.int32)
-                    t0 = time.perf_counter()
-                    logits, cache, _ = jm.decode_step(tokens, cache, cfg)  # compile
-                    jax.block_until_ready(logits)
-                    compile_s = time.perf_counter() - t0
-                    times = []
-                    for _ in range(args.steps):
-                        t0 = time.perf_counter()
-                        logits, cache, _ = jm.decode_step(tokens, cache, cfg)
-                        jax.block_until_ready(logits)
-                        times.append(time.perf_counter() - t0)
-                    busy = None
-                    if args.profile:
-                        state = {"cache": cache}
-
-                        def one_step():
-                            lg, state["cache"], _ = jm.decode_step(tokens, state["cache"], cfg)
-                            jax.block_until_ready(lg)
-
-                        tag = f"{name.replace('/', '_').replace(' ', '_')}_b{batch}_u{unroll}"
-                        trace = benchlib.profile(one_step, f"{args.out}_trace/{tag}")
-                        cache = state["cache"]
-                        prof = benchlib.kernel_breakdown(trace, runs=3)
-                        profiles[f"{name} | batch {batch} | unroll {unroll}"] = prof
-                        busy = prof["busy_us"] / 1e3
-                        print(f"    {name}: device busy {busy:.3f} ms/step", flush=True)
-                        for kname, us, calls in prof["kernels"]:
-                            print(f"      {us:9.1f} us  {calls:5.0f}x  {kname[:90]}", flush=True)
-                    table.add(
-                        method=name,
-                        unroll=str(unroll),
-                        batch=batch,
-                        context=t,
-                        step_ms=statistics.median(times) * 1e3,
-                        busy_ms=busy,
-                        floor_ms=floor,
-                        compile_s=compile_s,
-                    )
-                    del cache
-                except Exception as e:
-                    print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    table.add(
-                        method=name,
-                        unroll=str(unroll),
-                        batch=batch,
-                        context=t,
-                        note=f"FAILED {type(e).__name__}",
-                    )
-    meta = benchlib.device_meta()
-    meta["command"] = "python scripts/bench_decode_step.py " + " ".join(sys.argv[1:])
-    meta["weights"] = "random, SmolLM2-135M shapes"
-    table.save(args.out, meta)
-    if profiles:
-        with open(args.out + "_profile.json", "w") as f:
-            json.dump(profiles, f, indent=1)
+    details = {}
+    n_dense = min(args.dense_layers, config.num_layers)
+    for batch, context in args.points:
+        # Room for the warm-up, timed and profiled steps of every method.
+        room = len(args.methods) * (_WARMUP + args.steps + _PROFILE_STEPS) + PAGE
+        lengths = np.full((batch,), context - room, np.int32)
+        if lengths.min() < PAGE:
+            raise SystemExit(f"context {context} leaves no room for {room} decode steps")
+        try:
+            cache = planted_cache(config, dtype, batch, context, lengths, args, jax.random.key(1))
+        except Exception as e:  # noqa: BLE001 (one failed point must not lose the others)
+            print(f"FAILED building the cache for {batch}x{context}: {e!r}"[:400], flush=True)
+            table.add(method="-", batch=batch, context=context, note=f"cache {type(e).__name__}")
+            continue
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+        tokens = jnp.ones((batch,), jnp.int32)
+        dense_ms = None
+        for name in args.methods:
+            cfg = method_config(name, context, args)
+            tag = f"{name.replace('/', '_')}_{batch}x{context}"
+            try:
+                lens_now = np.asarray(cache.lengths)
+                row, cache, info = run_method(
+                    model, state, graphdef, cache, tokens, name, cfg, args, tag
+                )
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED {name} {batch}x{context}: {e!r}"[:600], flush=True)
+                table.add(method=name, batch=batch, context=context, note=type(e).__name__)
+                continue
+            counts = np.asarray(info.counts, np.int64)  # [L, B, Hs]
+            sparse = counts[n_dense:] if name != "dense" else counts[:0]
+            kept = int(sparse.sum())
+            if sparse.size and cfg.gqa == "per_head":
+                kept //= config.num_heads // config.num_kv_heads
+            attended = (
+                float(sparse.mean() / lens_now.mean()) if sparse.size and name != "dense" else 1.0
+            )
+            fb = wbytes + floor_bytes(name, cfg, config, lens_now, kept, n_dense)
+            floor_ms = fb / bw["peak"] * 1e3 if bw["peak"] else 0.0
+            if name == "dense":
+                dense_ms = row["step_ms"]
+            stats = jax.devices()[0].memory_stats() or {}
+            table.add(
+                method=name,
+                batch=batch,
+                context=context,
+                step_ms=row["step_ms"],
+                floor_ms=floor_ms,
+                x_floor=row["step_ms"] / floor_ms if floor_ms else None,
+                vs_dense=dense_ms / row["step_ms"] if dense_ms else None,
+                busy_ms=row.get("busy_ms"),
+                span_ms=row.get("span_ms"),
+                attended=attended,
+                cache_GB=cache_bytes / 1e9,
+                temp_GB=None if row["temp_bytes"] is None else row["temp_bytes"] / 1e9,
+                peak_GB=stats.get("peak_bytes_in_use", 0) / 1e9 or None,
+                compile_s=row["compile_s"],
+                note="WEIGHT COPIES" if row.get("weight_copies") else "",
+            )
+            details[f"{name} | {batch}x{context}"] = {
+                "floor_bytes": fb,
+                "kernels": row.get("kernels"),
+                "weight_copies": row.get("weight_copies"),
+            }
+            for kname, us, calls in row.get("kernels") or []:
+                print(f"      {us:9.1f} us  {calls:5.0f}x  {kname[:100]}", flush=True)
+            save(table, details, args, config, bw, wbytes)  # each row: a cut-off run keeps it
+        del cache
+    save(table, details, args, config, bw, wbytes)
     print("\n" + table.text())
+
+
+def save(table, details, args, config, bw, wbytes):
+    meta = benchlib.device_meta()
+    meta["command"] = "python scripts/bench_decode_step.py " + " ".join(args.argv)
+    meta["shape"] = f"{args.shape}, {config.num_layers} layers, random weights"
+    meta["copy_TBps"] = round(bw["peak"] / 1e12, 3)
+    meta["weight_GB"] = round(wbytes / 1e9, 3)
+    skip = ("points", "out", "methods", "argv", "dump_hlo")
+    meta["settings"] = {k: v for k, v in vars(args).items() if k not in skip}
+    table.save(args.out, meta)
+    with open(args.out + "_kernels.json", "w") as f:
+        json.dump(details, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,33 +35,28 @@ MIN_POOL_BYTES = 1 << 30  # the page pool is at least this large so repeated cal
 N_ROT = 4  # input sets rotated through inside one timing loop
 
 
-OLD_GRID = dict(target_programs=2**30, max_splits=2**30, num_stages=1)  # one tile/program
-# Earlier sweeps (docs/results/kernels-sweep*-h200.md) covered tiles, splits, stages, warps
-# and gather word widths. ncu then showed the SpGEMV and Quest-score kernels at 17-28%
-# occupancy stalled on dependent loads (cand -> page table -> rows), so this sweep tries
-# carrying the next tile's index lookups in the loop (SpGEMVConfig.prefetch_rows, now its default).
-SPGEMV_SWEEP = [  # the default is now prefetch_rows with 4096 target programs
-    spgemv.SpGEMVConfig(num_stages=3),
-    spgemv.SpGEMVConfig(num_stages=1),
-    spgemv.SpGEMVConfig(target_programs=8192),
-    spgemv.SpGEMVConfig(tokens_per_chunk=64),
-    spgemv.SpGEMVConfig(target_programs=1024, prefetch_rows=False),  # the former default
+# Variants timed with --sweep. The defaults were tuned at batch 64 (docs/results/
+# kernels-sweep*-h200.md); these ask what small batches (4-8 sequences: 32-64 (sequence, KV
+# head) rows) want: larger tiles and fewer, longer-looping programs.
+SPGEMV_SWEEP = [
+    spgemv.SpGEMVConfig(tokens_per_chunk=256),
+    spgemv.SpGEMVConfig(tokens_per_chunk=256, target_programs=1024),
+    spgemv.SpGEMVConfig(tokens_per_chunk=256, num_warps=8),
+    spgemv.SpGEMVConfig(tokens_per_chunk=512, target_programs=1024, num_warps=8),
+    spgemv.SpGEMVConfig(target_programs=1024, num_stages=3),
 ]
-LOOP = dict(target_programs=1024, max_splits=64, num_stages=2)
 QUEST_SWEEP = [
-    quest.QuestGpuConfig(pages_per_block=16),  # one tile per program, smaller tiles
-    quest.QuestGpuConfig(num_warps=8),
-    quest.QuestGpuConfig(**LOOP, num_warps=8),
-    # The former default (looping programs); the default is now one tile per program.
+    quest.QuestGpuConfig(pages_per_block=64),
+    quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
     quest.QuestGpuConfig(target_programs=1024, max_splits=64, num_stages=2),
+    quest.QuestGpuConfig(target_programs=2048, max_splits=64, num_stages=3, num_warps=8),
 ]
-ATTN_SWEEP = [  # defaults were picked from an earlier sweep (docs/kernels.md); one check
+ATTN_SWEEP = [
     attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
-    topp.TopPConfig(gpu_split=True, iters=12),
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=16),  # default picks 8 at 8192
     topp.TopPConfig(gpu_split=True, iters=16, num_warps=4),
+    topp.TopPConfig(gpu_split=True, iters=16, num_warps=16),
 ]
 
 

@@ -55,8 +55,6 @@ def _hf_from_ours(model, config):
     sd = {}
     for spec in loaders.hf_weight_table(config):
         arr = np.array(flat[spec.target][...], np.float32)
-        if spec.layer is not None:
-            arr = arr[spec.layer]
         if spec.transform is not None:
             arr = arr.T
         sd[spec.source] = torch.from_numpy(np.ascontiguousarray(arr))

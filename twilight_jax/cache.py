@@ -248,8 +248,8 @@ class PagedKVCache:
         (<= T); ds_channel_idx: optional [L, Hkv, C] int heavy channels (allocates labels).
         The cache has dtype k.dtype, max_pages = ceil(T / page_size). Each layer is written
         in chunks of chunk_tokens positions (rounded down to whole pages), so the write's
-        temporaries (the Quest refresh reads the touched pages back) stay a chunk's size: in
-        one write, batch 64 x 128K tokens of LLaMA-8B shapes asked for a 32 GiB temporary.
+        temporaries (INT4 codes, scatter indices, float32 copies of the chunk) stay a chunk's
+        size rather than the whole prompt's.
         """
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
@@ -440,22 +440,37 @@ class PagedKVCache:
             backend,
         )
 
-    def _refresh_quest(self, layer, start, end, t: int) -> PagedKVCache:
-        """Recomputes Quest min/max of the pages holding positions [start, end) from k_pages,
-        over each page's tokens below end (earlier chunks included)."""
+    def _update_quest(self, layer, k, start, count) -> PagedKVCache:
+        """Quest min/max of the pages that positions [start, start + count) fall in, from the
+        written keys k [B, T, Hkv, D] (no read of k_pages: a read of the pages that nothing
+        downstream depends on would make XLA copy the whole page pool to order it before the
+        next layer's in-place write). A page the chunk enters mid-way (start not on a page
+        boundary) keeps the min/max of its earlier tokens; any other touched page starts afresh.
+        """
         s = self.page_size
+        b, t = k.shape[:2]
         n_touched = -(-t // s) + 1  # an unaligned start spans one extra page
-        logical = start[:, None] // s + jnp.arange(n_touched, dtype=jnp.int32)
-        ok = (logical * s < end[:, None]) & (end > start)[:, None] & (logical < self.max_pages)
+        first = start // s  # [B] logical page of the first written token
+        rel = (start[:, None] + jnp.arange(t, dtype=jnp.int32)) // s - first[:, None]  # [B, T]
+        written = jnp.arange(t) < count[:, None]
+        rel = jnp.where(written, rel, n_touched)  # out of range: dropped by the scatters
+        kc = k.astype(self.k_min.dtype)
+        shape = (b, n_touched, *k.shape[2:])  # [B, NT, Hkv, D]
+        rows = jnp.arange(b)[:, None]
+        inf = jnp.asarray(jnp.inf, kc.dtype)
+        kmin = jnp.full(shape, inf).at[rows, rel].min(kc, mode="drop")
+        kmax = jnp.full(shape, -inf).at[rows, rel].max(kc, mode="drop")
+        logical = first[:, None] + jnp.arange(n_touched, dtype=jnp.int32)  # [B, NT]
+        ok = (logical * s < (start + count)[:, None]) & (count > 0)[:, None]
+        ok &= logical < self.max_pages
         phys, _ = self._slots(logical * s, ok)
-        rows = self.k_pages[
-            self._at(layer, jnp.minimum(phys, self.num_pages - 1))
-        ]  # [B,NT,Hkv,S,D]
-        live = (logical[..., None] * s + jnp.arange(s)) < end[:, None, None]  # [B, NT, S]
-        live = live[:, :, None, :, None]
-        inf = jnp.asarray(jnp.inf, rows.dtype)
-        kmin = jnp.where(live, rows, inf).min(3)
-        kmax = jnp.where(live, rows, -inf).max(3)
+        # The entered page's earlier tokens (positions below start) keep counting.
+        entered = (start % s != 0)[:, None, None, None] & (jnp.arange(n_touched) == 0)[
+            None, :, None, None
+        ]
+        old = self._at(layer, jnp.minimum(phys, self.num_pages - 1))
+        kmin = jnp.where(entered, jnp.minimum(kmin, self.k_min[old]), kmin)
+        kmax = jnp.where(entered, jnp.maximum(kmax, self.k_max[old]), kmax)
         idx = self._at(layer, phys)
         return dataclasses.replace(
             self,
@@ -487,7 +502,7 @@ def _write_prefill(cache, layer, k, v, start, count, backend):
     ok = (jnp.arange(t) < count[:, None]) & (pos < cache.capacity)
     phys, slot = cache._slots(pos, ok)
     cache = cache._write_tokens(layer, k, v, phys, slot, backend)
-    return cache._refresh_quest(layer, start, start + count, t)
+    return cache._update_quest(layer, k, start, count)
 
 
 @functools.partial(jax.jit, static_argnums=5)

@@ -397,7 +397,8 @@ class ModelAdapter:
             top_p = np.full(len(tokens), cfg.top_p, np.float32)
             cfg = dataclasses.replace(cfg, top_p=None)
         logits, cache, info = self.jitted.decode_step(tokens, cache, cfg, top_p=top_p)
-        return np.asarray(logits, np.float32), cache, {k: np.asarray(v) for k, v in info.items()}
+        stats = {f.name: np.asarray(getattr(info, f.name)) for f in dataclasses.fields(info)}
+        return np.asarray(logits, np.float32), cache, stats
 
     def clone(self, cache):
         import jax
@@ -412,7 +413,7 @@ class ModelAdapter:
 
         ids = jnp.asarray(np.asarray(token_ids, np.int32)[None])
         positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        h = self.model._embed(ids)
+        h = self.model.embed(ids)
         qs, ks = [], []
         for layer in self.model.layers:
             captured = {}

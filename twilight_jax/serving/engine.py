@@ -720,7 +720,7 @@ class Engine:
 
     def _record_attention(self, info, active: np.ndarray, t0: float) -> None:
         n = int(active.sum())
-        counts = np.asarray(info["counts"]) if isinstance(info, dict) else None
+        counts = None if info is None else np.asarray(info["counts"])
         context = float(self._lengths[active].mean()) if n else 0.0
         attended = context
         if counts is not None and n:

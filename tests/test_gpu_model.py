@@ -1,0 +1,22 @@
+"""The model's jitted programs on a GPU, compiled natively: no weight-sized copy in the decode
+step or prefill (every layer's matmuls read its weights in place), and no temporary above 5%
+of the KV cache (no copy of the page pool). Skipped without a GPU."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import model_memory_checks as mm
+from models import LlamaForCausalLM
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+]
+
+
+def test_programs_copy_no_weights_or_pages_on_gpu():
+    config = mm.small_config(hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=2816)
+    model = LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    mm.check_programs(model, batch=4, capacity=32768, chunk=200, temp_fraction=0.05)
