@@ -1,6 +1,6 @@
 """Twilight's top_p may be any real scalar (python, numpy, 0-d numpy / jax arrays) or a [B]
-array, wherever it enters: decode_attention and the model's decode_step checks. Everything
-else is refused with a ValueError naming top_p."""
+array, wherever it enters: decode_attention, the model's decode_step checks, and a serving
+request's sparsity_top_p. Everything else is refused with a ValueError naming top_p."""
 
 import re
 
@@ -12,6 +12,7 @@ import pytest
 from models import LlamaConfig
 from models.llama import check_decode_args
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
+from twilight_jax.serving import InvalidRequestError, SamplingParams
 
 B, HQ, HKV, D, T, S = 2, 4, 2, 16, 32, 16
 
@@ -102,3 +103,18 @@ def test_model_decode_checks_refuse_what_is_not_a_p(p, match):
         return
     with pytest.raises(ValueError, match=match):
         check_decode_args(config, tokens, cache, cfg, None, p)
+
+
+@pytest.mark.parametrize("p", [x for x in HALF if np.shape(x) == ()], ids=str)
+def test_sampling_params_take_any_real_scalar(p):
+    sp = SamplingParams(sparsity_top_p=p, top_p=p, temperature=p, max_tokens=np.int64(3))
+    assert (sp.sparsity_top_p, sp.top_p, sp.temperature, sp.max_tokens) == (0.5, 0.5, 0.5, 3)
+    assert type(sp.sparsity_top_p) is float and type(sp.max_tokens) is int
+    assert SamplingParams(sparsity_top_p=jnp.asarray(1)).sparsity_top_p == 1.0
+
+
+@pytest.mark.parametrize("p", [True, "0.5", np.asarray([0.5]), 0.0, np.float32(1.5)], ids=str)
+def test_sampling_params_refuse_what_is_not_a_p(p):
+    with pytest.raises(InvalidRequestError, match="sparsity_top_p") as e:
+        SamplingParams(sparsity_top_p=p)
+    assert e.value.param == "sparsity_top_p"
