@@ -341,11 +341,27 @@ def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_
     if active is not None and np.shape(active) != (b,):
         raise ValueError(f"active must be [B={b}] bool, got shape {tuple(np.shape(active))}")
     if top_p is not None:
-        if np.ndim(top_p) not in (0, 1) or (np.ndim(top_p) == 1 and np.shape(top_p) != (b,)):
-            raise ValueError(f"top_p must be a float or [B={b}], got shape {np.shape(top_p)}")
-        tp = _host_values(top_p) if not isinstance(top_p, float) else np.asarray(top_p)
-        if tp is not None and not ((tp > 0) & (tp <= 1)).all():
-            raise ValueError(f"top_p must lie in (0, 1], got {np.ravel(tp).tolist()}")
+        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them;
+        # values are checked when they are on the host (a device array would cost a sync).
+        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
+            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
+        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
+            dtype, shape = np.dtype(type(top_p)), ()
+        else:
+            raise ValueError(
+                f"top_p must be None, a real number or a [B={b}] array, got "
+                f"{type(top_p).__name__} {top_p!r}"
+            )
+        if dtype.kind == "b" or not (
+            np.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, jnp.floating)
+        ):
+            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
+        if shape not in ((), (b,)):
+            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
+        if not isinstance(top_p, jax.Array):
+            tp = np.asarray(top_p, np.float32)
+            if not ((tp > 0) & (tp <= 1)).all():
+                raise ValueError(f"top_p must lie in (0, 1], got {np.ravel(tp).tolist()}")
     ids = _host_values(tokens)
     if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
         raise ValueError(

@@ -10,6 +10,14 @@ A constant row has scale 0; every x - zero is then exactly 0, so n = 0 and x_hat
 (the division uses a safe scale of 1 there, never 0). Rounding is half up rather than jnp.round's
 half to even because the Triton lowering has no round primitive; the bound is the same.
 
+Both divisions are true float32 divisions, correctly rounded, so every backend gives the same
+bytes, scales and zeros (an input where (x - zero) / scale is exactly k + 1/2 gets nibble k + 1).
+That takes care on each backend: XLA's algebraic simplifier rewrites a / constant and
+a / broadcast(b) into a * (1 / b), which is an ulp off often enough to move a nibble (XLA:
+`exact_divide`, also what the interpreters run); Triton lowers `/` to the approximate
+div.full.f32 (native GPU kernels: div.rn.f32 through inline PTX). Mosaic TPU's division is
+its own and has not been checked bit for bit on a TPU.
+
 Split-halves nibble order: byte j of a row holds n[j] in its low nibble and n[j + D/2] in its high
 nibble, so a kernel unpacks with `& 15` / `>> 4` and two contiguous half-rows, never interleaves.
 
@@ -175,6 +183,47 @@ def _check_decode_args(k_int4, k_scale, k_zero, k_new, page_table, positions) ->
 
 
 # --------------------------------------------------------------------------------------------
+# Division
+
+
+def exact_divide(a, b):
+    """a / b correctly rounded under XLA, b broadcastable to a's shape.
+
+    XLA's algebraic simplifier turns a / constant and a / broadcast(b) into a * (1 / b) (an ulp
+    off for many inputs). A divisor of a's full shape that comes out of an optimization barrier
+    matches neither pattern, so the compiled HLO keeps a true divide.
+    """
+    a = jnp.asarray(a)
+    b = jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape)
+    return a / jax.lax.optimization_barrier(b)
+
+
+def _div_rn_gpu(a, b):
+    """a / b correctly rounded in a native Triton kernel (its `/` is div.full.f32, approximate);
+    float32 operands, b broadcastable to a's shape."""
+    b = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
+    (out,) = plt.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return out
+
+
+def _div_tpu(a, b):
+    return a / b
+
+
+def _kernel_divide(platform: str, interpret):
+    """The division a kernel body uses: interpreters run the kernel as XLA (exact_divide)."""
+    if interpret:
+        return exact_divide
+    return _div_rn_gpu if platform == "gpu" else _div_tpu
+
+
+# --------------------------------------------------------------------------------------------
 # References (float32 jnp)
 
 
@@ -184,9 +233,9 @@ def quantize_int4_reference(x):
     x = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     zero = x.min(axis=-1)
-    scale = (x.max(axis=-1) - zero) / 15
+    scale = exact_divide(x.max(axis=-1) - zero, 15.0)
     safe = jnp.where(scale > 0, scale, 1.0)
-    n = jnp.floor((x - zero[..., None]) / safe[..., None] + 0.5)
+    n = jnp.floor(exact_divide(x - zero[..., None], safe[..., None]) + 0.5)
     n = jnp.clip(n, 0, 15).astype(jnp.uint8)
     packed = n[..., :half] | (n[..., half:] << 4)
     return packed, scale, zero
@@ -232,12 +281,13 @@ def int4_pack_decode_reference(k_int4, k_scale, k_zero, k_new, page_table, posit
 # In-kernel quantization (GPU and TPU bodies share it; jnp on values, no refs)
 
 
-def _quantize_halves(lo, hi, col_ok=None):
+def _quantize_halves(lo, hi, col_ok=None, *, divide):
     """lo, hi [..., D/2] f32, the two halves of rows -> (bytes i32 [..., D/2], scale, zero).
 
     scale and zero keep a trailing unit dim ([..., 1]) so they broadcast against the halves.
     col_ok (broadcastable bool) marks real columns when the halves are padded to a power of
-    two; padding is left out of min and max (its bytes are never stored).
+    two; padding is left out of min and max (its bytes are never stored). divide: the
+    backend's correctly rounded division (`_kernel_divide`).
     """
     lo_min, hi_min, lo_max, hi_max = lo, hi, lo, hi
     if col_ok is not None:
@@ -245,11 +295,11 @@ def _quantize_halves(lo, hi, col_ok=None):
         lo_max, hi_max = jnp.where(col_ok, lo, -jnp.inf), jnp.where(col_ok, hi, -jnp.inf)
     zero = jnp.minimum(lo_min.min(axis=-1, keepdims=True), hi_min.min(axis=-1, keepdims=True))
     top = jnp.maximum(lo_max.max(axis=-1, keepdims=True), hi_max.max(axis=-1, keepdims=True))
-    scale = (top - zero) / 15
+    scale = divide(top - zero, 15.0)
     safe = jnp.where(scale > 0, scale, 1.0)
 
     def nibble(v):
-        return jnp.clip(jnp.floor((v - zero) / safe + 0.5), 0, 15).astype(jnp.int32)
+        return jnp.clip(jnp.floor(divide(v - zero, safe) + 0.5), 0, 15).astype(jnp.int32)
 
     return nibble(lo) | (nibble(hi) << 4), scale, zero
 
@@ -281,6 +331,7 @@ def _quantize_gpu_kernel(
     z_ref,  # [R] f32
     *,
     rows_per_block: int,
+    divide,
 ):
     num_rows, half = q_ref.shape
     row = pl.program_id(0) * rows_per_block + jnp.arange(rows_per_block)
@@ -291,7 +342,7 @@ def _quantize_gpu_kernel(
     r2, ok2 = row[:, None], _and(ok[:, None], col_ok)
     lo = plt.load(x_ref.at[r2, c2], mask=ok2, other=0).astype(jnp.float32)
     hi = plt.load(x_ref.at[r2, c2 + half], mask=ok2, other=0).astype(jnp.float32)
-    packed, scale, zero = _quantize_halves(lo, hi, col_ok)
+    packed, scale, zero = _quantize_halves(lo, hi, col_ok, divide=divide)
     plt.store(q_ref.at[r2, c2], packed.astype(jnp.uint8), mask=ok2)
     plt.store(s_ref.at[row], scale[:, 0], mask=ok)
     plt.store(z_ref.at[row], zero[:, 0], mask=ok)
@@ -335,7 +386,9 @@ def quantize_int4_gpu(x, *, interpret: bool = False, config: Int4GpuConfig = DEF
         return quantize_int4_reference(x)
     rows, grid = _row_grid(num_rows, config)
     packed, scale, zero = pl.pallas_call(
-        functools.partial(_quantize_gpu_kernel, rows_per_block=rows),
+        functools.partial(
+            _quantize_gpu_kernel, rows_per_block=rows, divide=_kernel_divide("gpu", interpret)
+        ),
         grid=(grid,),
         in_specs=[pl.no_block_spec],
         out_specs=[pl.no_block_spec] * 3,
@@ -388,6 +441,7 @@ def _pack_gpu_kernel(
     rows_per_block: int,
     tokens: int,
     page_size: int,
+    divide,
 ):
     del q_in_ref, s_in_ref, z_in_ref
     h = pl.program_id(0)
@@ -409,7 +463,7 @@ def _pack_gpu_kernel(
     r2, ok2 = row[:, None], _and(ok[:, None], col_ok)
     lo = plt.load(k_ref.at[r2, h, c2], mask=ok2, other=0).astype(jnp.float32)
     hi = plt.load(k_ref.at[r2, h, c2 + half], mask=ok2, other=0).astype(jnp.float32)
-    packed, scale, zero = _quantize_halves(lo, hi, col_ok)
+    packed, scale, zero = _quantize_halves(lo, hi, col_ok, divide=divide)
     plt.store(q_ref.at[h, dest[:, None], c2], packed.astype(jnp.uint8), mask=ok2)
     plt.store(s_ref.at[h, dest], scale[:, 0], mask=ok)
     plt.store(z_ref.at[h, dest], zero[:, 0], mask=ok)
@@ -426,7 +480,11 @@ def _pack_gpu(k_int4, k_scale, k_zero, k_new, page_table, pos, *, interpret, con
     slots = num_pages * page_size
     q, s, z = pl.pallas_call(
         functools.partial(
-            _pack_gpu_kernel, rows_per_block=rows, tokens=tokens, page_size=page_size
+            _pack_gpu_kernel,
+            rows_per_block=rows,
+            tokens=tokens,
+            page_size=page_size,
+            divide=_kernel_divide("gpu", interpret),
         ),
         grid=(hkv, grid),
         in_specs=[pl.no_block_spec] * 6,
@@ -515,11 +573,13 @@ def _quantize_tpu_kernel(
     q_ref,  # [BR, D/2] uint8
     s_ref,  # [BR, 1] f32
     z_ref,  # [BR, 1] f32
+    *,
+    divide,
 ):
     half = q_ref.shape[1]
     lo = x_ref[:, :half].astype(jnp.float32)
     hi = x_ref[:, half:].astype(jnp.float32)
-    packed, scale, zero = _quantize_halves(lo, hi)
+    packed, scale, zero = _quantize_halves(lo, hi, divide=divide)
     q_ref[...] = packed.astype(jnp.uint8)
     s_ref[...] = scale
     z_ref[...] = zero
@@ -557,7 +617,7 @@ def quantize_int4_tpu(x, *, interpret: bool = False, config: Int4TpuConfig = DEF
     br = _tpu_row_block(num_rows, config)
     row_map = lambda i: (i, 0)
     packed, scale, zero = pl.pallas_call(
-        _quantize_tpu_kernel,
+        functools.partial(_quantize_tpu_kernel, divide=_kernel_divide("tpu", interpret)),
         grid=(pl.cdiv(num_rows, br),),
         in_specs=[pl.BlockSpec((br, d), row_map)],
         out_specs=[
@@ -634,6 +694,7 @@ def _pack_tpu_kernel(
     *,
     page_size: int,
     max_pages: int,
+    divide,
 ):
     del s_in_hbm, z_in_hbm
     b, j = pl.program_id(0), pl.program_id(1)
@@ -649,7 +710,9 @@ def _pack_tpu_kernel(
     tok = first + jax.lax.broadcasted_iota(jnp.int32, (1, page_size, 1), 1)
     ok = (tok >= 0) & (tok < cnt) & (page != 0)
     packed, _, _ = _quantize_halves(
-        x_ref[:, :, :half].astype(jnp.float32), x_ref[:, :, half:].astype(jnp.float32)
+        x_ref[:, :, :half].astype(jnp.float32),
+        x_ref[:, :, half:].astype(jnp.float32),
+        divide=divide,
     )
     q_ref[...] = jnp.where(ok, packed, q_in_ref[...].astype(jnp.int32)).astype(jnp.uint8)
 
@@ -657,7 +720,7 @@ def _pack_tpu_kernel(
     def _scale_rows():
         xt = xt_ref[...].astype(jnp.float32)
         zero = xt.min(axis=1, keepdims=True)  # [Hkv, 1, S]; same values as _quantize_halves
-        scale = (xt.max(axis=1, keepdims=True) - zero) / 15
+        scale = divide(xt.max(axis=1, keepdims=True) - zero, 15.0)
         tok_l = first + jax.lax.broadcasted_iota(jnp.int32, (1, 1, page_size), 2)
         ok_l = (tok_l >= 0) & (tok_l < cnt)
         for new, hbm, buf in ((scale, s_hbm, s_buf), (zero, z_hbm, z_buf)):
@@ -698,7 +761,12 @@ def _pack_tpu(k_int4, k_scale, k_zero, k_new, page_table, start, count, *, inter
     )
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     q, s, z = pl.pallas_call(
-        functools.partial(_pack_tpu_kernel, page_size=page_size, max_pages=max_pages),
+        functools.partial(
+            _pack_tpu_kernel,
+            page_size=page_size,
+            max_pages=max_pages,
+            divide=_kernel_divide("tpu", interpret),
+        ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(batch, window),

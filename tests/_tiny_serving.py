@@ -10,6 +10,8 @@ import functools
 import threading
 import time
 
+import numpy as np
+
 from twilight_jax import SparsityConfig
 from twilight_jax.serving import Engine, EngineConfig
 
@@ -37,28 +39,51 @@ def make_engine(model=None, **overrides) -> Engine:
 
 
 class FaultyModel:
-    """Delegates to the jitted model. The next ``fail_decode`` decode steps and ``fail_prefill``
-    prefills raise; while ``gate`` is clear, prefill blocks (holding the engine thread);
-    ``step_delay`` slows every decode step down."""
+    """Delegates to the jitted model, with faults and pauses on demand.
+
+    fail_decode / fail_prefill: the next that many decode steps / prefills raise (before the
+    call: the cache is intact). poison: a token id; a prefill whose tokens hold it raises, after
+    running the call when ``poison_consumes_cache`` (its donated cache is then gone).
+    gate: while clear, prefill blocks (holding the engine thread); ``in_prefill`` is set while
+    a prefill waits on it. decode_gate / in_decode: the same for decode steps. step_delay:
+    seconds of sleep per decode step.
+    """
 
     def __init__(self, inner):
         self.inner = inner
         self.config = inner.config
         self.dtype = inner.dtype
         self.fail_decode = 0
-        self.step_delay = 0.0  # seconds of sleep per decode step: slow generation on demand
+        self.step_delay = 0.0
         self.fail_prefill = 0
+        self.poison: int | None = None
+        self.poison_consumes_cache = False
         self.gate = threading.Event()
         self.gate.set()
+        self.in_prefill = threading.Event()
+        self.decode_gate = threading.Event()
+        self.decode_gate.set()
+        self.in_decode = threading.Event()
 
     def prefill(self, *args):
+        self.in_prefill.set()
         self.gate.wait(60)
+        self.in_prefill.clear()
         if self.fail_prefill:
             self.fail_prefill -= 1
             raise RuntimeError("injected prefill fault")
-        return self.inner.prefill(*args)
+        poisoned = self.poison is not None and bool((np.asarray(args[0]) == self.poison).any())
+        if poisoned and not self.poison_consumes_cache:
+            raise RuntimeError("injected prefill fault (poisoned prompt)")
+        out = self.inner.prefill(*args)
+        if poisoned:
+            raise RuntimeError("injected prefill fault (poisoned prompt, cache consumed)")
+        return out
 
     def decode_step(self, tokens, cache, sparsity, active=None, top_p=None):
+        self.in_decode.set()
+        self.decode_gate.wait(60)
+        self.in_decode.clear()
         if self.fail_decode:
             self.fail_decode -= 1
             raise RuntimeError("injected decode fault")

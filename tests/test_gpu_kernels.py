@@ -183,3 +183,44 @@ def test_quest_scores_and_updates():
     ]
     for a, b in zip(*outs):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
+    """Native kernels (div.rn.f32), the XLA reference on the GPU and the 8-bit XLA path against
+    the rule in numpy, on bfloat16 rows with exact halves (tests/_quant_rule.py)."""
+    from _quant_rule import halves_rows, int4_rule, quantize_rule
+
+    from pallas_kernels import int4
+    from twilight_jax import pruner
+
+    x = halves_rows(np.random.default_rng(70), 4096, D)
+    want = int4_rule(x)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    for backend in ("pallas", "reference"):
+        got = int4.quantize_int4(xb, backend=backend)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), w, err_msg=backend)
+
+    # The paged pack: 64 sequences x 16 tokens, one page each, written from the same rows.
+    batch, tokens = 64, 16
+    k_new = xb[: batch * tokens * HKV].reshape(batch, tokens, HKV, D)
+    num_pages = batch + 1
+    cache = (
+        jnp.zeros((HKV, num_pages, S, D // 2), jnp.uint8),
+        jnp.zeros((HKV, num_pages, S), jnp.float32),
+        jnp.zeros((HKV, num_pages, S), jnp.float32),
+    )
+    page_table = jnp.arange(1, batch + 1, dtype=jnp.int32)[:, None]
+    start = jnp.zeros((batch,), jnp.int32)
+    count = jnp.full((batch,), tokens, jnp.int32)
+    packed, scale, zero = int4.int4_pack_prefill(
+        *cache, k_new, page_table, start, count, backend="pallas"
+    )
+    rule = int4_rule(np.asarray(k_new, np.float32))  # [B, T, Hkv, ...]
+    for g, w in zip((packed, scale, zero), rule):
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(g)[:, 1:], 0, 2), w)
+
+    codes, s8, z8 = quantize_rule(x, 255)
+    got8 = np.asarray(pruner._fake_quantize(jnp.asarray(x), 8))
+    back = np.round((got8 - z8[:, None]) / np.where(s8 > 0, s8, 1)[:, None])
+    np.testing.assert_array_equal(back, codes)

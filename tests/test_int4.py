@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _export import export_cuda, export_tpu
+from _quant_rule import HALF_ROW, HALF_ROW_NIBBLES, halves_rows, int4_rule, quantize_rule
 
 from pallas_kernels import dequantize_int4, int4, quantize_int4
+from twilight_jax import pruner, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,65 @@ def _pack_loop(cache, k_new, page_table, positions):
         k_scale[:, page, slot] = scale[b, t]
         k_zero[:, page, slot] = zero[b, t]
     return k_int4, k_scale, k_zero
+
+
+# --------------------------------------------------------------------------------------------
+# The documented rule, bit for bit (numpy float32 divides exactly; XLA turns a / constant and
+# a / broadcast(b) into a * (1 / b) unless told not to)
+
+RULE_QUANTIZERS = {
+    "reference": int4.quantize_int4_reference,
+    "gpu-interpret": lambda x: int4.quantize_int4_gpu(x, interpret=True),
+    "tpu-interpret": lambda x: int4.quantize_int4_tpu(x, interpret=True),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_QUANTIZERS))
+def test_quantizers_compute_the_documented_rule_bit_for_bit(name):
+    x = halves_rows(np.random.default_rng(60), 512, 128)
+    packed, scale, zero = RULE_QUANTIZERS[name](jnp.asarray(x, jnp.bfloat16))
+    want = int4_rule(x)
+    np.testing.assert_array_equal(np.asarray(scale), want[1])
+    np.testing.assert_array_equal(np.asarray(zero), want[2])
+    np.testing.assert_array_equal(np.asarray(packed), want[0])
+    # HALF_ROW: (x - zero) / scale is exactly 4.5 for its second element, which gets nibble 5.
+    lo = np.asarray(packed)[0, :2] & 15
+    np.testing.assert_array_equal(lo, HALF_ROW_NIBBLES[:2])
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_pack_kernels_round_exact_halves_up(impl):
+    case = CASES[1]  # bfloat16, head_dim 128, page size 16
+    args = list(_prefill_inputs(case, 61))
+    k_new = np.asarray(args[3], np.float32)
+    k_new[0, :3] = np.resize(np.asarray(HALF_ROW, np.float32), k_new.shape[-1])
+    args[3] = jnp.asarray(k_new, case.dtype)
+    want = int4.int4_pack_prefill_reference(*args)
+    _assert_equal(PREFILL[impl](*args, interpret=True), want)
+    # Token 0 of sequence 0 sits at position start[0], in page page_table[0, start[0] // S].
+    s = case.page_size
+    pos = int(args[5][0])
+    page, slot = int(args[4][0, pos // s]), pos % s
+    written = np.asarray(want[0])[:, page, slot]  # [Hkv, D/2]
+    np.testing.assert_array_equal(written & 15, np.resize(HALF_ROW_NIBBLES, written.shape))
+
+
+@pytest.mark.parametrize(
+    "name,fn",
+    [("pruner", pruner._fake_quantize), ("reference", reference.fake_quantize)],
+)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantize_computes_the_documented_rule_bit_for_bit(name, fn, bits):
+    x = halves_rows(np.random.default_rng(62), 512, 128)
+    levels = 2**bits - 1
+    codes, scale, zero = quantize_rule(x, levels)
+    want = codes.astype(np.float32) * scale[:, None] + zero[:, None]
+    got = np.asarray(fn(jnp.asarray(x), bits))
+    # Same codes: the dequantized values agree to float32 rounding of scale * code + zero
+    # (XLA may fuse that into one FMA), far below half a step.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * (np.abs(want).max() + 1))
+    got_codes = np.round((got - zero[:, None]) / np.where(scale > 0, scale, 1)[:, None])
+    np.testing.assert_array_equal(got_codes, codes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,6 +210,13 @@ def test_per_request_sparsity_top_p(served, client):
         extra_body={"sparsity_top_p": 0.5, "ignore_eos": True},
     )
     assert r.usage.completion_tokens == 4
+    # Any JSON number is a p: 1 (an int) is p = 1.
+    r = _post(
+        served[0].url,
+        "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2, "sparsity_top_p": 1},
+    )
+    assert r.status_code == 200, r.text
     _wait_all_pages_free(served[1])
 
 
@@ -557,7 +564,55 @@ def test_command_line_defaults_and_bad_model():
 
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+    assert args.num_pages is None and args.memory_fraction == 0.9
     assert main(["--model", "/no/such/model.gguf"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        # tiny-random's positions end at 512.
+        (["--max-seq-len", "1024"], "--max-seq-len 1024 exceeds the model's 512 positions"),
+        (["--max-seq-len", "256", "--num-pages", "5"], "--num-pages=5 cannot hold one full"),
+        (["--memory-fraction", "0"], "--memory-fraction must be in (0, 1], got 0.0"),
+        (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    ],
+)
+def test_settings_the_model_cannot_serve_are_refused_at_startup(argv, message, capsys):
+    from twilight_jax.serve import main
+
+    assert main(["--model", MODEL_NAME, *argv]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_prefill_fault_fails_that_request_alone_over_http(served, client):
+    """The issue-16 failure: a request admitted just before a failing one keeps streaming."""
+    url, engine, model = served[0].url, served[1], served[2]
+    prompt = _texts(7, 1)[0]
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 30, "temperature": 0}
+    expected = client.completions.create(**body, extra_body=IGNORE_EOS).choices[0].text
+    pieces, decoding = [], threading.Event()
+
+    def stream():
+        for c in client.completions.create(**body, stream=True, extra_body=IGNORE_EOS):
+            pieces.append(c.choices[0].text)
+            decoding.set()
+
+    model.step_delay = 0.02
+    t = threading.Thread(target=stream)
+    try:
+        t.start()
+        assert decoding.wait(60)  # past its prefill: the next prefill is the failing one's
+        model.fail_prefill = 1
+        r = _post(url, "/v1/completions", {"model": MODEL_NAME, "prompt": "boom", "max_tokens": 3})
+        assert r.status_code == 500 and "injected prefill fault" in r.json()["error"]["message"]
+        t.join(120)
+    finally:
+        model.step_delay = 0.0
+        model.fail_prefill = 0
+    assert "".join(pieces) == expected
+    _wait_all_pages_free(engine)
 
 
 def test_bench_serving_runs_against_the_server(served, tmp_path):

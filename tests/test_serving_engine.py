@@ -603,3 +603,292 @@ def test_chunked_prefill_needs_a_model_that_takes_start():
         make_engine(NoStart(tiny()[0]), prefill_chunk=16)
     with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 1"):
         EngineConfig(prefill_chunk=0)
+
+
+# ---------------------------------------------------------------------- startup checks
+
+
+def test_context_beyond_the_model_positions_is_refused():
+    # tiny-random's positions end at 512.
+    with pytest.raises(ValueError, match=r"max_seq_len=1024 exceeds .*max_position_embeddings=512"):
+        make_engine(max_seq_len=1024, num_pages=200)
+
+
+# ---------------------------------------------------------------------- fault isolation
+
+
+def _reference(engine, prompt, max_tokens):
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **GREEDY)
+    return engine.generate([prompt], sp)[0].token_ids
+
+
+def _start_long_request(eng, prompt, max_tokens):
+    """Submits a greedy request and returns (its events, finished Event) once it decodes."""
+    events, done, decoding = [], threading.Event(), threading.Event()
+
+    def on_event(ev):
+        events.append(ev)
+        decoding.set()
+        if ev.finished:
+            done.set()
+
+    eng.submit(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **GREEDY), on_event)
+    assert decoding.wait(60)
+    return events, done
+
+
+@pytest.mark.parametrize("consumes_cache", [False, True], ids=["cache-intact", "cache-consumed"])
+def test_prefill_fault_fails_that_request_alone(engine, consumes_cache):
+    poison = 257  # <|im_start|>: _prompts draws bytes only
+    model = FaultyModel(tiny()[0])
+    model.poison, model.poison_consumes_cache = poison, consumes_cache
+    eng = make_engine(model).start()
+    try:
+        good = _prompts(30, 1)[0]
+        want = _reference(engine, good, 60)
+        events, done = _start_long_request(eng, good, 60)
+        bad = eng.generate([[1, 2, poison, 3]], SamplingParams(max_tokens=4, **GREEDY))[0]
+        assert bad.finish_reason == "error" and "injected prefill fault" in bad.error
+        assert done.wait(120)
+        # The running request kept going (recomputed when the fault took the cache with it),
+        # and its tokens are the ones it gets alone.
+        assert events[-1].finish_reason == "length"
+        assert tuple(t for e in events for t in e.token_ids) == want
+        assert (eng.metrics.preemptions > 0) == consumes_cache
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_failed_prefill_batch_is_retried_request_by_request(engine):
+    model = FaultyModel(tiny()[0])
+    model.poison = 257
+    eng = make_engine(model, prefill_batch=2).start()
+    try:
+        good = _prompts(31, 1)[0]
+        model.gate.clear()  # hold the engine so that both requests are admitted together
+        sp = SamplingParams(max_tokens=5, ignore_eos=True, **GREEDY)
+        blocker = threading.Thread(target=eng.generate, args=([[7, 8]], sp))
+        blocker.start()
+        assert model.in_prefill.wait(30)
+        out = {}
+        t = threading.Thread(
+            target=lambda: out.update(r=eng.generate([[1, 257, 2], good], sp)), daemon=True
+        )
+        t.start()
+        deadline = time.monotonic() + 30
+        while eng.queue_depth < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        model.gate.set()
+        t.join(120)
+        blocker.join(120)
+        bad, ok = out["r"]
+        assert bad.finish_reason == "error" and "poisoned" in bad.error
+        assert ok.finish_reason == "length" and ok.token_ids == _reference(engine, good, 5)
+        _assert_all_pages_free(eng)
+    finally:
+        model.gate.set()
+        eng.shutdown()
+
+
+# ---------------------------------------------------------------------- metrics follow the state
+
+
+def _gauge(eng, name) -> float:
+    for line in eng.metrics.render().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not rendered")
+
+
+def test_metrics_change_with_the_state_not_at_the_end_of_an_iteration():
+    model = FaultyModel(tiny()[0])
+    eng = make_engine(model).start()
+    try:
+        total = eng.pages_total
+        # Admission shows while the engine thread is still inside the prefill.
+        model.gate.clear()
+        rid = eng.submit(_prompts(32, 1)[0], SamplingParams(max_tokens=50, **GREEDY), lambda e: 0)
+        assert model.in_prefill.wait(30)
+        assert _gauge(eng, "twilight_running_requests") == 1
+        assert _gauge(eng, "twilight_queue_depth") == 0
+        assert _gauge(eng, "twilight_kv_pages_free") < total
+        # A cancel shows at once, while the decode step that holds the engine thread runs.
+        model.decode_gate.clear()
+        model.gate.set()
+        assert model.in_decode.wait(30)
+        eng.cancel(rid)
+        assert _gauge(eng, "twilight_running_requests") == 0
+        assert _gauge(eng, "twilight_kv_pages_free") == total
+        assert eng.metrics.requests["cancelled"] == 1
+        model.decode_gate.set()
+        _assert_all_pages_free(eng)
+    finally:
+        model.gate.set()
+        model.decode_gate.set()
+        eng.shutdown()
+
+
+# ---------------------------------------------------------------------- admission and preemption
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["whole-prefill", "chunked-prefill"])
+def test_tight_pool_preempts_and_recomputes_without_changing_outputs(engine, chunk):
+    # 8 pages make one full context (128 tokens); 12 pages cannot hold the 6 requests below
+    # (about 7 pages each by their end), so some are preempted and recomputed.
+    tight = make_engine(num_pages=1 + 12, prefill_chunk=chunk).start()
+    try:
+        prompts = _prompts(33, 6, lo=10, hi=40)
+        params = [
+            SamplingParams(max_tokens=80, ignore_eos=True, **GREEDY),
+            SamplingParams(max_tokens=70, ignore_eos=True, temperature=1.0, seed=5),
+            SamplingParams(max_tokens=60, ignore_eos=True, **GREEDY),
+            SamplingParams(max_tokens=85, ignore_eos=True, temperature=0.7, top_k=20, seed=9),
+            SamplingParams(max_tokens=50, ignore_eos=True, **GREEDY),
+            SamplingParams(max_tokens=75, ignore_eos=True, **GREEDY),
+        ]
+        running_seen = []
+
+        def watch(ev):
+            running_seen.append(tight.num_running)
+
+        want = engine.generate(prompts, params)
+        # A watcher request alongside, to sample how many run at once.
+        tight.submit([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), watch)
+        got = tight.generate(prompts, params)
+        assert [c.finish_reason for c in got] == ["length"] * len(prompts)
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert [c.text for c in got] == [c.text for c in want]
+        assert tight.metrics.preemptions > 0
+        # Admission takes the pages a request needs now, not its whole budget: several ran at
+        # once although two whole budgets (2 x 7+ pages) never fit in 12 pages.
+        assert max(running_seen) >= 3
+        _assert_all_pages_free(tight)
+        assert "twilight_requests_preempted_total" in tight.metrics.render()
+    finally:
+        tight.shutdown()
+
+
+# ---------------------------------------------------------------------- decode buckets
+
+
+class _ShapeLog(FaultyModel):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.shapes = []  # (batch rows, page-table width) of each decode step
+
+    def decode_step(self, tokens, cache, *args, **kwargs):
+        self.shapes.append((tokens.shape[0], cache.page_table.shape[1]))
+        return super().decode_step(tokens, cache, *args, **kwargs)
+
+
+def test_decode_batch_and_context_follow_the_running_requests(engine):
+    model = _ShapeLog(tiny()[0])
+    eng = make_engine(model).start()
+    try:
+        sp = SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY)
+        lone = eng.generate([[1, 2, 3]], sp)[0]
+        # One request of at most 15 tokens: batch 1, one page of 16 tokens.
+        assert set(model.shapes) == {(1, 1)}
+        assert lone.token_ids == engine.generate([[1, 2, 3]], sp)[0].token_ids
+        model.shapes.clear()
+        prompts = _prompts(34, 3, lo=20, hi=21)  # 20 + 12 tokens: 2 pages
+        out = eng.generate(prompts, sp)
+        assert max(model.shapes) == (4, 2)  # three requests: batch bucket 4
+        assert all(w <= 2 for _, w in model.shapes)
+        assert [c.token_ids for c in out] == [c.token_ids for c in engine.generate(prompts, sp)]
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+# ---------------------------------------------------------------------- page pool sizing
+
+
+def test_page_bytes_matches_the_arrays_of_a_created_cache():
+    from twilight_jax import PagedKVCache
+    from twilight_jax.serving import page_bytes
+
+    for dtype, ds in ((jnp.float32, 0), (jnp.bfloat16, 4)):
+        shape = dict(num_layers=3, num_kv_heads=2, head_dim=16, page_size=8, dtype=dtype)
+        sizes = []
+        for num_pages in (5, 12):
+            cache = PagedKVCache.create(
+                shape["num_layers"],
+                2,
+                shape["num_kv_heads"],
+                shape["head_dim"],
+                max_seq_len=32,
+                page_size=shape["page_size"],
+                num_pages=num_pages,
+                dtype=dtype,
+                ds_channels=ds,
+            )
+            sizes.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
+        assert (sizes[1] - sizes[0]) / 7 == page_bytes(**shape, ds_channels=ds)
+
+
+def _stats(limit, in_use):
+    return lambda: [{"bytes_limit": limit, "bytes_in_use": in_use}]
+
+
+def test_pool_is_sized_from_free_device_memory():
+    from twilight_jax.serving import Engine
+
+    jitted, tokenizer, _ = tiny()
+    eng = make_engine()
+    pb = eng.page_bytes
+    cfg = dataclasses.replace(ENGINE, max_batch=4)
+    # 0.5 of 20 pages' worth of free memory: 10 pages (+ the null page); the fraction counts.
+    free = 20 * pb
+    sized = Engine(
+        jitted,
+        tokenizer,
+        SPARSITY,
+        dataclasses.replace(cfg, memory_fraction=0.5),
+        memory_stats=_stats(free + 12345, 12345),
+    )
+    assert sized.num_pages == 1 + 10 and sized.pages_total == 10
+    assert sized.cache.k_pages.shape[2] == 11
+    # Plenty of memory: no more pages than every request holding a full context.
+    roomy = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=_stats(10**12, 0))
+    assert roomy.num_pages == 1 + cfg.max_batch * roomy.max_pages
+    # An explicit num_pages wins, but not beyond the free memory.
+    explicit = dataclasses.replace(cfg, num_pages=15)
+    assert (
+        Engine(jitted, tokenizer, SPARSITY, explicit, memory_stats=_stats(free, 0)).num_pages == 15
+    )
+    with pytest.raises(ValueError, match="num_pages=30 needs"):
+        Engine(
+            jitted,
+            tokenizer,
+            SPARSITY,
+            dataclasses.replace(cfg, num_pages=30),
+            memory_stats=_stats(free, 0),
+        )
+    # Too little memory for one full context (8 pages) is refused at construction.
+    with pytest.raises(ValueError, match="cannot hold one full context"):
+        Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=_stats(5 * pb, 0))
+
+
+def test_pool_falls_back_to_host_memory_without_device_stats(monkeypatch):
+    from twilight_jax.serving import Engine
+    from twilight_jax.serving import engine as engine_mod
+
+    jitted, tokenizer, _ = tiny()
+    pb = make_engine().page_bytes
+    cfg = dataclasses.replace(ENGINE, max_batch=4, memory_fraction=0.25)
+    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 40 * pb)
+    eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
+    assert eng.num_pages == 1 + 10
+    assert "available host memory" in eng.describe()
+    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: None)
+    eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
+    assert eng.num_pages == 1 + cfg.max_batch * eng.max_pages
+
+
+def test_memory_fraction_is_validated():
+    for bad in (0.0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="EngineConfig.memory_fraction"):
+            EngineConfig(memory_fraction=bad)

@@ -87,20 +87,27 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
                 f"cfg.ds_channels={cfg.ds_channels} must equal the cache's label channels "
                 f"{cache.ds_channels}"
             )
-    if isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-        if not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    elif top_p is not None:
-        if np.shape(top_p) != (b,):
+    if top_p is not None:
+        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them.
+        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
+            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
+        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
+            dtype, shape = np.dtype(type(top_p)), ()
+        else:
             raise ValueError(
-                f"top_p must be a float or a [B={b}] array, got shape {np.shape(top_p)}"
+                f"top_p must be None, a real number or a [B={b}] array, got "
+                f"{type(top_p).__name__} {top_p!r}"
             )
-        if not jnp.issubdtype(jnp.result_type(top_p), jnp.floating):
-            raise ValueError(f"top_p must be a float array, got dtype {jnp.result_type(top_p)}")
+        if dtype.kind == "b" or not (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
+        if shape not in ((), (b,)):
+            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
         if not isinstance(top_p, jax.core.Tracer):
             tp = np.asarray(top_p, np.float32)
             if not ((tp > 0) & (tp <= 1)).all():
-                raise ValueError(f"top_p values must be in (0, 1], got {tp.tolist()}")
+                raise ValueError(f"top_p must be in (0, 1], got {np.ravel(tp).tolist()}")
     if not isinstance(cache.lengths, jax.core.Tracer):
         ln = np.asarray(cache.lengths)
         if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.capacity:
@@ -125,8 +132,9 @@ def decode_attention(
     cache: PagedKVCache; attends over cache.lengths[b] tokens of sequence b.
     cfg: SparsityConfig (static). cfg.dense_layers is the model's business, not applied here.
     layer: int (or a scalar int array) layer index.
-    top_p: None, a float, or a [B] float32 array (may be traced) of per-sequence p; overrides
-      cfg.top_p. Pruning runs when either is set.
+    top_p: None, a real scalar (python, numpy or jax; 0-d arrays too) or a [B] array (may be
+      traced) of per-sequence p in (0, 1]; overrides cfg.top_p. Pruning runs when either is
+      set.
     backend: kernel backend passed to every pallas_kernels entry ("auto", "pallas",
       "pallas_gpu", "pallas_tpu", "reference").
     Returns (out [B, Hq, D] in q.dtype, SelectionInfo). A sequence of length 0 gives zeros.

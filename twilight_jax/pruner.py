@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.int4 import exact_divide
 from pallas_kernels.spgemv import block_spgemv
 from pallas_kernels.topp import topp_select_grouped
 from twilight_jax.cache import PagedKVCache
@@ -22,12 +23,14 @@ from twilight_jax.selectors import Candidates
 
 
 def _fake_quantize(x, bits: int):
-    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back (float32)."""
+    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back (float32): the
+    INT4 rule with 2**bits - 1 levels, its divisions correctly rounded (exact_divide)."""
     levels = 2**bits - 1
     zero = x.min(-1, keepdims=True)
-    scale = (x.max(-1, keepdims=True) - zero) / levels
+    scale = exact_divide(x.max(-1, keepdims=True) - zero, float(levels))
     safe = jnp.where(scale > 0, scale, 1.0)
-    code = jnp.where(scale > 0, jnp.clip(jnp.floor((x - zero) / safe + 0.5), 0, levels), 0.0)
+    code = jnp.floor(exact_divide(x - zero, safe) + 0.5)
+    code = jnp.where(scale > 0, jnp.clip(code, 0, levels), 0.0)
     return code * scale + zero
 
 

@@ -37,13 +37,21 @@ def dense_kv(cache: PagedKVCache, layer: int):
     return k.astype(jnp.float32), v.astype(jnp.float32)
 
 
+def _divide(a, b):
+    """a / b correctly rounded: XLA rewrites a / constant and a / broadcast(b) into a * (1 / b)
+    (an ulp off), but not a division by a full-shape divisor out of an optimization barrier."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def fake_quantize(x, bits: int):
-    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back."""
+    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back:
+    zero = min, scale = (max - min) / (2**bits - 1), code = floor((x - zero) / scale + 1/2)."""
     levels = 2**bits - 1
     zero = x.min(-1, keepdims=True)
-    scale = (x.max(-1, keepdims=True) - zero) / levels
+    scale = _divide(x.max(-1, keepdims=True) - zero, float(levels))
     safe = jnp.where(scale > 0, scale, 1.0)
-    code = jnp.where(scale > 0, jnp.clip(jnp.floor((x - zero) / safe + 0.5), 0, levels), 0.0)
+    code = jnp.floor(_divide(x - zero, safe) + 0.5)
+    code = jnp.where(scale > 0, jnp.clip(code, 0, levels), 0.0)
     return code * scale + zero
 
 

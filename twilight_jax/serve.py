@@ -97,7 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="context length (default: min(model max, 4096))",
     )
-    p.add_argument("--num-pages", type=int, default=None, help="KV pages in the shared pool")
+    p.add_argument(
+        "--num-pages",
+        type=int,
+        default=None,
+        help="KV pages in the shared pool (default: sized by --memory-fraction)",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of free memory the KV page pool may take when --num-pages is not given: "
+        "device memory after the weights on GPU/TPU, available host memory on CPU; the pool "
+        "never exceeds every request holding a full context (default: 0.9)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most")
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument(
@@ -126,6 +139,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Engine settings by flag, for errors that name the flag rather than the config field.
+_ENGINE_FLAGS = {
+    "max_batch": "--max-batch",
+    "max_seq_len": "--max-seq-len",
+    "num_pages": "--num-pages",
+    "memory_fraction": "--memory-fraction",
+    "max_queue": "--max-queue",
+    "prefill_batch": "--prefill-batch",
+    "prefill_chunk": "--prefill-chunk",
+}
+
+
+def check_engine_flags(args, model_config=None) -> None:
+    """Refuses engine settings that cannot be served, with a ValueError naming the flag; the
+    model's limits are checked once ``model_config`` is known."""
+    for name in ("max_batch", "max_queue", "prefill_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{_ENGINE_FLAGS[name]} must be >= 1, got {getattr(args, name)}")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0 (0 = whole), got {args.prefill_chunk}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.num_pages is not None and args.num_pages < 2:
+        raise ValueError(f"--num-pages must be >= 2 (page 0 is null), got {args.num_pages}")
+    if not 0.0 < args.memory_fraction <= 1.0:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    if model_config is not None and args.max_seq_len is not None:
+        limit = model_config.max_position_embeddings
+        if args.max_seq_len > limit:
+            raise ValueError(
+                f"--max-seq-len {args.max_seq_len} exceeds the model's {limit} positions "
+                f"(max_position_embeddings); use at most {limit}"
+            )
+
+
 def build_server(args):
     """(OpenAIServer, engine) from parsed arguments."""
     import jax.numpy as jnp
@@ -135,6 +183,7 @@ def build_server(args):
     from twilight_jax.config import SparsityConfig
     from twilight_jax.serving import Engine, EngineConfig, OpenAIServer
 
+    check_engine_flags(args)
     name = args.model or models.DEFAULT_MODEL
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     mesh = None
@@ -148,6 +197,7 @@ def build_server(args):
         model, tokenizer, config = models.load(name, dtype=dtype, mesh=mesh)
     if tokenizer is None:
         raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
+    check_engine_flags(args, config)
     sparsity = SparsityConfig(
         selector=args.selector,
         budget=args.budget,
@@ -161,11 +211,19 @@ def build_server(args):
         max_batch=args.max_batch,
         max_seq_len=ctx,
         num_pages=args.num_pages,
+        memory_fraction=args.memory_fraction,
         max_queue=args.max_queue,
         prefill_batch=args.prefill_batch,
         prefill_chunk=args.prefill_chunk or None,
     )
-    engine = Engine(JittedLlama(model), tokenizer, sparsity, engine_cfg)
+    try:
+        engine = Engine(JittedLlama(model), tokenizer, sparsity, engine_cfg)
+    except ValueError as e:
+        message = str(e)
+        for field, flag in _ENGINE_FLAGS.items():
+            message = message.replace(f"EngineConfig.{field}", flag)
+        raise ValueError(message) from None
+    logging.getLogger("twilight_jax.serving").info("engine: %s", engine.describe())
     served = args.served_model_name or name
     return OpenAIServer(engine, tokenizer, served, aliases=(name,)), engine
 

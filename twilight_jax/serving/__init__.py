@@ -1,16 +1,15 @@
 """Serving: a continuous-batching engine and an OpenAI-compatible HTTP server over it."""
 
-from twilight_jax.serving.engine import (
+from twilight_jax.serving.engine import Engine, EngineConfig, page_bytes
+from twilight_jax.serving.metrics import ServingMetrics
+from twilight_jax.serving.requests import (
     Completion,
-    Engine,
-    EngineConfig,
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
     SamplingParams,
 )
-from twilight_jax.serving.metrics import ServingMetrics
 from twilight_jax.serving.server import OpenAIServer, ServerThread, serve
 
 __all__ = [
@@ -25,5 +24,6 @@ __all__ = [
     "SamplingParams",
     "ServerThread",
     "ServingMetrics",
+    "page_bytes",
     "serve",
 ]

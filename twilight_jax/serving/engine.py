@@ -1,27 +1,39 @@
 """Continuous-batching generation engine.
 
-One engine thread owns the model, the paged KV cache and the page allocator; other threads
-talk to it through ``submit`` / ``cancel`` (thread-safe) and receive ``RequestOutput`` events
-through a callback. Each iteration of the loop:
+One engine thread owns the model and the paged KV cache; other threads talk to it through
+``submit`` / ``cancel`` (thread-safe) and receive ``RequestOutput`` events through a callback,
+always called from the engine thread. The queue, the running set and the page allocator are
+guarded by one lock that the engine thread releases while the model runs, so a cancel returns
+the request's pages, and the metrics say so, at once, even in the middle of a decode step.
 
-1. drops cancelled requests and returns their pages to the allocator;
-2. admits waiting requests (FIFO) while a batch slot and the pages for the request's whole
-   budget (prompt + max_tokens) are free, prefills them and samples their first token;
-3. runs one decode step over the static maximum batch, samples one token per running request
-   and applies stop tokens, stop strings and max_tokens.
+Each iteration of the loop:
 
-Shapes never depend on the requests: the decode step always runs at ``max_batch`` rows (idle
-rows are masked with ``active``), prefill pads prompts to power-of-two lengths, and every
-per-request knob (temperature, top-p, top-k, seed, Twilight's attention top-p) is a [B] array.
-So a new request costs no compilation once each prefill length bucket has been seen.
+1. admits waiting requests (FIFO) while a batch slot and the pages their tokens need now are
+   free (plus one page of headroom per decoding request), prefills them and samples their
+   first token;
+2. gives every decoding request the page its next token needs, preempting the newest running
+   request while the pool is short (its pages return to the pool; it waits at the head of the
+   queue and is recomputed later: prompt and output so far are prefilled again and it goes on
+   with the same sampling key, so its text is unchanged);
+3. runs one decode step over the decoding requests, samples one token each and applies stop
+   tokens, stop strings and max_tokens.
 
-Pages are reserved for a request's whole budget when it is admitted, so a running request can
-never run out of pages and nothing needs preempting; the price is that a request asking for a
-large max_tokens holds pages it may not use until it finishes.
+The decode step runs at a power-of-two batch bucket covering the decoding requests and a
+power-of-two page-table width covering the longest of them (both capped by the engine's
+maxima), compiled once per bucket on first use, so a lone short request costs a batch of one
+over a short context. Prefill pads prompts to power-of-two lengths. Every per-request knob
+(temperature, top-p, top-k, seed, Twilight's attention top-p) is a [B] array, so no request
+parameter compiles anything.
+
+Faults: a failed prefill fails its request alone (a batch of several is retried one by one);
+if the failed call had consumed the cache (donated buffers), the cache is rebuilt and every
+other running request is preempted and recomputed. A failed decode step fails the requests in
+it (the cache is rebuilt if it was consumed, the rest recomputed).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import inspect
@@ -33,42 +45,53 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from twilight_jax.cache import PageAllocator, PagedKVCache
 from twilight_jax.config import SparsityConfig
 from twilight_jax.serving.metrics import ServingMetrics
+from twilight_jax.serving.requests import (
+    Completion,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    State,
+)
 from twilight_jax.serving.sampling import sample_tokens
 
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineStoppedError",
+    "InvalidRequestError",
+    "QueueFullError",
+    "RequestOutput",
+    "SamplingParams",
+    "page_bytes",
+]
+
 log = logging.getLogger("twilight_jax.serving")
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine can never serve; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue holds ``max_queue`` requests already; try again later."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is not running (not started, or shut down)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Static sizes of the engine; each one is a compiled shape or a host-side bound.
 
-    max_batch: rows of the decode step (running requests at most).
-    max_seq_len: context length: prompt + generated tokens of one request.
-    num_pages: physical KV pages in the shared pool, null page included; None = enough for
-      every slot to hold a full context (1 + max_batch * ceil(max_seq_len / page_size)).
+    max_batch: decoding requests at most (the largest decode batch bucket).
+    max_seq_len: context length: prompt + generated tokens of one request; at most the
+      model's max_position_embeddings.
+    num_pages: physical KV pages in the shared pool, null page included. None: sized from
+      memory (``memory_fraction``), at most enough for every request to hold a full context
+      (1 + max_batch * ceil(max_seq_len / page_size)).
+    memory_fraction: with num_pages None, the share of free memory the pool may take: free
+      device memory after the weights where the device reports it (GPU, TPU), else the host's
+      available memory (CPU); the rest is left to activations and compiled programs.
     max_queue: requests waiting for a slot; more are refused with ``QueueFullError``.
     prefill_batch: requests prefilled together (padded to a power of two rows). 1 makes a
       request's prefill independent of what arrives with it, bit for bit.
@@ -82,6 +105,7 @@ class EngineConfig:
     max_batch: int = 8
     max_seq_len: int = 2048
     num_pages: int | None = None
+    memory_fraction: float = 0.9
     max_queue: int = 256
     prefill_batch: int = 1
     min_prefill_len: int = 16
@@ -98,6 +122,9 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.num_pages must be None or an int, got {self.num_pages!r}"
             )
+        f = self.memory_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got {f!r}")
         chunk = self.prefill_chunk
         if chunk is not None and (
             isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1
@@ -107,116 +134,44 @@ class EngineConfig:
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation parameters.
-
-    max_tokens: tokens to generate at most (>= 1).
-    temperature: >= 0; 0 = greedy.
-    top_p: nucleus sampling mass in (0, 1].
-    top_k: 0 = off, else sample among the k most likely tokens.
-    seed: None = a fresh random seed; the same seed gives the same tokens.
-    stop: strings that end generation; the text is cut before the first one.
-    stop_token_ids: token ids that end generation besides the model's end-of-sequence ids.
-    ignore_eos: keep going past end-of-sequence tokens (benchmarks).
-    sparsity_top_p: Twilight's attention top-p p for this request; None = the engine's.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    sparsity_top_p: float | None = None
-
-    def __post_init__(self):
-        def bad(name, expected):
-            value = getattr(self, name)
-            raise InvalidRequestError(f"{name} must be {expected}, got {value!r}", param=name)
-
-        def is_int(x):
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        def is_num(x):
-            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "an int >= 1")
-        if not is_num(self.temperature) or not 0.0 <= self.temperature < float("inf"):
-            bad("temperature", "a number >= 0")
-        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "a number in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "an int >= 0")
-        if self.seed is not None and not is_int(self.seed):
-            bad("seed", "an int or None")
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "a tuple of non-empty strings")
-        if not isinstance(self.stop_token_ids, tuple) or not all(
-            is_int(t) for t in self.stop_token_ids
-        ):
-            bad("stop_token_ids", "a tuple of ints")
-        if self.sparsity_top_p is not None and (
-            not is_num(self.sparsity_top_p) or not 0.0 < self.sparsity_top_p <= 1.0
-        ):
-            bad("sparsity_top_p", "None or a number in (0, 1]")
+def page_bytes(
+    *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype, ds_channels=0
+) -> int:
+    """Bytes one physical page of a ``PagedKVCache`` costs across all layers and KV heads:
+    K and V pages (dtype), INT4 K (head_dim / 2 bytes a token) with its float32 scale and zero
+    per token, Quest's per-page min and max (dtype), and the Double Sparsity labels (dtype,
+    ds_channels a token) when there are any."""
+    item = np.dtype(dtype).itemsize
+    per_token = 2 * head_dim * item + head_dim // 2 + 2 * 4 + ds_channels * item
+    return num_layers * num_kv_heads * (page_size * per_token + 2 * head_dim * item)
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-    """One event of a request: new text and tokens since the last event.
-
-    finish_reason: None while running, else "stop" (end-of-sequence, stop token or stop
-    string), "length" (max_tokens), "cancelled" or "error" (then ``error`` says why).
-    """
-
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+def free_device_bytes(stats: Sequence[dict | None]) -> int | None:
+    """Bytes free for a cache split evenly over devices, from each device's ``memory_stats()``:
+    the smallest (bytes_limit - bytes_in_use) times the device count. None when a device
+    reports no limit (CPU)."""
+    free = []
+    for s in stats:
+        if not s or "bytes_limit" not in s:
+            return None
+        free.append(int(s["bytes_limit"]) - int(s.get("bytes_in_use", 0)))
+    return len(free) * max(0, min(free)) if free else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """The whole result of one request (``Engine.generate``)."""
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    error: str | None
-    prompt_tokens: int
 
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    on_event: Callable[[RequestOutput], None]
-    seed: int
-    arrival: float
-    stop_ids: frozenset
-    detok: object = None
-    slot: int = -1
-    output: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
-    emitted_chars: int = 0  # text[:emitted_chars] went out in events
-    emitted_tokens: int = 0
-    first_token_t: float | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    prefilled: int | None = None  # chunked prefill: prompt tokens cached so far (else None)
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _takes(fn, name: str) -> bool:
@@ -227,6 +182,11 @@ def _takes(fn, name: str) -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The power of two >= n, or cap when that is smaller (cap >= n)."""
+    return min(_next_pow2(n), cap)
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -240,16 +200,27 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+def _counts(info):
+    """info["counts"] of a decode step ([L, B, rows] tokens attended), or None."""
+    try:
+        return np.asarray(info["counts"])
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
 class Engine:
     """Continuous batching over one model.
 
-    model: an object with ``config`` (num_layers, num_kv_heads, head_dim, eos_token_ids),
-      ``dtype``, ``prefill(token_ids [n, T], lengths [n], cache) -> (logits [n, V], cache)``
-      and ``decode_step(tokens [B], cache, sparsity, active [B]) -> (logits [B, V], cache,
-      info)`` (``models.llama.JittedLlama``: the cache is donated). If decode_step takes a
-      ``top_p`` keyword, requests may set their own Twilight p ([B] float32, traced).
+    model: an object with ``config`` (num_layers, num_kv_heads, head_dim, vocab_size,
+      max_position_embeddings, eos_token_ids), ``dtype``, ``prefill(token_ids [n, T],
+      lengths [n], cache) -> (logits [n, V], cache)`` and ``decode_step(tokens [B], cache,
+      sparsity, active [B]) -> (logits [B, V], cache, info)`` (``models.llama.JittedLlama``:
+      the cache is donated). If decode_step takes a ``top_p`` keyword, requests may set their
+      own Twilight p ([B] float32, traced).
     tokenizer: ``decode`` and ``stream_decoder()`` (``models.tokenizer.Tokenizer``).
     sparsity: the attention configuration of every decode step (static).
+    memory_stats: a function returning ``memory_stats()`` of each device the cache lives on
+      (default: the model's mesh devices, or the default device); used to size the pool.
     """
 
     def __init__(
@@ -259,6 +230,7 @@ class Engine:
         sparsity: SparsityConfig,
         config: EngineConfig = EngineConfig(),
         metrics: ServingMetrics | None = None,
+        memory_stats: Callable[[], Sequence[dict | None]] | None = None,
     ):
         if not isinstance(sparsity, SparsityConfig):
             raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
@@ -270,56 +242,116 @@ class Engine:
         self.config = config
         self.metrics = metrics or ServingMetrics()
         mc = model.config
-        self.page_size = sparsity.page_size
-        self.max_pages = -(-config.max_seq_len // self.page_size)
-        self.num_pages = config.num_pages or 1 + config.max_batch * self.max_pages
-        if self.num_pages - 1 < self.max_pages:
+        limit = getattr(mc, "max_position_embeddings", None)
+        if limit is not None and config.max_seq_len > limit:
             raise ValueError(
-                f"EngineConfig.num_pages={self.num_pages} cannot hold one full context: it "
-                f"needs at least 1 + ceil(max_seq_len / page_size) = {1 + self.max_pages}"
+                f"EngineConfig.max_seq_len={config.max_seq_len} exceeds the model's "
+                f"max_position_embeddings={limit}: it cannot serve positions past {limit}"
             )
-        self.eos_ids = frozenset(int(i) for i in getattr(mc, "eos_token_ids", ()) or ())
         if config.prefill_chunk is not None and not _takes(model.prefill, "start"):
             raise ValueError(
                 "EngineConfig.prefill_chunk needs a model whose prefill takes start= "
                 f"(chunked prefill); {type(model).__name__}.prefill does not"
             )
+        self.page_size = sparsity.page_size
+        self.max_pages = -(-config.max_seq_len // self.page_size)
+        self._prefill_cap = min(self.max_pages * self.page_size, limit or config.max_seq_len)
+        self.eos_ids = frozenset(int(i) for i in getattr(mc, "eos_token_ids", ()) or ())
         self.per_request_p = "top_p" in inspect.signature(model.decode_step).parameters
+        ds = sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0
+        dtype = getattr(model, "dtype", jnp.float32)
+        self.page_bytes = page_bytes(
+            num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            page_size=self.page_size,
+            dtype=dtype,
+            ds_channels=ds,
+        )
+        if memory_stats is None:
+            memory_stats = self._device_memory_stats
+        self.num_pages, self.pool_note = self._size_pool(memory_stats)
         self._cache_shape = dict(
             num_layers=mc.num_layers,
-            batch=config.max_batch,
+            batch=1,  # the page table is the engine's, replaced at every call
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
             max_seq_len=self.max_pages * self.page_size,
             page_size=self.page_size,
             num_pages=self.num_pages,
-            dtype=getattr(model, "dtype", jnp.float32),
-            ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
+            dtype=dtype,
+            ds_channels=ds,
         )
         self.cache = self._new_cache()
         self.allocator = PageAllocator(self.num_pages)
 
-        b = config.max_batch
-        self._slots: list[_Request | None] = [None] * b
-        self._prefilling: collections.deque[_Request] = collections.deque()  # oldest first
-        self._page_table = np.zeros((b, self.max_pages), np.int32)
-        self._table_dirty = True  # the host table changed since the cache's copy was made
-        self._lengths = np.zeros((b,), np.int32)
-        self._tokens = np.zeros((b,), np.int32)
-        self._temperature = np.zeros((b,), np.float32)
-        self._top_p = np.ones((b,), np.float32)
-        self._top_k = np.zeros((b,), np.int32)
-        self._seed = np.zeros((b,), np.uint32)
-        self._attn_p = np.full((b,), sparsity.top_p or 1.0, np.float32)
-
         self._lock = threading.Condition()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._cancelled: set[str] = set()
+        self._waiting: collections.deque[Request] = collections.deque()  # by seq
+        self._running: list[Request] = []  # PREFILL and DECODE, in admission order
+        self._prefilling: collections.deque[Request] = collections.deque()  # chunked, oldest 1st
+        self._live: dict[str, Request] = {}
+        self._outbox: list[Request] = []  # finished, final event not sent yet
+        self._version = 0  # bumped by every change of a running request's pages
+        self._table_key = None  # what the page table of self.cache holds (decode layout)
+        self._seq = itertools.count()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.metrics.set_capacity(max_batch=b, pages_total=self.num_pages - 1)
-        self._publish_state()
+        self.metrics.set_capacity(max_batch=config.max_batch, pages_total=self.num_pages - 1)
+        with self._lock:
+            self._publish_state()
+
+    # ------------------------------------------------------------------ sizing
+    def _device_memory_stats(self) -> list[dict | None]:
+        mesh = getattr(self.model, "mesh", None)
+        devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+        return [d.memory_stats() for d in devices]
+
+    def _size_pool(self, memory_stats) -> tuple[int, str]:
+        """(pages of the pool with the null page, a line saying how it was sized)."""
+        cfg, pb = self.config, self.page_bytes
+        full = 1 + cfg.max_batch * self.max_pages  # more than this can never be in use at once
+        device_free = free_device_bytes(memory_stats())
+        if cfg.num_pages is not None:
+            n, note = cfg.num_pages, "set by num_pages"
+            if device_free is not None and (n - 1) * pb > device_free:
+                raise ValueError(
+                    f"EngineConfig.num_pages={n} needs {_gib((n - 1) * pb)} of KV cache "
+                    f"({pb} bytes a page) but the device has {_gib(device_free)} free"
+                )
+        else:
+            free, where = device_free, "free device memory"
+            if free is None:
+                free, where = host_available_bytes(), "available host memory"
+            if free is None:
+                n, note = full, "no memory figures: every request a full context"
+            else:
+                fit = 1 + int(cfg.memory_fraction * free) // pb
+                n = min(full, fit)
+                note = (
+                    f"{cfg.memory_fraction:g} of {_gib(free)} {where} holds {fit - 1} pages; "
+                    f"{full - 1} give every request a full context"
+                )
+        if n - 1 < self.max_pages:
+            how = (
+                f"EngineConfig.num_pages={n}"
+                if cfg.num_pages is not None
+                else f"the pool that fits ({note})"
+            )
+            raise ValueError(
+                f"{how} cannot hold one full context: EngineConfig.max_seq_len="
+                f"{cfg.max_seq_len} needs 1 + {self.max_pages} pages of {self.page_size} tokens "
+                f"({pb} bytes each)"
+            )
+        return n, note
+
+    def describe(self) -> str:
+        """One line: batch, context and the KV pool."""
+        return (
+            f"batch {self.config.max_batch}, context {self.config.max_seq_len}, KV pool "
+            f"{self.num_pages - 1} pages x {self.page_bytes / 2**10:.0f} KiB = "
+            f"{_gib((self.num_pages - 1) * self.page_bytes)} ({self.pool_note})"
+        )
 
     # ------------------------------------------------------------------ public, thread-safe
     @property
@@ -337,12 +369,11 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return sum(r is not None for r in self._slots)
+        return len(self._running)
 
     @property
     def queue_depth(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+        return len(self._waiting)
 
     @property
     def running(self) -> bool:
@@ -431,34 +462,42 @@ class Engine:
         self.check_request(prompt, params)
         rid = request_id or f"req-{next(self._ids)}-{secrets.token_hex(4)}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        req = _Request(
-            request_id=rid,
-            prompt=prompt,
-            params=params,
-            on_event=on_event,
-            seed=int(seed) & 0xFFFFFFFF,
-            arrival=time.monotonic(),
-            stop_ids=frozenset(params.stop_token_ids)
-            | (frozenset() if params.ignore_eos else self.eos_ids),
-        )
         with self._lock:
             if not self.running:
                 raise EngineStoppedError("the engine is not running")
+            if rid in self._live:
+                raise InvalidRequestError(
+                    f"request_id {rid!r} is already in use", param="request_id"
+                )
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(
                     f"the request queue is full ({self.config.max_queue} waiting); retry later"
                 )
+            req = Request(
+                request_id=rid,
+                seq=next(self._seq),
+                prompt=prompt,
+                params=params,
+                on_event=on_event,
+                seed=int(seed) & 0xFFFFFFFF,
+                arrival=time.monotonic(),
+                stop_ids=frozenset(params.stop_token_ids)
+                | (frozenset() if params.ignore_eos else self.eos_ids),
+            )
             self._waiting.append(req)
+            self._live[rid] = req
+            self._publish_state()
             self._lock.notify_all()
-        self._publish_state()
         return rid
 
     def cancel(self, request_id: str) -> None:
-        """Cancels a request: a waiting one leaves the queue now, a running one frees its slot
-        and pages before the next decode step. Unknown or finished ids are ignored."""
+        """Cancels a request now: it leaves the queue or the running set and its pages return
+        to the pool (a decode step in flight finishes without it); its last event
+        ("cancelled") follows from the engine thread. Unknown or finished ids are ignored."""
         with self._lock:
-            self._cancelled.add(request_id)
-            self._lock.notify_all()
+            req = self._live.get(request_id)
+            if req is not None:
+                self._end(req, "cancelled")
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -503,8 +542,8 @@ class Engine:
                 while (
                     not self._stopping
                     and not self._waiting
-                    and not self._cancelled
-                    and not any(self._slots)
+                    and not self._running
+                    and not self._outbox
                 ):
                     self._lock.wait()
                 if self._stopping:
@@ -512,92 +551,90 @@ class Engine:
             try:
                 self._iteration()
             except Exception:  # the loop must survive any fault
-                self._fail_all(f"engine fault: {traceback.format_exc(limit=3)}")
+                self._fail_running(f"engine fault: {traceback.format_exc(limit=3)}")
+            self._flush()
         self._drain()
 
     def _iteration(self) -> None:
-        self._apply_cancellations()
-        self._admit()
+        self._flush()
+        while batch := self._admit():
+            self._prefill(batch)
+            self._flush()
         self._prefill_chunk()
-        if any(r is not None and r.prefilled is None for r in self._slots):
-            self._decode()
-        self._publish_state()
+        self._flush()
+        self._decode()
 
     def _publish_state(self) -> None:
-        with self._lock:
-            depth = len(self._waiting)
+        """Under the lock, after every change of the queue, running set or pool."""
         self.metrics.set_state(
-            queue_depth=depth, running=self.num_running, pages_free=self.allocator.num_free
+            queue_depth=len(self._waiting),
+            running=len(self._running),
+            pages_free=self.allocator.num_free,
         )
 
-    def _apply_cancellations(self) -> None:
-        with self._lock:
-            if not self._cancelled:
-                return
-            cancelled, self._cancelled = self._cancelled, set()
-            dropped = [r for r in self._waiting if r.request_id in cancelled]
-            self._waiting = collections.deque(
-                r for r in self._waiting if r.request_id not in cancelled
-            )
-        # Events go out with the lock released: callbacks never run under it.
-        for req in dropped + [r for r in self._slots if r is not None]:
-            if req.request_id in cancelled:
-                self._finish(req, "cancelled")
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
 
-    def _admit(self) -> None:
-        while True:
-            free = [i for i, r in enumerate(self._slots) if r is None]
-            batch = []
-            with self._lock:
-                while self._waiting and len(batch) < min(len(free), self.config.prefill_batch):
-                    req = self._waiting[0]
-                    budget = len(req.prompt) + req.params.max_tokens
-                    if self.allocator.num_free < -(-budget // self.page_size):
-                        break  # FIFO: the head waits for pages, the rest wait behind it
-                    self._waiting.popleft()
-                    batch.append(req)
-            if not batch:
-                return
-            for req, slot in zip(batch, free):
-                self.allocator.ensure(
-                    req.request_id, len(req.prompt) + req.params.max_tokens, self.page_size
-                )
-                req.slot = slot
-                self._slots[slot] = req
-                self._page_table[slot] = self.allocator.table_row(req.request_id, self.max_pages)
-                self._table_dirty = True
-                self._lengths[slot] = 0
-            chunk, whole = self.config.prefill_chunk, []
-            for req in batch:
-                if chunk is not None and len(req.prompt) > chunk:
+    def _admit(self) -> list[Request]:
+        """Moves waiting requests into the running set while a slot and the pages their tokens
+        need now are free, keeping one page per decoding request for its growth (so a new
+        request is not preempted by the next page boundary); FIFO, the head blocks the rest.
+        Returns the requests to prefill whole now (chunked ones join ``_prefilling``)."""
+        cfg = self.config
+        whole = []
+        with self._lock:
+            while (
+                self._waiting
+                and len(self._running) < cfg.max_batch
+                and len(whole) < cfg.prefill_batch
+            ):
+                req = self._waiting[0]
+                tokens = len(req.prompt) + len(req.output)
+                need = self._pages_for(tokens)
+                headroom = sum(r.state is State.DECODE for r in self._running)
+                if self.allocator.num_free < need + headroom:
+                    break
+                self._waiting.popleft()
+                self.allocator.alloc(req.request_id, need)
+                self._version += 1
+                req.state, req.cached = State.PREFILL, 0
+                self._running.append(req)
+                if cfg.prefill_chunk is not None and tokens > cfg.prefill_chunk:
                     req.prefilled = 0  # _prefill_chunk takes it from here
                     self._prefilling.append(req)
                 else:
                     whole.append(req)
-            if not whole:
-                continue
-            try:
-                self._prefill(whole)
-            except Exception:
-                # A failed prefill may have consumed the donated cache: everyone's state is gone.
-                self._fail_all(f"prefill failed: {traceback.format_exc(limit=3)}")
-                return
+            self._publish_state()
+        return whole
 
-    def _prefill(self, batch: list[_Request]) -> None:
+    def _table(self, reqs: Sequence[Request], rows: int, width: int) -> np.ndarray:
+        """[rows, width] int32 page table of reqs (padding rows and entries: null page 0);
+        under the lock."""
+        table = np.zeros((rows, width), np.int32)
+        for i, req in enumerate(reqs):
+            table[i] = self.allocator.table_row(req.request_id, width)
+        return table
+
+    def _prefill(self, batch: list[Request]) -> None:
         n = len(batch)
-        b = self.config.max_batch
-        rows = min(_next_pow2(n), b)
-        longest = max(len(r.prompt) for r in batch)
-        t = max(self.config.min_prefill_len, _next_pow2(longest))
+        rows = min(_next_pow2(n), self.config.max_batch)
+        longest = max(len(r.prefill_tokens) for r in batch)
+        t = min(max(self.config.min_prefill_len, _next_pow2(longest)), self._prefill_cap)
         tokens = np.zeros((rows, t), np.int32)
         lengths = np.zeros((rows,), np.int32)
-        table = np.zeros((rows, self.max_pages), np.int32)
-        for i, req in enumerate(batch):
-            tokens[i, : len(req.prompt)] = req.prompt
-            lengths[i] = len(req.prompt)
-            table[i] = self._page_table[req.slot]
-        logits = self._prefill_rows(tokens, lengths, table)
-        self._begin_decoding(batch, logits)
+        with self._lock:
+            for i, req in enumerate(batch):
+                ids = req.prefill_tokens
+                tokens[i, : len(ids)] = ids
+                # A request cancelled since its admission holds no pages: write nothing.
+                lengths[i] = len(ids) if req.state is State.PREFILL else 0
+            table = self._table(batch, rows, self.max_pages)
+        try:
+            logits = self._prefill_rows(tokens, lengths, table)
+        except Exception:
+            self._prefill_failed(batch, traceback.format_exc(limit=3))
+            return
+        self._start_decoding(batch, logits)
 
     def _prefill_rows(self, tokens, lengths, table, start=None):
         """model.prefill of [rows, T] tokens on a view of the cache holding those rows' page
@@ -609,130 +646,189 @@ class Engine:
         )
         args = (tokens, lengths, view) if start is None else (tokens, lengths, view, start)
         logits, view = self.model.prefill(*args)
-        # The donated view's page pool is the only live copy now: put it back under the full
-        # batch's page table (decode sets the lengths).
-        self.cache = dataclasses.replace(view, page_table=jnp.asarray(self._page_table))
-        self._table_dirty = False
+        # The donated view's page pool is the only live copy now.
+        self.cache = view
+        self._table_key = None
         return logits
 
     def _prefill_chunk(self) -> None:
         """One chunk of the oldest request in chunked prefill (EngineConfig.prefill_chunk);
-        after its last chunk the request samples its first token and joins the decode batch."""
-        while self._prefilling and self._prefilling[0].finish_reason is not None:
-            self._prefilling.popleft()  # cancelled or failed meanwhile
-        if not self._prefilling:
-            return
-        req = self._prefilling[0]
+        after its last chunk the request samples its next token and joins the decode batch."""
+        with self._lock:
+            while self._prefilling and self._prefilling[0].state is not State.PREFILL:
+                self._prefilling.popleft()  # cancelled or preempted meanwhile
+            if not self._prefilling:
+                return
+            req = self._prefilling[0]
+            table = self._table([req], 1, self.max_pages)
+        ids = req.prefill_tokens
         c = self.config.prefill_chunk
         start = req.prefilled
-        piece = req.prompt[start : start + c]
+        piece = ids[start : start + c]
         tokens = np.zeros((1, c), np.int32)
         tokens[0, : len(piece)] = piece
         try:
             logits = self._prefill_rows(
-                tokens,
-                np.array([len(piece)], np.int32),
-                self._page_table[req.slot : req.slot + 1],
-                np.array([start], np.int32),
+                tokens, np.array([len(piece)], np.int32), table, np.array([start], np.int32)
             )
         except Exception:
-            self._fail_all(f"prefill failed: {traceback.format_exc(limit=3)}")
+            self._prefill_failed([req], traceback.format_exc(limit=3))
             return
-        req.prefilled = start + len(piece)
-        if req.prefilled == len(req.prompt):
+        with self._lock:
+            if req.state is not State.PREFILL:
+                return
+            req.prefilled = start + len(piece)
+            if req.prefilled < len(ids):
+                return
             self._prefilling.popleft()
-            req.prefilled = None
-            self._begin_decoding([req], logits)
+        self._start_decoding([req], logits)
 
-    def _begin_decoding(self, batch: list[_Request], logits) -> None:
-        """Samples the first token of freshly prefilled requests (logits [rows >= len(batch),
-        vocab]) and sets up their decode rows."""
-        n, b = len(batch), self.config.max_batch
-        rows = logits.shape[0]
-        # The first tokens go through the decode step's sampler at [max_batch] rows: one
-        # compiled sampler instead of one per prefill batch size.
-        params = [r.params for r in batch] + [None] * (b - n)
+    def _start_decoding(self, batch: list[Request], logits) -> None:
+        """Samples the next token of freshly prefilled requests (logits [rows >= len(batch),
+        vocab]) and moves them into the decode batch."""
+        n, rows = len(batch), logits.shape[0]
+        params = [r.params for r in batch] + [None] * (rows - n)
         first = np.asarray(
             sample_tokens(
-                jnp.pad(logits, ((0, b - rows), (0, 0))),
+                logits,
                 jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
                 jnp.asarray([p.top_p if p else 1.0 for p in params], jnp.float32),
                 jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
-                jnp.asarray([r.seed for r in batch] + [0] * (b - n), jnp.uint32),
-                jnp.zeros((b,), jnp.int32),
+                jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
+                # A recomputed request continues its sampling keys where it stopped.
+                jnp.asarray([len(r.output) for r in batch] + [0] * (rows - n), jnp.int32),
             )
         )
         now = time.monotonic()
-        for i, req in enumerate(batch):
-            s = req.slot
-            p = req.params
-            self._lengths[s] = len(req.prompt)
-            self._temperature[s] = p.temperature
-            self._top_p[s] = p.top_p
-            self._top_k[s] = min(p.top_k, self.model.config.vocab_size)  # fits int32
-            self._seed[s] = req.seed
-            self._attn_p[s] = (
-                p.sparsity_top_p if p.sparsity_top_p is not None else self.sparsity.top_p or 1.0
-            )
-            req.detok = self.tokenizer.stream_decoder()
-            req.first_token_t = now
-            self.metrics.record_first_token(now - req.arrival)
-            self._accept_token(req, int(first[i]))
+        events = []
+        with self._lock:
+            for i, req in enumerate(batch):
+                if req.state is not State.PREFILL:
+                    continue  # cancelled or preempted while its prefill ran
+                req.state, req.prefilled = State.DECODE, None
+                req.cached = len(req.prompt) + len(req.output)
+                if req.detok is None:
+                    req.detok = self.tokenizer.stream_decoder()
+                if req.first_token_t is None:
+                    req.first_token_t = now
+                    self.metrics.record_first_token(now - req.arrival)
+                else:
+                    self.metrics.record_resumed_token()
+                self._accept_token(req, int(first[i]), events)
+            self._publish_state()
+        self._send(events)
+
+    def _grow(self) -> None:
+        """Under the lock: gives every decoding request, oldest first, the pages its next token
+        needs; while the pool is short, preempts the newest running request (the one asking,
+        if it is the newest)."""
+        for req in sorted((r for r in self._running if r.state is State.DECODE), key=_seq):
+            need = self._pages_for(req.cached + 1) - len(self.allocator.pages(req.request_id))
+            if need <= 0 or req.state is not State.DECODE:
+                continue
+            while self.allocator.num_free < need:
+                victim = max(self._running, key=_seq)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.state is State.DECODE:
+                self.allocator.alloc(req.request_id, need)
+                self._version += 1
+
+    def _preempt(self, req: Request) -> None:
+        """Under the lock: frees a running request's pages and puts it back in the queue, in
+        arrival order (so at its head), to be prefilled again from prompt + output."""
+        log.info("preempting %s (%d tokens cached)", req.request_id, req.cached)
+        if self.allocator.pages(req.request_id):
+            self.allocator.free(req.request_id)
+        self._version += 1
+        self._running.remove(req)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        req.state, req.cached, req.prefilled = State.WAITING, 0, None
+        req.preemptions += 1
+        self._waiting.insert(bisect.bisect(self._waiting, req.seq, key=_seq), req)
+        self.metrics.record_preemption()
+        self._publish_state()
 
     def _decode(self) -> None:
+        with self._lock:
+            if not any(r.state is State.DECODE for r in self._running):
+                return
+            self._grow()
+            rows = [r for r in self._running if r.state is State.DECODE]
+            if not rows:
+                return
+            n = len(rows)
+            bb = _bucket(n, self.config.max_batch)
+            width = _bucket(self._pages_for(max(r.cached for r in rows) + 1), self.max_pages)
+            key = (bb, width, self._version, tuple(r.seq for r in rows))
+            table = None if key == self._table_key else self._table(rows, bb, width)
+            self._publish_state()
+
+        def col(values, dtype, pad=0):
+            return jnp.asarray(np.array(list(values) + [pad] * (bb - n), dtype))
+
+        lengths = np.array([r.cached for r in rows] + [0] * (bb - n), np.int32)
+        active = np.arange(bb) < n
+        # The cache is donated to each step, so an unchanged table is the copy the last step
+        # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
+        page_table = self.cache.page_table if table is None else jnp.asarray(table)
+        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
+        kwargs = {}
+        if self.per_request_p:
+            p = (r.params.sparsity_top_p for r in rows)
+            default = self.sparsity.top_p or 1.0
+            kwargs["top_p"] = col((default if x is None else x for x in p), np.float32, 1.0)
         t0 = time.monotonic()
-        active = np.array([r is not None and r.prefilled is None for r in self._slots])
-        cache = dataclasses.replace(
-            self.cache, page_table=self._device_page_table(), lengths=jnp.asarray(self._lengths)
-        )
-        kwargs = {"top_p": jnp.asarray(self._attn_p)} if self.per_request_p else {}
         try:
             logits, self.cache, info = self.model.decode_step(
-                jnp.asarray(self._tokens), cache, self.sparsity, jnp.asarray(active), **kwargs
+                col((r.output[-1] for r in rows), np.int32),
+                cache,
+                self.sparsity,
+                jnp.asarray(active),
+                **kwargs,
+            )
+            self._table_key = key
+            new = np.asarray(
+                sample_tokens(
+                    logits,
+                    col((r.params.temperature for r in rows), np.float32),
+                    col((r.params.top_p for r in rows), np.float32, 1.0),
+                    col(
+                        (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
+                    ),
+                    col((r.seed for r in rows), np.uint32),
+                    col((len(r.output) for r in rows), np.int32),
+                )
             )
         except Exception:
-            self._fail_all(f"decode step failed: {traceback.format_exc(limit=3)}")
+            self._decode_failed(rows, traceback.format_exc(limit=3))
             return
-        steps = np.array([len(r.output) if r else 0 for r in self._slots], np.int32)
-        new = np.asarray(
-            sample_tokens(
-                logits,
-                jnp.asarray(self._temperature),
-                jnp.asarray(self._top_p),
-                jnp.asarray(self._top_k),
-                jnp.asarray(self._seed),
-                jnp.asarray(steps),
-            )
-        )
-        self._lengths += active.astype(np.int32)
-        self._record_attention(info, active, t0)
-        for slot, req in enumerate(self._slots):
-            if active[slot]:  # not the requests still in chunked prefill
-                self._accept_token(req, int(new[slot]))
+        self._record_attention(info, n, lengths[:n] + 1, t0)
+        events = []
+        with self._lock:
+            for i, req in enumerate(rows):
+                if req.state is not State.DECODE:
+                    continue  # cancelled during the step
+                req.cached += 1
+                self._accept_token(req, int(new[i]), events)
+            self._publish_state()
+        self._send(events)
 
-    def _device_page_table(self):
-        # [B, max_pages] can be megabytes at long contexts: upload it only after a change. (The
-        # cache is donated to each step, so the live copy is the one the last step returned.)
-        if self._table_dirty:
-            self._table_dirty = False
-            return jnp.asarray(self._page_table)
-        return self.cache.page_table
-
-    def _record_attention(self, info, active: np.ndarray, t0: float) -> None:
-        n = int(active.sum())
-        counts = None if info is None else np.asarray(info["counts"])
-        context = float(self._lengths[active].mean()) if n else 0.0
-        attended = context
-        if counts is not None and n:
-            sparse = counts[self.sparsity.dense_layers :]
+    def _record_attention(self, info, n: int, context: np.ndarray, t0: float) -> None:
+        counts = _counts(info)
+        attended = ctx = float(context.mean())
+        if counts is not None and counts.ndim == 3:
+            sparse = counts[self.sparsity.dense_layers :, :n]
             if sparse.shape[0]:
-                attended = float(sparse[:, active].mean())
-        self.metrics.record_step(t0, n, attended, context)
+                attended = float(sparse.mean())
+        self.metrics.record_step(t0, n, attended, ctx)
 
-    def _accept_token(self, req: _Request, token: int) -> None:
-        """Appends a sampled token, applies the stop rules and emits an event."""
+    def _accept_token(self, req: Request, token: int, events: list) -> None:
+        """Under the lock: appends a sampled token, applies the stop rules, and queues an
+        event (non-final ones into ``events``, sent by the caller once the lock is free)."""
         req.output.append(token)
-        self._tokens[req.slot] = token
         p = req.params
         reason = None
         if token in req.stop_ids:
@@ -752,11 +848,15 @@ class Engine:
                 req.text += req.detok.flush()
                 reason = "length"
         if reason is not None:
-            self._finish(req, reason)
+            self._end(req, reason)
         else:
-            self._emit(req, final=False)
+            ev = self._event(req, final=False)
+            if ev is not None:
+                events.append((req, ev))
 
-    def _emit(self, req: _Request, final: bool) -> None:
+    def _event(self, req: Request, final: bool) -> RequestOutput | None:
+        """The request's next event (None when a non-final one would be empty); engine thread
+        only, so events leave in the order they are made."""
         end = len(req.text) if final else len(req.text) - _stop_holdback(req.text, req.params.stop)
         end = max(end, req.emitted_chars)
         # Token ids go out in full even when their text is held back, so the final event
@@ -771,36 +871,55 @@ class Engine:
             completion_tokens=len(req.output),
         )
         if not final and not ev.text and not ev.token_ids:
-            return
+            return None
         req.emitted_chars = end
         req.emitted_tokens = len(req.output)
-        try:
-            req.on_event(ev)
-        except Exception:  # a broken client must not break the engine
-            log.warning("event callback of %s failed; cancelling it", req.request_id)
-            if not final:
-                self.cancel(req.request_id)
+        return ev
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
-        """Ends a request: frees its slot and pages at once, then sends its last event."""
-        if req.finish_reason is not None:
+    def _send(self, events) -> None:
+        """Calls the callbacks, with the lock released (a callback may cancel)."""
+        for req, ev in events:
+            try:
+                req.on_event(ev)
+            except Exception:  # a broken client must not break the engine
+                if not ev.finished:
+                    log.warning("event callback of %s failed; cancelling it", req.request_id)
+                    self.cancel(req.request_id)
+
+    def _flush(self) -> None:
+        """Sends the final events of requests that finished since the last flush."""
+        with self._lock:
+            done, self._outbox = self._outbox, []
+        self._send([(req, self._event(req, final=True)) for req in done])
+
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Under the lock: finishes a request; its pages return to the pool at once and its
+        final event goes out at the engine thread's next flush."""
+        if req.state is State.FINISHED:
             return
-        req.finish_reason = reason
-        req.error = error
-        if req.slot >= 0 and self._slots[req.slot] is req:
-            self._slots[req.slot] = None
-            self._page_table[req.slot] = 0
-            self._table_dirty = True
-            self._lengths[req.slot] = 0
-            self._tokens[req.slot] = 0
+        if req.state is State.WAITING:
+            self._waiting.remove(req)
+        else:
+            self._running.remove(req)
+            if req in self._prefilling:
+                self._prefilling.remove(req)
         if self.allocator.pages(req.request_id):
             self.allocator.free(req.request_id)
+            self._version += 1
+        req.state, req.finish_reason, req.error = State.FINISHED, reason, error
+        self._live.pop(req.request_id, None)
+        self._outbox.append(req)
         now = time.monotonic()
         n = len(req.output)
         tpot = (now - req.first_token_t) / (n - 1) if req.first_token_t and n > 1 else None
         self.metrics.record_finish(reason, len(req.prompt) if n else 0, tpot, now - req.arrival)
         self._publish_state()
-        self._emit(req, final=True)
+        self._lock.notify_all()
+
+    # ------------------------------------------------------------------ faults
+    def _cache_lost(self) -> bool:
+        """Whether a failed model call consumed the (donated) cache."""
+        return any(x.is_deleted() for x in jax.tree.leaves(self.cache))
 
     def _new_cache(self) -> PagedKVCache:
         """An empty cache, split over the model's devices when it has a mesh."""
@@ -808,19 +927,54 @@ class Engine:
         place = getattr(self.model, "place_cache", None)
         return place(cache) if place is not None else cache
 
-    def _fail_all(self, error: str) -> None:
-        """After a fault in a model call: fail every running request, rebuild the cache."""
-        log.error("%s", error)
-        for req in list(self._slots):
-            if req is not None:
-                self._finish(req, "error", error.strip().splitlines()[-1])
-        self._prefilling.clear()
+    def _rebuild_cache(self, keep: Sequence[Request] = ()) -> None:
+        """After a failed call consumed the cache: a fresh one, and every running request but
+        ``keep`` is preempted (its K/V went with the old cache) to be recomputed."""
+        log.error("the cache was lost with a failed model call; rebuilding it")
+        self.cache = None  # the old buffers go before the new ones come
         self.cache = self._new_cache()
-        self._table_dirty = True
+        self._table_key = None
+        with self._lock:
+            for req in [r for r in self._running if r not in keep]:
+                self._preempt(req)
+
+    def _prefill_failed(self, batch: list[Request], error: str) -> None:
+        """Fails the request whose prefill raised, and only it."""
+        log.error("prefill failed: %s", error)
+        if self._cache_lost():
+            self._rebuild_cache(keep=batch)
+        if len(batch) > 1:  # which one failed? each alone
+            for req in batch:
+                if req.state is State.PREFILL:
+                    self._prefill([req])
+            return
+        with self._lock:
+            self._end(batch[0], "error", error.strip().splitlines()[-1])
+
+    def _decode_failed(self, rows: list[Request], error: str) -> None:
+        """Fails the requests of the failed step (nothing says which row broke it)."""
+        log.error("decode step failed: %s", error)
+        if self._cache_lost():
+            self._rebuild_cache(keep=rows)
+        with self._lock:
+            for req in rows:
+                self._end(req, "error", error.strip().splitlines()[-1])
+
+    def _fail_running(self, error: str) -> None:
+        """After an unexpected fault in the loop itself: fails every running request."""
+        log.error("%s", error)
+        with self._lock:
+            for req in list(self._running):
+                self._end(req, "error", error.strip().splitlines()[-1])
+        if self._cache_lost():
+            self._rebuild_cache()
 
     def _drain(self) -> None:
         with self._lock:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-        for req in waiting + [r for r in self._slots if r is not None]:
-            self._finish(req, "cancelled")
-        self._publish_state()
+            for req in list(self._waiting) + list(self._running):
+                self._end(req, "cancelled")
+        self._flush()
+
+
+def _seq(req: Request) -> int:
+    return req.seq

@@ -70,6 +70,7 @@ class ServingMetrics:
         self.pages_total = 0
         self.pages_free = 0
         self.requests = dict.fromkeys(FINISH_REASONS, 0)
+        self.preemptions = 0
         self.rejected: collections.Counter[int] = collections.Counter()  # by HTTP status
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -112,6 +113,15 @@ class ServingMetrics:
         with self._lock:
             self.generation_tokens += 1
             self.ttft.observe(ttft_s)
+
+    def record_resumed_token(self) -> None:
+        """A token sampled from the prefill that recomputes a preempted request."""
+        with self._lock:
+            self.generation_tokens += 1
+
+    def record_preemption(self) -> None:
+        with self._lock:
+            self.preemptions += 1
 
     def record_finish(self, reason: str, prompt_tokens: int, tpot_s: float | None, e2e_s: float):
         with self._lock:
@@ -196,6 +206,11 @@ class ServingMetrics:
                 "Requests finished, by reason.",
                 None,
                 ("reason", dict(self.requests)),
+            )
+            counter(
+                "twilight_requests_preempted_total",
+                "Running requests preempted when the KV pool ran out (recomputed later).",
+                self.preemptions,
             )
             counter(
                 "twilight_requests_rejected_total",

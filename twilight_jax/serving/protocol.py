@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twilight_jax.serving.engine import InvalidRequestError, SamplingParams
+from twilight_jax.serving.requests import InvalidRequestError, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_PROMPTS = 64  # prompts in one /v1/completions request

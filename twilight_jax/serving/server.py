@@ -26,14 +26,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from twilight_jax.serving import protocol
-from twilight_jax.serving.engine import (
-    Engine,
+from twilight_jax.serving.engine import Engine
+from twilight_jax.serving.protocol import APIError
+from twilight_jax.serving.requests import (
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
 )
-from twilight_jax.serving.protocol import APIError
 
 log = logging.getLogger("twilight_jax.serving")
 
