@@ -4,10 +4,10 @@ of the KV cache (no copy of the page pool). Skipped without a GPU."""
 
 import jax
 import jax.numpy as jnp
+import model_memory_checks as mm
 import pytest
 from flax import nnx
 
-import model_memory_checks as mm
 from models import LlamaForCausalLM
 
 pytestmark = [
