@@ -1,12 +1,11 @@
 """Paged KV cache for decode attention, and the host-side page allocator for serving.
 
 Layout per layer is docs/kernel_api.md (head-major pages, page 0 = null page); all layers live
-in one pytree with the layer axis first (docs/runtime_api.md). Updates are functional and
-scatter straight into the full ``[L, ...]`` arrays, so under ``jax.jit`` with the cache donated
-XLA updates the buffers in place and a decode append costs O(batch) work. (The per-layer kernel
-entries ``int4_pack_*`` / ``quest_update_decode`` would need a slice of one layer as input and
-its write-back, i.e. a copy of the whole layer per step; the INT4 math itself comes from
-``quantize_int4``, the same quantizer those kernels implement.)
+in one pytree (docs/runtime_api.md). Updates are functional and write straight into the full
+arrays, so under ``jax.jit`` with the cache donated they happen in place: prefill by XLA
+scatters, a decode step's token by ``pallas_kernels.append.cache_append_decode`` (one kernel
+for pages, INT4 K and Quest metadata on a GPU; the same scatters elsewhere), handed each layer
+as the all-layer page pool of ``layer_view``.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.append import cache_append_decode
 from pallas_kernels.int4 import quantize_int4
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -509,19 +509,32 @@ def _write_prefill(cache, layer, k, v, start, count, backend):
 def _write_decode(cache, layer, k, v, active, backend):
     pos = cache.lengths - 1
     ok = active & (pos >= 0) & (pos < cache.capacity)
-    phys, slot = cache._slots(pos, ok)
-    kc = k.astype(cache.k_min.dtype)
-    idx = cache._at(layer, phys)
-    safe = cache._at(layer, jnp.minimum(phys, cache.num_pages - 1))
-    first = (slot == 0)[:, None, None]
-    kmin = jnp.where(first, kc, jnp.minimum(cache.k_min[safe], kc))
-    kmax = jnp.where(first, kc, jnp.maximum(cache.k_max[safe], kc))
-    cache = cache._write_tokens(layer, k, v, phys, slot, backend)
-    return dataclasses.replace(
-        cache,
-        k_min=cache.k_min.at[idx].set(kmin, mode="drop"),
-        k_max=cache.k_max.at[idx].set(kmax, mode="drop"),
+    view = cache.layer_view(layer)
+    pools = cache_append_decode(
+        view.k_pages,
+        view.v_pages,
+        view.k_int4,
+        view.k_scale,
+        view.k_zero,
+        view.k_min,
+        view.k_max,
+        k,
+        v,
+        view.page_table,
+        jnp.where(ok, pos, -1).astype(jnp.int32),
+        backend=backend,
     )
+    names = ("k_pages", "v_pages", "k_int4", "k_scale", "k_zero", "k_min", "k_max")
+    # The [Hkv, L * P, ...] pools back to [Hkv, L, P, ...]: free reshapes.
+    updates = {n: x.reshape(getattr(cache, n).shape) for n, x in zip(names, pools)}
+    if cache.ds_labels is not None:
+        phys, slot = cache._slots(pos, ok)
+        kc = k.astype(cache.k_pages.dtype)
+        ch = cache.ds_channel_idx[layer]  # [Hkv, C]
+        labels = jnp.take_along_axis(kc, jnp.broadcast_to(ch, kc.shape[:-1] + ch.shape[-1:]), -1)
+        idx = cache._at(layer, phys, slot)
+        updates["ds_labels"] = cache.ds_labels.at[idx].set(labels, mode="drop")
+    return dataclasses.replace(cache, **updates)
 
 
 class OutOfPagesError(RuntimeError):

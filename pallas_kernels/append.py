@@ -1,0 +1,283 @@
+"""Decode-time append: one new token per sequence into every array of the paged KV cache.
+
+For each sequence b with position pos = positions[b] (skipped when pos < 0 or pos // S is past
+the page table), and each KV head g, at physical page page_table[b, pos // S], slot pos % S:
+
+- k_pages, v_pages: the new K and V rows (in the cache dtype);
+- k_int4, k_scale, k_zero: the INT4 codes of the new K row as stored (rounded to the cache dtype
+  first), by the quantization rule of pallas_kernels.int4;
+- k_min, k_max (Quest metadata of the page): the new row at slot 0 (a page starts afresh), the
+  elementwise min / max with the page's current values otherwise.
+
+One kernel instead of seven scatters, a quantization and a gather of the page metadata per
+layer: at decode batch sizes each of those is a launch of a few microseconds whatever its size.
+
+Layouts (docs/kernel_api.md): k_pages, v_pages [Hkv, P, S, D]; k_int4 [Hkv, P, S, D/2] uint8;
+k_scale, k_zero [Hkv, P, S] float32; k_min, k_max [Hkv, P, D] (k_pages dtype); k_new, v_new
+[B, Hkv, D]; page_table [B, max_pages] int32; positions [B] int32.
+
+GPU (Triton): grid (Hkv, blocks of sequences); masked stores into the aliased cache arrays, so
+under jit with the cache donated the update is in place. Elsewhere the reference (XLA scatters,
+in place under donation as well).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _common
+from pallas_kernels.int4 import (
+    _half_cols,
+    _kernel_divide,
+    _quantize_halves,
+    quantize_int4_reference,
+)
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppendGpuConfig:
+    """Triton launch knobs. seqs_per_block: sequences (rows) one program writes, a power of
+    two; num_warps: a power of two."""
+
+    seqs_per_block: int = 16
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("seqs_per_block", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+
+
+DEFAULT_GPU_CONFIG = AppendGpuConfig()
+
+
+def _check_args(k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new, pt, pos):
+    _common.check_rank("k_pages", k_pages, 4, "[Hkv, P, S, D]")
+    hkv, num_pages, page_size, d = np.shape(k_pages)
+    if d % 2:
+        raise ValueError(f"k_pages head_dim must be even (two nibbles a byte), got {d}")
+    _common.check_dtype("k_pages", k_pages, _FLOAT_DTYPES)
+    expected = {
+        "v_pages": ((hkv, num_pages, page_size, d), [k_pages.dtype]),
+        "k_int4": ((hkv, num_pages, page_size, d // 2), [jnp.uint8]),
+        "k_scale": ((hkv, num_pages, page_size), [jnp.float32]),
+        "k_zero": ((hkv, num_pages, page_size), [jnp.float32]),
+        "k_min": ((hkv, num_pages, d), [k_pages.dtype]),
+        "k_max": ((hkv, num_pages, d), [k_pages.dtype]),
+    }
+    arrays = dict(v_pages=v_pages, k_int4=k_int4, k_scale=k_scale, k_zero=k_zero)
+    arrays.update(k_min=k_min, k_max=k_max)
+    for name, (shape, dtypes) in expected.items():
+        if tuple(np.shape(arrays[name])) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (from k_pages {np.shape(k_pages)}), "
+                f"got {tuple(np.shape(arrays[name]))}"
+            )
+        _common.check_dtype(name, arrays[name], dtypes)
+    _common.check_rank("page_table", pt, 2, "[B, max_pages]")
+    _common.check_dtype("page_table", pt, [np.int32])
+    batch = np.shape(pt)[0]
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(np.shape(x)) != (batch, hkv, d):
+            raise ValueError(
+                f"{name} must have shape {(batch, hkv, d)} ([B, Hkv, D]), got {np.shape(x)}"
+            )
+        _common.check_dtype(name, x, _FLOAT_DTYPES)
+    if tuple(np.shape(pos)) != (batch,):
+        raise ValueError(f"positions must have shape ({batch},) ([B]), got {np.shape(pos)}")
+    _common.check_dtype("positions", pos, [np.int32])
+
+
+@jax.jit
+def cache_append_decode_reference(
+    k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new, page_table, positions
+):
+    """Arguments and result as `cache_append_decode`; XLA scatters."""
+    hkv, num_pages, page_size, _ = k_pages.shape
+    batch, max_pages = page_table.shape
+    ok = (positions >= 0) & (positions < max_pages * page_size)
+    lpage = jnp.clip(positions // page_size, 0, max_pages - 1)
+    # Skipped sequences write to page num_pages: out of range, dropped by the scatters.
+    phys = jnp.where(ok, page_table[jnp.arange(batch), lpage], num_pages)[:, None]  # [B, 1]
+    slot = (positions % page_size)[:, None]
+    heads = jnp.arange(hkv)[None, :]  # [1, Hkv]
+    k = k_new.astype(k_pages.dtype)
+    packed, scale, zero = quantize_int4_reference(k.astype(jnp.float32))
+    safe = jnp.minimum(phys, num_pages - 1)
+    first = (slot == 0)[..., None]
+    kc = k.astype(k_min.dtype)
+    kmin = jnp.where(first, kc, jnp.minimum(k_min[heads, safe], kc))
+    kmax = jnp.where(first, kc, jnp.maximum(k_max[heads, safe], kc))
+    row, page = (heads, phys, slot), (heads, phys)
+    return (
+        k_pages.at[row].set(k, mode="drop"),
+        v_pages.at[row].set(v_new.astype(v_pages.dtype), mode="drop"),
+        k_int4.at[row].set(packed, mode="drop"),
+        k_scale.at[row].set(scale, mode="drop"),
+        k_zero.at[row].set(zero, mode="drop"),
+        k_min.at[page].set(kmin, mode="drop"),
+        k_max.at[page].set(kmax, mode="drop"),
+    )
+
+
+def _gpu_kernel(
+    k_new_ref,  # [B, Hkv, D] (whole array)
+    v_new_ref,  # [B, Hkv, D]
+    pos_ref,  # [B] int32, < 0 = skip
+    pt_ref,  # [B, max_pages] int32
+    *refs,  # 7 aliased inputs (not read), then the 7 outputs:
+    # kp, vp [Hkv, P*S, D]; k4 [Hkv, P*S, D/2] u8; ks, kz [Hkv, P*S] f32; mn, mx [Hkv, P, D]
+    seqs_per_block: int,
+    page_size: int,
+    divide,
+):
+    kp_ref, vp_ref, k4_ref, ks_ref, kz_ref, mn_ref, mx_ref = refs[7:]
+    h = pl.program_id(0)
+    batch, max_pages = pt_ref.shape
+    num_pages = mn_ref.shape[1]
+    half = k4_ref.shape[2]
+    seq = pl.program_id(1) * seqs_per_block + jnp.arange(seqs_per_block)
+    in_range = seq < batch
+    pos = plt.load(pos_ref.at[seq], mask=in_range, other=-1)
+    pos0 = jnp.maximum(pos, 0)
+    lpage = jax.lax.div(pos0, page_size)
+    ok = in_range & (pos >= 0) & (lpage < max_pages)
+    phys = plt.load(pt_ref.at[seq, jnp.minimum(lpage, max_pages - 1)], mask=ok, other=0)
+    phys = jnp.clip(phys, 0, num_pages - 1)
+    slot = jax.lax.rem(pos0, page_size)
+    dest = phys * page_size + slot
+
+    c2, col_ok = _half_cols(half)
+    s2, ok2 = seq[:, None], ok[:, None] if col_ok is None else ok[:, None] & col_ok
+    d2, p2 = dest[:, None], phys[:, None]
+    first = (slot == 0)[:, None]
+    kdt, mdt = kp_ref.dtype, mn_ref.dtype
+    halves = []
+    for off in (0, half):
+        k = plt.load(k_new_ref.at[s2, h, c2 + off], mask=ok2, other=0).astype(kdt)
+        v = plt.load(v_new_ref.at[s2, h, c2 + off], mask=ok2, other=0).astype(vp_ref.dtype)
+        plt.store(kp_ref.at[h, d2, c2 + off], k, mask=ok2)
+        plt.store(vp_ref.at[h, d2, c2 + off], v, mask=ok2)
+        km = k.astype(mdt)
+        old_min = plt.load(mn_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+        old_max = plt.load(mx_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+        plt.store(
+            mn_ref.at[h, p2, c2 + off], jnp.where(first, km, jnp.minimum(old_min, km)), mask=ok2
+        )
+        plt.store(
+            mx_ref.at[h, p2, c2 + off], jnp.where(first, km, jnp.maximum(old_max, km)), mask=ok2
+        )
+        halves.append(k.astype(jnp.float32))
+    packed, scale, zero = _quantize_halves(*halves, col_ok, divide=divide)
+    plt.store(k4_ref.at[h, d2, c2], packed.astype(jnp.uint8), mask=ok2)
+    plt.store(ks_ref.at[h, dest], scale[:, 0], mask=ok)
+    plt.store(kz_ref.at[h, dest], zero[:, 0], mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def cache_append_decode_gpu(
+    k_pages,
+    v_pages,
+    k_int4,
+    k_scale,
+    k_zero,
+    k_min,
+    k_max,
+    k_new,
+    v_new,
+    page_table,
+    positions,
+    *,
+    interpret: bool = False,
+    config: AppendGpuConfig = DEFAULT_GPU_CONFIG,
+):
+    """Pallas Triton append; arguments and result as `cache_append_decode` (checked by the
+    caller)."""
+    hkv, num_pages, page_size, d = k_pages.shape
+    batch = page_table.shape[0]
+    if batch == 0:
+        return k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max
+    rows = min(config.seqs_per_block, pl.next_power_of_2(batch))
+    slots = num_pages * page_size
+    cache = (
+        k_pages.reshape(hkv, slots, d),
+        v_pages.reshape(hkv, slots, d),
+        k_int4.reshape(hkv, slots, d // 2),
+        k_scale.reshape(hkv, slots),
+        k_zero.reshape(hkv, slots),
+        k_min,
+        k_max,
+    )
+    out = pl.pallas_call(
+        functools.partial(
+            _gpu_kernel,
+            seqs_per_block=rows,
+            page_size=page_size,
+            divide=_kernel_divide("gpu", interpret),
+        ),
+        grid=(hkv, pl.cdiv(batch, rows)),
+        in_specs=[pl.no_block_spec] * 11,
+        out_specs=[pl.no_block_spec] * 7,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in cache],
+        input_output_aliases={4 + i: i for i in range(7)},
+        compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=1),
+        interpret=interpret,
+        name="cache_append_decode_gpu",
+    )(k_new, v_new, positions, page_table, *cache)
+    shapes = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max)
+    return tuple(o.reshape(x.shape) for o, x in zip(out, shapes))
+
+
+def cache_append_decode(
+    k_pages,
+    v_pages,
+    k_int4,
+    k_scale,
+    k_zero,
+    k_min,
+    k_max,
+    k_new,
+    v_new,
+    page_table,
+    positions,
+    *,
+    backend: str = "auto",
+    config: AppendGpuConfig | None = None,
+):
+    """Writes one new token per sequence into the paged cache (see the module docstring).
+
+    Args:
+      k_pages, v_pages: [Hkv, P, S, D] float; k_int4: [Hkv, P, S, D/2] uint8; k_scale,
+        k_zero: [Hkv, P, S] float32; k_min, k_max: [Hkv, P, D] in k_pages' dtype.
+      k_new, v_new: [B, Hkv, D] float, the new token's post-RoPE K and its V.
+      page_table: [B, max_pages] int32, logical page -> physical page.
+      positions: [B] int32 position of the new token; < 0 skips sequence b.
+      backend: "auto" | "pallas" | "pallas_gpu" | "reference" ("pallas_tpu" and "auto" on a
+        TPU run the reference: XLA's scatters, in place under donation).
+      config: AppendGpuConfig for the GPU kernel.
+
+    Returns:
+      (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max) updated.
+    """
+    args = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new)
+    _check_args(*args, page_table, positions)
+    impl, interpret = _common.resolve_backend(backend)
+    if impl == "gpu":
+        return cache_append_decode_gpu(
+            *args,
+            page_table,
+            positions,
+            interpret=interpret,
+            config=config or DEFAULT_GPU_CONFIG,
+        )
+    return cache_append_decode_reference(*args, page_table, positions)
