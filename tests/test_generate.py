@@ -7,10 +7,12 @@ weights (float32, CPU); the rest runs on the tiny random model of twilight_jax.s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from flax import nnx
 import models
 from models import loaders
 from twilight_jax import SparsityConfig
-from twilight_jax.generate import generate
+from twilight_jax.generate import default_attention, generate
 from twilight_jax.serve import tiny_random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,6 +175,63 @@ def test_pruning_stats(tiny):
     assert "pruned" in st.summary()
 
 
+def test_repetition_penalty_matches_transformers(tiny):
+    torch = pytest.importorskip("torch")
+    model, tok, config = tiny
+    hf = _hf_from_ours(model.model, config)
+    prompts = ["abcabc", "hello hello"]
+    plain = generate(model, tok, prompts, max_new_tokens=12, stop_on_eos=False)
+    res = generate(
+        model, tok, prompts, max_new_tokens=12, repetition_penalty=1.5, stop_on_eos=False
+    )
+    # The random model repeats itself; the penalty must change what it says.
+    assert res.token_ids != plain.token_ids
+    for i, ids in enumerate(res.prompt_token_ids):
+        with torch.no_grad():
+            want = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=12,
+                min_new_tokens=12,
+                do_sample=False,
+                repetition_penalty=1.5,
+            )[0, len(ids) :].tolist()
+        assert res.token_ids[i] == want, i
+
+
+def test_penalize_repeats_by_hand():
+    from twilight_jax.generate import penalize_repeats
+
+    logits = jnp.asarray([[2.0, -2.0, 1.0, 0.0]])
+    seen = jnp.asarray([[True, True, False, True]])
+    # Seen: 2 / 2 = 1, -2 * 2 = -4, 0 either way; unseen 1.0 stays.
+    got = penalize_repeats(logits, seen, jnp.float32(2.0))
+    np.testing.assert_allclose(np.asarray(got), [[1.0, -4.0, 1.0, 0.0]])
+
+
+def test_tokens_per_s_is_the_inverse_of_the_step_time(tiny):
+    model, tok, _ = tiny
+    free = generate(model, tok, ["stop here"], max_new_tokens=10, stop_on_eos=False)
+    # Make the 6th generated token end the sequence: the step that samples it counts too.
+    eos = free.token_ids[0][5]
+    tok2 = models.Tokenizer(tok.backend, eos_token_ids=(eos,), chat_template=tok.chat_template)
+    one = generate(model, tok2, ["stop here"], max_new_tokens=10).stats
+    assert one.new_tokens == [free.token_ids[0].index(eos)]
+    assert one.tokens_per_s == pytest.approx(1.0 / one.time_per_token_s, rel=1e-9)
+    two = generate(model, tok, ["a", "bc"], max_new_tokens=6, stop_on_eos=False).stats
+    assert two.tokens_per_s == pytest.approx(2.0 / two.time_per_token_s, rel=1e-9)
+    line = next(ln for ln in one.summary().splitlines() if "tokens/s" in ln)
+    ms, rate = (float(x) for x in re.findall(r"([\d.]+) (?:ms per step|tokens/s)", line))
+    assert rate == pytest.approx(1e3 / ms, rel=0.02)
+
+
+def test_default_attention_by_platform():
+    assert default_attention("cpu") == SparsityConfig(selector="dense")
+    for platform in ("gpu", "cuda", "rocm", "tpu"):
+        assert default_attention(platform) == SparsityConfig(selector="all", top_p=0.95)
+    assert default_attention() == default_attention(jax.default_backend())
+
+
 def test_sampling_seeded_and_streaming(tiny):
     model, tok, _ = tiny
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_on_eos=False)
@@ -236,6 +295,7 @@ def test_chat_prompt_uses_template(tiny):
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(top_p=0.0), r"top_p \(sampling\) must be in \(0, 1\]"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(1 = off\)"),
         (dict(top_k=-2), "top_k must be an int >= 0"),
         (dict(sparsity="all"), "sparsity must be a SparsityConfig"),
         (dict(prompts=["y" * 600]), "exceeds the model context of 512 tokens"),
