@@ -6,11 +6,7 @@ weights (float32, CPU); the rest runs on the tiny random model of twilight_jax.s
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +19,6 @@ from models import loaders
 from twilight_jax import SparsityConfig
 from twilight_jax.generate import default_attention, generate
 from twilight_jax.serve import tiny_random_model
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -306,87 +300,3 @@ def test_generate_errors(tiny, kwargs, msg):
     kw = dict(prompts=["ok"], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=msg):
         generate(model, tok, **kw)
-
-
-# ------------------------------------------------------------------------ scripts/generate.py
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "generate.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-
-
-def test_cli_tiny_model_streams_and_summarizes():
-    r = _cli(
-        "--model",
-        "tiny-random",
-        "--prefill-chunk",
-        "2",
-        "--prompt",
-        "hello",
-        "--max-new-tokens",
-        "5",
-        "--attention",
-        "all",
-        "--top-p",
-        "0.9",
-        "--dense-layers",
-        "1",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "prompt tokens:" in r.stderr and "tokens/s" in r.stderr and "pruned" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def cli_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "scripts" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.parametrize(
-    "args, selector, top_p",
-    [
-        ([], "dense", None),
-        (["--attention", "twilight"], "all", 0.95),
-        (["--attention", "twilight", "--top-p", "0.8"], "all", 0.8),
-        (["--attention", "all"], "all", 0.95),
-        (["--attention", "quest"], "quest", None),
-        (["--attention", "quest", "--top-p", "0.9"], "quest", 0.9),
-    ],
-)
-def test_cli_attention_modes(cli_module, args, selector, top_p):
-    cfg = cli_module.sparsity_config(cli_module.build_parser().parse_args(args))
-    assert (cfg.selector, cfg.top_p) == (selector, top_p)
-
-
-@pytest.fixture(scope="module")
-def cli_main(cli_module):
-    return cli_module.main
-
-
-@pytest.mark.parametrize(
-    "args, msg",
-    [
-        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-        (["--model", "/nonexistent/m.gguf"], "does not exist"),
-        (["--model", "tiny-random", "--prompt-file", "/nonexistent.txt"], "does not exist"),
-        (["--model", "tiny-random", "--prompt", "z" * 700], "exceeds the model context"),
-        (["--model", "tiny-random", "--attention", "quest", "--budget", "10"], "multiple of"),
-        (["--model", "tiny-random", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["--model", "tiny-random", "--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
-    ],
-)
-def test_cli_bad_input_one_line_exit_2(cli_main, capsys, args, msg):
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err
