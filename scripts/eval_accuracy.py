@@ -5,20 +5,26 @@ answers scored by string match; perplexity on natural text decoded teacher-force
 dense, Quest, Double Sparsity and oracle top-k at several budgets, Twilight over all tokens,
 over Quest and over Double Sparsity at several p (twilight_jax/eval/runner.py).
 
-The full sweep (2K/4K/8K, every method) on a GPU, bounded in time and resumable: rerun the same
-command until it prints COMPLETE (exit code 0; 3 means the time limit stopped it):
+Every run writes into --out: the records, the budget traces, the PNG plots and the page
+(results.md, or --report). A small CPU run, a few minutes on two cores:
 
-    python scripts/eval_accuracy.py --preset gpu --out docs/results/eval-h200 \\
+    python scripts/eval_accuracy.py --preset cpu-small --out /tmp/eval-cpu
+
+The full sweep (2K/4K/8K, every method) on a GPU, bounded in time and resumable: rerun the same
+command until it prints COMPLETE (exit code 0; 3 means the time limit stopped it, and the page
+then shows what is done so far):
+
+    python scripts/eval_accuracy.py --preset gpu --out /tmp/eval-gpu \\
         --time-limit 540 --compile-cache build/jax_cache
 
-then the page (on any machine with the eval extra, from the same folder):
+Redraw the page and plots of a finished folder (any machine with the eval extra):
 
-    python scripts/eval_accuracy.py --report-only --out docs/results/eval-h200 \\
-        --report docs/results.md
+    python scripts/eval_accuracy.py --report-only --out /tmp/eval-gpu
 
-A small CPU run: ``--preset cpu-small --out docs/results/eval-cpu``. Presets, methods and their
-spelling (``quest:256``, ``ds:ctx/4@0.95``, ``all@0.95``) are in twilight_jax/eval/runner.py;
-any field can be overridden below.
+The committed runs (docs/results/eval-h200, docs/results/eval-cpu) list the commands that made
+them in their meta.json; use a new folder, not theirs. Presets, methods and their spelling
+(``quest:256``, ``ds:ctx/4@0.95``, ``all@0.95``) are in twilight_jax/eval/runner.py; any field
+can be overridden below.
 """
 
 from __future__ import annotations
@@ -51,8 +57,15 @@ def _strs(text):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(runner.PRESETS), default="cpu-small")
-    ap.add_argument("--out", required=True, help="sweep folder (records, traces, plots)")
+    ap.add_argument(
+        "--preset", choices=sorted(runner.PRESETS), default="cpu-small", help="(default: cpu-small)"
+    )
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="sweep folder: records, budget traces, PNG plots and the page (results.md) go here;\n"
+        "rerunning with the same folder continues its sweep",
+    )
     ap.add_argument("--model", help="model name or path (default: the preset's)")
     ap.add_argument("--lengths", type=_ints, help="comma-separated context lengths in tokens")
     ap.add_argument("--tasks", type=_strs, help=f"comma-separated, from {tasks.TASKS}")
@@ -64,8 +77,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int)
     ap.add_argument("--time-limit", type=float, help="seconds; stop cleanly after this")
     ap.add_argument("--compile-cache", help="JAX persistent compilation cache folder")
-    ap.add_argument("--report", help="write the results page here (e.g. docs/results.md)")
-    ap.add_argument("--report-only", action="store_true", help="only (re)write the page")
+    ap.add_argument("--report", help="write the page here instead of OUT/results.md")
+    ap.add_argument(
+        "--report-only", action="store_true", help="only (re)draw the plots and write the page"
+    )
     ap.add_argument("--title", default="Accuracy of sparse decode attention")
     ap.add_argument("--note", help="a paragraph at the top of the page")
     return ap.parse_args(argv)
@@ -185,12 +200,10 @@ def main(argv=None) -> int:
                 f"{report.fmt(r['attended'], '.0f'):>9s} "
                 f"{report.pct(r['attended_frac']):>7s} {report.pct(r['pruned']):>7s}"
             )
-    if args.report:
-        try:
-            page = report.write_report(out, args.report, title=args.title, note=args.note)
-            print(f"\nwrote {page}")
-        except ImportError as e:
-            print(f"\npage not written ({e}); rerun with --report-only where matplotlib is")
+    page = report.write_report(
+        out, args.report or out / "results.md", title=args.title, note=args.note
+    )
+    print(f"\nwrote {page} and the plots in {out}")
     print("COMPLETE" if complete else "INCOMPLETE: rerun the same command to continue")
     return 0 if complete else INCOMPLETE
 

@@ -1,15 +1,19 @@
 """Generate text with a LLaMA-family model and Twilight sparse attention.
 
     python scripts/generate.py                       # default chat prompt, embedded SmolLM2
-    python scripts/generate.py --prompt "Tell me a joke." --attention all --top-p 0.9
+    python scripts/generate.py --prompt "Tell me a joke." --attention twilight --top-p 0.9
     python scripts/generate.py --prompt-file long.txt --raw --max-new-tokens 64 \\
         --attention quest --budget 1024 --top-p 0.95
     python scripts/generate.py --prompt "A" --prompt "B" --temperature 0.7 --seed 1
 
-Streams tokens as they come (one prompt) or prints each answer when done (a batch), then a
-summary on stderr: prompt tokens, prefill time, time per output token, tokens/s, and for sparse
-attention the average tokens attended per layer and the fraction pruned. Bad input (unknown
-model, missing file, prompt longer than the context) prints one line and exits with code 2.
+Defaults: greedy decoding with a repetition penalty of 1.1, at most 128 new tokens, and the
+platform's attention (twilight_jax.generate.default_attention: dense on CPU, Twilight over all
+tokens at p = 0.95 on GPU and TPU). Streams tokens as they come (one prompt) or prints each
+answer when done (a batch), then a summary on stderr: prompt tokens, prefill time, time per
+decode step, tokens/s, and for sparse attention the average tokens attended per layer and the
+fraction pruned. Bad input (unknown model, missing file, empty prompt, a flag out of range or
+one the chosen attention or sampling would ignore, a prompt longer than the context) prints one
+line naming the flag and exits with code 2.
 """
 
 from __future__ import annotations
@@ -22,9 +26,30 @@ from pathlib import Path
 # Runnable as a plain script from a checkout: the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULT_PROMPT = "What is Twilight in one paragraph? Explain it to a curious ten-year-old."
-# "twilight" is Twilight over every token ("all" + top-p); other selectors prune with --top-p.
-ATTENTION = ("dense", "twilight", "all", "quest", "double_sparsity", "oracle", "streaming")
+import jax.numpy as jnp  # noqa: E402
+
+import models  # noqa: E402
+from twilight_jax.generate import encode_prompts, generate  # noqa: E402
+from twilight_jax.serve import (  # noqa: E402
+    ATTENTION,
+    ATTENTION_FLAG_HELP,
+    TINY_RANDOM,
+    ArgumentParser,
+    HelpFormatter,
+    attention_from_flags,
+    attention_help,
+    quiet_startup,
+    tiny_random_model,
+)
+from twilight_jax.sharding import head_mesh  # noqa: E402
+
+# A question the 135M default model answers well and briefly (about 70 tokens, then it stops);
+# questions about things it does not know, such as this project, come back invented or looping.
+DEFAULT_PROMPT = "Give three tips for staying healthy."
+# Greedy decoding with transformers' repetition penalty at 1.1: deterministic, and it breaks
+# the loops the small model falls into; 1.2 and above already garble its answers.
+DEFAULT_REPETITION_PENALTY = 1.1
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class UsageError(Exception):
@@ -32,18 +57,27 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="generate.py",
-        description="Generate text with Twilight adaptive sparse attention.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate text with Twilight adaptive sparse attention. Defaults: the "
+        f"embedded SmolLM2-135M-Instruct, the prompt {DEFAULT_PROMPT!r} in its chat template, "
+        f"greedy decoding with repetition penalty {DEFAULT_REPETITION_PENALTY}, at most "
+        f"{DEFAULT_MAX_NEW_TOKENS} new tokens, attention by platform (see --attention).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
         default=None,
-        help="embedded name (smollm2-135m-instruct), a GGUF file or a Hugging Face directory",
+        help="embedded name (smollm2-135m-instruct, the default), a GGUF file, a Hugging Face "
+        f"directory (config.json + safetensors), or {TINY_RANDOM!r} (a random toy model)",
     )
-    src = p.add_argument_group("prompts (repeat to make a batch; default: a built-in question)")
-    src.add_argument("--prompt", action="append", default=[], help="prompt text")
+    src = p.add_argument_group("prompts (several make a batch)")
+    src.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help=f"a prompt; repeat for more (default, when no prompt is given: {DEFAULT_PROMPT!r})",
+    )
     src.add_argument(
         "--prompt-file", action="append", default=[], help="a file whose whole text is a prompt"
     )
@@ -52,39 +86,80 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--chat",
         dest="chat",
-        action="store_true",
+        action="store_const",
+        const=True,
         default=None,
-        help="wrap prompts in the model's chat template (default when it has one)",
+        help="wrap prompts in the model's chat template (the default when the model has one)",
     )
-    mode.add_argument("--raw", dest="chat", action="store_false", help="plain text continuation")
-    p.add_argument("--system", default=None, help="system message (chat mode)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    samp = p.add_argument_group("sampling (default: greedy)")
-    samp.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
-    samp.add_argument("--temperature", type=float, default=0.0)
-    samp.add_argument("--top-k", type=int, default=0, help="0 = off")
-    samp.add_argument("--sample-top-p", type=float, default=1.0, help="nucleus sampling p")
-    samp.add_argument("--seed", type=int, default=0)
-    att = p.add_argument_group("attention")
-    att.add_argument(
-        "--attention",
-        default="dense",
-        choices=ATTENTION,
-        help="decode attention: dense, twilight (= all with --top-p 0.95), or a base selector "
-        "(Twilight over it when --top-p is given)",
+    mode.add_argument(
+        "--raw",
+        dest="chat",
+        action="store_const",
+        const=False,
+        help="give prompts to the model as plain text to continue (the default without a "
+        "chat template)",
     )
-    att.add_argument(
-        "--top-p",
+    p.add_argument("--system", default=None, help="a system message before the prompt (chat)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="tokens to generate at most per prompt; generation stops earlier at the model's "
+        "end-of-sequence token",
+    )
+    samp = p.add_argument_group("sampling (default: greedy, repetition penalty 1.1)")
+    samp.add_argument(
+        "--greedy", action="store_true", help="argmax decoding: --temperature 0 (the default)"
+    )
+    samp.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="softmax temperature of sampling; 0 = greedy",
+    )
+    samp.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="sample among the k likeliest tokens only (default: all; needs --temperature > 0)",
+    )
+    samp.add_argument(
+        "--sample-top-p",
         type=float,
         default=None,
-        help="Twilight pruning p in (0, 1] (default: 0.95 for 'twilight' and 'all', none "
-        "otherwise)",
+        help="nucleus sampling: sample among the likeliest tokens holding this much "
+        "probability, in (0, 1] (default: 1, all; needs --temperature > 0). Not Twilight's "
+        "--top-p",
     )
-    att.add_argument("--budget", type=int, default=8192, help="base selector budget B0 (tokens)")
-    att.add_argument("--max-budget", type=int, default=2048, help="selection capacity (tokens)")
-    att.add_argument("--page-size", type=int, default=16)
-    att.add_argument("--dense-layers", type=int, default=2)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: by platform)")
+    samp.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=DEFAULT_REPETITION_PENALTY,
+        help="divide the positive logits of tokens already in the text by this and multiply "
+        "the negative ones (as transformers' repetition_penalty); 1 = off",
+    )
+    samp.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of sampling; prompt i uses seed + i (default: 0; needs --temperature > 0)",
+    )
+    att = p.add_argument_group("attention (Twilight: select candidates, prune by top-p, attend)")
+    att.add_argument(
+        "--attention", default=None, choices=ATTENTION, help=attention_help("--attention")
+    )
+    for flag in ("top_p", "budget", "max_budget", "page_size", "dense_layers"):
+        att.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=float if flag == "top_p" else int,
+            default=None,
+            help=ATTENTION_FLAG_HELP[flag],
+        )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU and TPU)",
+    )
     p.add_argument(
         "--devices",
         type=int,
@@ -95,37 +170,78 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk",
         type=int,
         default=0,
-        help="prefill prompts longer than this many tokens in chunks (0 = in one call)",
+        help="prefill prompts longer than this many tokens in chunks; 0 = in one call",
     )
-    p.add_argument("--no-stream", action="store_true", help="print answers only when done")
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="print the answer when done instead of token by token (a batch always is)",
+    )
     return p
 
 
 def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
+    prompts = []
+    for text in args.prompt:
+        if not text.strip():
+            raise UsageError(f"--prompt must not be empty, got {text!r}")
+        prompts.append(text)
     for f in args.prompt_file:
         if not os.path.isfile(f):
-            raise UsageError(f"prompt file {f!r} does not exist")
-        prompts.append(Path(f).read_text())
+            raise UsageError(f"--prompt-file {f!r} does not exist")
+        text = Path(f).read_text()
+        if not text.strip():
+            raise UsageError(f"--prompt-file {f!r} is empty")
+        prompts.append(text)
     if args.batch_file:
         if not os.path.isfile(args.batch_file):
-            raise UsageError(f"batch file {args.batch_file!r} does not exist")
-        prompts += [ln for ln in Path(args.batch_file).read_text().splitlines() if ln.strip()]
+            raise UsageError(f"--batch-file {args.batch_file!r} does not exist")
+        lines = [ln for ln in Path(args.batch_file).read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise UsageError(f"--batch-file {args.batch_file!r} has no prompt (no non-blank line)")
+        prompts += lines
     return prompts or [DEFAULT_PROMPT]
 
 
-def sparsity_config(args):
-    from twilight_jax.config import SparsityConfig
+def sampling_from_args(args) -> dict:
+    """generate()'s sampling keywords from the flags; UsageError naming the flag when bad."""
+    if args.greedy and args.temperature != 0:
+        raise UsageError(f"--greedy contradicts --temperature {args.temperature}: give one")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.temperature == 0:
+        for flag, value in (
+            ("--top-k", args.top_k),
+            ("--sample-top-p", args.sample_top_p),
+            ("--seed", args.seed),
+        ):
+            if value is not None:
+                raise UsageError(
+                    f"{flag} {value} does nothing with greedy decoding: add --temperature > 0"
+                )
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.sample_top_p is not None and not 0 < args.sample_top_p <= 1:
+        raise UsageError(f"--sample-top-p must be in (0, 1], got {args.sample_top_p}")
+    if not args.repetition_penalty > 0:
+        raise UsageError(
+            f"--repetition-penalty must be > 0 (1 = off), got {args.repetition_penalty}"
+        )
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.sample_top_p is None else args.sample_top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed or 0,
+    )
 
-    top_p = args.top_p
-    selector = "all" if args.attention == "twilight" else args.attention
-    if top_p is None and selector == "all":
-        top_p = 0.95  # "all" without pruning is dense attention the long way round
+
+def sparsity_config(args):
     try:
-        return SparsityConfig(
-            selector=selector,
+        return attention_from_flags(
+            args.attention,
+            top_p=args.top_p,
             budget=args.budget,
-            top_p=top_p,
             max_budget=args.max_budget,
             page_size=args.page_size,
             dense_layers=args.dense_layers,
@@ -138,8 +254,6 @@ def device_mesh(devices: int):
     """None for one device, else a "heads" mesh over the first `devices` local devices."""
     if devices == 1:
         return None
-    from twilight_jax.sharding import head_mesh
-
     try:
         return head_mesh(devices)
     except ValueError as e:
@@ -147,11 +261,6 @@ def device_mesh(devices: int):
 
 
 def load_model(name: str | None, dtype: str | None, devices: int = 1):
-    import jax.numpy as jnp
-
-    import models
-    from twilight_jax.serve import TINY_RANDOM, tiny_random_model
-
     name = name or models.DEFAULT_MODEL
     mesh = device_mesh(devices)
     if name == TINY_RANDOM:
@@ -172,45 +281,55 @@ def load_model(name: str | None, dtype: str | None, devices: int = 1):
     return model, tokenizer, config
 
 
-def run(args) -> int:
-    from twilight_jax.generate import generate
+def check_context(tokenizer, config, prompts, args, chat: bool) -> None:
+    """Every prompt plus --max-new-tokens fits the model's context, or a UsageError."""
+    ids = encode_prompts(tokenizer, prompts, chat=chat, system=args.system)
+    context = config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + args.max_new_tokens > context:
+            which = f"prompt {i + 1} of {len(ids)}" if len(ids) > 1 else "the prompt"
+            raise UsageError(
+                f"{which} has {len(p)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                f"that exceeds the model context of {context} tokens"
+            )
 
+
+def run(args) -> int:
     prompts = read_prompts(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prefill_chunk < 0:
         raise UsageError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    if args.chat is False and args.system is not None:
+        raise UsageError("--system is a chat turn: it does nothing with --raw")
+    sampling = sampling_from_args(args)
     sparsity = sparsity_config(args)
-    temperature = 0.0 if args.greedy else args.temperature
     model, tokenizer, config = load_model(args.model, args.dtype, args.devices)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if chat and not tokenizer.chat_template:
         raise UsageError("--chat: this model has no chat template (use --raw)")
+    if not chat and args.system is not None:
+        raise UsageError("--system is a chat turn, and this model has no chat template")
+    check_context(tokenizer, config, prompts, args, chat)
     stream = len(prompts) == 1 and not args.no_stream
 
     def on_text(i, piece):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    try:
-        result = generate(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            sparsity=sparsity,
-            temperature=temperature,
-            top_k=args.top_k,
-            top_p=args.sample_top_p,
-            seed=args.seed,
-            chat=chat,
-            system=args.system,
-            on_text=on_text if stream else None,
-            progress=max(len(p) for p in prompts) > 2000,
-            prefill_chunk=args.prefill_chunk or None,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    result = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        sparsity=sparsity,
+        chat=chat,
+        system=args.system,
+        on_text=on_text if stream else None,
+        progress=max(len(p) for p in prompts) > 2000,
+        prefill_chunk=args.prefill_chunk or None,
+        **sampling,
+    )
     if stream:
         print()
     else:
@@ -224,6 +343,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_startup()
     try:
         return run(args)
     except UsageError as e:

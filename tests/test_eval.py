@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import re
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -576,6 +577,27 @@ def test_script_arguments_and_protocol(tmp_path):
     assert "seed" in runner.protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
     with pytest.raises(ValueError, match="no records.jsonl"):
         script.main(["--report-only", "--out", str(tmp_path)])
+
+
+def test_script_run_writes_the_page_and_plots(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    script = _script()
+
+    class Adapter(CopyModel):
+        config = types.SimpleNamespace(num_layers=3, num_heads=2, num_kv_heads=1, head_dim=8)
+        model = types.SimpleNamespace(dtype="float32")
+
+    monkeypatch.setattr(runner, "load_adapter", lambda name, page_size: Adapter())
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--lengths", "256", "--tasks", "passkey", "--samples", "2"]
+    argv += ["--methods", "dense,quest:32,all@0.95", "--ppl-docs", "0"]
+    # One run, no --report and no --report-only: the page and the plots come with the records.
+    assert script.main(argv) == 0
+    page = (out / "results.md").read_text()
+    for png in ("accuracy_vs_budget.png", "head_budgets.png"):
+        assert (out / png).stat().st_size > 1000
+        assert f"](./{png})" in page
+    assert "## Summary per method" in page
 
 
 def test_sweep_perplexity_records(tmp_path):

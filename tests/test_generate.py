@@ -6,11 +6,9 @@ weights (float32, CPU); the rest runs on the tiny random model of twilight_jax.s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,10 +17,8 @@ from flax import nnx
 import models
 from models import loaders
 from twilight_jax import SparsityConfig
-from twilight_jax.generate import generate
+from twilight_jax.generate import default_attention, generate
 from twilight_jax.serve import tiny_random_model
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +167,63 @@ def test_pruning_stats(tiny):
     assert "pruned" in st.summary()
 
 
+def test_repetition_penalty_matches_transformers(tiny):
+    torch = pytest.importorskip("torch")
+    model, tok, config = tiny
+    hf = _hf_from_ours(model.model, config)
+    prompts = ["abcabc", "hello hello"]
+    plain = generate(model, tok, prompts, max_new_tokens=12, stop_on_eos=False)
+    res = generate(
+        model, tok, prompts, max_new_tokens=12, repetition_penalty=1.5, stop_on_eos=False
+    )
+    # The random model repeats itself; the penalty must change what it says.
+    assert res.token_ids != plain.token_ids
+    for i, ids in enumerate(res.prompt_token_ids):
+        with torch.no_grad():
+            want = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=12,
+                min_new_tokens=12,
+                do_sample=False,
+                repetition_penalty=1.5,
+            )[0, len(ids) :].tolist()
+        assert res.token_ids[i] == want, i
+
+
+def test_penalize_repeats_by_hand():
+    from twilight_jax.generate import penalize_repeats
+
+    logits = jnp.asarray([[2.0, -2.0, 1.0, 0.0]])
+    seen = jnp.asarray([[True, True, False, True]])
+    # Seen: 2 / 2 = 1, -2 * 2 = -4, 0 either way; unseen 1.0 stays.
+    got = penalize_repeats(logits, seen, jnp.float32(2.0))
+    np.testing.assert_allclose(np.asarray(got), [[1.0, -4.0, 1.0, 0.0]])
+
+
+def test_tokens_per_s_is_the_inverse_of_the_step_time(tiny):
+    model, tok, _ = tiny
+    free = generate(model, tok, ["stop here"], max_new_tokens=10, stop_on_eos=False)
+    # Make the 6th generated token end the sequence: the step that samples it counts too.
+    eos = free.token_ids[0][5]
+    tok2 = models.Tokenizer(tok.backend, eos_token_ids=(eos,), chat_template=tok.chat_template)
+    one = generate(model, tok2, ["stop here"], max_new_tokens=10).stats
+    assert one.new_tokens == [free.token_ids[0].index(eos)]
+    assert one.tokens_per_s == pytest.approx(1.0 / one.time_per_token_s, rel=1e-9)
+    two = generate(model, tok, ["a", "bc"], max_new_tokens=6, stop_on_eos=False).stats
+    assert two.tokens_per_s == pytest.approx(2.0 / two.time_per_token_s, rel=1e-9)
+    line = next(ln for ln in one.summary().splitlines() if "tokens/s" in ln)
+    ms, rate = (float(x) for x in re.findall(r"([\d.]+) (?:ms per step|tokens/s)", line))
+    assert rate == pytest.approx(1e3 / ms, rel=0.02)
+
+
+def test_default_attention_by_platform():
+    assert default_attention("cpu") == SparsityConfig(selector="dense")
+    for platform in ("gpu", "cuda", "rocm", "tpu"):
+        assert default_attention(platform) == SparsityConfig(selector="all", top_p=0.95)
+    assert default_attention() == default_attention(jax.default_backend())
+
+
 def test_sampling_seeded_and_streaming(tiny):
     model, tok, _ = tiny
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_on_eos=False)
@@ -234,6 +287,7 @@ def test_chat_prompt_uses_template(tiny):
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(top_p=0.0), r"top_p \(sampling\) must be in \(0, 1\]"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(1 = off\)"),
         (dict(top_k=-2), "top_k must be an int >= 0"),
         (dict(sparsity="all"), "sparsity must be a SparsityConfig"),
         (dict(prompts=["y" * 600]), "exceeds the model context of 512 tokens"),
@@ -244,87 +298,3 @@ def test_generate_errors(tiny, kwargs, msg):
     kw = dict(prompts=["ok"], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=msg):
         generate(model, tok, **kw)
-
-
-# ------------------------------------------------------------------------ scripts/generate.py
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "generate.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-
-
-def test_cli_tiny_model_streams_and_summarizes():
-    r = _cli(
-        "--model",
-        "tiny-random",
-        "--prefill-chunk",
-        "2",
-        "--prompt",
-        "hello",
-        "--max-new-tokens",
-        "5",
-        "--attention",
-        "all",
-        "--top-p",
-        "0.9",
-        "--dense-layers",
-        "1",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "prompt tokens:" in r.stderr and "tokens/s" in r.stderr and "pruned" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def cli_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "scripts" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.parametrize(
-    "args, selector, top_p",
-    [
-        ([], "dense", None),
-        (["--attention", "twilight"], "all", 0.95),
-        (["--attention", "twilight", "--top-p", "0.8"], "all", 0.8),
-        (["--attention", "all"], "all", 0.95),
-        (["--attention", "quest"], "quest", None),
-        (["--attention", "quest", "--top-p", "0.9"], "quest", 0.9),
-    ],
-)
-def test_cli_attention_modes(cli_module, args, selector, top_p):
-    cfg = cli_module.sparsity_config(cli_module.build_parser().parse_args(args))
-    assert (cfg.selector, cfg.top_p) == (selector, top_p)
-
-
-@pytest.fixture(scope="module")
-def cli_main(cli_module):
-    return cli_module.main
-
-
-@pytest.mark.parametrize(
-    "args, msg",
-    [
-        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-        (["--model", "/nonexistent/m.gguf"], "does not exist"),
-        (["--model", "tiny-random", "--prompt-file", "/nonexistent.txt"], "does not exist"),
-        (["--model", "tiny-random", "--prompt", "z" * 700], "exceeds the model context"),
-        (["--model", "tiny-random", "--attention", "quest", "--budget", "10"], "multiple of"),
-        (["--model", "tiny-random", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["--model", "tiny-random", "--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
-    ],
-)
-def test_cli_bad_input_one_line_exit_2(cli_main, capsys, args, msg):
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err

@@ -23,11 +23,28 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
+
+DEFAULT_ATTENTION_TEXT = "dense on CPU, Twilight over all tokens at p = 0.95 on GPU and TPU"
+
+
+def default_attention(platform: str | None = None) -> SparsityConfig:
+    """The decode attention scripts/generate.py and the server use when none is asked for:
+    dense on CPU, Twilight over all tokens at p = 0.95 on GPU and TPU.
+
+    On CPU the sparse stages run as their plain-jnp references (no Pallas kernels), which cost
+    more than the attention they skip. platform: a jax platform name ("cpu", "gpu", "cuda",
+    "rocm", "tpu"); default ``jax.default_backend()``.
+    """
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return SparsityConfig(selector="dense")
+    return SparsityConfig(selector="all", top_p=0.95)
 
 
 @dataclasses.dataclass
@@ -37,7 +54,9 @@ class GenerationStats:
     prompt_tokens / new_tokens: per sequence. prefill_s: the prefill call (compilation
     included on first use). first_step_s: the first decode step (likewise). decode_s: all decode
     steps. time_per_token_s: mean wall time of a decode step after the first (one token for
-    every active sequence), tokens_per_s: tokens generated per second over those steps.
+    every active sequence). tokens_per_s: tokens those steps sampled per second, one per
+    active sequence and step, end-of-sequence tokens included (at batch 1, exactly
+    1 / time_per_token_s).
     context_tokens: mean tokens in the cache over active (sequence, step) pairs.
     attended_tokens: mean tokens attended per sparse layer and KV head (the selection of
     layers >= dense_layers; equals context_tokens when decoding densely).
@@ -116,7 +135,15 @@ def encode_prompts(
 
 
 def _validate(
-    prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple, prefill_chunk
+    prompts,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    sparsity,
+    pad_multiple,
+    prefill_chunk,
 ):
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
@@ -131,12 +158,24 @@ def _validate(
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p (sampling) must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     if not isinstance(sparsity, SparsityConfig):
         raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
     if not isinstance(pad_multiple, int) or pad_multiple < 1:
         raise ValueError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
+
+
+@jax.jit
+def penalize_repeats(logits, seen, penalty):
+    """transformers' repetition penalty: logits [B, V] (math in float32), seen [B, V] bool (the
+    tokens already in each sequence), penalty: float32 scalar. Returns [B, V] float32 where the
+    seen tokens' logits are divided by ``penalty`` if positive, multiplied by it if not."""
+    logits = logits.astype(jnp.float32)
+    damped = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, damped, logits)
 
 
 def _prefill(model, tokens, lengths, cache, chunk, bar):
@@ -174,6 +213,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     chat: bool = False,
     system: str | None = None,
@@ -188,7 +228,10 @@ def generate(
     prompts: one str or a list of B str. chat: wrap each prompt as a user turn of the model's
     chat template (``system``: an optional system turn). sparsity: the decode attention
     (default dense). temperature 0 = greedy; otherwise sampling with top_k (0 = off), top_p
-    (nucleus) and ``seed`` (sequence b uses seed + b). on_text(b, piece): called with text
+    (nucleus) and ``seed`` (sequence b uses seed + b). repetition_penalty: as in transformers,
+    the logit of every token already in the sequence (prompt or generated) is divided by it
+    when positive and multiplied by it when negative, before sampling or argmax (1 = off; 1.1
+    to 1.3 breaks the loops small models fall into). on_text(b, piece): called with text
     of sequence b as soon as it is complete UTF-8 (streaming). pad_multiple: prompts are padded
     to a multiple of this many tokens (fewer distinct compiled shapes). progress: a status bar
     on stderr for the prefill. prefill_chunk: None (each prompt in one prefill call) or a
@@ -204,7 +247,15 @@ def generate(
         prompts = [prompts]
     sparsity = sparsity if sparsity is not None else SparsityConfig(selector="dense")
     _validate(
-        prompts, max_new_tokens, temperature, top_k, top_p, sparsity, pad_multiple, prefill_chunk
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        sparsity,
+        pad_multiple,
+        prefill_chunk,
     )
     if not hasattr(model, "decode_step") or not hasattr(model, "prefill"):
         raise ValueError(f"model must have prefill and decode_step, got {type(model).__name__}")
@@ -287,8 +338,24 @@ def generate(
             if len(out[i]) >= max_new_tokens:
                 done[i] = True
 
-    step = jnp.zeros((b,), jnp.int32)
-    nxt = np.asarray(sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step))
+    seen = None
+    if repetition_penalty != 1.0:
+        mask = np.zeros((b, logits.shape[-1]), bool)
+        for i, p in enumerate(ids):
+            mask[i, p] = True
+        seen = jnp.asarray(mask)
+    penalty = jnp.float32(repetition_penalty)
+
+    def next_tokens(logits, step_no):
+        nonlocal seen
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, penalty)
+        tokens = sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step_no)
+        if seen is not None:
+            seen = seen.at[jnp.arange(b), tokens].set(True)
+        return np.asarray(tokens)
+
+    nxt = next_tokens(logits, jnp.zeros((b,), jnp.int32))
     accept(nxt)
 
     # Twilight's p enters the step as a traced [B] array: every p shares one compiled step.
@@ -297,14 +364,15 @@ def generate(
         step_cfg = dataclasses.replace(sparsity, top_p=None)
         attn_p = np.full((b,), sparsity.top_p, np.float32)
     step_times: list[float] = []
+    step_rows: list[int] = []  # tokens each step sampled: one per active sequence
     sums = dict(context=0.0, attended=0.0, candidates=0.0, saturated=0.0, n=0)
     while not done.all():
         active = ~done
         t1 = time.perf_counter()
         logits, cache, info = model.decode_step(nxt, cache, step_cfg, active, top_p=attn_p)
-        step_no = jnp.asarray([len(o) for o in out], jnp.int32)
-        nxt = np.asarray(sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step_no))
+        nxt = next_tokens(logits, jnp.asarray([len(o) for o in out], jnp.int32))
         step_times.append(time.perf_counter() - t1)
+        step_rows.append(int(active.sum()))
         _accumulate(sums, info, np.asarray(cache.lengths), active, sparsity, config.num_layers)
         accept(nxt)
     if decoders:
@@ -315,7 +383,7 @@ def generate(
                     on_text(i, tail)
 
     texts = [tokenizer.decode(o) for o in out]
-    stats = _stats(b, ids, out, prefill_s, step_times, sums, sparsity)
+    stats = _stats(b, ids, out, prefill_s, step_times, step_rows, sums, sparsity)
     return GenerationResult(texts, out, ids, reasons, stats)
 
 
@@ -339,15 +407,15 @@ def _accumulate(sums, info, lengths, active, sparsity, num_layers) -> None:
     sums["n"] += n
 
 
-def _stats(b, ids, out, prefill_s, step_times, sums, sparsity) -> GenerationStats:
+def _stats(b, ids, out, prefill_s, step_times, step_rows, sums, sparsity) -> GenerationStats:
     n = max(sums["n"], 1)
     context = sums["context"] / n
     attended = sums["attended"] / n
     candidates = sums["candidates"] / n
     later = step_times[1:]
-    # Tokens produced by the steps after the first: one per sequence still active then.
-    per_step = np.asarray([len(o) for o in out])
-    produced_later = max(int(sum(np.clip(per_step - 2, 0, None))), 0)
+    # Every token a step sampled counts, an end-of-sequence token too: it cost the step its
+    # time, and so at batch 1 tokens_per_s is exactly 1 / time_per_token_s.
+    produced_later = sum(step_rows[1:])
     t_later = float(sum(later))
     return GenerationStats(
         batch=b,

@@ -1,21 +1,230 @@
 """OpenAI-compatible server: ``python -m twilight_jax.serve`` (also scripts/serve.py).
 
-With no arguments it serves the embedded default model on 127.0.0.1:8000 with Twilight
-attention (selector "all", p = 0.95). ``--model`` takes anything ``models.load`` takes, or
+With no arguments it serves the embedded default model on 127.0.0.1:8000 with the platform's
+default attention (``twilight_jax.generate.default_attention``: dense on CPU, Twilight over all
+tokens at p = 0.95 on GPU and TPU). ``--model`` takes anything ``models.load`` takes, or
 "tiny-random" (a two-hundred-token byte-level toy with random weights, for CPU smoke tests and
 benchmarks of the serving machinery itself).
 
 This module sits at the top of the import chain like scripts/: the engine and server take a
-model object, and only this entry point imports ``models`` to build one.
+model object, and only this entry point imports ``models`` to build one. It also holds what
+scripts/generate.py shares with the server's command line: the attention flags and their
+checks, the help layout, one-line errors, and quiet startup.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 
+from twilight_jax.config import SparsityConfig
+from twilight_jax.generate import DEFAULT_ATTENTION_TEXT, default_attention
+
 TINY_RANDOM = "tiny-random"
+
+# "twilight" is Twilight over every token ("all" + top-p); the other names are base selectors.
+ATTENTION = ("dense", "twilight", "all", "quest", "double_sparsity", "oracle", "streaming")
+TOP_K_SELECTORS = ("quest", "double_sparsity", "oracle", "streaming")
+DEFAULT_TOP_P = 0.95  # of "twilight" and "all" when --top-p is not given
+
+
+def attention_help(flag: str) -> str:
+    """Help of the attention choice, shared by generate.py (--attention) and the server."""
+    return (
+        f"decode attention (default: {DEFAULT_ATTENTION_TEXT}). dense: exact attention over "
+        "every token. twilight: Twilight over every token, the same as 'all' (every token is a "
+        "candidate) pruned at --top-p 0.95. quest, double_sparsity, oracle, streaming: a top-k "
+        f"base selector proposing --budget tokens, pruned by Twilight when --top-p is given. "
+        f"--top-p alone, without {flag}, means twilight at that p"
+    )
+
+
+ATTENTION_FLAG_HELP = {
+    "top_p": "Twilight's p in (0, 1]: keep the fewest candidates whose estimated attention "
+    "weights (softmax over an INT4 copy of K) sum to p (default: 0.95 with twilight and all; "
+    "none, i.e. no pruning, with a top-k selector; not with dense)",
+    "budget": "B0, the candidate capacity: how many tokens a top-k selector proposes per "
+    "sequence and KV head before pruning; quest: a multiple of --page-size (default: 8192; "
+    "top-k selectors only)",
+    "max_budget": "selection capacity: the most tokens per KV head that survive top-p pruning "
+    "(a static array size; a larger top-p set is cut to its heaviest tokens and counted as "
+    "saturated). --budget bounds what the selector proposes, --max-budget what pruning keeps "
+    "(default: 2048; only with pruning)",
+    "page_size": "tokens per page of the paged KV cache and of Quest's metadata, a power of "
+    "two (default: 16)",
+    "dense_layers": "the first N layers attend densely whatever the attention (default: 2; not "
+    "with dense)",
+}
+
+
+def attention_from_flags(
+    attention: str | None,
+    *,
+    top_p: float | None = None,
+    budget: int | None = None,
+    max_budget: int | None = None,
+    page_size: int | None = None,
+    dense_layers: int | None = None,
+    attention_flag: str = "--attention",
+    platform: str | None = None,
+):
+    """The SparsityConfig the attention flags ask for; None = the flag was not given.
+
+    No attention and no --top-p: ``default_attention(platform)``. A flag the chosen attention
+    would ignore (--top-p with dense, --budget without a top-k selector, --max-budget without
+    pruning, --dense-layers with dense) is an error rather than silently dropped.
+    Raises ValueError naming the flag, the value and what was expected.
+    """
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    for flag, value, low in (
+        ("--budget", budget, 1),
+        ("--max-budget", max_budget, 1),
+        ("--page-size", page_size, 1),
+        ("--dense-layers", dense_layers, 0),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if page_size is not None and page_size & (page_size - 1):
+        raise ValueError(f"--page-size must be a power of two, got {page_size}")
+    if attention is not None and attention not in ATTENTION:
+        raise ValueError(
+            f"{attention_flag} must be one of {', '.join(ATTENTION)}, got {attention!r}"
+        )
+
+    given = f"{attention_flag} {attention}"
+    if attention is None:
+        if top_p is not None:
+            attention = "all"
+        else:
+            default = default_attention(platform)
+            attention, top_p = default.selector, default.top_p
+        given = f"{attention} attention (this platform's default)"
+    selector = "all" if attention == "twilight" else attention
+    if selector == "dense":
+        for flag, value in (
+            ("--top-p", top_p),
+            ("--budget", budget),
+            ("--max-budget", max_budget),
+            ("--dense-layers", dense_layers),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} {value} does nothing with {given}, which attends to every token: "
+                    f"drop {flag} or choose a sparse {attention_flag}"
+                )
+    if selector == "all":
+        if budget is not None:
+            raise ValueError(
+                f"--budget {budget} does nothing with {given} (every token is a candidate): "
+                f"it sets the candidates of a top-k selector ({', '.join(TOP_K_SELECTORS)})"
+            )
+        top_p = DEFAULT_TOP_P if top_p is None else top_p
+    if selector in TOP_K_SELECTORS and max_budget is not None and top_p is None:
+        raise ValueError(
+            f"--max-budget {max_budget} does nothing with {given} and no --top-p: it caps what "
+            "top-p pruning keeps (without pruning the selector attends to its --budget)"
+        )
+    fields = {
+        "budget": budget,
+        "max_budget": max_budget,
+        "page_size": page_size,
+        "dense_layers": dense_layers,
+    }
+    fields = {k: v for k, v in fields.items() if v is not None}
+    defaults = SparsityConfig()
+    b0, page = fields.get("budget", defaults.budget), fields.get("page_size", defaults.page_size)
+    if selector == "quest" and b0 % page:
+        raise ValueError(f"--budget {b0} must be a multiple of --page-size {page} with {given}")
+    return SparsityConfig(selector=selector, top_p=top_p, **fields)
+
+
+def describe_attention(cfg) -> str:
+    """A SparsityConfig in words, for startup lines: "dense", "Twilight over all, p = 0.95",
+    "quest, B0 = 1024", "Twilight over quest, B0 = 1024, p = 0.9"."""
+    if cfg.selector == "dense":
+        return "dense"
+    words = cfg.selector if cfg.top_p is None else f"Twilight over {cfg.selector}"
+    if cfg.selector in TOP_K_SELECTORS:
+        words += f", B0 = {cfg.budget}"
+    if cfg.top_p is not None:
+        words += f", p = {cfg.top_p}"
+    return words
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help states its default itself or
+    there is none worth printing (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad arguments are reported in one line, "error: ...", with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _NoMissingTpuNotice(logging.Filter):
+    """Drops jax's note that it found no TPU runtime (libtpu): on a machine without a TPU that
+    is expected, not an error, yet it opens every log at INFO level. Other backend messages,
+    and every warning or error, pass."""
+
+    def filter(self, record):
+        return not (
+            record.levelno <= logging.INFO
+            and record.getMessage().startswith("Unable to initialize backend 'tpu'")
+        )
+
+
+def quiet_startup() -> None:
+    """Installs the filter above on jax's backend logger (idempotent)."""
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoMissingTpuNotice) for f in logger.filters):
+        logger.addFilter(_NoMissingTpuNotice())
+
+
+def check_port(host: str, port: int) -> str | None:
+    """None if the server can listen on (host, port), else one line saying why.
+
+    Binds the way uvicorn does (SO_REUSEADDR), so a port left in TIME_WAIT by a previous run
+    counts as free, as it is to uvicorn, while one another process listens on counts as taken.
+    """
+    if not 0 <= port <= 65535:
+        return f"--port must be in 0..65535, got {port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"--host {host!r} does not resolve: {e.strerror}"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is already in use: stop what holds it or pick "
+                    "another --port"
+                )
+            return f"cannot listen on {host}:{port} (--host, --port): {e.strerror}"
+    return None
+
 
 # ChatML, the format of SmolLM2-Instruct, for the tiny model's byte-level vocabulary.
 _CHATML = (
@@ -71,11 +280,10 @@ def tiny_random_model(seed: int = 0, *, num_layers: int = 3, max_seq_len: int = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from twilight_jax.config import SELECTORS
-
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m twilight_jax.serve",
         description="OpenAI-compatible server with Twilight sparse attention.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -88,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="id clients pass as 'model' (default: the --model value)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=16, help="static decode batch")
     p.add_argument(
         "--max-seq-len",
@@ -112,22 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
         "never exceeds every request holding a full context (default: 0.9)",
     )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most")
-    p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--prefill-batch", type=int, default=1, help="requests prefilled together")
     p.add_argument(
         "--prefill-chunk",
         type=int,
         default=0,
         help="prefill prompts longer than this in chunks between decode steps (0 = whole)",
     )
-    p.add_argument("--selector", default="all", choices=SELECTORS)
+    p.add_argument("--selector", default=None, choices=ATTENTION, help=attention_help("--selector"))
     p.add_argument(
-        "--top-p", type=float, default=0.95, help="Twilight attention p; <= 0 turns pruning off"
+        "--top-p",
+        type=float,
+        default=None,
+        help=ATTENTION_FLAG_HELP["top_p"] + "; <= 0: no pruning. Requests may set their own p "
+        "(sparsity_top_p) when the server prunes",
     )
-    p.add_argument("--budget", type=int, default=8192, help="candidate capacity B0")
-    p.add_argument("--max-budget", type=int, default=2048, help="selection capacity")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--dense-layers", type=int, default=2)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: by platform)")
+    for flag in ("budget", "max_budget", "page_size", "dense_layers"):
+        p.add_argument(
+            "--" + flag.replace("_", "-"), type=int, default=None, help=ATTENTION_FLAG_HELP[flag]
+        )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU and TPU)",
+    )
     p.add_argument(
         "--devices",
         type=int,
@@ -135,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split KV heads over this many local devices (twilight_jax.sharding)",
     )
     p.add_argument("--seed", type=int, default=0, help="weights seed of tiny-random")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="of the server and uvicorn",
+    )
     return p
 
 
@@ -174,16 +395,37 @@ def check_engine_flags(args, model_config=None) -> None:
             )
 
 
+def sparsity_from_args(args):
+    """The server's SparsityConfig from its flags (ValueError naming the flag when bad)."""
+    top_p = args.top_p
+    if top_p is not None and top_p <= 0:  # "no pruning", spelled out
+        if args.selector in (None, "twilight", "all"):
+            raise ValueError(
+                f"--top-p {top_p} (no pruning) with --selector {args.selector or 'default'} "
+                "would attend to every token the long way round: use --selector dense"
+            )
+        top_p = None
+    return attention_from_flags(
+        args.selector,
+        top_p=top_p,
+        budget=args.budget,
+        max_budget=args.max_budget,
+        page_size=args.page_size,
+        dense_layers=args.dense_layers,
+        attention_flag="--selector",
+    )
+
+
 def build_server(args):
     """(OpenAIServer, engine) from parsed arguments."""
     import jax.numpy as jnp
 
     import models
     from models import JittedLlama
-    from twilight_jax.config import SparsityConfig
     from twilight_jax.serving import Engine, EngineConfig, OpenAIServer
 
     check_engine_flags(args)
+    sparsity = sparsity_from_args(args)  # before loading the model: bad flags fail fast
     name = args.model or models.DEFAULT_MODEL
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     mesh = None
@@ -198,14 +440,6 @@ def build_server(args):
     if tokenizer is None:
         raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
     check_engine_flags(args, config)
-    sparsity = SparsityConfig(
-        selector=args.selector,
-        budget=args.budget,
-        top_p=args.top_p if args.top_p > 0 else None,
-        max_budget=args.max_budget,
-        page_size=args.page_size,
-        dense_layers=args.dense_layers,
-    )
     ctx = args.max_seq_len or min(config.max_position_embeddings, 4096)
     engine_cfg = EngineConfig(
         max_batch=args.max_batch,
@@ -230,6 +464,12 @@ def build_server(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # First, before any output: a taken port is one line, not a model load and a traceback.
+    taken = check_port(args.host, args.port)
+    if taken:
+        print(f"error: {taken}", file=sys.stderr)
+        return 2
+    quiet_startup()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     from twilight_jax.serving import serve
 
@@ -241,7 +481,7 @@ def main(argv=None) -> int:
     print(
         f"serving {server.model_name!r} on http://{args.host}:{args.port} "
         f"(batch {engine.config.max_batch}, context {engine.context_length}, "
-        f"attention {engine.sparsity})",
+        f"attention: {describe_attention(engine.sparsity)})",
         file=sys.stderr,
     )
     serve(server, args.host, args.port, log_level=args.log_level)
