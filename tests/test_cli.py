@@ -308,8 +308,14 @@ def test_server_startup_log_opens_without_the_missing_tpu_notice():
     log = "\n".join(lines)
     assert any("Uvicorn running on" in ln for ln in lines), log
     assert "libtpu" not in log and "Unable to initialize backend 'tpu'" not in log, log
-    assert lines[0].startswith(f"serving 'tiny-random' on http://127.0.0.1:{port}"), log
-    assert "attention: dense" in lines[0]  # the CPU default, in words
+    # The server's own lines come first (the engine's pool sizing, then where it serves), then
+    # uvicorn's.
+    serving = [i for i, ln in enumerate(lines) if ln.startswith("serving 'tiny-random' on ")]
+    assert serving and lines[serving[0]].startswith(
+        f"serving 'tiny-random' on http://127.0.0.1:{port}"
+    ), log
+    assert all("twilight_jax" in ln for ln in lines[: serving[0]]), log
+    assert "attention: dense" in lines[serving[0]]  # the CPU default, in words
 
 
 def test_tpu_notice_filter_drops_only_that_notice(caplog):
