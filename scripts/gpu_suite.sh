@@ -46,8 +46,15 @@ for step in $STEPS; do
         echo "GGUF not complete yet (carry the other part next call)"; rc=0
       fi ;;
     decode)
-      python3 scripts/bench_decode_step.py --profile --out "$OUT/decode_step" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"
-      rc=${PIPESTATUS[0]} ;;
+      # One process per point: a point's cache is freed with its process (in one process the
+      # allocator could not fit an 83 GB cache after a 21 GB one, 2026-12-04).
+      rc=0
+      for point in ${DECODE_POINTS:-8x32768}; do
+        python3 scripts/bench_decode_step.py --profile --points "$point" \
+          --out "$OUT/decode_step_$point" ${DECODE_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" \
+          | tee -a "$OUT/decode.log" | grep -E "method=|FAILED|Error"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
     serving)
       python3 scripts/bench_serving.py --out "$OUT/serving" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -40
       rc=${PIPESTATUS[0]} ;;
@@ -116,15 +123,19 @@ for step in $STEPS; do
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"
       rc=${PIPESTATUS[0]} ;;
     generate)
-      python3 scripts/bench_generate.py --out "$OUT/generate" ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate.log"
-      rc=${PIPESTATUS[0]} ;;
+      rc=0
+      for n in ${GEN_PROMPTS:-4000}; do
+        python3 scripts/bench_generate.py --prompt-tokens "$n" --out "$OUT/generate_$n" \
+          ${GEN_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" | tee -a "$OUT/generate.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
   summary+=("$step rc=$rc $(( $(date +%s) - t0 ))s")
 done
 echo "=== summary ==="
 printf '%s\n' "${summary[@]}"
-for f in "$OUT"/sweep.md "$OUT"/kernels.md "$OUT"/attention.md "$OUT"/decode_step.md "$OUT"/generate.md; do
+for f in "$OUT"/sweep.md "$OUT"/kernels.md "$OUT"/attention.md "$OUT"/decode_step*.md "$OUT"/generate*.md; do
   [ -f "$f" ] && { echo "--- $f"; tail -n +4 "$f"; }
 done
 exit 0
