@@ -93,10 +93,6 @@ class SpGEMVConfig:
       K = D / (2 * word_bytes) columns, which must be >= 16 for Triton's dot, so the kernel
       uses the largest width <= word_bytes that keeps K >= 16 (D = 64: 4 falls back to 2;
       see effective_word_bytes).
-    page_rows: when the candidate blocks are whole pages (block_size == page_size, Quest and
-      "all"), gather each page's packed rows as one contiguous run of S * D / (2 W) words (one
-      page-table lookup per page, a unit-stride run Triton can load in 16-byte vectors) rather
-      than row by row.
     """
 
     tokens_per_chunk: int = 128
@@ -107,7 +103,6 @@ class SpGEMVConfig:
     token_major: bool = False
     prefetch_rows: bool = True
     word_bytes: int = 4
-    page_rows: bool = True
 
     def __post_init__(self):
         if self.word_bytes not in _WORD_DTYPES:
@@ -327,9 +322,8 @@ def _gpu_kernel(
     cand_ref,  # [C] int32: candidate blocks of (b, g)
     q_ref,  # [G, D] q dtype: the query heads of KV head g
     k_ref,  # [P * S, Dw] uint(8 W): all INT4 rows of KV head g, Dw = D / (2 W) words
-    #         (page_rows: [P, S * Dw], a page's rows as one run)
-    ks_ref,  # [P * S] f32 (page_rows: [P, S])
-    kz_ref,  # [P * S] f32 (page_rows: [P, S])
+    ks_ref,  # [P * S] f32
+    kz_ref,  # [P * S] f32
     o_ref,  # [G, C * bs] f32: the logits row block of (b, g)
     *,
     group: int,
@@ -345,7 +339,6 @@ def _gpu_kernel(
     token_major: bool,
     prefetch_rows: bool,
     word_bytes: int,
-    page_rows: bool,
 ):
     b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bs, cb = block_size, tile_blocks
@@ -419,51 +412,13 @@ def _gpu_kernel(
     # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
     q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
 
-    if page_rows:
-        # A tile is cb whole pages: one page-table lookup per page, then each page's rows as
-        # one run of S * Dw words, reshaped to the [T, Dw] rows of the per-token path.
-        run = jnp.arange(page_size * (half // word_bytes))[None, :]
-        slots = jnp.arange(page_size)[None, :]
-
-        def rows_of(tile):
-            """(physical page [cb], -1 where the entry is unused; first position [cb])."""
-            entry = tile * cb + jnp.arange(cb)
-            in_count = entry < count
-            blk = plt.load(cand_ref.at[jnp.minimum(entry, num_cand - 1)], mask=in_count, other=0)
-            ok = in_count & (blk >= 0)
-            lpage = jnp.clip(blk, 0, max_pages - 1)
-            phys = jnp.clip(page_table_ref[lpage], 0, num_pages - 1)
-            return jnp.where(ok, phys, -1), jnp.where(ok, blk, 0) * page_size
-
-        def gather(tile_rows):
-            phys, first_pos = tile_rows
-            ok = phys >= 0
-            safe = jnp.maximum(phys, 0)[:, None]
-            words = plt.load(k_ref.at[safe, run], mask=ok[:, None], other=0)  # [cb, S * Dw]
-            k_s = plt.load(ks_ref.at[safe, slots], mask=ok[:, None], other=0.0)  # [cb, S]
-            k_z = plt.load(kz_ref.at[safe, slots], mask=ok[:, None], other=0.0)
-            pos = first_pos[:, None] + slots
-            tok_ok = (ok[:, None] & (pos < length)).reshape(tokens)
-            return (
-                words.reshape(tokens, half // word_bytes),
-                k_s.reshape(tokens),
-                k_z.reshape(tokens),
-                tok_ok,
-            )
-
-    else:
-
-        def gather(rows):
-            tok_ok = rows >= 0
-            safe = jnp.maximum(rows, 0)
-            # One gather of the packed rows serves all G heads; masked rows are not read.
-            words = plt.load(k_ref.at[safe[:, None], word], mask=tok_ok[:, None], other=0)
-            k_s = plt.load(ks_ref.at[safe], mask=tok_ok, other=0.0)  # [T]
-            k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
-            return words, k_s, k_z, tok_ok
-
     def logits_of(rows):
-        words, k_s, k_z, tok_ok = gather(rows)
+        tok_ok = rows >= 0
+        safe = jnp.maximum(rows, 0)
+        # One gather of the packed rows serves all G heads; masked rows are not read.
+        words = plt.load(k_ref.at[safe[:, None], word], mask=tok_ok[:, None], other=0)
+        k_s = plt.load(ks_ref.at[safe], mask=tok_ok, other=0.0)  # [T]
+        k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
         # 2 W blocks of [T, Dw] bf16 (128 + nibble), in the order of _q_columns' pairs.
         nibbles = [n for pair in _unpack_nibbles(words, word_bytes) for n in pair]
         if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
@@ -539,13 +494,6 @@ def block_spgemv_gpu(
         k_words = k_words[..., 0]
     else:
         k_words = jax.lax.bitcast_convert_type(k_words, _WORD_DTYPES[word_bytes])
-    page_rows = config.page_rows and block_size == page_size
-    if page_rows:  # free reshapes: a page's rows are contiguous
-        rows_shape, rows_block = (num_pages, page_size * words_per_row), (num_pages, page_size)
-    else:
-        rows_shape, rows_block = (num_pages * page_size, words_per_row), (num_pages * page_size,)
-    k_words = k_words.reshape(num_kv_heads, *rows_shape)
-    per_token = (num_kv_heads, *rows_block)
 
     kernel = functools.partial(
         _gpu_kernel,
@@ -562,7 +510,6 @@ def block_spgemv_gpu(
         token_major=config.token_major,
         prefetch_rows=config.prefetch_rows,
         word_bytes=word_bytes,
-        page_rows=page_rows,
     )
 
     out = pl.pallas_call(
@@ -574,9 +521,9 @@ def block_spgemv_gpu(
             pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
             pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),
             pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
-            pl.BlockSpec((None, *rows_shape), lambda b, g, s: (g, 0, 0)),
-            pl.BlockSpec((None, *rows_block), lambda b, g, s: (g,) + (0,) * len(rows_block)),
-            pl.BlockSpec((None, *rows_block), lambda b, g, s: (g,) + (0,) * len(rows_block)),
+            pl.BlockSpec((None, num_pages * page_size, words_per_row), lambda b, g, s: (g, 0, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
+            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
         ],
         out_specs=pl.BlockSpec(
             (None, None, group, num_cand * block_size), lambda b, g, s: (b, g, 0, 0)
@@ -596,8 +543,8 @@ def block_spgemv_gpu(
         cand_blocks,
         q.reshape(batch, num_kv_heads, group, head_dim),
         k_words,
-        k_scale.reshape(per_token),
-        k_zero.reshape(per_token),
+        k_scale.reshape(num_kv_heads, num_pages * page_size),
+        k_zero.reshape(num_kv_heads, num_pages * page_size),
     )
     return out.reshape(batch, num_q_heads, num_cand * block_size)
 

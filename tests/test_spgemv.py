@@ -49,7 +49,6 @@ class Case:
     num_stages: int = 2
     counts: tuple | None = None  # cand_count rows; default random with fixed corner cases
     word_bytes: int = 4  # GPU gather word width (SpGEMVConfig.word_bytes)
-    page_rows: bool = True  # GPU: whole-page gathers when blocks are pages
 
     def __str__(self):
         return (
@@ -60,7 +59,6 @@ class Case:
             + ("-prefetch" if self.prefetch_rows else "")
             + (f"-B{self.batch}-counts" if self.counts else "")
             + (f"-W{self.word_bytes}" if self.word_bytes != 4 else "")
-            + ("" if self.page_rows else "-rowgather")
         )
 
     def config(self):
@@ -72,7 +70,6 @@ class Case:
             prefetch_rows=self.prefetch_rows,
             num_stages=self.num_stages,
             word_bytes=self.word_bytes,
-            page_rows=self.page_rows,
         )
 
 
@@ -128,8 +125,6 @@ CASES = [
     Case(1, 64, 16, 16, F32, scale=0.3),
     Case(4, 128, 16, 16, BF16, tokens_per_chunk=16, token_major=True),  # a page per program
     Case(8, 64, 16, 16, BF16, tokens_per_chunk=32, num_cand=3),  # C % blocks_per_chunk != 0
-    Case(4, 128, 16, 16, BF16, tokens_per_chunk=32, page_rows=False, prefetch_rows=True),
-    Case(4, 128, 16, 16, BF16, tokens_per_chunk=32, prefetch_rows=True),  # the defaults' path
     Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=12, token_major=True),  # tokens
     Case(8, 128, 16, 4, BF16, num_cand=10),  # a block inside a page
     Case(1, 128, 1, 1, F32, tokens_per_chunk=16, max_len=20, num_cand=12),  # page size 1
