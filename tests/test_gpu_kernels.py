@@ -135,7 +135,7 @@ def test_topp(groups):
 
 
 def test_quest_scores_and_updates():
-    from pallas_kernels import int4, quest
+    from pallas_kernels import quest
 
     batch, max_len = 3, 2048
     c = _cache(5, batch, max_len)
@@ -168,16 +168,6 @@ def test_quest_scores_and_updates():
     k_new = jnp.asarray(rng.standard_normal((batch, HKV, D)), jnp.bfloat16)
     positions = jnp.asarray([max_len - 1, 17, -1], jnp.int32)
     outs = [
-        int4.int4_pack_decode(
-            c["k_int4"], c["k_scale"], c["k_zero"], k_new, c["page_table"], positions, backend=b
-        )
-        for b in ("pallas", "reference")
-    ]
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(
-            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5
-        )
-    outs = [
         quest.quest_update_decode(kmin, kmax, k_new, c["page_table"], positions, backend=b)
         for b in ("pallas", "reference")
     ]
@@ -186,20 +176,20 @@ def test_quest_scores_and_updates():
 
 
 def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
-    """Native kernels (div.rn.f32), the XLA reference on the GPU and the 8-bit XLA path against
-    the rule in numpy, on bfloat16 rows with exact halves (tests/_quant_rule.py)."""
-    from _quant_rule import halves_rows, int4_rule, quantize_rule
+    """Native kernels (div.rn.f32) against the rule in numpy, on bfloat16 rows with exact
+    halves (tests/_quant_rule.py). XLA's float32 division on a GPU is not correctly rounded
+    (about 0.3% of these nibbles move by one), so the jnp reference and the 8-bit XLA path are
+    held to the rule on the CPU only (tests/test_int4.py); the GPU paths use the kernels."""
+    from _quant_rule import halves_rows, int4_rule
 
     from pallas_kernels import int4
-    from twilight_jax import pruner
 
     x = halves_rows(np.random.default_rng(70), 4096, D)
     want = int4_rule(x)
     xb = jnp.asarray(x, jnp.bfloat16)
-    for backend in ("pallas", "reference"):
-        got = int4.quantize_int4(xb, backend=backend)
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(g), w, err_msg=backend)
+    got = int4.quantize_int4(xb, backend="pallas")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), w)
 
     # The paged pack: 64 sequences x 16 tokens, one page each, written from the same rows.
     batch, tokens = 64, 16
@@ -220,15 +210,13 @@ def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
     for g, w in zip((packed, scale, zero), rule):
         np.testing.assert_array_equal(np.moveaxis(np.asarray(g)[:, 1:], 0, 2), w)
 
-    codes, s8, z8 = quantize_rule(x, 255)
-    got8 = np.asarray(pruner._fake_quantize(jnp.asarray(x), 8))
-    back = np.round((got8 - z8[:, None]) / np.where(s8 > 0, s8, 1)[:, None])
-    np.testing.assert_array_equal(back, codes)
-
 
 def test_cache_append_decode_is_the_reference_bit_for_bit():
-    """The decode append kernel natively: pages, INT4 codes, scales, zeros and Quest min/max
-    equal the XLA reference exactly (fresh pages, mid-page writes, skipped sequences)."""
+    """The decode append kernel natively: pages and Quest min/max equal the XLA reference
+    exactly, INT4 codes, scales and zeros the rule in numpy (fresh pages, mid-page writes,
+    skipped sequences)."""
+    from _quant_rule import int4_rule
+
     from pallas_kernels import append
 
     rng = np.random.default_rng(11)
@@ -249,6 +237,13 @@ def test_cache_append_decode_is_the_reference_bit_for_bit():
     pos = jnp.asarray(rng.choice([0, 5, 15, 16, 40, 63, -1], batch), jnp.int32)
     args = (*cache, k_new, v_new, table.astype(jnp.int32), pos)
     got = append.cache_append_decode(*args, backend="pallas")
-    want = append.cache_append_decode(*args, backend="reference")
+    want = [np.array(x) for x in append.cache_append_decode(*args, backend="reference")]
+    # The reference's INT4 rows come from XLA's GPU division; put the rule's there instead.
+    live = np.asarray(pos) >= 0
+    page = np.asarray(table)[np.arange(batch), np.maximum(np.asarray(pos), 0) // S][live]
+    slot = (np.asarray(pos) % S)[live]
+    rows = int4_rule(np.asarray(k_new, np.float32)[live])  # [n, Hkv, ...]
+    for w, r in zip(want[2:5], rows):
+        w[:, page, slot] = np.moveaxis(r, 0, 1)
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        np.testing.assert_array_equal(np.asarray(g), w)
