@@ -687,23 +687,34 @@ class LlamaForCausalLM(nnx.Module):
 CACHE_PROGRAM_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _logits_jit(graphdef, state, token_ids):
-    return nnx.merge(graphdef, state).logits(token_ids)
+@functools.lru_cache(maxsize=16)
+def _programs(graphdef, treedef):
+    """The jitted logits / prefill / decode functions of a model structure. Models of one
+    structure (the same config, e.g. a JittedLlama built again by every ``generate`` call) share
+    them and so their compiled programs; the weights are an argument."""
 
+    def merged(weights):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
-@functools.partial(
-    jax.jit, static_argnums=(0,), donate_argnums=(4,), compiler_options=CACHE_PROGRAM_OPTIONS
-)
-def _prefill_jit(graphdef, state, token_ids, lengths, cache, start):
-    return nnx.merge(graphdef, state).prefill(token_ids, lengths, cache, start)
+    def logits(weights, token_ids):
+        return merged(weights).logits(token_ids)
 
+    def prefill(weights, token_ids, lengths, cache, start):
+        return merged(weights).prefill(token_ids, lengths, cache, start)
 
-@functools.partial(
-    jax.jit, static_argnums=(0, 4, 7), donate_argnums=(3,), compiler_options=CACHE_PROGRAM_OPTIONS
-)
-def _decode_jit(graphdef, state, tokens, cache, sparsity, active, top_p, backend):
-    return nnx.merge(graphdef, state).decode_step(tokens, cache, sparsity, active, top_p, backend)
+    def decode(weights, tokens, cache, sparsity, active, top_p, backend):
+        return merged(weights).decode_step(tokens, cache, sparsity, active, top_p, backend)
+
+    return (
+        jax.jit(logits),
+        jax.jit(prefill, donate_argnums=(3,), compiler_options=CACHE_PROGRAM_OPTIONS),
+        jax.jit(
+            decode,
+            static_argnums=(3, 6),
+            donate_argnums=(2,),
+            compiler_options=CACHE_PROGRAM_OPTIONS,
+        ),
+    )
 
 
 class JittedLlama:
@@ -711,6 +722,11 @@ class JittedLlama:
     signatures of ``LlamaForCausalLM``. The cache passed to prefill / decode_step is donated
     (do not reuse it after the call). Weights are captured at construction; build a new one
     after changing them.
+
+    The weights travel as one flat list of arrays and the module structure is closed over by
+    the jitted functions (``_programs``): a decode step is a few milliseconds, and hashing the
+    structure of a 30-layer model as a static argument (about 1 ms) or flattening its nested
+    state (0.3 ms) on every call would be host time the device waits for at small batch.
     """
 
     def __init__(self, model: LlamaForCausalLM):
@@ -718,6 +734,8 @@ class JittedLlama:
         self.config = model.config
         self.dtype = model.dtype
         self.graphdef, self.state = nnx.split(model)
+        self.weights, treedef = jax.tree.flatten(self.state)
+        self._logits, self._prefill, self._decode = _programs(self.graphdef, treedef)
 
     @property
     def mesh(self):
@@ -733,35 +751,42 @@ class JittedLlama:
         return self.model.place_cache(cache)
 
     def logits(self, token_ids):
-        return _logits_jit(self.graphdef, self.state, jnp.asarray(token_ids, jnp.int32))
+        return self._logits(self.weights, jnp.asarray(token_ids, jnp.int32))
 
-    def prefill(self, token_ids, lengths, cache, start=None):
+    def _prefill_args(self, token_ids, lengths, cache, start):
         check_prefill_args(self.config, token_ids, lengths, cache, start)
-        return _prefill_jit(
-            self.graphdef,
-            self.state,
+        return (
+            self.weights,
             jnp.asarray(token_ids, jnp.int32),
             jnp.asarray(lengths, jnp.int32),
             cache,
             None if start is None else jnp.asarray(start, jnp.int32),
         )
 
-    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):
+    def prefill(self, token_ids, lengths, cache, start=None):
+        return self._prefill(*self._prefill_args(token_ids, lengths, cache, start))
+
+    def _decode_args(self, tokens, cache, sparsity, active, top_p, backend):
         check_decode_args(self.config, tokens, cache, sparsity, active, top_p)
         if active is not None:
             active = jnp.asarray(active, bool)
         if top_p is not None:
             top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (np.shape(tokens)[0],))
-        return _decode_jit(
-            self.graphdef,
-            self.state,
-            jnp.asarray(tokens, jnp.int32),
-            cache,
-            sparsity,
-            active,
-            top_p,
-            backend,
+        return self.weights, jnp.asarray(tokens, jnp.int32), cache, sparsity, active, top_p, backend
+
+    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):
+        return self._decode(*self._decode_args(tokens, cache, sparsity, active, top_p, backend))
+
+    def lower_decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):
+        """The decode step lowered for these arguments (``.compile()`` it to inspect the
+        optimized program, its memory, or to call it directly without re-checking)."""
+        return self._decode.lower(
+            *self._decode_args(tokens, cache, sparsity, active, top_p, backend)
         )
+
+    def lower_prefill(self, token_ids, lengths, cache, start=None):
+        """The prefill lowered for these arguments (see lower_decode_step)."""
+        return self._prefill.lower(*self._prefill_args(token_ids, lengths, cache, start))
 
 
 def abstract_model(config: LlamaConfig, dtype=None) -> LlamaForCausalLM:

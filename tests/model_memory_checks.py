@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import llama
 from models.config import LlamaConfig
 from twilight_jax import SparsityConfig
 
@@ -50,12 +49,10 @@ def programs(jm, batch: int, capacity: int, chunk: int):
     lengths = jnp.full((batch,), chunk, jnp.int32)
     out = []
     for name, cfg in METHODS.items():
-        lowered = llama._decode_jit.lower(
-            jm.graphdef, jm.state, tokens, cache, cfg, None, None, "auto"
-        )
+        lowered = jm.lower_decode_step(tokens, cache, cfg)
         out.append((f"decode {name}", lowered.compile(), cache_bytes))
     for name, start in (("prefill", None), ("chunked prefill", lengths)):
-        lowered = llama._prefill_jit.lower(jm.graphdef, jm.state, ids, lengths, cache, start)
+        lowered = jm.lower_prefill(ids, lengths, cache, start)
         out.append((name, lowered.compile(), cache_bytes))
     return out
 

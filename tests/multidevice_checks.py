@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import llama
 from twilight_jax import SparsityConfig, generate
 from twilight_jax.serve import tiny_random_model, tiny_tokenizer
 from twilight_jax.sharding import HEADS, head_mesh
@@ -108,11 +107,7 @@ def test_decode_step_moves_no_cache_between_devices(models_pair):
     cfg = CONFIGS["twilight_all"]
     cache = shd.init_cache(B, CTX)
     tok = jnp.zeros((B,), jnp.int32)
-    hlo = (
-        llama._decode_jit.lower(shd.graphdef, shd.state, tok, cache, cfg, None, None, "auto")
-        .compile()
-        .as_text()
-    )
+    hlo = shd.lower_decode_step(tok, cache, cfg).compile().as_text()
     ops = collections.Counter(
         m.group(1)
         for m in re.finditer(

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import benchlib  # noqa: E402
@@ -99,3 +101,46 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         r = by_method[name]
         assert all(r[f"{s}_us"] > 0 for s in ("select", "estimate", "threshold", "attend")), r
         assert 0 < r["attended"] <= 64
+
+
+def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
+    # The decode-step benchmark's whole path on a 2-layer SmolLM2-shaped model: each method
+    # gets a step time, a floor, an attended fraction and its compiled temporaries.
+    import bench_decode_step
+
+    out = tmp_path / "ds"
+    argv = ["--layers", "2", "--points", "2x512", "--steps", "1", "--budget", "128"]
+    argv += ["--copy-tbps", "0.1"]
+    bench_decode_step.main([*argv, "--max-budget", "64", "--out", str(out)])
+    rows = json.loads(Path(f"{out}.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(bench_decode_step.METHODS)
+    for r in rows:
+        assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["temp_GB"] is not None, r
+    by = {r["method"]: r for r in rows}
+    assert by["dense"]["attended"] == 1.0
+    assert 0 < by["twilight/quest"]["attended"] < by["quest"]["attended"] <= 1.0
+    # Sparse methods must read fewer bytes than dense: their floors are lower.
+    assert by["twilight/quest"]["floor_ms"] < by["quest"]["floor_ms"] < by["dense"]["floor_ms"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--points", "8x100"], "--points 8x100: batch must be >= 1, context >= 256"),
+        (["--points", "eight"], "--points entries must look like 8x32768"),
+        (["--layers", "99"], "--layers must be in [1, 30] for --shape smollm2, got 99"),
+        (["--methods", "bogus"], "--methods must be among"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--budget", "100"], "--budget must be a multiple of the page size 16"),
+        (["--shape", "gpt9"], "argument --shape: invalid choice"),
+        (["--copy-tbps", "0"], "--copy-tbps must be > 0, got 0.0"),
+    ],
+)
+def test_bench_decode_step_bad_flags_are_one_line_and_exit_2(argv, message):
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_decode_step.py"
+    r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr

@@ -26,6 +26,18 @@ SPARSITY = {
     ),
 }
 MARKER = {"tpu": "tpu_custom_call", "gpu": "xla.gpu.triton"}
+# The kernels each program must contain, by pallas_call name. On a TPU the decode append is XLA
+# scatters (pallas_kernels.append), so its dense step holds only the attention kernel.
+KERNELS = {
+    ("gpu", "prefill"): {"quantize_int4_gpu"},
+    ("tpu", "prefill"): {"quantize_int4_tpu"},
+    ("gpu", "dense"): {"cache_append_decode_gpu", "paged_decode_attention"},
+    ("tpu", "dense"): {"paged_decode_attention_tpu"},
+}
+SPARSE_KERNELS = {
+    "gpu": {"block_spgemv_gpu", "topp_select_gpu", "sparse_decode_attention"},
+    "tpu": {"block_spgemv_tpu", "topp_select_tpu", "sparse_decode_attention_tpu"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +72,17 @@ def test_model_entry_points_lower(jitted, on_platform, platform):
     text = export(
         prefill, state, jnp.zeros((B, 128), jnp.int32), jnp.full((B,), 100, jnp.int32), cache
     ).mlir_module()
-    assert MARKER[platform] in text  # the INT4 pack of the prefill writes is a kernel
+    assert MARKER[platform] in text
+    for kernel in KERNELS[platform, "prefill"]:
+        assert kernel in text, f"prefill has no {kernel}"
     for name, sparsity in SPARSITY.items():
 
         def step(state, tokens, cache, sparsity=sparsity):
             return nnx.merge(jitted.graphdef, state).decode_step(tokens, cache, sparsity)
 
         text = export(step, state, jnp.zeros((B,), jnp.int32), cache).mlir_module()
-        # dense: INT4 pack + paged attention; sparse layers add SpGEMV, top-p and attention.
-        assert text.count(MARKER[platform]) >= (2 if name == "dense" else 4), name
+        want = KERNELS[platform, "dense"] | (set() if name == "dense" else SPARSE_KERNELS[platform])
+        if name == "twilight_quest":
+            want |= {f"quest_page_scores_{platform}"}
+        missing = sorted(k for k in want if k not in text)
+        assert not missing, f"{name} decode step has no {missing}"
