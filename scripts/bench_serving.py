@@ -36,8 +36,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Attention modes: extra server arguments.
+# Attention modes: extra server arguments ("default": the server's own default attention).
 MODES = {
+    "default": [],
     "dense": ["--selector", "dense"],
     "twilight": ["--selector", "all", "--top-p", "0.95"],
     "quest": ["--selector", "quest", "--top-p", "-1"],
@@ -92,7 +93,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "twilight_jax.serve", "--port", str(self.port)]
-        cmd += ["--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]
+        if args.max_batch is not None:
+            cmd += ["--max-batch", str(args.max_batch)]
+        if args.max_seq_len is not None:
+            cmd += ["--max-seq-len", str(args.max_seq_len)]
         cmd += ["--log-level", "warning", *MODES[mode]]
         if args.model:
             cmd += ["--model", args.model]
@@ -281,6 +285,11 @@ def bench_server(args, url, mode, model) -> list[dict]:
     rows = []
     for c in args.concurrency:
         prompts = phases[c]
+        if c > 1:
+            # The decode step compiles once per batch bucket (powers of two up to the running
+            # count): a round at this concurrency first, so the phase times no compile.
+            warm = [make_prompt(rng, words) for _ in range(c)]
+            asyncio.run(run_phase(url, model, warm, c, args.max_tokens, args.phase_timeout, 600.0))
         before = scrape(url)
         results, wall = asyncio.run(
             run_phase(
@@ -307,8 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512, help="approximate prompt length")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-batch", type=int, default=None, help="(default: the server's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="(default: the server's)")
     p.add_argument("--server-arg", action="append", default=[], help="extra server argument")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--phase-timeout", type=float, default=600.0)

@@ -628,3 +628,23 @@ def test_bench_serving_runs_against_the_server(served, tmp_path):
     assert all(r["requests"] == 3 and r["errors"] == 0 for r in rows)
     assert all(r["output_tok_s"] > 0 and 0 <= r["pruned_frac"] < 1 for r in rows)
     _wait_all_pages_free(served[1])
+
+
+def test_soak_script_accounts_for_every_request(served, tmp_path):
+    path = Path(__file__).resolve().parent.parent / "scripts" / "soak_serving.py"
+    spec = importlib.util.spec_from_file_location("soak_serving", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    argv = ["--url", served[0].url, "--requests", "40", "--clients", "4", "--warmup", "0"]
+    assert soak.main([*argv, "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "soak.json").read_text())["report"]
+    assert rep["sent"] == 40 and sum(rep["outcomes"].values()) == 40
+    assert rep["pages_leaked"] == 0 and rep["idle_after"]
+    assert rep["outcomes"].get("served", 0) > 0
+    rejected = {o for o in rep["outcomes"] if o.startswith("rejected")}
+    assert rejected <= {
+        "rejected 400 context_length_exceeded",
+        "rejected 400 invalid_json",
+        "rejected 404 model_not_found",
+    }
+    _wait_all_pages_free(served[1])
