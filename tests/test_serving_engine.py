@@ -101,6 +101,30 @@ def test_sampler_key_depends_only_on_seed_and_step():
     assert int(first[0]) == int(second[2])
 
 
+def test_sampler_row_does_not_depend_on_what_its_neighbours_need():
+    # The sampler skips the draw when no row samples and the vocabulary sort when no row
+    # filters (a runtime branch); a row's tokens must not depend on which branch ran.
+    rng = np.random.default_rng(8)
+    b, v = ENGINE.max_batch, tiny()[2].vocab_size
+    logits = jnp.asarray(rng.normal(size=(b, v)) * 2, jnp.float32)
+    seed, zeros_i = jnp.full((b,), 3, jnp.uint32), jnp.zeros((b,), jnp.int32)
+    # Row 0 samples unfiltered; rows 1-3: greedy, or nucleus / top-k sampling.
+    alone = (jnp.asarray([1.0, 0, 0, 0]), jnp.ones((b,)), zeros_i)
+    mixed = (
+        jnp.asarray([1.0, 0.8, 1.0, 0]),
+        jnp.asarray([1.0, 0.5, 1.0, 1.0]),
+        jnp.asarray([0, 0, 3, 0]),
+    )
+    for step in range(16):
+        steps = jnp.full((b,), step, jnp.int32)
+        a = np.asarray(sample_tokens(logits, *alone, seed, steps))
+        m = np.asarray(sample_tokens(logits, *mixed, seed, steps))
+        assert a[0] == m[0]
+        assert a[3] == m[3] == int(jnp.argmax(logits[3]))
+    greedy = sample_tokens(logits, jnp.zeros((b,)), jnp.ones((b,)), zeros_i, seed, zeros_i)
+    np.testing.assert_array_equal(np.asarray(greedy), np.asarray(jnp.argmax(logits, -1)))
+
+
 @pytest.mark.parametrize(
     "text,stops,hold",
     [

@@ -204,7 +204,7 @@ def _counts(info):
     """info["counts"] of a decode step ([L, B, rows] tokens attended), or None."""
     try:
         return np.asarray(info["counts"])
-    except (TypeError, KeyError, IndexError):
+    except (TypeError, KeyError, IndexError, AttributeError):
         return None
 
 

@@ -11,6 +11,23 @@ import jax
 import jax.numpy as jnp
 
 
+def _nucleus(x, top_p, top_k):
+    """x [B, V] tempered logits with every token outside the row's top-k-limited nucleus set
+    to -inf: the smallest set of highest probabilities whose mass reaches top_p (ties at the
+    cutoff included)."""
+    vocab = x.shape[-1]
+    sorted_x = -jnp.sort(-x, axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    # Mass strictly before each rank: a rank is kept while that is below p, so the top token
+    # always survives and the kept set is the smallest one reaching p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
+    keep = (before < top_p[:, None]) & (rank < k)
+    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x >= cutoff, x, -jnp.inf)
+
+
 @jax.jit
 def sample_tokens(logits, temperature, top_p, top_k, seed, step):
     """Samples one token per row.
@@ -22,29 +39,33 @@ def sample_tokens(logits, temperature, top_p, top_k, seed, step):
     seed: [B] uint32; step: [B] int32 (tokens generated so far). The key of row b is a function
       of (seed[b], step[b]) only, so a request samples the same tokens whatever batch it shares.
     Returns [B] int32 token ids.
+
+    The costly parts run only when some row needs them (a runtime branch, not a recompile):
+    the draw when a row samples, the vocabulary sort when a row sets top_p < 1 or top_k. A
+    row's result does not depend on which branch its neighbours took.
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0
+    filtering = sampling & ((top_p < 1.0) | (top_k > 0))
 
-    x = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    sorted_x = -jnp.sort(-x, axis=-1)  # descending
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    # Mass strictly before each rank: a rank is kept while that is below p, so the top token
-    # always survives and the kept set is the smallest one reaching p.
-    before = jnp.cumsum(probs, axis=-1) - probs
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
-    keep = (before < top_p[:, None]) & (rank < k)
-    cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x >= cutoff, x, -jnp.inf)
+    def draw(_):
+        x = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        x = jax.lax.cond(
+            jnp.any(filtering),
+            lambda x: jnp.where(filtering[:, None], _nucleus(x, top_p, top_k), x),
+            lambda x: x,
+            x,
+        )
 
-    def one(s, t, row):
-        key = jax.random.fold_in(jax.random.key(s), t)
-        return jax.random.categorical(key, row)
+        def one(s, t, row):
+            key = jax.random.fold_in(jax.random.key(s), t)
+            return jax.random.categorical(key, row)
 
-    sampled = jax.vmap(one)(seed, step, x).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+        sampled = jax.vmap(one)(seed, step, x).astype(jnp.int32)
+        return jnp.where(sampling, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
 
 
 def sample_tokens_reference(logits, temperature, top_p, top_k):
