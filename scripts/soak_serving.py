@@ -2,15 +2,17 @@
 account of every request and of the KV pages.
 
 Starts ``python -m twilight_jax.serve`` on a free loopback port (default: the random toy model
-with a KV pool of two full contexts and a short queue, so that admission waits, preemption and
-queue-full refusals all happen), or uses ``--url``. ``--clients`` concurrent clients send
-``--requests`` requests in all, for at most ``--duration`` seconds, drawn from this mix:
+with Twilight attention, a KV pool of two full contexts and a short queue, so that admission
+waits, preemption and queue-full refusals all happen), or uses ``--url``. ``--clients``
+concurrent clients send ``--requests`` requests in all, for at most ``--duration`` seconds,
+drawn from this mix:
 
     greedy     completion of a probe prompt (temperature 0); every answer to the same probe
                must be the same text, whatever ran beside it
     stream     streamed completion, random prompt and length
     chat       chat completion
-    sampled    completion at temperature 0.8 with a seed, random Twilight sparsity_top_p
+    sampled    completion at temperature 0.8 with a seed, random Twilight sparsity_top_p (when
+               the server's attention prunes)
     hangup     streamed completion whose client disconnects after a few events
     too_long   prompt beyond the context (expect 400 context_length_exceeded)
     bad_json   malformed body (expect 400)
@@ -72,6 +74,10 @@ class Soak:
         # Probe prompts and lengths short enough to fit any context this script is run with.
         self.probes = [(_words(rng, rng.randint(3, 12)), rng.randint(8, 32)) for _ in range(PROBES)]
         self.greedy_texts: dict[int, set[str]] = collections.defaultdict(set)
+        # Per-request Twilight p only where the server's attention prunes (else it is a 400).
+        probe = {"model": model, "prompt": "x", "max_tokens": 1, "sparsity_top_p": 0.5}
+        r = httpx.post(url + "/v1/completions", json=probe, timeout=args.request_timeout)
+        self.sparsity_p = r.status_code == 200
 
     def body(self, kind: str, rng: random.Random) -> tuple[dict | bytes, str]:
         """(request body, path) of one request of this kind."""
@@ -111,7 +117,7 @@ class Soak:
                 "max_tokens": rng.randint(4, 48),
                 "temperature": 0.8,
                 "seed": rng.randrange(1 << 30),
-                "sparsity_top_p": rng.choice([0.3, 0.6, 0.9, 1.0]),
+                **({"sparsity_top_p": rng.choice([0.3, 0.6, 0.9, 1.0])} if self.sparsity_p else {}),
             }, "/v1/completions"
         if kind == "too_long":
             return {"model": m, "prompt": [1] * self.context, "max_tokens": 4}, "/v1/completions"
@@ -326,15 +332,16 @@ def main(argv=None) -> int:
         "--server-arg",
         action="append",
         default=None,
-        help="extra server argument (default: --num-pages 33 --max-queue 12: a pool of two "
-        "full contexts and a short queue)",
+        help="extra server argument (default: --num-pages 33 --max-queue 12 --selector all "
+        "--top-p 0.9: a pool of two full contexts, a short queue, Twilight attention)",
     )
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for soak.json")
     args = p.parse_args(argv)
     if args.server_arg is None:
-        args.server_arg = ["--num-pages", "33", "--max-queue", "12"]
+        args.server_arg = ["--num-pages", "33", "--max-queue", "12", "--selector", "all"]
+        args.server_arg += ["--top-p", "0.9"]
     args.modes = ["default"]
 
     server = None

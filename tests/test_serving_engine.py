@@ -794,6 +794,26 @@ def test_tight_pool_preempts_and_recomputes_without_changing_outputs(engine, chu
         tight.shutdown()
 
 
+def test_recomputed_request_resumes_with_a_decode_step(engine):
+    # Prefill attends densely, decode steps through Twilight: at p = 0.1 their logits differ,
+    # so a preempted request must take its next token from a decode step again, as it would
+    # have without the preemption, not from the prefill that recomputes it.
+    tight = make_engine(num_pages=1 + 9).start()
+    try:
+        prompts = _prompts(35, 4, lo=30, hi=40)
+        params = [
+            SamplingParams(max_tokens=70, ignore_eos=True, sparsity_top_p=0.1, **GREEDY)
+            for _ in prompts
+        ]
+        want = engine.generate(prompts, params)
+        got = tight.generate(prompts, params)
+        assert tight.metrics.preemptions > 0
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        _assert_all_pages_free(tight)
+    finally:
+        tight.shutdown()
+
+
 # ---------------------------------------------------------------------- decode buckets
 
 

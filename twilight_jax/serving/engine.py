@@ -13,8 +13,8 @@ Each iteration of the loop:
    first token;
 2. gives every decoding request the page its next token needs, preempting the newest running
    request while the pool is short (its pages return to the pool; it waits at the head of the
-   queue and is recomputed later: prompt and output so far are prefilled again and it goes on
-   with the same sampling key, so its text is unchanged);
+   queue and is recomputed later: its prompt and output but the last token are prefilled
+   again, and it goes on decoding from that token with the same sampling keys);
 3. runs one decode step over the decoding requests, samples one token each and applies stop
    tokens, stop strings and max_tokens.
 
@@ -589,7 +589,7 @@ class Engine:
                 and len(whole) < cfg.prefill_batch
             ):
                 req = self._waiting[0]
-                tokens = len(req.prompt) + len(req.output)
+                tokens = len(req.prefill_tokens)
                 need = self._pages_for(tokens)
                 headroom = sum(r.state is State.DECODE for r in self._running)
                 if self.allocator.num_free < need + headroom:
@@ -684,21 +684,26 @@ class Engine:
         self._start_decoding([req], logits)
 
     def _start_decoding(self, batch: list[Request], logits) -> None:
-        """Samples the next token of freshly prefilled requests (logits [rows >= len(batch),
-        vocab]) and moves them into the decode batch."""
+        """Moves freshly prefilled requests into the decode batch (logits [rows >= len(batch),
+        vocab]). A new request samples its first token from the logits; a recomputed one has
+        all its tokens but the last output cached and goes on from that token with a decode
+        step, as it would have without the preemption (prefill attention is dense, decode
+        attention may be sparse: a token sampled from the prefill could differ)."""
         n, rows = len(batch), logits.shape[0]
-        params = [r.params for r in batch] + [None] * (rows - n)
-        first = np.asarray(
-            sample_tokens(
-                logits,
-                jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
-                jnp.asarray([p.top_p if p else 1.0 for p in params], jnp.float32),
-                jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
-                jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
-                # A recomputed request continues its sampling keys where it stopped.
-                jnp.asarray([len(r.output) for r in batch] + [0] * (rows - n), jnp.int32),
+        fresh = [not r.output for r in batch]
+        first = None
+        if any(fresh):
+            params = [r.params for r in batch] + [None] * (rows - n)
+            first = np.asarray(
+                sample_tokens(
+                    logits,
+                    jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
+                    jnp.asarray([p.top_p if p else 1.0 for p in params], jnp.float32),
+                    jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
+                    jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
+                    jnp.zeros((rows,), jnp.int32),
+                )
             )
-        )
         now = time.monotonic()
         events = []
         with self._lock:
@@ -706,15 +711,12 @@ class Engine:
                 if req.state is not State.PREFILL:
                     continue  # cancelled or preempted while its prefill ran
                 req.state, req.prefilled = State.DECODE, None
-                req.cached = len(req.prompt) + len(req.output)
-                if req.detok is None:
+                req.cached = len(req.prefill_tokens)
+                if fresh[i]:
                     req.detok = self.tokenizer.stream_decoder()
-                if req.first_token_t is None:
                     req.first_token_t = now
                     self.metrics.record_first_token(now - req.arrival)
-                else:
-                    self.metrics.record_resumed_token()
-                self._accept_token(req, int(first[i]), events)
+                    self._accept_token(req, int(first[i]), events)
             self._publish_state()
         self._send(events)
 

@@ -114,11 +114,6 @@ class ServingMetrics:
             self.generation_tokens += 1
             self.ttft.observe(ttft_s)
 
-    def record_resumed_token(self) -> None:
-        """A token sampled from the prefill that recomputes a preempted request."""
-        with self._lock:
-            self.generation_tokens += 1
-
     def record_preemption(self) -> None:
         with self._lock:
             self.preemptions += 1

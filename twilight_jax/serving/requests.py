@@ -150,7 +150,7 @@ class Request:
 
     ``cached`` tokens of ``prompt + output`` have K/V in the cache; while decoding that is all
     but the last output token, which is the next step's input. A preempted request goes back
-    to WAITING with ``cached = 0`` and is prefilled again from ``prompt + output``.
+    to WAITING with ``cached = 0`` and is prefilled again (``prefill_tokens``).
     """
 
     request_id: str
@@ -176,6 +176,7 @@ class Request:
 
     @property
     def prefill_tokens(self) -> list[int]:
-        """What admission writes into the cache: the prompt, and the output so far when the
-        request is recomputed after a preemption."""
-        return self.prompt + self.output
+        """What admission writes into the cache: the prompt, or for a request recomputed after
+        a preemption the prompt and all its output but the last token (the next decode step's
+        input, as before the preemption)."""
+        return self.prompt + self.output[:-1]
