@@ -10,13 +10,13 @@ A constant row has scale 0; every x - zero is then exactly 0, so n = 0 and x_hat
 (the division uses a safe scale of 1 there, never 0). Rounding is half up rather than jnp.round's
 half to even because the Triton lowering has no round primitive; the bound is the same.
 
-Both divisions are true float32 divisions, correctly rounded, so every backend gives the same
-bytes, scales and zeros (an input where (x - zero) / scale is exactly k + 1/2 gets nibble k + 1).
-That takes care on each backend: XLA's algebraic simplifier rewrites a / constant and
-a / broadcast(b) into a * (1 / b), which is an ulp off often enough to move a nibble (XLA:
-`exact_divide`, also what the interpreters run); Triton lowers `/` to the approximate
-div.full.f32 (native GPU kernels: div.rn.f32 through inline PTX). Mosaic TPU's division is
-its own and has not been checked bit for bit on a TPU.
+Both divisions are meant as true float32 divisions, correctly rounded (an input where
+(x - zero) / scale is exactly k + 1/2 gets nibble k + 1). That takes care on each backend:
+XLA's algebraic simplifier rewrites a / constant and a / broadcast(b) into a * (1 / b), which
+is an ulp off often enough to move a nibble (`exact_divide` keeps a true divide: exact on CPU,
+and what the interpreters run; XLA's GPU division itself is not correctly rounded); Triton
+lowers `/` to the approximate div.full.f32 (the native GPU kernels use div.rn.f32 through
+inline PTX and are exact). Mosaic TPU's division has not been checked bit for bit on a TPU.
 
 Split-halves nibble order: byte j of a row holds n[j] in its low nibble and n[j + D/2] in its high
 nibble, so a kernel unpacks with `& 15` / `>> 4` and two contiguous half-rows, never interleaves.
@@ -187,7 +187,8 @@ def _check_decode_args(k_int4, k_scale, k_zero, k_new, page_table, positions) ->
 
 
 def exact_divide(a, b):
-    """a / b correctly rounded under XLA, b broadcastable to a's shape.
+    """a / b as a true XLA divide, b broadcastable to a's shape: correctly rounded on CPU (XLA's
+    GPU division is not, whatever the HLO says).
 
     XLA's algebraic simplifier turns a / constant and a / broadcast(b) into a * (1 / b) (an ulp
     off for many inputs). A divisor of a's full shape that comes out of an optimization barrier

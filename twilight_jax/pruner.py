@@ -24,7 +24,8 @@ from twilight_jax.selectors import Candidates
 
 def _fake_quantize(x, bits: int):
     """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back (float32): the
-    INT4 rule with 2**bits - 1 levels, its divisions correctly rounded (exact_divide)."""
+    INT4 rule with 2**bits - 1 levels, its divisions true XLA divides (exact_divide: the rule
+    bit for bit on CPU; XLA's GPU division is not correctly rounded)."""
     levels = 2**bits - 1
     zero = x.min(-1, keepdims=True)
     scale = exact_divide(x.max(-1, keepdims=True) - zero, float(levels))

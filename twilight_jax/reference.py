@@ -38,8 +38,9 @@ def dense_kv(cache: PagedKVCache, layer: int):
 
 
 def _divide(a, b):
-    """a / b correctly rounded: XLA rewrites a / constant and a / broadcast(b) into a * (1 / b)
-    (an ulp off), but not a division by a full-shape divisor out of an optimization barrier."""
+    """a / b as a true divide (correctly rounded on CPU; XLA's GPU division is not): XLA
+    rewrites a / constant and a / broadcast(b) into a * (1 / b) (an ulp off), but not a
+    division by a full-shape divisor out of an optimization barrier."""
     return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
 
 
