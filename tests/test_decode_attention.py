@@ -388,6 +388,9 @@ def test_config_validation():
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p="0.9"), "top_p"),
+        (dict(top_p=True), "top_p"),
+        (dict(top_p=np.array([0.5])), "top_p"),
+        (dict(top_p=0.5 + 0j), "top_p"),
         (dict(selector="quest", budget=20, page_size=16), "budget"),
         (dict(budget=0), "budget"),
         (dict(max_budget=4, sink_tokens=2, recent_tokens=2), "max_budget"),
@@ -401,6 +404,11 @@ def test_config_validation():
         with pytest.raises(ValueError, match=f"SparsityConfig.{field}"):
             SparsityConfig(**kwargs)
     assert hash(SparsityConfig(top_p=0.9)) == hash(SparsityConfig(top_p=0.9))
+    # Any real scalar is a p, stored as a plain float so the config stays a valid static arg.
+    for p in (np.float32(0.5), jnp.asarray(0.5), np.int64(1), 1):
+        cfg = SparsityConfig(top_p=p)
+        assert type(cfg.top_p) is float and cfg.top_p == float(p)
+        assert hash(cfg) == hash(SparsityConfig(top_p=float(p)))
 
 
 def test_bad_inputs_raise_before_tracing():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 SELECTORS = ("dense", "all", "quest", "double_sparsity", "oracle", "streaming")
 GQA_MODES = ("group_union", "per_head")
 ESTIMATE_BITS = (4, 8, 16)
@@ -18,6 +20,16 @@ ESTIMATE_BITS = (4, 8, 16)
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"SparsityConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _is_real_scalar(x) -> bool:
+    """A real number of any kind: Python, numpy or a 0-d array of an integer or float dtype
+    (bool and complex are not numbers here)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    kind = np.dtype(dtype).kind
+    return np.ndim(x) == 0 and kind in "iuf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +89,13 @@ class SparsityConfig:
                 f"SparsityConfig.page_size must be a power of two, got {self.page_size}"
             )
         if self.top_p is not None:
-            if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            if not _is_real_scalar(self.top_p):
                 raise ValueError(
                     f"SparsityConfig.top_p must be None or a number in (0, 1], got {self.top_p!r}"
                 )
-            if not 0.0 < float(self.top_p) <= 1.0:
+            # A plain float, so the config stays hashable (numpy and 0-d jax scalars are not all).
+            object.__setattr__(self, "top_p", float(self.top_p))
+            if not 0.0 < self.top_p <= 1.0:
                 raise ValueError(f"SparsityConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.estimate_bits not in ESTIMATE_BITS:
             raise ValueError(
