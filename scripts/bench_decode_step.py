@@ -256,46 +256,6 @@ def planted_cache(config, dtype, batch, context, lengths, args, key):
     return cache.with_lengths(ln)
 
 
-def step_segments(trace_file: str, runs: int) -> dict:
-    """Per-step device busy and span from a profiler trace of ``runs`` blocking steps: the
-    device events are split into steps at the runs - 1 longest idle gaps (between steps the
-    host waits for the result, so those gaps are the longest)."""
-    import gzip
-
-    with gzip.open(trace_file, "rb") as f:
-        events = json.load(f)["traceEvents"]
-    pids = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M"
-        and e.get("name") == "process_name"
-        and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "TPU", "gpu"))
-    }
-    spans = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
-        for e in events
-        if e.get("ph") == "X" and e.get("pid") in pids
-    )
-    if not spans:
-        return {}
-    merged = [list(spans[0])]
-    for t0, t1 in spans[1:]:
-        if t0 <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], t1)
-        else:
-            merged.append([t0, t1])
-    gaps = sorted(range(1, len(merged)), key=lambda i: merged[i][0] - merged[i - 1][1])
-    cuts = sorted(gaps[-(runs - 1) :]) if runs > 1 else []
-    bounds = [0, *cuts, len(merged)]
-    steps = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        seg = merged[a:b]
-        steps.append((sum(t1 - t0 for t0, t1 in seg), seg[-1][1] - seg[0][0]))
-    busy = sorted(s[0] for s in steps)[len(steps) // 2]
-    span = sorted(s[1] for s in steps)[len(steps) // 2]
-    return {"busy_us": busy, "span_us": span}
-
-
 def weight_copies(kernels) -> list[tuple[str, float]]:
     """Kernels of the profile that look like a copy of a weight (copy / dynamic-slice
     fusions), with their time: the layer loop must hand weights to the matmuls in place."""
@@ -342,7 +302,7 @@ def run_method(jm, cache, tokens, name, cfg, args, tag):
         trace = benchlib.profile(one_step, f"/tmp/decode_trace/{tag}", runs=_PROFILE_STEPS)
         cache = state["cache"]
         prof = benchlib.kernel_breakdown(trace, runs=_PROFILE_STEPS, top=40)
-        seg = step_segments(trace, _PROFILE_STEPS)
+        seg = benchlib.step_times(trace, _PROFILE_STEPS)
         row["busy_ms"] = seg.get("busy_us", 0) / 1e3
         row["span_ms"] = seg.get("span_us", 0) / 1e3
         row["kernels"] = prof["kernels"]

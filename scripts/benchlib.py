@@ -311,15 +311,10 @@ def profile(fn: Callable, log_dir: str, runs: int = 3):
     return max(found, key=os.path.getmtime)
 
 
-def kernel_breakdown(trace_file: str, runs: int, top: int = 15) -> dict:
-    """Device time by kernel from a profiler trace of ``runs`` repetitions of one step.
-
-    Events on processes whose name mentions a GPU/TPU device are device work (kernels,
-    memcpys); they are summed by name and divided by ``runs``. Returns {"busy_us": device
-    busy time per run (union of the events' intervals), "span_us": first start to last end
-    per run, "kernels": [(name, us per run, calls per run), ...] longest first (``top``)}.
-    Empty when the trace holds no device events (e.g. on CPU).
-    """
+def device_events(trace_file: str) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of every device event of a profiler trace (``*.trace.json.gz``),
+    sorted by start: events on processes whose name mentions a GPU/TPU device (kernels,
+    memcpys)."""
     import gzip
 
     with gzip.open(trace_file, "rb") as f:
@@ -331,11 +326,51 @@ def kernel_breakdown(trace_file: str, runs: int, top: int = 15) -> dict:
         and e.get("name") == "process_name"
         and any(s in str(e.get("args", {}).get("name", "")) for s in ("GPU", "TPU", "gpu"))
     }
-    spans = sorted(
+    return sorted(
         (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"))
         for e in events
         if e.get("ph") == "X" and e.get("pid") in device_pids
     )
+
+
+def step_times(trace_file: str, runs: int) -> dict:
+    """Median device busy and span time of one step, from a trace of ``runs`` steps each waited
+    for by the host: the device events are split into steps at the runs - 1 longest idle gaps
+    (between steps the host waits for the result, so those gaps are the longest). busy = the
+    union of a step's event intervals, span = its first start to its last end. {} without
+    device events."""
+    spans = device_events(trace_file)
+    if not spans:
+        return {}
+    merged = [[spans[0][0], spans[0][1]]]
+    for t0, t1, _ in spans[1:]:
+        if t0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], t1)
+        else:
+            merged.append([t0, t1])
+    gaps = sorted(range(1, len(merged)), key=lambda i: merged[i][0] - merged[i - 1][1])
+    cuts = sorted(gaps[-(runs - 1) :]) if runs > 1 else []
+    bounds = [0, *cuts, len(merged)]
+    steps = [
+        (sum(t1 - t0 for t0, t1 in merged[a:b]), merged[b - 1][1] - merged[a][0])
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return {
+        "busy_us": sorted(s[0] for s in steps)[len(steps) // 2],
+        "span_us": sorted(s[1] for s in steps)[len(steps) // 2],
+    }
+
+
+def kernel_breakdown(trace_file: str, runs: int, top: int = 15) -> dict:
+    """Device time by kernel from a profiler trace of ``runs`` repetitions of one step.
+
+    Events on processes whose name mentions a GPU/TPU device are device work (kernels,
+    memcpys); they are summed by name and divided by ``runs``. Returns {"busy_us": device
+    busy time per run (union of the events' intervals), "span_us": first start to last end
+    per run, "kernels": [(name, us per run, calls per run), ...] longest first (``top``)}.
+    Empty when the trace holds no device events (e.g. on CPU).
+    """
+    spans = device_events(trace_file)
     if not spans:
         return {"busy_us": 0.0, "span_us": 0.0, "kernels": []}
     by_name: dict[str, list[float]] = {}

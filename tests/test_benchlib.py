@@ -37,6 +37,23 @@ def test_kernel_breakdown_sums_device_events_per_run(tmp_path):
     assert out["kernels"] == [("a", 12.0, 1.5), ("b", 5.0, 0.5)]
 
 
+def test_step_times_split_steps_at_the_host_waits(tmp_path):
+    gpu = {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}
+
+    def k(ts, dur, tid=1):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": "k"}
+
+    # step 1: [0,10] + [12,20] (a 2 us launch gap), then the host waits 500 us;
+    # step 2: [520,530] overlapping [525,540] on another stream, [541,560]; wait; step 3.
+    ev = [gpu, k(0, 10), k(12, 8), k(520, 10), k(525, 15, 2), k(541, 19), k(1100, 30)]
+    path = tmp_path / "t.trace.json.gz"
+    _write(path, ev)
+    out = benchlib.step_times(str(path), runs=3)
+    # busy per step: 18, 39, 30 -> median 30; span: 20, 40, 30 -> median 30
+    assert out == {"busy_us": 30.0, "span_us": 30.0}
+    assert benchlib.step_times(str(path), runs=1) == {"busy_us": 87.0, "span_us": 1130.0}
+
+
 def test_kernel_breakdown_without_device_events(tmp_path):
     path = tmp_path / "t.trace.json.gz"
     _write(path, [{"ph": "X", "pid": 3, "tid": 1, "ts": 0, "dur": 5, "name": "host"}])
