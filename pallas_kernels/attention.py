@@ -49,7 +49,7 @@ from pallas_kernels._common import (
     check_dtype,
     check_rank,
     resolve_backend,
-    tpu_interpret_params,
+    tpu_interpret,
 )
 
 _LOG2E = math.log2(math.e)
@@ -663,7 +663,7 @@ def _decode_attention_tpu(
         ),
         out_shape=jax.ShapeDtypeStruct((batch, rows, per_row, head_dim), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=tpu_interpret_params() if interpret else False,
+        interpret=tpu_interpret(interpret),
         name="sparse_decode_attention_tpu" if sparse else "paged_decode_attention_tpu",
     )(page_table.reshape(-1), counts.reshape(-1), *args)
     return out.reshape(batch, num_q_heads, head_dim)

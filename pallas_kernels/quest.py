@@ -556,7 +556,7 @@ def quest_page_scores_gpu(
 
 
 def _tpu_interpret(interpret: bool):
-    return _common.tpu_interpret_params() if interpret else False
+    return _common.tpu_interpret(interpret)
 
 
 def _copy(src, dst, sem):

@@ -682,7 +682,7 @@ def block_spgemv_tpu(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-        interpret=_common.tpu_interpret_params() if interpret else False,
+        interpret=_common.tpu_interpret(interpret),
         name="block_spgemv_tpu",
     )(
         count,

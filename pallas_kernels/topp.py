@@ -853,7 +853,7 @@ def _tpu_call(logits, valid, p, capacity, config, interpret):
         grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-        interpret=_common.tpu_interpret_params() if interpret else False,
+        interpret=_common.tpu_interpret(interpret),
         name="topp_select_tpu" if capacity is not None else "topp_threshold_tpu",
     )(p, x, v)
     if capacity is None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
 
-from pallas_kernels import attention, int4, quest, spgemv, topp  # noqa: E402
+from pallas_kernels import attention, quest, spgemv, topp  # noqa: E402
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV
@@ -298,27 +298,6 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
         # Decode-time appends: one token per sequence and KV head.
         positions = jnp.full((batch,), ctx - 1, jnp.int32)
 
-        def pack_dec():
-            kn = [
-                (
-                    jax.random.normal(jax.random.fold_in(key, r), (batch, HKV, D), DT),
-                    tables[r],
-                )
-                for r in range(N_ROT)
-            ]
-            t, state = benchlib.time_update(
-                lambda k, pt, k4, sc, zr: int4.int4_pack_decode(
-                    k4, sc, zr, k, pt, positions, backend="pallas"
-                ),
-                kn,
-                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
-            )
-            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
-            nbytes = batch * HKV * (D * 2 + D // 2 + 8)
-            record("int4_pack_decode", batch, ctx, "1 tok", t, nbytes)
-
-        attempt("int4_pack_decode", pack_dec)
-
         def quest_dec():
             kn = [
                 (
@@ -342,30 +321,6 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
 
     if batch == args.batches[0]:
         # Prefill-time bulk writes of a whole context (one sequence per batch entry).
-        def pack_pre():
-            kn = [
-                (
-                    jax.random.normal(jax.random.fold_in(key, r), (batch, ctx, HKV, D), DT),
-                    tables[r],
-                )
-                for r in range(2)
-            ]
-            start = jnp.zeros((batch,), jnp.int32)
-            count = jnp.full((batch,), ctx, jnp.int32)
-            t, state = benchlib.time_update(
-                lambda k, pt, k4, sc, zr: int4.int4_pack_prefill(
-                    k4, sc, zr, k, pt, start, count, backend="pallas"
-                ),
-                kn,
-                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
-                iters=5,
-            )
-            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
-            nbytes = batch * ctx * HKV * (D * 2 + D // 2 + 8)
-            record("int4_pack_prefill", batch, ctx, f"{ctx} tok", t, nbytes)
-
-        attempt("int4_pack_prefill", pack_pre)
-
         def quest_ref():
             rot = [(jnp.zeros((1,), jnp.float32), tables[r]) for r in range(2)]
             t, state = benchlib.time_update(

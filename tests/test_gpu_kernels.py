@@ -191,25 +191,6 @@ def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
 
-    # The paged pack: 64 sequences x 16 tokens, one page each, written from the same rows.
-    batch, tokens = 64, 16
-    k_new = xb[: batch * tokens * HKV].reshape(batch, tokens, HKV, D)
-    num_pages = batch + 1
-    cache = (
-        jnp.zeros((HKV, num_pages, S, D // 2), jnp.uint8),
-        jnp.zeros((HKV, num_pages, S), jnp.float32),
-        jnp.zeros((HKV, num_pages, S), jnp.float32),
-    )
-    page_table = jnp.arange(1, batch + 1, dtype=jnp.int32)[:, None]
-    start = jnp.zeros((batch,), jnp.int32)
-    count = jnp.full((batch,), tokens, jnp.int32)
-    packed, scale, zero = int4.int4_pack_prefill(
-        *cache, k_new, page_table, start, count, backend="pallas"
-    )
-    rule = int4_rule(np.asarray(k_new, np.float32))  # [B, T, Hkv, ...]
-    for g, w in zip((packed, scale, zero), rule):
-        np.testing.assert_array_equal(np.moveaxis(np.asarray(g)[:, 1:], 0, 2), w)
-
 
 def test_cache_append_decode_is_the_reference_bit_for_bit():
     """The decode append kernel natively: pages and Quest min/max equal the XLA reference
