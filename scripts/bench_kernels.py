@@ -51,8 +51,8 @@ ATTN_SWEEP = [
     attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=4),
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=16),
+    topp.TopPGpuConfig(num_warps=4),
+    topp.TopPGpuConfig(num_warps=16),
 ]
 
 
