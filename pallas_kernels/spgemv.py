@@ -21,13 +21,14 @@ GPU kernel (Triton): grid (B, Hkv, splits). A program loops over its share of th
 candidate blocks holding entries below cand_count (the trip count follows the count, so work
 is proportional to it); per tile it gathers the page ids of the blocks, then the packed rows
 of all their tokens in one masked vector gather, as [T, D / (2 W)] words of W bytes (the cache
-bitcast to uint32 / uint16 in the wrapper: Triton emits one load per gathered element, so wider
-words mean fewer loads), multiplies them by the G query rows of the KV head (padded to 16 for
-the MMA, loaded once per program, their columns permuted to match the nibble order inside the
-words), so the INT4 bytes are read once for the whole group, and stores the tile's logits.
-Then it writes -inf over its share of the tiles past the count. The loop lets Triton overlap
-one tile's dependent loads (cand -> page table -> rows) with the previous tile's work
-(num_stages), which one tile per program could not.
+bitcast to uint32 in the wrapper, W = 4, or to uint16 / uint8 where head_dim is too small for
+Triton's dot: Triton emits one load per gathered element, so wider words mean fewer loads),
+multiplies them by the G query rows of the KV head (padded to 16 for the MMA, loaded once per
+program, their columns permuted to match the nibble order inside the words), so the INT4 bytes
+are read once for the whole group, and stores the tile's logits. The cand -> page-table
+lookups of the next tile are issued in the current step (carried in the loop), so a tile's row
+gather does not wait behind two dependent loads. Then the program writes -inf over its share of
+the tiles past the count.
 TPU kernel (Mosaic): grid (B, Hkv, C), one candidate block per step, the page fetched by a
 scalar-prefetched physical page id in the index map.
 
@@ -48,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _common
@@ -55,19 +57,23 @@ from pallas_kernels import _common
 _INDEX_DTYPES = (np.int32,)
 # Gather word width in bytes -> the unsigned dtype the packed rows are bitcast to.
 _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+_MAX_WORD_BYTES = 4
+
+
+# Tuned defaults (H200, batch 64, 32K context, 8192 candidate tokens = 512 pages of 16 per
+# (sequence, KV head), head_dim 128, bf16 q; docs/results/kernels-sweep{2,3,4,6,8}-h200.*):
+#   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, num_stages 2,
+#       next tile's lookups carried in the loop, 4-byte words: 227-236 us (sweeps 4, 6, 8).
+#       Around it: 3 stages 228, 1 stage 233, 8192 programs 229, 1024 programs 248-256,
+#       64-token tiles 294, no carried lookup 258-261, page-run gathers 242-247 us. Earlier
+#       one-tile-per-program runs (sweeps 2, 3): 1-, 2- and 4-byte words 238, 252, 248 us; tiles
+#       computed token-major ([T, Gp], the nibbles as the MMA's M operand) 266-337 us.
+#   TPU: no knobs (one candidate block per grid step); not measured.
 
 
 @dataclasses.dataclass(frozen=True)
-class SpGEMVConfig:
-    """Tuning knobs of the GPU kernel (the TPU kernel is one candidate block per step).
-
-    The structure follows attention.py's sparse kernel, which reaches ~90% of copy bandwidth
-    on the same kind of gather: grid (B, Hkv, splits), each program loops over tiles so Triton
-    can software-pipeline the dependent loads (cand -> page table -> INT4 rows) across
-    iterations. Defaults from the H200 sweeps at batch 64 / 8192 candidates
-    (docs/results/kernels-sweep*-h200.md): prefetch_rows with 4096 target programs took
-    227 us against 258 us for the former defaults (1024 programs, no prefetch) in the same
-    run; tiles, stages, warps, token_major and word widths moved it less.
+class SpGEMVGpuConfig:
+    """Tuning knobs of the GPU kernel.
 
     tokens_per_chunk: candidate tokens (output columns) per loop step, the tile; a power of
       two >= 16 (Triton's dot needs every dim >= 16). 128 tokens is 8 KB of INT4 rows per
@@ -75,24 +81,8 @@ class SpGEMVConfig:
       (power-of-two rounded) candidate capacity for small problems.
     target_programs: splits per (sequence, KV head) are chosen from static shapes so that
       batch * Hkv * splits reaches about this many programs (a few per SM on an H200).
-      target_programs = max_splits = 2**30 with num_stages = 1 gives one tile per program,
-      the kernel's previous structure, for A/B runs.
     max_splits: upper bound on the splits.
     num_warps, num_stages: Triton launch parameters; num_stages pipelines the tile loop.
-    token_major: compute the [T, Gp] tile as nibbles . q^T (the nibbles are the MMA's M
-      operand, which Hopper's wgmma can take from registers) instead of [Gp, T] = q . nibbles^T
-      (M = Gp = 16, mma.sync). Which is faster is a question for the profiler.
-    prefetch_rows: look up the cache rows of tile t + 1 (cand and page-table loads) during
-      step t, carried in the loop, in case Triton's pipeliner does not hoist the two
-      dependent index loads by itself.
-    word_bytes: 1, 2 or 4; the packed rows are gathered as [T, D / (2 * word_bytes)] words
-      of this many bytes (uint8 / uint16 / uint32, a free bitcast of the cache in the
-      wrapper). Triton cannot prove the gather addresses contiguous (the rows come from a
-      load), so it issues one load instruction per element per thread: wider words mean
-      fewer loads per byte (1: the former byte gather). The dots contract over
-      K = D / (2 * word_bytes) columns, which must be >= 16 for Triton's dot, so the kernel
-      uses the largest width <= word_bytes that keeps K >= 16 (D = 64: 4 falls back to 2;
-      see effective_word_bytes).
     """
 
     tokens_per_chunk: int = 128
@@ -100,24 +90,12 @@ class SpGEMVConfig:
     max_splits: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    token_major: bool = False
-    prefetch_rows: bool = True
-    word_bytes: int = 4
 
     def __post_init__(self):
-        if self.word_bytes not in _WORD_DTYPES:
-            raise ValueError(f"word_bytes must be one of 1, 2, 4, got {self.word_bytes!r}")
-        t = self.tokens_per_chunk
-        if t < 16 or t & (t - 1):
-            raise ValueError(f"tokens_per_chunk must be a power of two >= 16, got {t}")
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-        if self.target_programs < 1:
-            raise ValueError(f"target_programs must be >= 1, got {self.target_programs}")
-        if self.max_splits < 1:
-            raise ValueError(f"max_splits must be >= 1, got {self.max_splits}")
+        _common.check_pow2("SpGEMVGpuConfig", "tokens_per_chunk", self.tokens_per_chunk, 16)
+        _common.check_pow2("SpGEMVGpuConfig", "num_warps", self.num_warps)
+        for name in ("num_stages", "target_programs", "max_splits"):
+            _common.check_positive("SpGEMVGpuConfig", name, getattr(self, name))
 
     def num_splits(self, rows: int, tiles: int) -> int:
         """Splits per (sequence, KV head) row from static shapes (no retrace as counts change).
@@ -127,25 +105,30 @@ class SpGEMVConfig:
         wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, rows)))
         return max(1, min(wanted, self.max_splits, tiles))
 
-    def effective_word_bytes(self, head_dim: int) -> int:
-        """Gather word width used at this head_dim: the largest w <= word_bytes with
-        head_dim // (2 * w) >= 16 (Triton's dot minimum; head_dim // 2 is a power of two
-        >= 16 on the GPU path, so w = 1 always qualifies)."""
-        w = self.word_bytes
-        while w > 1 and head_dim // (2 * w) < 16:
-            w //= 2
-        return w
+
+@dataclasses.dataclass(frozen=True)
+class SpGEMVTpuConfig:
+    """The TPU kernel has no tuning knobs: one candidate block per grid step (see
+    ``block_spgemv_tpu``). The class completes the op's config convention: ``config=`` of
+    ``block_spgemv`` takes either kind."""
 
 
-DEFAULT_CONFIG = SpGEMVConfig()
+DEFAULT_GPU_CONFIG = SpGEMVGpuConfig()
+DEFAULT_TPU_CONFIG = SpGEMVTpuConfig()
+
+
+def _word_bytes(head_dim: int) -> int:
+    """Gather word width of the GPU kernel: the largest w <= 4 with head_dim // (2 * w) >= 16
+    (the dots contract over that many words; Triton's dot needs >= 16). head_dim // 2 is a power
+    of two >= 16 on the GPU path, so w = 1 always qualifies."""
+    w = _MAX_WORD_BYTES
+    while w > 1 and head_dim // (2 * w) < 16:
+        w //= 2
+    return w
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _check_args(
@@ -201,11 +184,11 @@ def _check_args(
 def _check_gpu_args(head_dim: int, block_size: int) -> None:
     """Extra limits of the Triton kernel: every in-kernel array dim is a power of two."""
     half = head_dim // 2
-    if not _is_pow2(half) or half < 16:
+    if not _common.is_pow2(half) or half < 16:
         raise ValueError(
             f"q head_dim={head_dim}: the GPU kernel needs head_dim // 2 a power of two >= 16"
         )
-    if not _is_pow2(block_size):
+    if not _common.is_pow2(block_size):
         raise ValueError(f"block_size={block_size}: the GPU kernel needs a power of two")
 
 
@@ -336,8 +319,6 @@ def _gpu_kernel(
     num_pages: int,
     attn_scale: float,
     split_f32: bool,
-    token_major: bool,
-    prefetch_rows: bool,
     word_bytes: int,
 ):
     b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -361,19 +342,20 @@ def _gpu_kernel(
     first_dead = live + s * per_split_dead
     num_dead = jnp.clip(num_tiles - first_dead, 0, per_split_dead)
 
-    # The logits tile is [Gp, T] (head-major) or [T, Gp] (token-major); these place a
-    # per-head or per-token vector along the right axis of it.
-    if token_major:
-        per_head, per_token = (lambda v: v[None, :]), (lambda v: v[:, None])
-    else:
-        per_head, per_token = (lambda v: v[:, None]), (lambda v: v[None, :])
+    # The logits tile is [Gp, T]; these place a per-head or per-token vector along its axes.
+    def per_head(v):
+        return v[:, None]
+
+    def per_token(v):
+        return v[None, :]
+
     # Triton's dot needs every dim >= 16, so the G query heads are padded to group_pad; padded
     # heads are masked on load and store. Every ref access indexes each dim with an index
     # array (not a slice): the interpreter supports masked gathers/scatters only in that form,
     # and Triton still sees unit-stride columns.
     heads = jnp.arange(group_pad)
     tok = jnp.arange(tokens)
-    tile_shape = (tokens, group_pad) if token_major else (group_pad, tokens)
+    tile_shape = (group_pad, tokens)
     head_mask = jnp.broadcast_to(per_head(heads < group), tile_shape)
 
     def store(tile, logits):
@@ -421,31 +403,20 @@ def _gpu_kernel(
         k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
         # 2 W blocks of [T, Dw] bf16 (128 + nibble), in the order of _q_columns' pairs.
         nibbles = [n for pair in _unpack_nibbles(words, word_bytes) for n in pair]
-        if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
-            dot = _add_all([_dot_nt(nibbles[i], t) for t, i in q_terms])
-        else:  # [Gp, K] . [T, K]^T
-            dot = _add_all([_dot_nt(t, nibbles[i]) for t, i in q_terms])
+        dot = _add_all([_dot_nt(t, nibbles[i]) for t, i in q_terms])  # [Gp, K] . [T, K]^T
         zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
         logits = attn_scale * (per_token(k_s) * dot + zero_term)
         return jnp.where(per_token(tok_ok), logits, -jnp.inf)
 
-    if prefetch_rows:
-        # The cand -> page table lookups of tile t + 1 are issued in step t, so the row
-        # gather of each step does not wait behind two dependent loads. The lookup past the
-        # last live tile is harmless: its entries are past the count, so nothing is read.
-        def live_body(t, rows):
-            nxt = rows_of(first + t + 1)
-            store(first + t, logits_of(rows))
-            return nxt
+    # The cand -> page table lookups of tile t + 1 are issued in step t, so the row gather of
+    # each step does not wait behind two dependent loads. The lookup past the last live tile
+    # is harmless: its entries are past the count, so nothing is read.
+    def live_body(t, rows):
+        nxt = rows_of(first + t + 1)
+        store(first + t, logits_of(rows))
+        return nxt
 
-        jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
-    else:
-
-        def live_body(t, carry):
-            store(first + t, logits_of(rows_of(first + t)))
-            return carry
-
-        jax.lax.fori_loop(0, num_live, live_body, jnp.int32(0))
+    jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
 
     def dead_body(t, carry):
         store(first_dead + t, jnp.full(tile_shape, -jnp.inf, jnp.float32))
@@ -466,7 +437,7 @@ def block_spgemv_gpu(
     *,
     block_size: int,
     scale: float | None = None,
-    config: SpGEMVConfig = DEFAULT_CONFIG,
+    config: SpGEMVGpuConfig = DEFAULT_GPU_CONFIG,
     interpret: bool = False,
 ):
     """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller).
@@ -485,7 +456,7 @@ def block_spgemv_gpu(
     cb = tokens // block_size
     splits = config.num_splits(batch * num_kv_heads, pl.cdiv(num_cand, cb))
     group_pad = max(16, pl.next_power_of_2(group))
-    word_bytes = config.effective_word_bytes(head_dim)
+    word_bytes = _word_bytes(head_dim)
     words_per_row = half // word_bytes
     # Free in XLA: a row's D/2 bytes viewed as Dw little-endian words (byte k of word w is
     # byte W w + k), so the kernel gathers W times fewer elements.
@@ -507,8 +478,6 @@ def block_spgemv_gpu(
         num_pages=num_pages,
         attn_scale=_attn_scale(scale, head_dim),
         split_f32=q.dtype == jnp.float32,
-        token_major=config.token_major,
-        prefetch_rows=config.prefetch_rows,
         word_bytes=word_bytes,
     )
 
@@ -619,6 +588,7 @@ def block_spgemv_tpu(
     *,
     block_size: int,
     scale: float | None = None,
+    config: SpGEMVTpuConfig = DEFAULT_TPU_CONFIG,
     interpret: bool = False,
 ):
     """Pallas Mosaic TPU kernel; arguments and result as `block_spgemv` (checked by the caller).
@@ -631,8 +601,7 @@ def block_spgemv_tpu(
     candidate entry of the whole batch), which limits C * B * Hkv: fine for page-level
     candidates, too much for token-level candidates at serving batch sizes.
     """
-    from jax.experimental.pallas import tpu as pltpu
-
+    del config  # no knobs
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, half = k_int4.shape
     max_pages = page_table.shape[1]
@@ -718,7 +687,7 @@ def block_spgemv(
     block_size: int,
     scale: float | None = None,
     backend: str = "auto",
-    config: SpGEMVConfig | None = None,
+    config: SpGEMVGpuConfig | SpGEMVTpuConfig | None = None,
 ):
     """Estimated logits of the candidate blocks from the INT4 K cache (Twilight's SpGEMV).
 
@@ -735,8 +704,9 @@ def block_spgemv(
       block_size: static; divides page_size (page_size for Quest pages, 1 for tokens).
       scale: static logit scale, default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
-        (pallas_kernels._common.resolve_backend).
-      config: SpGEMVConfig for the GPU kernel; default DEFAULT_CONFIG.
+        (docs/kernel_api.md).
+      config: SpGEMVGpuConfig or SpGEMVTpuConfig for the kernel that runs; None: the
+        defaults.
 
     Returns:
       [batch, num_q_heads, C * block_size] float32. Column c * block_size + i holds the logit
@@ -746,27 +716,20 @@ def block_spgemv(
     _check_args(
         q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count, block_size, scale
     )
-    impl, interpret = _common.resolve_backend(backend)
-    if impl == "gpu":
-        _check_gpu_args(q.shape[2], block_size)
+    run = _common.implementation(
+        backend,
+        config,
+        reference=_reference_jit,
+        gpu=(_gpu_jit, DEFAULT_GPU_CONFIG),
+        tpu=(_tpu_jit, DEFAULT_TPU_CONFIG),
+    )
     batch, num_q_heads, _ = q.shape
-    num_cand = cand_blocks.shape[2]
-    if num_cand == 0:
+    if cand_blocks.shape[2] == 0:
         return jnp.zeros((batch, num_q_heads, 0), jnp.float32)
     args = (q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count)
-    if impl == "reference":
-        return _reference_jit(*args, block_size=int(block_size), scale=scale)
-    if impl == "gpu":
-        return _gpu_jit(
-            *args,
-            block_size=int(block_size),
-            scale=scale,
-            config=config or DEFAULT_CONFIG,
-            interpret=interpret,
-        )
-    return _tpu_jit(*args, block_size=int(block_size), scale=scale, interpret=interpret)
+    return run(*args, block_size=int(block_size), scale=scale)
 
 
 _reference_jit = jax.jit(block_spgemv_reference, static_argnames=("block_size", "scale"))
 _gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=("block_size", "scale", "config", "interpret"))
-_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "interpret"))
+_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "config", "interpret"))

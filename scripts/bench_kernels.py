@@ -40,8 +40,8 @@ N_ROT = 4  # input sets rotated through inside one timing loop
 # kernels-sweep*-h200.md); these ask what small batches (4-8 sequences: 32-64 (sequence, KV
 # head) rows) want: larger tiles and fewer, longer-looping programs.
 SPGEMV_SWEEP = [
-    spgemv.SpGEMVConfig(tokens_per_chunk=256),
-    spgemv.SpGEMVConfig(tokens_per_chunk=256, target_programs=1024),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256, target_programs=1024),
 ]
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=64),
