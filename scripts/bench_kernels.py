@@ -48,7 +48,7 @@ QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
 ]
 ATTN_SWEEP = [
-    attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
+    attention.AttentionGpuConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
     topp.TopPGpuConfig(num_warps=4),
