@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _export import export_cuda, export_tpu
 
-from pallas_kernels import spgemv
+from pallas_kernels import spgemv, spgemv_gpu
 
 TOL = {jnp.float32: dict(rtol=1e-4, atol=1e-4), jnp.bfloat16: dict(rtol=2e-4, atol=2e-4)}
 
@@ -235,10 +235,10 @@ def test_gpu_byte_gather():
 
 
 def test_word_bytes():
-    assert spgemv._word_bytes(256) == 4
-    assert spgemv._word_bytes(128) == 4  # uint32 words, 16 of them per row
-    assert spgemv._word_bytes(64) == 2  # uint16 words, 16
-    assert spgemv._word_bytes(32) == 1  # bytes, 16
+    assert spgemv_gpu._word_bytes(256) == 4
+    assert spgemv_gpu._word_bytes(128) == 4  # uint32 words, 16 of them per row
+    assert spgemv_gpu._word_bytes(64) == 2  # uint16 words, 16
+    assert spgemv_gpu._word_bytes(32) == 1  # bytes, 16
 
 
 def test_num_splits():
