@@ -225,10 +225,11 @@ def _gpu_params(config: Int4GpuConfig):
 
 
 def _half_cols(half: int):
-    """Column iota [1, Hp] over the half row padded to a power of two, and the mask of real
-    columns (None when no padding is needed)."""
-    col, ok = _common.padded_iota(half)
-    return col[None, :], (None if ok is None else ok[None, :])
+    """Column iota [1, Hp] over the half row padded to a power of two (Triton block dims must
+    be), and the mask of real columns (None when no padding is needed)."""
+    padded = pl.next_power_of_2(half)
+    col = jnp.arange(padded)[None, :]
+    return col, (col < half if padded != half else None)
 
 
 def _quantize_gpu_kernel(
