@@ -155,19 +155,19 @@ def and_mask(mask, extra):
     return mask if extra is None else mask & extra
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_pow2(owner: str, name: str, value, minimum: int = 1) -> None:
     """A config field that must be a power of two >= minimum (Triton block dims are)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or not is_pow2(value)
-    ):
+    if not _is_int(value) or value < minimum or not is_pow2(int(value)):
         raise ValueError(f"{owner}.{name} must be a power of two >= {minimum}, got {value!r}")
 
 
 def check_positive(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A config field that must be an int >= 1."""
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
 
 

@@ -191,7 +191,7 @@ def _check_scale(scale) -> None:
 
 def _check_gpu_shapes(q) -> None:
     head_dim = q.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if head_dim < 16 or not _common.is_pow2(head_dim):
         raise ValueError(
             f"q head_dim={head_dim} must be a power of two >= 16 for the GPU (Triton) kernel"
         )
