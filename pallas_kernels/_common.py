@@ -1,31 +1,74 @@
-"""Backend resolution and argument checks shared by every kernel module.
+"""What every kernel module shares: backend resolution and dispatch, argument checks, small helpers.
 
 Validation is kept apart from computation: each public entry calls these checks on concrete
 shapes and dtypes (never on traced values) before it dispatches, so bad input raises a
 ``ValueError`` that names the argument instead of a tracing error from deep inside a kernel.
+
+Dispatch: an entry ``op(..., backend=..., config=...)`` hands its reference and its kernels to
+``implementation``, which resolves ``backend`` on the current platform and returns the one
+function to call. Every op follows the same convention: a GPU config class and (where the op has
+a TPU kernel) a TPU config class, frozen dataclasses whose defaults are the op's tuned defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "reference")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+_ASSUMED_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pallas_kernels_assumed_platform", default=None
+)
 
 
 def platform() -> str:
-    """The default JAX backend's platform: "gpu", "tpu" or "cpu"."""
+    """The platform backends resolve on: "gpu", "tpu" or "cpu".
+
+    That of JAX's default backend, unless an ``assume_platform`` block says otherwise.
+    """
+    assumed = _ASSUMED_PLATFORM.get()
+    if assumed is not None:
+        return assumed
     p = jax.default_backend()
     return "gpu" if p in ("gpu", "cuda", "rocm") else p
+
+
+@contextlib.contextmanager
+def assume_platform(name: str) -> Iterator[None]:
+    """Inside the block, backends resolve as if JAX ran on ``name`` ("cpu", "gpu" or "tpu").
+
+    For lowering checks on a host without the accelerator: under ``assume_platform("gpu")``,
+    ``backend="auto"`` and ``"pallas"`` pick the native Triton kernels (not interpret mode), so
+    ``jax.export`` for CUDA lowers the real kernels; running them still needs a GPU. Only the
+    choice made at trace time changes: jit caches do not key on it, so a function traced under
+    one platform is reused under another (``jax.clear_caches()`` between the two).
+    """
+    if name not in PLATFORMS:
+        raise ValueError(f"name must be one of {PLATFORMS}, got {name!r}")
+    token = _ASSUMED_PLATFORM.set(name)
+    try:
+        yield
+    finally:
+        _ASSUMED_PLATFORM.reset(token)
 
 
 def resolve_backend(backend: str) -> tuple[str, bool]:
     """Maps a public ``backend`` argument to (implementation, interpret).
 
     implementation is "reference", "gpu" or "tpu"; interpret is True when the Pallas kernel has
-    to run in interpret mode because the platform cannot run it natively.
+    to run in interpret mode because the platform cannot run it natively. "auto" is the native
+    kernel on a GPU or TPU and the reference elsewhere; "pallas" is the kernel written for the
+    platform (on CPU the GPU kernel, interpreted).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -36,17 +79,96 @@ def resolve_backend(backend: str) -> tuple[str, bool]:
         return "tpu", plat != "tpu"
     if backend == "pallas_gpu":
         return "gpu", plat != "gpu"
-    # "auto" on an accelerator, or "pallas": the kernel written for this platform.
     if plat == "tpu":
         return "tpu", False
     return "gpu", plat != "gpu"
 
 
-def tpu_interpret_params():
-    """Interpret-mode parameters that simulate TPU semantics on CPU."""
-    from jax.experimental.pallas import tpu as pltpu
+def implementation(
+    backend: str,
+    config,
+    *,
+    reference: Callable,
+    gpu: tuple[Callable, object] | None = None,
+    tpu: tuple[Callable, object] | None = None,
+) -> Callable:
+    """The function an op's public entry calls for ``backend`` and ``config``.
 
-    return pltpu.InterpretParams()
+    Args:
+      backend: the entry's ``backend`` argument (``resolve_backend``).
+      config: the entry's ``config`` argument: None (the kernel's default) or an instance of
+        the op's GPU or TPU config class.
+      reference: the op's jnp reference, called with the op's arguments.
+      gpu, tpu: ``(kernel, default_config)`` of the op's Pallas kernel for that platform; the
+        kernel is called with the op's arguments plus ``config=`` and ``interpret=``. None where
+        the op has no such kernel: the reference runs there.
+
+    Returns:
+      The reference, or the kernel with its config and interpret mode bound.
+
+    Raises ValueError when ``config`` is none of the op's config classes, or is the other
+    platform's config for the kernel that runs (a tuning run would otherwise time the defaults
+    without a word). The reference ignores ``config``.
+    """
+    impl, interpret = resolve_backend(backend)
+    kinds = tuple(type(default) for _, default in filter(None, (gpu, tpu)))
+    if config is not None and not isinstance(config, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"config must be None or a {names}, got {type(config).__name__}")
+    chosen = {"gpu": gpu, "tpu": tpu}.get(impl)
+    if chosen is None:
+        return reference
+    kernel, default = chosen
+    if config is None:
+        config = default
+    elif not isinstance(config, type(default)):
+        raise ValueError(
+            f"config is a {type(config).__name__}, but backend={backend!r} runs the "
+            f"{impl.upper()} kernel here, which takes a {type(default).__name__}"
+        )
+    return functools.partial(kernel, config=config, interpret=interpret)
+
+
+def tpu_interpret(interpret: bool):
+    """The ``interpret`` argument of a TPU ``pallas_call``: False, or parameters that simulate
+    TPU semantics on CPU."""
+    return pltpu.InterpretParams() if interpret else False
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def padded_iota(n: int):
+    """(iota [Np], mask [Np] of the entries < n, or None when Np == n), Np the power of two >= n.
+
+    Triton block dims must be powers of two: a kernel spans a dim of n by Np lanes and masks
+    the extra ones out of its loads, stores and reductions.
+    """
+    padded = pl.next_power_of_2(n)
+    i = jnp.arange(padded)
+    return i, (i < n if padded != n else None)
+
+
+def and_mask(mask, extra):
+    """mask & extra, where extra may be None (nothing to mask)."""
+    return mask if extra is None else mask & extra
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_pow2(owner: str, name: str, value, minimum: int = 1) -> None:
+    """A config field that must be a power of two >= minimum (Triton block dims are)."""
+    if not _is_int(value) or value < minimum or not is_pow2(int(value)):
+        raise ValueError(f"{owner}.{name} must be a power of two >= {minimum}, got {value!r}")
+
+
+def check_positive(owner: str, name: str, value) -> None:
+    """A config field that must be an int >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -68,11 +190,6 @@ def check_dtype(name: str, x, allowed: Sequence) -> None:
     if not any(dt == np.dtype(a) for a in allowed):
         names = ", ".join(str(np.dtype(a)) for a in allowed)
         raise ValueError(f"{name} must have dtype in ({names}), got {dt}")
-
-
-def check_divides(name: str, value: int, divisor_name: str, divisor: int) -> None:
-    if divisor <= 0 or value % divisor != 0:
-        raise ValueError(f"{name}={value} must be a multiple of {divisor_name}={divisor}")
 
 
 def check_static_p(p) -> None:

@@ -17,8 +17,12 @@ k_scale, k_zero [Hkv, P, S] float32; k_min, k_max [Hkv, P, D] (k_pages dtype); k
 [B, Hkv, D]; page_table [B, max_pages] int32; positions [B] int32.
 
 GPU (Triton): grid (Hkv, blocks of sequences); masked stores into the aliased cache arrays, so
-under jit with the cache donated the update is in place. Elsewhere the reference (XLA scatters,
-in place under donation as well).
+under jit with the cache donated the update is in place. There is no TPU kernel: on a TPU the
+reference runs (XLA scatters, in place under donation as well).
+
+Defaults (AppendGpuConfig; docs/kernels.md, "Decode append"): 16 sequences a program, 4 warps,
+measured inside the LLaMA-8B-shaped decode step on an H200 (4.5 us a layer at batch 8); not
+swept.
 """
 
 from __future__ import annotations
@@ -46,16 +50,14 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 @dataclasses.dataclass(frozen=True)
 class AppendGpuConfig:
     """Triton launch knobs. seqs_per_block: sequences (rows) one program writes, a power of
-    two; num_warps: a power of two."""
+    two; num_warps: a power of two. (No loop in the kernel: no pipeline stages to set.)"""
 
     seqs_per_block: int = 16
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("seqs_per_block", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two, got {v}")
+        _common.check_pow2("AppendGpuConfig", "seqs_per_block", self.seqs_per_block)
+        _common.check_pow2("AppendGpuConfig", "num_warps", self.num_warps)
 
 
 DEFAULT_GPU_CONFIG = AppendGpuConfig()
@@ -158,7 +160,7 @@ def _gpu_kernel(
     dest = phys * page_size + slot
 
     c2, col_ok = _half_cols(half)
-    s2, ok2 = seq[:, None], ok[:, None] if col_ok is None else ok[:, None] & col_ok
+    s2, ok2 = seq[:, None], _common.and_mask(ok[:, None], col_ok)
     d2, p2 = dest[:, None], phys[:, None]
     first = (slot == 0)[:, None]
     kdt, mdt = kp_ref.dtype, mn_ref.dtype
@@ -262,22 +264,18 @@ def cache_append_decode(
       k_new, v_new: [B, Hkv, D] float, the new token's post-RoPE K and its V.
       page_table: [B, max_pages] int32, logical page -> physical page.
       positions: [B] int32 position of the new token; < 0 skips sequence b.
-      backend: "auto" | "pallas" | "pallas_gpu" | "reference" ("pallas_tpu" and "auto" on a
-        TPU run the reference: XLA's scatters, in place under donation).
-      config: AppendGpuConfig for the GPU kernel.
+      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference" ("pallas_tpu"
+        and "auto" on a TPU run the reference: XLA's scatters, in place under donation).
+      config: AppendGpuConfig for the GPU kernel; None: the defaults.
 
     Returns:
       (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max) updated.
     """
     args = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new)
     _check_args(*args, page_table, positions)
-    impl, interpret = _common.resolve_backend(backend)
-    if impl == "gpu":
-        return cache_append_decode_gpu(
-            *args,
-            page_table,
-            positions,
-            interpret=interpret,
-            config=config or DEFAULT_GPU_CONFIG,
-        )
-    return cache_append_decode_reference(*args, page_table, positions)
+    return _common.implementation(
+        backend,
+        config,
+        reference=cache_append_decode_reference,
+        gpu=(cache_append_decode_gpu, DEFAULT_GPU_CONFIG),
+    )(*args, page_table, positions)

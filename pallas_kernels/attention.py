@@ -20,16 +20,10 @@ Out-of-range values never address memory outside the arrays, on every backend al
 (and lengths) are clamped to the capacity, positions into [0, max_pages * page_size), page-table
 entries into [0, num_pages). Entries past the count are never used.
 
-GPU (Pallas Triton): flash-decoding. Grid (batch, Hi, splits): the count of each list row is cut
-into ``splits`` equal ranges (rounded to whole tiles), so short and long lists both spread over
-many programs. Each program runs an online softmax over its range in tiles of ``block_tokens``
-rows gathered through the page table with masked loads, and writes a partial (acc, max, sum); a
-jnp step merges the splits. The query rows are padded to 16, Triton's smallest dot.
-
-TPU (Pallas Mosaic): grid (batch, Hi), one program walks its whole list with a double-buffered
-loop of manual DMAs from HBM into VMEM: whole pages for dense attention (page ids from the
-scalar-prefetched page table), single rows for sparse attention (positions DMA'd into SMEM one
-tile at a time). DMAs past the count are skipped and their rows masked.
+Kernels: attention_gpu (Pallas Triton, flash-decoding over (batch, list row, split)) and
+attention_tpu (Pallas Mosaic, one program per (batch, list row) with double-buffered DMAs).
+This module holds their configs (one table of tuned defaults), the argument checks, the
+references and the public entries.
 """
 
 from __future__ import annotations
@@ -41,81 +35,66 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (
-    check_dim,
-    check_dtype,
-    check_rank,
-    resolve_backend,
-    tpu_interpret_params,
-)
+from pallas_kernels import _common, attention_gpu, attention_tpu
+from pallas_kernels._common import check_dim, check_dtype, check_rank
 
-_LOG2E = math.log2(math.e)
-# Finite start for the running max: a tile whose tokens are all masked then gives
-# exp2(-inf - finite) = 0 instead of exp2(-inf - -inf) = NaN.
-_INIT_MAX = -1e30
 _Q_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _KV_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float16)
-# Triton's smallest dot operand dimension.
-_MIN_DOT_ROWS = 16
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
+# Tuned defaults, one config per kernel (H200, batch 64, 32K context, bf16, 32 query / 8 KV
+# heads, head_dim 128, page 16; docs/results/kernels-sweep-h200.md, kernels-sweep2-h200.md):
+#   GPU dense  (DENSE_GPU_CONFIG):  64-token tiles, 3 stages: 2004 us (2 stages 2077-2078;
+#       32-token tiles 2453; 128-token tiles, 8 warps, 3 stages, 2048 programs 2008-2011;
+#       4 stages with 4096 programs 2023).
+#   GPU sparse (SPARSE_GPU_CONFIG, the class defaults): 32-token tiles, 2 stages: 8192-token
+#       lists 539 us (64-token tiles 3 stages 542, 128-token 561), 512-token lists 66 us
+#       (64-token tiles 78-94, 128-token 69).
+#   Both: 4 warps (8 warps 2258 / 675 us), 1024 target programs, at most 32 splits.
+#   TPU block_tokens 128: not measured.
+
 
 @dataclasses.dataclass(frozen=True)
-class GpuAttentionConfig:
+class AttentionGpuConfig:
     """Tiling of the GPU kernels. Hashable: passed as a static argument.
-
-    Defaults are reasoned, not measured (no GPU was available when they were set); sweep
-    block_tokens in {32, 64, 128}, num_warps in {4, 8}, num_stages in {2, 3, 4} and
-    target_programs in {512, 1024, 2048} on the target.
 
     block_tokens: K/V rows per online-softmax step (a power of two >= 16).
     target_programs: splits are chosen so that batch * Hi * splits reaches about this many
       programs (a few waves over an H200's 132 SMs).
     max_splits: upper bound on splits (each split costs a partial of Rp x head_dim floats).
+    num_warps, num_stages: Triton launch parameters; num_stages pipelines the tile loop.
     """
 
-    block_tokens: int = 64
+    block_tokens: int = 32
     target_programs: int = 1024
     max_splits: int = 32
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
-        bt = self.block_tokens
-        if bt < 16 or bt & (bt - 1):
-            raise ValueError(f"block_tokens must be a power of two >= 16, got {bt}")
-        if self.max_splits < 1:
-            raise ValueError(f"max_splits must be >= 1, got {self.max_splits}")
-        if self.target_programs < 1:
-            raise ValueError(f"target_programs must be >= 1, got {self.target_programs}")
+        _common.check_pow2("AttentionGpuConfig", "block_tokens", self.block_tokens, 16)
+        _common.check_pow2("AttentionGpuConfig", "num_warps", self.num_warps)
+        for name in ("target_programs", "max_splits", "num_stages"):
+            _common.check_positive("AttentionGpuConfig", name, getattr(self, name))
 
     def num_splits(self, batch: int, rows: int, capacity: int) -> int:
         """Splits per list row, from static shapes only (no retrace when counts change)."""
-        wanted = _next_pow2(pl.cdiv(self.target_programs, max(1, batch * rows)))
+        wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, batch * rows)))
         tiles = pl.cdiv(max(1, capacity), self.block_tokens)
         return max(1, min(wanted, self.max_splits, tiles))
 
 
-# Defaults from the H200 sweep (docs/kernels.md, batch 64, 32K context, bf16, GQA 4): the
-# dense loop gains from a third pipeline stage (2077 -> 2004 us), the gather-heavy sparse
-# loop from shorter tiles (8192-token lists 564 -> 539 us, 512-token lists 86 -> 66 us).
-DENSE_GPU_CONFIG = GpuAttentionConfig(block_tokens=64, num_warps=4, num_stages=3)
-SPARSE_GPU_CONFIG = GpuAttentionConfig(block_tokens=32, num_warps=4, num_stages=2)
+DENSE_GPU_CONFIG = AttentionGpuConfig(block_tokens=64, num_stages=3)
+SPARSE_GPU_CONFIG = AttentionGpuConfig()
 
 
 @dataclasses.dataclass(frozen=True)
-class TpuAttentionConfig:
+class AttentionTpuConfig:
     """Tiling of the TPU kernels. Hashable: passed as a static argument.
 
     block_tokens: K/V rows per step (dense: rounded to whole pages, at least one page; sparse:
@@ -126,14 +105,19 @@ class TpuAttentionConfig:
 
     def __post_init__(self):
         bt = self.block_tokens
-        if bt < 16 or bt % 16:
-            raise ValueError(f"block_tokens must be a positive multiple of 16, got {bt}")
+        if isinstance(bt, bool) or not isinstance(bt, int) or bt < 16 or bt % 16:
+            raise ValueError(
+                f"AttentionTpuConfig.block_tokens must be a positive multiple of 16, got {bt!r}"
+            )
 
     def dense_pages_per_tile(self, page_size: int) -> int:
         return max(1, self.block_tokens // page_size)
 
     def sparse_tile(self, capacity: int) -> int:
         return min(self.block_tokens, 16 * pl.cdiv(capacity, 16))
+
+
+DEFAULT_TPU_CONFIG = AttentionTpuConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +191,7 @@ def _check_scale(scale) -> None:
 
 def _check_gpu_shapes(q) -> None:
     head_dim = q.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if head_dim < 16 or not _common.is_pow2(head_dim):
         raise ValueError(
             f"q head_dim={head_dim} must be a power of two >= 16 for the GPU (Triton) kernel"
         )
@@ -270,174 +254,9 @@ def paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths, *
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: Pallas Triton, flash-decoding over (batch, list row, split)
+# The kernels with the public signatures: checks, default config, then attention_gpu /
+# attention_tpu
 # ---------------------------------------------------------------------------------------------
-
-
-def _gpu_kernel(
-    count_ref,  # [1] tokens in this list row (dense: lengths[b])
-    q_ref,  # [Rp, D] query rows of this list row, zero padded to Rp
-    pt_ref,  # [max_pages] page table of sequence b
-    k_ref,  # [num_pages * page_size, D] K rows of this KV head
-    v_ref,  # [num_pages * page_size, D] V rows of this KV head
-    *refs,  # sparse: pos_ref [capacity]; then o_ref [Rp, D], m_ref [Rp], den_ref [Rp]
-    sparse: bool,
-    num_splits: int,
-    block_tokens: int,
-    page_size: int,
-    capacity: int,
-    qk_scale_log2: float,
-    precision,
-):
-    from jax.experimental.pallas import triton as plt
-
-    if sparse:
-        pos_ref, o_ref, m_ref, den_ref = refs
-    else:
-        o_ref, m_ref, den_ref = refs
-    rp, head_dim = q_ref.shape
-    max_tokens = pt_ref.shape[0] * page_size
-    num_pages = k_ref.shape[0] // page_size
-
-    count = jnp.minimum(count_ref[0], capacity)
-    per_split = pl.cdiv(pl.cdiv(count, num_splits), block_tokens) * block_tokens
-    start = pl.program_id(2) * per_split
-    end = jnp.minimum(start + per_split, count)
-    num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_tokens)
-
-    q = q_ref[...]
-    cols = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
-
-    def body(t, carry):
-        acc, m, den = carry
-        idx = start + t * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
-        valid = idx < end
-        if sparse:
-            pos = plt.load(pos_ref.at[jnp.minimum(idx, capacity - 1)], mask=valid, other=0)
-        else:
-            pos = idx
-        pos = jnp.clip(pos, 0, max_tokens - 1)
-        # Truncating division: pos >= 0, and it is cheaper than floor division.
-        page = jnp.clip(pt_ref[lax.div(pos, page_size)], 0, num_pages - 1)
-        rows = page * page_size + lax.rem(pos, page_size)
-        # Masked loads: no bandwidth past the count, and zeros (not garbage) feed the dots.
-        k = plt.load(k_ref.at[rows[:, None], cols], mask=valid[:, None], other=0)
-        v = plt.load(v_ref.at[rows[:, None], cols], mask=valid[:, None], other=0)
-        # Base-2 logits: exp2 is a single MUFU instruction.
-        s = (
-            lax.dot_general(
-                q,
-                k,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            * qk_scale_log2
-        )  # [Rp, T]
-        s = jnp.where(valid[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        den = den * corr + jnp.sum(p, axis=1)
-        acc = acc * corr[:, None] + lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        return acc, m_new, den
-
-    init = (
-        jnp.zeros((rp, head_dim), jnp.float32),
-        jnp.full((rp,), _INIT_MAX, jnp.float32),
-        jnp.zeros((rp,), jnp.float32),
-    )
-    acc, m, den = lax.fori_loop(0, num_tiles, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m
-    den_ref[...] = den
-
-
-def _combine_splits(acc, m, den, rows_used: int):
-    """Merges per-split partials: acc [B, Hi, S, Rp, D], m/den [B, Hi, S, Rp] (base-2 max)."""
-    acc, m, den = acc[..., :rows_used, :], m[..., :rows_used], den[..., :rows_used]
-    w = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))  # empty splits: den = 0, acc = 0
-    total = jnp.sum(w * den, axis=2)
-    out = jnp.sum(w[..., None] * acc, axis=2)
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
-@functools.partial(jax.jit, static_argnames=("sparse", "scale", "config", "interpret"))
-def _decode_attention_gpu(
-    q, k_pages, v_pages, page_table, counts, token_pos, *, sparse, scale, config, interpret
-):
-    from jax.experimental.pallas import triton as plt
-
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, num_pages, page_size, _ = k_pages.shape
-    rows = token_pos.shape[1] if sparse else num_kv_heads
-    per_row = num_q_heads // rows
-    rows_per_kv = rows // num_kv_heads
-    capacity = token_pos.shape[2] if sparse else page_table.shape[1] * page_size
-    splits = config.num_splits(batch, rows, capacity)
-    rp = max(_MIN_DOT_ROWS, _next_pow2(per_row))
-
-    qg = q.astype(k_pages.dtype).reshape(batch, rows, per_row, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rp - per_row), (0, 0)))
-    # Free reshapes: pages are contiguous, so row page*page_size + slot addresses a token.
-    k_rows = k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-    v_rows = v_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-    counts = counts.reshape(-1)  # [B * Hi] (dense: [B])
-
-    kv_spec = pl.BlockSpec(
-        (None, num_pages * page_size, head_dim), lambda b, i, s: (i // rows_per_kv, 0, 0)
-    )
-    in_specs = [
-        pl.BlockSpec((1,), (lambda b, i, s: (b * rows + i,)) if sparse else (lambda b, i, s: (b,))),
-        pl.BlockSpec((None, None, rp, head_dim), lambda b, i, s: (b, i, 0, 0)),
-        pl.BlockSpec((None, page_table.shape[1]), lambda b, i, s: (b, 0)),
-        kv_spec,
-        kv_spec,
-    ]
-    args = [counts, qg, page_table, k_rows, v_rows]
-    if sparse:
-        in_specs.append(pl.BlockSpec((None, None, capacity), lambda b, i, s: (b, i, 0)))
-        args.append(token_pos)
-
-    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _gpu_kernel,
-        sparse=sparse,
-        num_splits=splits,
-        block_tokens=config.block_tokens,
-        page_size=page_size,
-        capacity=capacity,
-        qk_scale_log2=_scale_or_default(scale, head_dim) * _LOG2E,
-        precision=precision,
-    )
-    acc, m, den = pl.pallas_call(
-        kernel,
-        grid=(batch, rows, splits),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, rp, head_dim), lambda b, i, s: (b, i, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rp), lambda b, i, s: (b, i, s, 0)),
-            pl.BlockSpec((None, None, None, rp), lambda b, i, s: (b, i, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, rows, splits, rp, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, rows, splits, rp), jnp.float32),
-            jax.ShapeDtypeStruct((batch, rows, splits, rp), jnp.float32),
-        ],
-        compiler_params=plt.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
-        name="sparse_decode_attention" if sparse else "paged_decode_attention",
-    )(*args)
-    out = _combine_splits(acc, m, den, per_row)
-    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
 def paged_decode_attention_gpu(
@@ -446,7 +265,7 @@ def paged_decode_attention_gpu(
     """Dense paged decode attention, Pallas Triton kernel. Arguments as in the public entry."""
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
     _check_gpu_shapes(q)
-    return _decode_attention_gpu(
+    return attention_gpu.decode_attention_gpu(
         q,
         k_pages,
         v_pages,
@@ -454,7 +273,7 @@ def paged_decode_attention_gpu(
         lengths,
         None,
         sparse=False,
-        scale=scale,
+        scale=_scale_or_default(scale, q.shape[2]),
         config=config or DENSE_GPU_CONFIG,
         interpret=interpret,
     )
@@ -466,7 +285,7 @@ def sparse_decode_attention_gpu(
     """Sparse decode attention, Pallas Triton kernel. Arguments as in the public entry."""
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
     _check_gpu_shapes(q)
-    return _decode_attention_gpu(
+    return attention_gpu.decode_attention_gpu(
         q,
         k_pages,
         v_pages,
@@ -474,199 +293,10 @@ def sparse_decode_attention_gpu(
         counts,
         token_pos,
         sparse=True,
-        scale=scale,
+        scale=_scale_or_default(scale, q.shape[2]),
         config=config or SPARSE_GPU_CONFIG,
         interpret=interpret,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# TPU: Pallas Mosaic, one program per (batch, list row), double-buffered manual DMAs
-# ---------------------------------------------------------------------------------------------
-
-
-def _tpu_kernel(
-    pt_ref,  # SMEM [batch * max_pages] page table, flattened
-    count_ref,  # SMEM [batch * Hi] (dense: [batch]) tokens per list row
-    q_ref,  # VMEM [R, D] query rows of this list row
-    k_hbm,  # HBM [Hkv, num_pages, page_size, D]
-    v_hbm,  # HBM [Hkv, num_pages, page_size, D]
-    *refs,  # sparse: pos_hbm [B, Hi, capacity]; o_ref [R, D]; scratch (see wrapper)
-    sparse: bool,
-    rows_per_kv: int,
-    max_pages: int,
-    capacity: int,
-    tile: int,
-    qk_scale: float,
-):
-    from jax.experimental.pallas import tpu as pltpu
-
-    if sparse:
-        pos_hbm, o_ref, k_buf, v_buf, k_sem, v_sem, pos_buf, pos_sem = refs
-    else:
-        o_ref, k_buf, v_buf, k_sem, v_sem = refs
-    b, i = pl.program_id(0), pl.program_id(1)
-    num_rows = pl.num_programs(1)
-    # Truncating lax.div / lax.rem on non-negative ints: jnp's floor division lowers through
-    # sign(), which Mosaic lowers per TPU generation.
-    kv_head = lax.div(i, rows_per_kv)
-    page_size = k_hbm.shape[2]
-    count = jnp.minimum(count_ref[b * num_rows + i] if sparse else count_ref[b], capacity)
-    num_tiles = lax.div(count + (tile - 1), tile)
-
-    def page_of(pos):
-        pos = jnp.clip(pos, 0, max_pages * page_size - 1)
-        page = jnp.clip(pt_ref[b * max_pages + lax.div(pos, page_size)], 0, k_hbm.shape[1] - 1)
-        return page, lax.rem(pos, page_size)
-
-    # A tile is filled by chunks of DMAs: whole pages (dense) or single rows (sparse, since
-    # listed tokens are scattered). Only chunks holding tokens before the count are copied.
-    chunk = 1 if sparse else page_size
-
-    def live_chunks(t):
-        return jnp.minimum(tile // chunk, lax.div(count - t * tile + (chunk - 1), chunk))
-
-    def copies(n, slot, pos):
-        page, offset = page_of(pos)
-        src = pl.ds(offset, 1) if sparse else pl.ds(0, page_size)
-        dst = pl.ds(n * chunk, chunk)
-        return (
-            pltpu.make_async_copy(
-                k_hbm.at[kv_head, page, src], k_buf.at[slot, dst], k_sem.at[slot]
-            ),
-            pltpu.make_async_copy(
-                v_hbm.at[kv_head, page, src], v_buf.at[slot, dst], v_sem.at[slot]
-            ),
-        )
-
-    def start_tile(t, slot):
-        if sparse:
-            positions = pltpu.make_async_copy(
-                pos_hbm.at[b, i, pl.ds(t * tile, tile)], pos_buf.at[slot], pos_sem.at[slot]
-            )
-            positions.start()
-            positions.wait()
-
-        @pl.loop(0, live_chunks(t))
-        def _(n):
-            pos = pos_buf[slot, n] if sparse else t * tile + n * page_size
-            for copy in copies(n, slot, pos):
-                copy.start()
-
-    def wait_tile(t, slot):
-        # A wait needs only the semaphore and the byte count, which every chunk shares.
-        @pl.loop(0, live_chunks(t))
-        def _(n):
-            for copy in copies(n, slot, 0):
-                copy.wait()
-
-    @pl.when(num_tiles > 0)
-    def _():
-        start_tile(0, 0)
-
-    q = q_ref[...]
-
-    def body(t, carry):
-        acc, m, den = carry
-        slot = lax.rem(t, 2)
-
-        @pl.when(t + 1 < num_tiles)
-        def _():
-            start_tile(t + 1, 1 - slot)
-
-        wait_tile(t, slot)
-        k = k_buf[slot]  # [tile, D]
-        v = v_buf[slot]
-        s = lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )  # [R, tile]
-        s = s * qk_scale
-        valid = t * tile + lax.broadcasted_iota(jnp.int32, s.shape, 1) < count
-        s = jnp.where(valid, s, -jnp.inf)
-        # Rows past the count were never copied: zero them so stale bits never reach the dot.
-        v_valid = t * tile + lax.broadcasted_iota(jnp.int32, v.shape, 0) < count
-        v = jnp.where(v_valid, v, jnp.zeros_like(v))
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new)
-        den = den * corr + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        return acc * corr + pv, m_new, den
-
-    r, head_dim = q_ref.shape
-    init = (
-        jnp.zeros((r, head_dim), jnp.float32),
-        jnp.full((r, 1), _INIT_MAX, jnp.float32),
-        jnp.zeros((r, 1), jnp.float32),
-    )
-    acc, _, den = lax.fori_loop(0, num_tiles, body, init)
-    o_ref[...] = (acc / jnp.where(den > 0, den, 1.0)).astype(o_ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("sparse", "scale", "config", "interpret"))
-def _decode_attention_tpu(
-    q, k_pages, v_pages, page_table, counts, token_pos, *, sparse, scale, config, interpret
-):
-    from jax.experimental.pallas import tpu as pltpu
-
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    max_pages = page_table.shape[1]
-    rows = token_pos.shape[1] if sparse else num_kv_heads
-    per_row = num_q_heads // rows
-    if sparse:
-        capacity = token_pos.shape[2]
-        tile = config.sparse_tile(capacity)
-        # Whole tiles of positions are DMA'd; pad the list so the last one stays in bounds.
-        pad = -token_pos.shape[2] % tile
-        if pad:
-            token_pos = jnp.pad(token_pos, ((0, 0), (0, 0), (0, pad)))
-    else:
-        capacity = max_pages * page_size
-        tile = config.dense_pages_per_tile(page_size) * page_size
-
-    qg = q.astype(k_pages.dtype).reshape(batch, rows, per_row, head_dim)
-    q_spec = pl.BlockSpec((None, None, per_row, head_dim), lambda b, i, *_: (b, i, 0, 0))
-    hbm = pl.BlockSpec(memory_space=pl.ANY)
-    in_specs = [q_spec, hbm, hbm]
-    args = [qg, k_pages, v_pages]
-    scratch = [
-        pltpu.VMEM((2, tile, head_dim), k_pages.dtype),
-        pltpu.VMEM((2, tile, head_dim), k_pages.dtype),
-        pltpu.SemaphoreType.DMA((2,)),
-        pltpu.SemaphoreType.DMA((2,)),
-    ]
-    if sparse:
-        in_specs.append(hbm)
-        args.append(token_pos)
-        scratch += [pltpu.SMEM((2, tile), jnp.int32), pltpu.SemaphoreType.DMA((2,))]
-
-    kernel = functools.partial(
-        _tpu_kernel,
-        sparse=sparse,
-        rows_per_kv=rows // num_kv_heads,
-        max_pages=max_pages,
-        capacity=capacity,
-        tile=tile,
-        qk_scale=_scale_or_default(scale, head_dim),
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(batch, rows),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, None, per_row, head_dim), lambda b, i, *_: (b, i, 0, 0)),
-            scratch_shapes=scratch,
-        ),
-        out_shape=jax.ShapeDtypeStruct((batch, rows, per_row, head_dim), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=tpu_interpret_params() if interpret else False,
-        name="sparse_decode_attention_tpu" if sparse else "paged_decode_attention_tpu",
-    )(page_table.reshape(-1), counts.reshape(-1), *args)
-    return out.reshape(batch, num_q_heads, head_dim)
 
 
 def paged_decode_attention_tpu(
@@ -674,7 +304,7 @@ def paged_decode_attention_tpu(
 ):
     """Dense paged decode attention, Pallas Mosaic TPU kernel. Arguments as in the public entry."""
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
-    return _decode_attention_tpu(
+    return attention_tpu.decode_attention_tpu(
         q,
         k_pages,
         v_pages,
@@ -682,8 +312,8 @@ def paged_decode_attention_tpu(
         lengths,
         None,
         sparse=False,
-        scale=scale,
-        config=config or TpuAttentionConfig(),
+        scale=_scale_or_default(scale, q.shape[2]),
+        config=config or DEFAULT_TPU_CONFIG,
         interpret=interpret,
     )
 
@@ -693,7 +323,7 @@ def sparse_decode_attention_tpu(
 ):
     """Sparse decode attention, Pallas Mosaic TPU kernel. Arguments as in the public entry."""
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
-    return _decode_attention_tpu(
+    return attention_tpu.decode_attention_tpu(
         q,
         k_pages,
         v_pages,
@@ -701,8 +331,8 @@ def sparse_decode_attention_tpu(
         counts,
         token_pos,
         sparse=True,
-        scale=scale,
-        config=config or TpuAttentionConfig(),
+        scale=_scale_or_default(scale, q.shape[2]),
+        config=config or DEFAULT_TPU_CONFIG,
         interpret=interpret,
     )
 
@@ -710,15 +340,6 @@ def sparse_decode_attention_tpu(
 # ---------------------------------------------------------------------------------------------
 # Public entries
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_config(config, impl: str) -> None:
-    want = {"gpu": GpuAttentionConfig, "tpu": TpuAttentionConfig}.get(impl)
-    if config is not None and want is not None and not isinstance(config, want):
-        raise ValueError(
-            f"config must be a {want.__name__} or None for the {impl} kernel, "
-            f"got {type(config).__name__}"
-        )
 
 
 def paged_decode_attention(
@@ -732,22 +353,23 @@ def paged_decode_attention(
       page_table: [batch, max_pages] int32, logical page -> physical page.
       lengths: [batch] int32, tokens 0 .. lengths[b]-1 are attended (0 gives zeros).
       scale: logit scale, a Python number; default 1 / sqrt(head_dim).
-      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference".
-      config: GpuAttentionConfig / TpuAttentionConfig for the Pallas kernel (default tiles);
-        ignored by the reference.
+      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
+        (docs/kernel_api.md).
+      config: AttentionGpuConfig or AttentionTpuConfig for the kernel that runs; None: the
+        tuned defaults (DENSE_GPU_CONFIG / SPARSE_GPU_CONFIG, AttentionTpuConfig()).
 
     Returns:
       [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32; a
       bfloat16 cache is read as is and q is cast to its dtype for the dots.
     """
     _check_dense(q, k_pages, v_pages, page_table, lengths, scale)
-    impl, interpret = resolve_backend(backend)
-    _check_config(config, impl)
-    args = (q, k_pages, v_pages, page_table, lengths)
-    if impl == "reference":
-        return paged_decode_attention_reference(*args, scale=scale)
-    kernel = paged_decode_attention_gpu if impl == "gpu" else paged_decode_attention_tpu
-    return kernel(*args, scale=scale, config=config, interpret=interpret)
+    return _common.implementation(
+        backend,
+        config,
+        reference=paged_decode_attention_reference,
+        gpu=(paged_decode_attention_gpu, DENSE_GPU_CONFIG),
+        tpu=(paged_decode_attention_tpu, DEFAULT_TPU_CONFIG),
+    )(q, k_pages, v_pages, page_table, lengths, scale=scale)
 
 
 def sparse_decode_attention(
@@ -765,19 +387,20 @@ def sparse_decode_attention(
       counts: [batch, Hi] int32, listed tokens per row (0 gives zeros). Duplicated positions
         count twice: callers pass unique positions.
       scale: logit scale, a Python number; default 1 / sqrt(head_dim).
-      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference".
-      config: GpuAttentionConfig / TpuAttentionConfig for the Pallas kernel (default tiles);
-        ignored by the reference.
+      backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
+        (docs/kernel_api.md).
+      config: AttentionGpuConfig or AttentionTpuConfig for the kernel that runs; None: the
+        tuned defaults (DENSE_GPU_CONFIG / SPARSE_GPU_CONFIG, AttentionTpuConfig()).
 
     Returns:
       [batch, num_q_heads, head_dim] in q.dtype. Softmax and accumulation in float32; a
       bfloat16 cache is read as is and q is cast to its dtype for the dots.
     """
     _check_sparse(q, k_pages, v_pages, page_table, token_pos, counts, scale)
-    impl, interpret = resolve_backend(backend)
-    _check_config(config, impl)
-    args = (q, k_pages, v_pages, page_table, token_pos, counts)
-    if impl == "reference":
-        return sparse_decode_attention_reference(*args, scale=scale)
-    kernel = sparse_decode_attention_gpu if impl == "gpu" else sparse_decode_attention_tpu
-    return kernel(*args, scale=scale, config=config, interpret=interpret)
+    return _common.implementation(
+        backend,
+        config,
+        reference=sparse_decode_attention_reference,
+        gpu=(sparse_decode_attention_gpu, SPARSE_GPU_CONFIG),
+        tpu=(sparse_decode_attention_tpu, DEFAULT_TPU_CONFIG),
+    )(q, k_pages, v_pages, page_table, token_pos, counts, scale=scale)

@@ -13,23 +13,12 @@ order"). Entries past the count and positions outside ``[0, lengths[b])`` give `
 
 Both kernels use the identity ``q . (s * n + z) = s * (q . n) + z * sum(q)``: the dot runs on
 the raw nibbles (small integers, exact in bf16) and the per-token scale and zero are applied
-to the [heads, tokens] result instead of to the [tokens, head_dim] rows. The GPU kernel turns
-a nibble into the bf16 value 128 + n with bit operations only and folds the offset into the
-zero term (see _unpack_nibbles).
+to the [heads, tokens] result instead of to the [tokens, head_dim] rows.
 
-GPU kernel (Triton): grid (B, Hkv, splits). A program loops over its share of the tiles of
-candidate blocks holding entries below cand_count (the trip count follows the count, so work
-is proportional to it); per tile it gathers the page ids of the blocks, then the packed rows
-of all their tokens in one masked vector gather, as [T, D / (2 W)] words of W bytes (the cache
-bitcast to uint32 / uint16 in the wrapper: Triton emits one load per gathered element, so wider
-words mean fewer loads), multiplies them by the G query rows of the KV head (padded to 16 for
-the MMA, loaded once per program, their columns permuted to match the nibble order inside the
-words), so the INT4 bytes are read once for the whole group, and stores the tile's logits.
-Then it writes -inf over its share of the tiles past the count. The loop lets Triton overlap
-one tile's dependent loads (cand -> page table -> rows) with the previous tile's work
-(num_stages), which one tile per program could not.
-TPU kernel (Mosaic): grid (B, Hkv, C), one candidate block per step, the page fetched by a
-scalar-prefetched physical page id in the index map.
+Kernels: spgemv_gpu (Pallas Triton: a (sequence, KV head, split) grid looping over tiles of
+candidate blocks, each tile's INT4 rows gathered once for all G query heads) and spgemv_tpu
+(Pallas Mosaic: one candidate block per grid step). This module holds their configs (one table
+of tuned defaults), the argument checks, the reference and the public entry.
 
 Layouts (docs/kernel_api.md): q ``[B, Hq, D]``; k_int4 ``[Hkv, P, S, D // 2]`` uint8;
 k_scale, k_zero ``[Hkv, P, S]`` float32; page_table ``[B, max_pages]``; lengths ``[B]``;
@@ -40,34 +29,32 @@ float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import _common
+from pallas_kernels import _common, spgemv_gpu, spgemv_tpu
 
 _INDEX_DTYPES = (np.int32,)
-# Gather word width in bytes -> the unsigned dtype the packed rows are bitcast to.
-_WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+# Tuned defaults (H200, batch 64, 32K context, 8192 candidate tokens = 512 pages of 16 per
+# (sequence, KV head), head_dim 128, bf16 q; docs/results/kernels-sweep{,2,3,4,6,8}-h200.*):
+#   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, num_stages 2,
+#       next tile's lookups carried in the loop, 4-byte words: 227-236 us (sweeps 4, 6, 8).
+#       Around it: 3 stages 228, 1 stage 233, 8192 programs 229, 1024 programs 248-256,
+#       64-token tiles 294, no carried lookup 258-261, page-run gathers 247-250 us. One tile
+#       per program (sweep 3): 1-, 2- and 4-byte words 238, 252, 248 us. Tiles computed
+#       token-major ([T, Gp], the nibbles as the MMA's M operand; sweeps 1, 2): 266-337 us.
+#   TPU: no knobs (one candidate block per grid step); not measured.
 
 
 @dataclasses.dataclass(frozen=True)
-class SpGEMVConfig:
-    """Tuning knobs of the GPU kernel (the TPU kernel is one candidate block per step).
-
-    The structure follows attention.py's sparse kernel, which reaches ~90% of copy bandwidth
-    on the same kind of gather: grid (B, Hkv, splits), each program loops over tiles so Triton
-    can software-pipeline the dependent loads (cand -> page table -> INT4 rows) across
-    iterations. Defaults from the H200 sweeps at batch 64 / 8192 candidates
-    (docs/results/kernels-sweep*-h200.md): prefetch_rows with 4096 target programs took
-    227 us against 258 us for the former defaults (1024 programs, no prefetch) in the same
-    run; tiles, stages, warps, token_major and word widths moved it less.
+class SpGEMVGpuConfig:
+    """Tuning knobs of the GPU kernel.
 
     tokens_per_chunk: candidate tokens (output columns) per loop step, the tile; a power of
       two >= 16 (Triton's dot needs every dim >= 16). 128 tokens is 8 KB of INT4 rows per
@@ -75,24 +62,8 @@ class SpGEMVConfig:
       (power-of-two rounded) candidate capacity for small problems.
     target_programs: splits per (sequence, KV head) are chosen from static shapes so that
       batch * Hkv * splits reaches about this many programs (a few per SM on an H200).
-      target_programs = max_splits = 2**30 with num_stages = 1 gives one tile per program,
-      the kernel's previous structure, for A/B runs.
     max_splits: upper bound on the splits.
     num_warps, num_stages: Triton launch parameters; num_stages pipelines the tile loop.
-    token_major: compute the [T, Gp] tile as nibbles . q^T (the nibbles are the MMA's M
-      operand, which Hopper's wgmma can take from registers) instead of [Gp, T] = q . nibbles^T
-      (M = Gp = 16, mma.sync). Which is faster is a question for the profiler.
-    prefetch_rows: look up the cache rows of tile t + 1 (cand and page-table loads) during
-      step t, carried in the loop, in case Triton's pipeliner does not hoist the two
-      dependent index loads by itself.
-    word_bytes: 1, 2 or 4; the packed rows are gathered as [T, D / (2 * word_bytes)] words
-      of this many bytes (uint8 / uint16 / uint32, a free bitcast of the cache in the
-      wrapper). Triton cannot prove the gather addresses contiguous (the rows come from a
-      load), so it issues one load instruction per element per thread: wider words mean
-      fewer loads per byte (1: the former byte gather). The dots contract over
-      K = D / (2 * word_bytes) columns, which must be >= 16 for Triton's dot, so the kernel
-      uses the largest width <= word_bytes that keeps K >= 16 (D = 64: 4 falls back to 2;
-      see effective_word_bytes).
     """
 
     tokens_per_chunk: int = 128
@@ -100,24 +71,12 @@ class SpGEMVConfig:
     max_splits: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    token_major: bool = False
-    prefetch_rows: bool = True
-    word_bytes: int = 4
 
     def __post_init__(self):
-        if self.word_bytes not in _WORD_DTYPES:
-            raise ValueError(f"word_bytes must be one of 1, 2, 4, got {self.word_bytes!r}")
-        t = self.tokens_per_chunk
-        if t < 16 or t & (t - 1):
-            raise ValueError(f"tokens_per_chunk must be a power of two >= 16, got {t}")
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-        if self.target_programs < 1:
-            raise ValueError(f"target_programs must be >= 1, got {self.target_programs}")
-        if self.max_splits < 1:
-            raise ValueError(f"max_splits must be >= 1, got {self.max_splits}")
+        _common.check_pow2("SpGEMVGpuConfig", "tokens_per_chunk", self.tokens_per_chunk, 16)
+        _common.check_pow2("SpGEMVGpuConfig", "num_warps", self.num_warps)
+        for name in ("num_stages", "target_programs", "max_splits"):
+            _common.check_positive("SpGEMVGpuConfig", name, getattr(self, name))
 
     def num_splits(self, rows: int, tiles: int) -> int:
         """Splits per (sequence, KV head) row from static shapes (no retrace as counts change).
@@ -127,25 +86,20 @@ class SpGEMVConfig:
         wanted = pl.next_power_of_2(pl.cdiv(self.target_programs, max(1, rows)))
         return max(1, min(wanted, self.max_splits, tiles))
 
-    def effective_word_bytes(self, head_dim: int) -> int:
-        """Gather word width used at this head_dim: the largest w <= word_bytes with
-        head_dim // (2 * w) >= 16 (Triton's dot minimum; head_dim // 2 is a power of two
-        >= 16 on the GPU path, so w = 1 always qualifies)."""
-        w = self.word_bytes
-        while w > 1 and head_dim // (2 * w) < 16:
-            w //= 2
-        return w
+
+@dataclasses.dataclass(frozen=True)
+class SpGEMVTpuConfig:
+    """The TPU kernel has no tuning knobs: one candidate block per grid step (see
+    ``block_spgemv_tpu``). The class completes the op's config convention: ``config=`` of
+    ``block_spgemv`` takes either kind."""
 
 
-DEFAULT_CONFIG = SpGEMVConfig()
+DEFAULT_GPU_CONFIG = SpGEMVGpuConfig()
+DEFAULT_TPU_CONFIG = SpGEMVTpuConfig()
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _check_args(
@@ -201,11 +155,11 @@ def _check_args(
 def _check_gpu_args(head_dim: int, block_size: int) -> None:
     """Extra limits of the Triton kernel: every in-kernel array dim is a power of two."""
     half = head_dim // 2
-    if not _is_pow2(half) or half < 16:
+    if not _common.is_pow2(half) or half < 16:
         raise ValueError(
             f"q head_dim={head_dim}: the GPU kernel needs head_dim // 2 a power of two >= 16"
         )
-    if not _is_pow2(block_size):
+    if not _common.is_pow2(block_size):
         raise ValueError(f"block_size={block_size}: the GPU kernel needs a power of two")
 
 
@@ -256,202 +210,7 @@ def block_spgemv_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# GPU (Pallas Triton)
-
-
-# bf16 bit pattern 0x4300 is 128.0 and its 7 mantissa bits count in units of 1, so
-# (0x4300 | n) is exactly 128 + n for a nibble n: an unpack with two integer ops and a free
-# bitcast, no int->float conversion instructions (those run at a fraction of ALU rate).
-_BF16_128 = 0x4300
-_NIBBLE_OFFSET = 128.0
-
-
-def _unpack_nibbles(words, word_bytes: int):
-    """words [T, Dw] uint(8 * word_bytes) -> [(lo_k, hi_k) for k < word_bytes], [T, Dw] bf16.
-
-    Dw = D / (2 * word_bytes). Byte k of word w is byte word_bytes * w + k of the packed row
-    (little-endian), so lo_k holds elements {word_bytes * w + k} and hi_k elements
-    {D/2 + word_bytes * w + k}, as 128 + nibble. Columns are not reordered here: the caller
-    gathers the matching q columns instead (see _q_columns).
-    """
-    out = []
-    for k in range(word_bytes):
-        pair = []
-        for shift in (8 * k, 8 * k + 4):
-            x = words >> shift if shift else words
-            if shift + 4 < 8 * word_bytes:  # the top nibble needs no mask
-                x = x & 15
-            x = x.astype(jnp.uint16) | _BF16_128
-            pair.append(jax.lax.bitcast_convert_type(x, jnp.bfloat16))
-        out.append(tuple(pair))
-    return out
-
-
-def _q_columns(half: int, word_bytes: int):
-    """q column index vectors [(lo_k, hi_k) for k < word_bytes], each [D / (2 * word_bytes)],
-    matching the nibble blocks of _unpack_nibbles."""
-    w = jnp.arange(half // word_bytes) * word_bytes
-    return [(w + k, w + k + half) for k in range(word_bytes)]
-
-
-def _q_terms(q_half, split_f32: bool):
-    """q_half [Gp, D/2] in q's dtype -> bf16 terms whose sum is q_half (to ~2^-17 for f32).
-
-    bf16 q is one exact term. f32 q is split as hi + lo (lo carries the next 8 mantissa
-    bits): two tensor-core dots instead of an IEEE f32 dot on CUDA cores.
-    """
-    hi = q_half.astype(jnp.bfloat16)
-    if not split_f32:
-        return [hi]
-    return [hi, (q_half.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
-
-
-def _add_all(xs):
-    return functools.reduce(operator.add, xs)
-
-
-def _dot_nt(a, b):
-    """a [M, K] . b [N, K]^T with float32 accumulation (pl.dot is gone in jax >= 0.11)."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _gpu_kernel(
-    cand_count_ref,  # [B, Hkv] int32 (whole array)
-    lengths_ref,  # [B] int32 (whole array)
-    page_table_ref,  # [max_pages] int32: row b
-    cand_ref,  # [C] int32: candidate blocks of (b, g)
-    q_ref,  # [G, D] q dtype: the query heads of KV head g
-    k_ref,  # [P * S, Dw] uint(8 W): all INT4 rows of KV head g, Dw = D / (2 W) words
-    ks_ref,  # [P * S] f32
-    kz_ref,  # [P * S] f32
-    o_ref,  # [G, C * bs] f32: the logits row block of (b, g)
-    *,
-    group: int,
-    group_pad: int,
-    block_size: int,
-    page_size: int,
-    tile_blocks: int,
-    num_cand: int,
-    num_splits: int,
-    num_pages: int,
-    attn_scale: float,
-    split_f32: bool,
-    token_major: bool,
-    prefetch_rows: bool,
-    word_bytes: int,
-):
-    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bs, cb = block_size, tile_blocks
-    tokens = cb * bs
-    half = q_ref.shape[1] // 2
-    max_pages = page_table_ref.shape[0]
-    num_tiles = pl.cdiv(num_cand, cb)  # static: tiles of the C * bs output columns
-    count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
-    length = lengths_ref[b]
-
-    # Tiles holding an entry below the count are split evenly over the splits (the trip
-    # count follows the count, not the capacity); the remaining tiles only get -inf, split
-    # the same way. Splits cover contiguous, tile-aligned ranges.
-    live = jax.lax.div(count + cb - 1, cb)
-    per_split = jax.lax.div(live + num_splits - 1, num_splits)
-    first = s * per_split
-    num_live = jnp.clip(live - first, 0, per_split)
-    dead = num_tiles - live
-    per_split_dead = jax.lax.div(dead + num_splits - 1, num_splits)
-    first_dead = live + s * per_split_dead
-    num_dead = jnp.clip(num_tiles - first_dead, 0, per_split_dead)
-
-    # The logits tile is [Gp, T] (head-major) or [T, Gp] (token-major); these place a
-    # per-head or per-token vector along the right axis of it.
-    if token_major:
-        per_head, per_token = (lambda v: v[None, :]), (lambda v: v[:, None])
-    else:
-        per_head, per_token = (lambda v: v[:, None]), (lambda v: v[None, :])
-    # Triton's dot needs every dim >= 16, so the G query heads are padded to group_pad; padded
-    # heads are masked on load and store. Every ref access indexes each dim with an index
-    # array (not a slice): the interpreter supports masked gathers/scatters only in that form,
-    # and Triton still sees unit-stride columns.
-    heads = jnp.arange(group_pad)
-    tok = jnp.arange(tokens)
-    tile_shape = (tokens, group_pad) if token_major else (group_pad, tokens)
-    head_mask = jnp.broadcast_to(per_head(heads < group), tile_shape)
-
-    def store(tile, logits):
-        col = tile * tokens + tok
-        mask = head_mask
-        if num_cand % cb:  # the last tile overhangs the C * bs columns
-            mask = mask & per_token(col < num_cand * bs)
-        plt.store(o_ref.at[per_head(heads), per_token(col)], logits, mask=mask)
-
-    def rows_of(tile):
-        """Cache row of every token of a tile, -1 where the logit is -inf."""
-        # Per-token indices (bs is a power of two: shifts and masks) rather than a [cb, bs]
-        # grid reshaped to [T]: a reshape can cost Triton a layout shuffle.
-        entry = tile * cb + jax.lax.div(tok, bs)
-        in_count = entry < count
-        blk = plt.load(cand_ref.at[jnp.minimum(entry, num_cand - 1)], mask=in_count, other=0)
-        ok = in_count & (blk >= 0)
-        # Invalid entries point at block 0 so every address below stays in bounds.
-        pos = jnp.where(ok, blk, 0) * bs + jax.lax.rem(tok, bs)
-        lpage = jnp.minimum(jax.lax.div(pos, page_size), max_pages - 1)
-        phys = jnp.clip(page_table_ref[lpage], 0, num_pages - 1)
-        rows = phys * page_size + jax.lax.rem(pos, page_size)
-        return jnp.where(ok & (pos < length), rows, -1)
-
-    # Loop invariants: the G query rows (one read per program) split into bf16 terms. The
-    # nibble blocks of a word tile are strided columns of the row (see _unpack_nibbles), so
-    # q is gathered in the same order, 2 W blocks of [Gp, Dw]: q is read once per program,
-    # the cache once per tile, so permuting q is the cheap side.
-    word = jnp.arange(half // word_bytes)[None, :]
-    q_idx, q_mask = heads[:, None], (heads < group)[:, None]
-    q_terms = []  # (bf16 term [Gp, Dw], index of its nibble block)
-    for i, col in enumerate(c for pair in _q_columns(half, word_bytes) for c in pair):
-        q_cols = plt.load(q_ref.at[q_idx, col[None, :]], mask=q_mask, other=0)  # [Gp, Dw]
-        q_terms += [(t, i) for t in _q_terms(q_cols, split_f32)]
-    # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
-    # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
-    q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
-
-    def logits_of(rows):
-        tok_ok = rows >= 0
-        safe = jnp.maximum(rows, 0)
-        # One gather of the packed rows serves all G heads; masked rows are not read.
-        words = plt.load(k_ref.at[safe[:, None], word], mask=tok_ok[:, None], other=0)
-        k_s = plt.load(ks_ref.at[safe], mask=tok_ok, other=0.0)  # [T]
-        k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
-        # 2 W blocks of [T, Dw] bf16 (128 + nibble), in the order of _q_columns' pairs.
-        nibbles = [n for pair in _unpack_nibbles(words, word_bytes) for n in pair]
-        if token_major:  # [T, K] . [Gp, K]^T: the nibbles are the MMA's large M operand
-            dot = _add_all([_dot_nt(nibbles[i], t) for t, i in q_terms])
-        else:  # [Gp, K] . [T, K]^T
-            dot = _add_all([_dot_nt(t, nibbles[i]) for t, i in q_terms])
-        zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
-        logits = attn_scale * (per_token(k_s) * dot + zero_term)
-        return jnp.where(per_token(tok_ok), logits, -jnp.inf)
-
-    if prefetch_rows:
-        # The cand -> page table lookups of tile t + 1 are issued in step t, so the row
-        # gather of each step does not wait behind two dependent loads. The lookup past the
-        # last live tile is harmless: its entries are past the count, so nothing is read.
-        def live_body(t, rows):
-            nxt = rows_of(first + t + 1)
-            store(first + t, logits_of(rows))
-            return nxt
-
-        jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
-    else:
-
-        def live_body(t, carry):
-            store(first + t, logits_of(rows_of(first + t)))
-            return carry
-
-        jax.lax.fori_loop(0, num_live, live_body, jnp.int32(0))
-
-    def dead_body(t, carry):
-        store(first_dead + t, jnp.full(tile_shape, -jnp.inf, jnp.float32))
-        return carry
-
-    jax.lax.fori_loop(0, num_dead, dead_body, jnp.int32(0))
+# The kernels with the public signatures (checks and defaults, then spgemv_gpu / spgemv_tpu)
 
 
 def block_spgemv_gpu(
@@ -466,145 +225,26 @@ def block_spgemv_gpu(
     *,
     block_size: int,
     scale: float | None = None,
-    config: SpGEMVConfig = DEFAULT_CONFIG,
+    config: SpGEMVGpuConfig = DEFAULT_GPU_CONFIG,
     interpret: bool = False,
 ):
-    """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller).
-
-    Grid (B, Hkv, splits); each split loops over its share of the candidate tiles, then writes
-    -inf over its share of the tiles past cand_count.
-    """
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, num_pages, page_size, half = k_int4.shape
-    max_pages = page_table.shape[1]
-    num_cand = cand_blocks.shape[2]
-    group = num_q_heads // num_kv_heads
-    _check_gpu_args(head_dim, block_size)
-    tokens = min(config.tokens_per_chunk, max(16, pl.next_power_of_2(num_cand * block_size)))
-    tokens = max(tokens, block_size)
-    cb = tokens // block_size
-    splits = config.num_splits(batch * num_kv_heads, pl.cdiv(num_cand, cb))
-    group_pad = max(16, pl.next_power_of_2(group))
-    word_bytes = config.effective_word_bytes(head_dim)
-    words_per_row = half // word_bytes
-    # Free in XLA: a row's D/2 bytes viewed as Dw little-endian words (byte k of word w is
-    # byte W w + k), so the kernel gathers W times fewer elements.
-    k_words = k_int4.reshape(num_kv_heads, num_pages * page_size, words_per_row, word_bytes)
-    if word_bytes == 1:
-        k_words = k_words[..., 0]
-    else:
-        k_words = jax.lax.bitcast_convert_type(k_words, _WORD_DTYPES[word_bytes])
-
-    kernel = functools.partial(
-        _gpu_kernel,
-        group=group,
-        group_pad=group_pad,
-        block_size=block_size,
-        page_size=page_size,
-        tile_blocks=cb,
-        num_cand=num_cand,
-        num_splits=splits,
-        num_pages=num_pages,
-        attn_scale=_attn_scale(scale, head_dim),
-        split_f32=q.dtype == jnp.float32,
-        token_major=config.token_major,
-        prefetch_rows=config.prefetch_rows,
-        word_bytes=word_bytes,
-    )
-
-    out = pl.pallas_call(
-        kernel,
-        grid=(batch, num_kv_heads, splits),
-        in_specs=[
-            pl.BlockSpec((batch, num_kv_heads), lambda b, g, s: (0, 0)),
-            pl.BlockSpec((batch,), lambda b, g, s: (0,)),
-            pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
-            pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),
-            pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size, words_per_row), lambda b, g, s: (g, 0, 0)),
-            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
-            pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
-        ],
-        out_specs=pl.BlockSpec(
-            (None, None, group, num_cand * block_size), lambda b, g, s: (b, g, 0, 0)
-        ),
-        out_shape=jax.ShapeDtypeStruct(
-            (batch, num_kv_heads, group, num_cand * block_size), jnp.float32
-        ),
-        compiler_params=plt.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
-        name="block_spgemv_gpu",
-    )(
-        cand_count,
-        lengths,
+    """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller,
+    but for the Triton kernel's own limits, checked here)."""
+    _check_gpu_args(q.shape[2], block_size)
+    return spgemv_gpu.launch(
+        q,
+        k_int4,
+        k_scale,
+        k_zero,
         page_table,
+        lengths,
         cand_blocks,
-        q.reshape(batch, num_kv_heads, group, head_dim),
-        k_words,
-        k_scale.reshape(num_kv_heads, num_pages * page_size),
-        k_zero.reshape(num_kv_heads, num_pages * page_size),
+        cand_count,
+        block_size=block_size,
+        attn_scale=_attn_scale(scale, q.shape[2]),
+        config=config,
+        interpret=interpret,
     )
-    return out.reshape(batch, num_q_heads, num_cand * block_size)
-
-
-# --------------------------------------------------------------------------------------------
-# TPU (Pallas Mosaic)
-
-
-def _tpu_kernel(
-    count_ref,  # SMEM [B * Hkv] int32: cand_count
-    lengths_ref,  # SMEM [B] int32
-    start_ref,  # SMEM [B * Hkv * C] int32: first position of each candidate block
-    phys_ref,  # SMEM [B * Hkv * C] int32: physical page holding it (used by the index maps)
-    q_lo_ref,  # [G, D/2] f32: first half of q for the heads of (b, g)
-    q_hi_ref,  # [G, D/2] f32: second half
-    k_ref,  # [S, D/2] uint8: the page holding candidate block c
-    ks_ref,  # [1, S] f32
-    kz_ref,  # [1, S] f32
-    o_ref,  # [G, bs] f32
-    *,
-    block_size: int,
-    num_cand: int,
-    attn_scale: float,
-):
-    del phys_ref
-    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_kv_heads = pl.num_programs(1)
-    page_size = k_ref.shape[0]
-    row = b * num_kv_heads + g
-
-    @pl.when(c >= count_ref[row])
-    def _empty():
-        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
-
-    @pl.when(c < count_ref[row])
-    def _compute():
-        hp = jax.lax.Precision.HIGHEST
-        nt = (((1,), (1,)), ((), ()))  # contract the last dims: q [G, K] . n [S, K] -> [G, S]
-        packed = k_ref[...].astype(jnp.int32)
-        lo = (packed & 15).astype(jnp.float32)
-        hi = (packed >> 4).astype(jnp.float32)
-        q_lo = q_lo_ref[...]
-        q_hi = q_hi_ref[...]
-        qn = jax.lax.dot_general(q_lo, lo, nt, precision=hp, preferred_element_type=jnp.float32)
-        qn += jax.lax.dot_general(q_hi, hi, nt, precision=hp, preferred_element_type=jnp.float32)
-        q_sum = jnp.sum(q_lo, axis=1, keepdims=True) + jnp.sum(q_hi, axis=1, keepdims=True)
-        logits = attn_scale * (ks_ref[...] * qn + kz_ref[...] * q_sum)  # [G, S]
-        start = start_ref[row * num_cand + c]
-        if block_size < page_size:
-            # The block is slots [slot0, slot0 + bs) of the page. Selecting them with a 0/1
-            # matrix avoids a dynamic lane slice; at HIGHEST precision it is exact.
-            slot0 = jnp.maximum(start, 0) % page_size
-            shape = (page_size, block_size)
-            sel = jax.lax.broadcasted_iota(jnp.int32, shape, 0) == (
-                slot0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-            )
-            logits = jnp.dot(logits, sel.astype(jnp.float32), precision=hp)  # [G, bs]
-        pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
-        ok = (pos >= 0) & (pos < lengths_ref[b])
-        o_ref[...] = jnp.where(ok, logits, -jnp.inf)
 
 
 def block_spgemv_tpu(
@@ -619,86 +259,25 @@ def block_spgemv_tpu(
     *,
     block_size: int,
     scale: float | None = None,
+    config: SpGEMVTpuConfig = DEFAULT_TPU_CONFIG,
     interpret: bool = False,
 ):
     """Pallas Mosaic TPU kernel; arguments and result as `block_spgemv` (checked by the caller).
-
-    Grid (B, Hkv, C): one candidate block per step. The index map fetches the page holding
-    the block by its scalar-prefetched physical id; for block_size < page_size the whole page
-    is fetched and the block's slots selected in VMEM (simple, not bandwidth-optimal). Steps
-    past cand_count keep the previous page index, so the pipeline issues no copy for them.
-    The per-entry start positions and page ids are scalar-prefetched into SMEM (8 bytes per
-    candidate entry of the whole batch), which limits C * B * Hkv: fine for page-level
-    candidates, too much for token-level candidates at serving batch sizes.
-    """
-    from jax.experimental.pallas import tpu as pltpu
-
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, num_pages, page_size, half = k_int4.shape
-    max_pages = page_table.shape[1]
-    num_cand = cand_blocks.shape[2]
-    group = num_q_heads // num_kv_heads
-
-    start = cand_blocks * block_size  # [B, Hkv, C]; negative blocks stay negative (invalid)
-    lpage = jnp.clip(start // page_size, 0, max_pages - 1)
-    phys = jnp.take_along_axis(page_table[:, None, :], lpage.reshape(batch, 1, -1), axis=2)
-    phys = jnp.clip(phys.reshape(batch, num_kv_heads, num_cand), 0, num_pages - 1)
-    count = jnp.clip(cand_count, 0, num_cand).reshape(-1)
-
-    def page_map(b, g, c, count_ref, lengths_ref, start_ref, phys_ref):
-        row = b * num_kv_heads + g
-        c_eff = jnp.maximum(jnp.minimum(c, count_ref[row] - 1), 0)
-        return g, phys_ref[row * num_cand + c_eff], 0, 0
-
-    def q_map(b, g, c, *_):
-        return b, g, 0, 0
-
-    qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
-    kernel = functools.partial(
-        _tpu_kernel,
-        block_size=block_size,
-        num_cand=num_cand,
-        attn_scale=_attn_scale(scale, head_dim),
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(batch, num_kv_heads, num_cand),
-            in_specs=[
-                pl.BlockSpec((None, None, group, half), q_map),
-                pl.BlockSpec((None, None, group, half), q_map),
-                pl.BlockSpec((None, None, page_size, half), page_map),
-                pl.BlockSpec((None, None, 1, page_size), page_map),
-                pl.BlockSpec((None, None, 1, page_size), page_map),
-            ],
-            out_specs=pl.BlockSpec(
-                (None, None, None, group, block_size), lambda b, g, c, *_: (b, g, c, 0, 0)
-            ),
-        ),
-        out_shape=jax.ShapeDtypeStruct(
-            (batch, num_kv_heads, num_cand, group, block_size), jnp.float32
-        ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")
-        ),
-        interpret=_common.tpu_interpret_params() if interpret else False,
-        name="block_spgemv_tpu",
-    )(
-        count,
-        lengths,
-        start.reshape(-1),
-        phys.reshape(-1),
-        qf[..., :half],
-        qf[..., half:],
+    config has no knobs (see SpGEMVTpuConfig)."""
+    del config
+    return spgemv_tpu.launch(
+        q,
         k_int4,
-        k_scale.reshape(num_kv_heads, num_pages, 1, page_size),
-        k_zero.reshape(num_kv_heads, num_pages, 1, page_size),
+        k_scale,
+        k_zero,
+        page_table,
+        lengths,
+        cand_blocks,
+        cand_count,
+        block_size=block_size,
+        attn_scale=_attn_scale(scale, q.shape[2]),
+        interpret=interpret,
     )
-    # [B, Hkv, C, G, bs] -> [B, Hkv, G, C, bs]: a copy of the output, the price of keeping the
-    # output block's last two dims equal to full dims (Mosaic tiling) with bs < 128.
-    out = out.transpose(0, 1, 3, 2, 4)
-    return out.reshape(batch, num_q_heads, num_cand * block_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,7 +297,7 @@ def block_spgemv(
     block_size: int,
     scale: float | None = None,
     backend: str = "auto",
-    config: SpGEMVConfig | None = None,
+    config: SpGEMVGpuConfig | SpGEMVTpuConfig | None = None,
 ):
     """Estimated logits of the candidate blocks from the INT4 K cache (Twilight's SpGEMV).
 
@@ -735,8 +314,9 @@ def block_spgemv(
       block_size: static; divides page_size (page_size for Quest pages, 1 for tokens).
       scale: static logit scale, default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
-        (pallas_kernels._common.resolve_backend).
-      config: SpGEMVConfig for the GPU kernel; default DEFAULT_CONFIG.
+        (docs/kernel_api.md).
+      config: SpGEMVGpuConfig or SpGEMVTpuConfig for the kernel that runs; None: the
+        defaults.
 
     Returns:
       [batch, num_q_heads, C * block_size] float32. Column c * block_size + i holds the logit
@@ -746,27 +326,20 @@ def block_spgemv(
     _check_args(
         q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count, block_size, scale
     )
-    impl, interpret = _common.resolve_backend(backend)
-    if impl == "gpu":
-        _check_gpu_args(q.shape[2], block_size)
+    run = _common.implementation(
+        backend,
+        config,
+        reference=_reference_jit,
+        gpu=(_gpu_jit, DEFAULT_GPU_CONFIG),
+        tpu=(_tpu_jit, DEFAULT_TPU_CONFIG),
+    )
     batch, num_q_heads, _ = q.shape
-    num_cand = cand_blocks.shape[2]
-    if num_cand == 0:
+    if cand_blocks.shape[2] == 0:
         return jnp.zeros((batch, num_q_heads, 0), jnp.float32)
     args = (q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count)
-    if impl == "reference":
-        return _reference_jit(*args, block_size=int(block_size), scale=scale)
-    if impl == "gpu":
-        return _gpu_jit(
-            *args,
-            block_size=int(block_size),
-            scale=scale,
-            config=config or DEFAULT_CONFIG,
-            interpret=interpret,
-        )
-    return _tpu_jit(*args, block_size=int(block_size), scale=scale, interpret=interpret)
+    return run(*args, block_size=int(block_size), scale=scale)
 
 
 _reference_jit = jax.jit(block_spgemv_reference, static_argnames=("block_size", "scale"))
 _gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=("block_size", "scale", "config", "interpret"))
-_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "interpret"))
+_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "config", "interpret"))

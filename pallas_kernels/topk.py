@@ -21,7 +21,7 @@ all selected, and the rest is filled from ``key == c`` in column order (inclusiv
 of the band ``<= k - #{key > c}``). Compaction: each selected column's slot is its running
 count minus one.
 
-Backends (``pallas_kernels._common.resolve_backend``):
+Backends (docs/kernel_api.md):
   * "reference": plain jnp, ``lax.top_k`` on the same int32 keys (stable: equal keys come out
     lower index first), then an ascending sort of the k ids. It checks the kernel's bisection
     rather than repeating it.
@@ -30,18 +30,26 @@ Backends (``pallas_kernels._common.resolve_backend``):
   * "gpu" (Pallas Triton): grid (R,), one program per row; the row [Np] (N padded to a power of
     two with masked loads, padding key INT32_MIN: strictly below every real key, the lowest of
     which is -inf's, so padding never reaches the cut) stays in registers for the bisection,
-    and one masked scatter store writes the k ids. Rows longer than ``GPU_MAX_COLS`` take the
-    reference path instead (a row must fit on chip).
+    and one masked scatter store writes the k ids. Rows longer than ``TopKGpuConfig.max_cols``
+    take the reference path instead (a row must fit on chip).
+
+Defaults (TopKGpuConfig): at 512 rows of 2048 page scores, k = 512 (batch 64, 32K context), the
+kernel takes 10.9 us on an H200 where lax.top_k's sort took 55.5 us
+(docs/results/profile-h200/profile-after.log and profile-before.log). max_cols 32768 is
+top-p's limit on a row held in registers; the warps follow the row length (about 16 elements a
+thread, 4 to 16 warps). Not swept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _common
 
@@ -50,8 +58,23 @@ from pallas_kernels import _common
 _ITERS = 32
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
-# Rows longer than this skip the GPU kernel (its row lives in registers) for lax.top_k.
-GPU_MAX_COLS = 32768
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKGpuConfig:
+    """Knobs of the GPU kernel (there is no TPU kernel: TPUs run the reference).
+
+    max_cols: rows with more columns than this skip the kernel, whose row lives in registers,
+      and run the reference (lax.top_k on the same keys: the same ids).
+    """
+
+    max_cols: int = 32768
+
+    def __post_init__(self):
+        _common.check_positive("TopKGpuConfig", "max_cols", self.max_cols)
+
+
+DEFAULT_GPU_CONFIG = TopKGpuConfig()
 
 
 def _keys(x):
@@ -90,8 +113,6 @@ def topk_ids_reference(scores, k: int):
 
 def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int):
     """x_ref [N] f32 (one row), out_ref [k] i32."""
-    from jax.experimental.pallas import triton as plt
-
     np_ = pl.next_power_of_2(num_cols)
     col = jnp.arange(np_, dtype=jnp.int32)
     in_row = col < num_cols
@@ -128,13 +149,13 @@ def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int):
     plt.store(out_ref.at[slot], col, mask=selected)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret"))
-def topk_ids_gpu(scores, k: int, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "config", "interpret"))
+def topk_ids_gpu(
+    scores, k: int, *, config: TopKGpuConfig = DEFAULT_GPU_CONFIG, interpret: bool = False
+):
     """Pallas GPU ``topk_ids``. scores [R, N] f32 -> int32 [R, k]."""
-    from jax.experimental.pallas import triton as plt
-
     r, n = scores.shape
-    if n > GPU_MAX_COLS:
+    if n > config.max_cols:
         return topk_ids_reference(scores, k)
     kernel = functools.partial(_gpu_kernel, num_cols=n, k=k)
     return pl.pallas_call(
@@ -172,7 +193,9 @@ def _check(scores, k) -> None:
         )
 
 
-def topk_ids(scores, k: int, *, backend: str = "auto") -> jax.Array:
+def topk_ids(
+    scores, k: int, *, backend: str = "auto", config: TopKGpuConfig | None = None
+) -> jax.Array:
     """scores [R, N] float32 (may hold -inf; no NaN) -> int32 [R, k] column ids of the k largest
     entries of each row, in ASCENDING column order (not score order). Ties at the cut are broken
     towards lower columns (so -inf entries are taken lowest column first when a row has fewer
@@ -180,20 +203,18 @@ def topk_ids(scores, k: int, *, backend: str = "auto") -> jax.Array:
 
     Leading batch dims are accepted: scores [..., N] -> [..., k]. ``-0.0`` and ``0.0`` are
     equal (a tie). backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference";
-    TPU backends run the jnp reference (there is no TPU kernel). Raises ValueError for a
-    non-float32 dtype, rank 0, or k not a static int in [1, N].
+    TPU backends run the jnp reference (there is no TPU kernel). config: TopKGpuConfig for the
+    GPU kernel (None: the defaults). Raises ValueError for a non-float32 dtype, rank 0, k not
+    a static int in [1, N], or a config that is not a TopKGpuConfig.
     """
     _check(scores, k)
     k = int(k)
-    impl, interpret = _common.resolve_backend(backend)
+    run = _common.implementation(
+        backend, config, reference=topk_ids_reference, gpu=(topk_ids_gpu, DEFAULT_GPU_CONFIG)
+    )
     shape = tuple(np.shape(scores))
     n = shape[-1]
     r = int(np.prod(shape[:-1], dtype=np.int64))
     if r == 0:
         return jnp.zeros(shape[:-1] + (k,), jnp.int32)
-    flat = jnp.reshape(scores, (r, n))
-    if impl == "gpu":
-        ids = topk_ids_gpu(flat, k, interpret=interpret)
-    else:
-        ids = topk_ids_reference(flat, k)
-    return ids.reshape(shape[:-1] + (k,))
+    return run(jnp.reshape(scores, (r, n)), k).reshape(shape[:-1] + (k,))

@@ -327,7 +327,7 @@ def main():
         type=int,
         default=131072,
         help="skip Twilight over all above this context (its top-p rows hold every token; "
-        "above TopPConfig.gpu_max_cols = 32768 they take the XLA path, not the kernel)",
+        "above TopPGpuConfig.max_cols = 32768 they take the XLA path, not the kernel)",
     )
     ap.add_argument("--out", default="docs/results/attention")
     args = ap.parse_args()

@@ -1,7 +1,8 @@
-"""Times every Pallas kernel at LLaMA-3.1-8B attention shapes on a GPU.
+"""Times the decode-path Pallas kernels at LLaMA-3.1-8B attention shapes on a GPU.
 
 32 query heads, 8 KV heads, head_dim 128, bf16, page size 16; batch 1, 16, 64 and context 8K,
-32K, 128K. For each kernel: time per call, the bytes it must move (each input read once, each
+32K, 128K. (The cache's decode append is timed inside the model step: scripts/bench_decode_step.py.)
+For each kernel: time per call, the bytes it must move (each input read once, each
 output written once), achieved TB/s and the fraction of the copy bandwidth measured in the same
 run. Dense decode is compared with jax cuDNN `dot_product_attention` and, where torch is
 importable, torch SDPA, on the same shapes.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
 
-from pallas_kernels import attention, int4, quest, spgemv, topp  # noqa: E402
+from pallas_kernels import attention, quest, spgemv, topp  # noqa: E402
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV
@@ -39,21 +40,19 @@ N_ROT = 4  # input sets rotated through inside one timing loop
 # kernels-sweep*-h200.md); these ask what small batches (4-8 sequences: 32-64 (sequence, KV
 # head) rows) want: larger tiles and fewer, longer-looping programs.
 SPGEMV_SWEEP = [
-    spgemv.SpGEMVConfig(tokens_per_chunk=256),
-    spgemv.SpGEMVConfig(tokens_per_chunk=256, target_programs=1024),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256, target_programs=1024),
 ]
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=64),
     quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
-    quest.QuestGpuConfig(target_programs=1024, max_splits=64, num_stages=2),
-    quest.QuestGpuConfig(target_programs=2048, max_splits=64, num_stages=3, num_warps=8),
 ]
 ATTN_SWEEP = [
-    attention.GpuAttentionConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
+    attention.AttentionGpuConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),
 ]
 TOPP_SWEEP = [
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=4),
-    topp.TopPConfig(gpu_split=True, iters=16, num_warps=16),
+    topp.TopPGpuConfig(num_warps=4),
+    topp.TopPGpuConfig(num_warps=16),
 ]
 
 
@@ -293,94 +292,6 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     if args.sweep:
         for cfg in QUEST_SWEEP:
             attempt("quest_sweep", lambda cfg=cfg: qs_scores(cfg, "quest_sweep"))
-
-    if ctx == args.contexts[0]:
-        # Decode-time appends: one token per sequence and KV head.
-        positions = jnp.full((batch,), ctx - 1, jnp.int32)
-
-        def pack_dec():
-            kn = [
-                (
-                    jax.random.normal(jax.random.fold_in(key, r), (batch, HKV, D), DT),
-                    tables[r],
-                )
-                for r in range(N_ROT)
-            ]
-            t, state = benchlib.time_update(
-                lambda k, pt, k4, sc, zr: int4.int4_pack_decode(
-                    k4, sc, zr, k, pt, positions, backend="pallas"
-                ),
-                kn,
-                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
-            )
-            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
-            nbytes = batch * HKV * (D * 2 + D // 2 + 8)
-            record("int4_pack_decode", batch, ctx, "1 tok", t, nbytes)
-
-        attempt("int4_pack_decode", pack_dec)
-
-        def quest_dec():
-            kn = [
-                (
-                    jax.random.normal(jax.random.fold_in(key, r), (batch, HKV, D), DT),
-                    tables[r],
-                )
-                for r in range(N_ROT)
-            ]
-            t, state = benchlib.time_update(
-                lambda k, pt, kmin, kmax: quest.quest_update_decode(
-                    kmin, kmax, k, pt, positions, backend="pallas"
-                ),
-                kn,
-                (pool["k_min"], pool["k_max"]),
-            )
-            pool["k_min"], pool["k_max"] = state
-            nbytes = batch * HKV * D * 2 * 5
-            record("quest_update_decode", batch, ctx, "1 tok", t, nbytes)
-
-        attempt("quest_update_decode", quest_dec)
-
-    if batch == args.batches[0]:
-        # Prefill-time bulk writes of a whole context (one sequence per batch entry).
-        def pack_pre():
-            kn = [
-                (
-                    jax.random.normal(jax.random.fold_in(key, r), (batch, ctx, HKV, D), DT),
-                    tables[r],
-                )
-                for r in range(2)
-            ]
-            start = jnp.zeros((batch,), jnp.int32)
-            count = jnp.full((batch,), ctx, jnp.int32)
-            t, state = benchlib.time_update(
-                lambda k, pt, k4, sc, zr: int4.int4_pack_prefill(
-                    k4, sc, zr, k, pt, start, count, backend="pallas"
-                ),
-                kn,
-                (pool["k_int4"], pool["k_scale"], pool["k_zero"]),
-                iters=5,
-            )
-            pool["k_int4"], pool["k_scale"], pool["k_zero"] = state
-            nbytes = batch * ctx * HKV * (D * 2 + D // 2 + 8)
-            record("int4_pack_prefill", batch, ctx, f"{ctx} tok", t, nbytes)
-
-        attempt("int4_pack_prefill", pack_pre)
-
-        def quest_ref():
-            rot = [(jnp.zeros((1,), jnp.float32), tables[r]) for r in range(2)]
-            t, state = benchlib.time_update(
-                lambda _, pt, kmin, kmax, kp: (
-                    quest.quest_refresh(kmin, kmax, kp, pt, lengths, backend="pallas") + (kp,)
-                ),
-                rot,
-                (pool["k_min"], pool["k_max"], pool["k_pages"]),
-                iters=5,
-            )
-            pool["k_min"], pool["k_max"], pool["k_pages"] = state
-            nbytes = batch * ctx * HKV * D * 2 + 2 * batch * pps * HKV * D * 2
-            record("quest_refresh", batch, ctx, f"{ctx} tok", t, nbytes)
-
-        attempt("quest_refresh", quest_ref)
 
 
 def run(args):

@@ -4,9 +4,14 @@
 Pallas Triton lowering to Triton IR (catches unsupported ops); the PTX compile still needs a GPU.
 """
 
+import re
+
 import jax
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
+# The pallas_call name in the backend config of a Triton call (after its IR) and of a Mosaic
+# TPU call.
+_KERNEL_NAME = re.compile(r'(?:\bname = "([^"]+)", num_stages|\bkernel_name = "([^"]+)")')
 
 
 def export_tpu(fn, *args, **kwargs):
@@ -19,6 +24,15 @@ def export_cuda(fn, *args, **kwargs):
         platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
     )(*args)
+
+
+def pallas_kernels_called(module_text: str) -> list[str]:
+    """The pallas_call names of the Pallas kernels an exported module calls, one entry per call
+    site, sorted: what a test compares to the exact list of kernels it expects."""
+    names = [a or b for a, b in _KERNEL_NAME.findall(module_text)]
+    calls = module_text.count(_TRITON_CALL) + module_text.count("tpu_custom_call")
+    assert len(names) == calls, f"{calls} kernel calls but {len(names)} names: {names}"
+    return sorted(names)
 
 
 def default_model_shapes(num_layers: int = 3):

@@ -90,3 +90,16 @@ def test_bad_arguments_name_themselves(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         append.cache_append_decode(*args)
+
+
+def test_config():
+    cache, new, table, pos = _case(5, 5, 32, jnp.bfloat16, num_pages=16)
+    ref = append.cache_append_decode(*cache, *new, table, pos, backend="reference")
+    small = append.AppendGpuConfig(seqs_per_block=2, num_warps=2)  # 3 programs per KV head
+    got = append.cache_append_decode(*cache, *new, table, pos, backend="pallas_gpu", config=small)
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    with pytest.raises(ValueError, match="AppendGpuConfig.seqs_per_block must be a power of two"):
+        append.AppendGpuConfig(seqs_per_block=3)
+    with pytest.raises(ValueError, match="config must be None or a AppendGpuConfig, got str"):
+        append.cache_append_decode(*cache, *new, table, pos, config="small")

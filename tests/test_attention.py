@@ -16,13 +16,13 @@ import pytest
 from _export import export_cuda, export_tpu
 
 from pallas_kernels import attention
-from pallas_kernels.attention import GpuAttentionConfig, TpuAttentionConfig
+from pallas_kernels.attention import AttentionGpuConfig, AttentionTpuConfig
 
 NUM_KV_HEADS = 2
 TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 # Small tiles so the tiny test shapes still cover several splits and tiles per program.
-GPU_SMALL = GpuAttentionConfig(block_tokens=16, target_programs=64)
-TPU_SMALL = TpuAttentionConfig(block_tokens=16)
+GPU_SMALL = AttentionGpuConfig(block_tokens=16, target_programs=64)
+TPU_SMALL = AttentionTpuConfig(block_tokens=16)
 
 
 def _cache(seed, *, lengths, group, head_dim, page_size, dtype):
@@ -217,7 +217,7 @@ def test_gpu_splits_cover_uneven_counts():
     """Many splits over short and long counts: empty splits must not disturb the merge."""
     lengths = (70, 3, 16, 0, 33)
     a, _, _ = _cache(41, lengths=lengths, group=4, head_dim=64, page_size=16, dtype=jnp.float32)
-    config = GpuAttentionConfig(block_tokens=16, target_programs=10**6, max_splits=8)
+    config = AttentionGpuConfig(block_tokens=16, target_programs=10**6, max_splits=8)
     assert config.num_splits(len(lengths), NUM_KV_HEADS, a["page_table"].shape[1] * 16) == 6
     args = (a["q"], a["k_pages"], a["v_pages"], a["page_table"], a["lengths"])
     out = attention.paged_decode_attention(*args, backend="pallas_gpu", config=config)
@@ -385,8 +385,12 @@ def test_bad_scale_backend_and_gpu_head_dim():
         attention.paged_decode_attention(*dense, scale=jnp.float32(1.0))
     with pytest.raises(ValueError, match="backend must be one of"):
         attention.paged_decode_attention(*dense, backend="cuda")
-    with pytest.raises(ValueError, match="config must be a TpuAttentionConfig"):
+    with pytest.raises(
+        ValueError, match="config is a AttentionGpuConfig, but backend='pallas_tpu'"
+    ):
         attention.paged_decode_attention(*dense, backend="pallas_tpu", config=GPU_SMALL)
+    with pytest.raises(ValueError, match="config must be None or a AttentionGpuConfig or"):
+        attention.paged_decode_attention(*dense, backend="reference", config=(16, 64))
     g = _bad("q", jnp.zeros((2, 8, 48), jnp.bfloat16))
     g["k_pages"] = g["v_pages"] = jnp.zeros((2, 5, 16, 48), jnp.bfloat16)
     with pytest.raises(ValueError, match="head_dim=48 must be a power of two"):
@@ -398,9 +402,10 @@ def test_bad_scale_backend_and_gpu_head_dim():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: GpuAttentionConfig(block_tokens=48), "block_tokens must be a power of two"),
-        (lambda: GpuAttentionConfig(max_splits=0), "max_splits must be >= 1"),
-        (lambda: TpuAttentionConfig(block_tokens=20), "block_tokens must be a positive multiple"),
+        (lambda: AttentionGpuConfig(block_tokens=48), "block_tokens must be a power of two"),
+        (lambda: AttentionGpuConfig(max_splits=0), "max_splits must be an int >= 1"),
+        (lambda: AttentionGpuConfig(num_warps=3), "num_warps must be a power of two"),
+        (lambda: AttentionTpuConfig(block_tokens=20), "block_tokens must be a positive multiple"),
     ],
 )
 def test_bad_config(make, message):

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _export import export_cuda, export_tpu
+from _export import export_cuda, export_tpu, pallas_kernels_called
 
-from pallas_kernels import _common
+from pallas_kernels import assume_platform
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
 from twilight_jax.attention import _decode_attention
 from twilight_jax.reference import decode_attention_reference
@@ -343,10 +343,26 @@ def test_no_recompilation_when_lengths_counts_or_p_change():
 # ----------------------------------------------------------------------------- lowering
 
 
+# The kernels each step calls, once each: Quest's page scores and page top-k (GPU only; TPUs
+# run lax.top_k), the SpGEMV, top-p (on GPU a per-head threshold kernel, then the union) and
+# the sparse attention.
+STEP_KERNELS = {
+    ("gpu", "quest"): ["quest_page_scores_gpu", "topk_ids_gpu"],
+    ("tpu", "quest"): ["quest_page_scores_tpu"],
+    ("gpu", "double_sparsity"): [],
+    ("tpu", "double_sparsity"): [],
+}
+PRUNE_KERNELS = {
+    "gpu": ["block_spgemv_gpu", "topp_head_threshold_gpu", "topp_select_gpu"],
+    "tpu": ["block_spgemv_tpu", "topp_select_tpu"],
+}
+ATTENTION_KERNEL = {"gpu": "sparse_decode_attention", "tpu": "sparse_decode_attention_tpu"}
+
+
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_whole_step_lowers_with_the_pallas_kernels(platform, monkeypatch):
-    """The whole op with every Pallas kernel (not interpret mode: the platform check is
-    patched) lowers for CUDA (Pallas -> Triton IR) and for TPU (Mosaic), LLaMA-like head_dim
+def test_whole_step_lowers_with_the_pallas_kernels(platform):
+    """The whole op with every Pallas kernel (not interpret mode: backends resolve as on the
+    platform) lowers for CUDA (Pallas -> Triton IR) and for TPU (Mosaic), LLaMA-like head_dim
     128 and bf16: page-level per-head and token-level grouped candidates."""
     rng = np.random.default_rng(9)
     b, t, hkv, g, d = 2, 128, 2, 4, 128
@@ -355,10 +371,7 @@ def test_whole_step_lowers_with_the_pallas_kernels(platform, monkeypatch):
     ch = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, hkv, 16))
     cache = PagedKVCache.from_dense(k, k, jnp.asarray([128, 77]), page_size=16, ds_channel_idx=ch)
     p = jnp.asarray([0.9, 0.8], jnp.float32)
-    monkeypatch.setattr(_common, "platform", lambda: platform)  # after the cache is built
-    export, marker = (
-        (export_cuda, "xla.gpu.triton") if platform == "gpu" else (export_tpu, "tpu_custom_call")
-    )
+    export = export_cuda if platform == "gpu" else export_tpu
     for selector, gqa in [("quest", "per_head"), ("double_sparsity", "group_union")]:
         cfg = SparsityConfig(
             selector=selector,
@@ -371,11 +384,13 @@ def test_whole_step_lowers_with_the_pallas_kernels(platform, monkeypatch):
             recent_tokens=4,
         )
         backend = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
-        exp = export(
-            lambda q, c, p: decode_attention(q, c, cfg, top_p=p, backend=backend), q, cache, p
-        )
-        # quest scores (per_head only), SpGEMV, top-p, sparse attention
-        assert exp.mlir_module().count(marker) >= 3
+        with assume_platform(platform):  # after the cache is built: that ran on this host
+            exp = export(
+                lambda q, c, p: decode_attention(q, c, cfg, top_p=p, backend=backend), q, cache, p
+            )
+        want = STEP_KERNELS[platform, selector] + PRUNE_KERNELS[platform]
+        want = sorted(want + [ATTENTION_KERNEL[platform]])
+        assert pallas_kernels_called(exp.mlir_module()) == want, selector
 
 
 # ----------------------------------------------------------------------------- bad input

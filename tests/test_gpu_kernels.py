@@ -134,45 +134,20 @@ def test_topp(groups):
     np.testing.assert_allclose(np.asarray(mass), np.asarray(rmass), rtol=1e-3, atol=1e-3)
 
 
-def test_quest_scores_and_updates():
+def test_quest_scores():
     from pallas_kernels import quest
 
     batch, max_len = 3, 2048
     c = _cache(5, batch, max_len)
     rng = c["rng"]
-    kmin, kmax = quest.quest_refresh(
-        jnp.zeros((HKV, c["k"].shape[1], D), jnp.bfloat16),
-        jnp.zeros((HKV, c["k"].shape[1], D), jnp.bfloat16),
-        c["k"],
-        c["page_table"],
-        c["lengths"],
-        backend="pallas",
-    )
-    rmin, rmax = quest.quest_refresh(
-        jnp.zeros((HKV, c["k"].shape[1], D), jnp.bfloat16),
-        jnp.zeros((HKV, c["k"].shape[1], D), jnp.bfloat16),
-        c["k"],
-        c["page_table"],
-        c["lengths"],
-        backend="reference",
-    )
-    np.testing.assert_array_equal(np.asarray(kmin, np.float32), np.asarray(rmin, np.float32))
-    np.testing.assert_array_equal(np.asarray(kmax, np.float32), np.asarray(rmax, np.float32))
+    # Min / max of every page (the cache keeps them for live pages; here for all of them).
+    kmin, kmax = c["k"].min(axis=2), c["k"].max(axis=2)
     q = jnp.asarray(rng.standard_normal((batch, HQ, D)), jnp.bfloat16)
-    s = quest.quest_page_scores(q, kmin, kmax, c["page_table"], c["lengths"], backend="pallas")
-    r = quest.quest_page_scores(q, rmin, rmax, c["page_table"], c["lengths"], backend="reference")
-    s, r = np.asarray(s), np.asarray(r)
+    args = (q, kmin, kmax, c["page_table"], c["lengths"])
+    s = np.asarray(quest.quest_page_scores(*args, backend="pallas"))
+    r = np.asarray(quest.quest_page_scores(*args, backend="reference"))
     np.testing.assert_array_equal(np.isfinite(s), np.isfinite(r))
     np.testing.assert_allclose(s[np.isfinite(r)], r[np.isfinite(r)], rtol=1e-2, atol=1e-1)
-
-    k_new = jnp.asarray(rng.standard_normal((batch, HKV, D)), jnp.bfloat16)
-    positions = jnp.asarray([max_len - 1, 17, -1], jnp.int32)
-    outs = [
-        quest.quest_update_decode(kmin, kmax, k_new, c["page_table"], positions, backend=b)
-        for b in ("pallas", "reference")
-    ]
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
@@ -190,25 +165,6 @@ def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
     got = int4.quantize_int4(xb, backend="pallas")
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
-
-    # The paged pack: 64 sequences x 16 tokens, one page each, written from the same rows.
-    batch, tokens = 64, 16
-    k_new = xb[: batch * tokens * HKV].reshape(batch, tokens, HKV, D)
-    num_pages = batch + 1
-    cache = (
-        jnp.zeros((HKV, num_pages, S, D // 2), jnp.uint8),
-        jnp.zeros((HKV, num_pages, S), jnp.float32),
-        jnp.zeros((HKV, num_pages, S), jnp.float32),
-    )
-    page_table = jnp.arange(1, batch + 1, dtype=jnp.int32)[:, None]
-    start = jnp.zeros((batch,), jnp.int32)
-    count = jnp.full((batch,), tokens, jnp.int32)
-    packed, scale, zero = int4.int4_pack_prefill(
-        *cache, k_new, page_table, start, count, backend="pallas"
-    )
-    rule = int4_rule(np.asarray(k_new, np.float32))  # [B, T, Hkv, ...]
-    for g, w in zip((packed, scale, zero), rule):
-        np.testing.assert_array_equal(np.moveaxis(np.asarray(g)[:, 1:], 0, 2), w)
 
 
 def test_cache_append_decode_is_the_reference_bit_for_bit():

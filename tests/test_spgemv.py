@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _export import export_cuda, export_tpu
 
-from pallas_kernels import spgemv
+from pallas_kernels import spgemv, spgemv_gpu
 
 TOL = {jnp.float32: dict(rtol=1e-4, atol=1e-4), jnp.bfloat16: dict(rtol=2e-4, atol=2e-4)}
 
@@ -43,33 +43,24 @@ class Case:
     max_len: int = 45  # not a multiple of 16: partial last pages
     num_cand: int | None = None  # default: every block of max_len
     scale: float | None = None
-    token_major: bool = False  # GPU kernel orientation (SpGEMVConfig.token_major)
     target_programs: int = 1024  # GPU splits: batch * Hkv * splits ~ target_programs
-    prefetch_rows: bool = False
     num_stages: int = 2
     counts: tuple | None = None  # cand_count rows; default random with fixed corner cases
-    word_bytes: int = 4  # GPU gather word width (SpGEMVConfig.word_bytes)
 
     def __str__(self):
         return (
             f"G{self.group}-D{self.head_dim}-S{self.page_size}-bs{self.block_size}-"
             f"{jnp.dtype(self.q_dtype).name}-T{self.tokens_per_chunk}-C{self.num_cand}"
-            + ("-tokmajor" if self.token_major else "")
             + (f"-prog{self.target_programs}" if self.target_programs != 1024 else "")
-            + ("-prefetch" if self.prefetch_rows else "")
             + (f"-B{self.batch}-counts" if self.counts else "")
-            + (f"-W{self.word_bytes}" if self.word_bytes != 4 else "")
         )
 
     def config(self):
-        return spgemv.SpGEMVConfig(
+        return spgemv.SpGEMVGpuConfig(
             tokens_per_chunk=self.tokens_per_chunk,
-            token_major=self.token_major,
             target_programs=self.target_programs,
             max_splits=self.target_programs,
-            prefetch_rows=self.prefetch_rows,
             num_stages=self.num_stages,
-            word_bytes=self.word_bytes,
         )
 
 
@@ -123,9 +114,9 @@ def _assert_matches(out, ref, q_dtype):
 F32, BF16 = jnp.float32, jnp.bfloat16
 CASES = [
     Case(1, 64, 16, 16, F32, scale=0.3),
-    Case(4, 128, 16, 16, BF16, tokens_per_chunk=16, token_major=True),  # a page per program
+    Case(4, 128, 16, 16, BF16, tokens_per_chunk=16),  # a page per program
     Case(8, 64, 16, 16, BF16, tokens_per_chunk=32, num_cand=3),  # C % blocks_per_chunk != 0
-    Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=12, token_major=True),  # tokens
+    Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=12),  # tokens
     Case(8, 128, 16, 4, BF16, num_cand=10),  # a block inside a page
     Case(1, 128, 1, 1, F32, tokens_per_chunk=16, max_len=20, num_cand=12),  # page size 1
 ]
@@ -188,8 +179,6 @@ SPLIT_CASES = [
         num_cand=13,
         target_programs=32,
         counts=SPLIT_COUNTS,
-        prefetch_rows=True,
-        token_major=True,
     ),
     # Tokens (bs 1), 16-token tiles: 40 entries = 3 tiles over 2 splits, random counts.
     Case(
@@ -203,9 +192,8 @@ SPLIT_CASES = [
         max_len=60,
         num_cand=40,
         target_programs=8,
-        prefetch_rows=True,
     ),
-    # One tile per program, the kernel's former structure (target_programs = max_splits huge).
+    # One tile per program (target_programs = max_splits huge), one stage.
     Case(
         4,
         64,
@@ -235,39 +223,26 @@ def test_gpu_tiles_and_splits(case):
     _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
 
 
-# Gather word widths other than the default 4 (uint32 words at D = 128, uint16 at D = 64,
-# which every case above runs): uint8 (the former byte gather) and uint16 words at D = 128.
-WORD_CASES = [
-    Case(g, d, 16, bs, dt, tokens_per_chunk=16, batch=2, max_len=40, num_cand=nc, word_bytes=w)
-    for g, d, bs, dt, nc, w in (
-        (4, 128, 1, F32, 24, 1),
-        (2, 64, 16, BF16, None, 1),
-        (4, 128, 16, BF16, None, 2),
-    )
-]
+# The gather word width follows head_dim (4 bytes at D = 128, 2 at D = 64, which the cases
+# above run): bytes at D = 32, where wider words would leave Triton's dots fewer than 16 columns.
+BYTE_CASE = Case(4, 32, 16, 1, F32, tokens_per_chunk=16, batch=2, max_len=40, num_cand=24)
 
 
-@pytest.mark.parametrize("case", WORD_CASES, ids=str)
-def test_gpu_word_bytes(case):
-    args = _make(case, 70 + WORD_CASES.index(case))
-    ref = spgemv.block_spgemv(
-        *args, block_size=case.block_size, scale=case.scale, backend="reference"
-    )
-    _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
+def test_gpu_byte_gather():
+    args = _make(BYTE_CASE, 70)
+    ref = spgemv.block_spgemv(*args, block_size=1, backend="reference")
+    _assert_matches(_run("gpu", BYTE_CASE, args), ref, BYTE_CASE.q_dtype)
 
 
-def test_effective_word_bytes():
-    cfg = spgemv.SpGEMVConfig()
-    assert cfg.word_bytes == 4
-    assert cfg.effective_word_bytes(128) == 4  # uint32 words, K = 16
-    assert cfg.effective_word_bytes(64) == 2  # uint16 words, K = 16
-    assert cfg.effective_word_bytes(32) == 1  # bytes, K = 16
-    assert spgemv.SpGEMVConfig(word_bytes=1).effective_word_bytes(128) == 1
-    assert spgemv.SpGEMVConfig(word_bytes=2).effective_word_bytes(256) == 2
+def test_word_bytes():
+    assert spgemv_gpu._word_bytes(256) == 4
+    assert spgemv_gpu._word_bytes(128) == 4  # uint32 words, 16 of them per row
+    assert spgemv_gpu._word_bytes(64) == 2  # uint16 words, 16
+    assert spgemv_gpu._word_bytes(32) == 1  # bytes, 16
 
 
 def test_num_splits():
-    cfg = spgemv.SpGEMVConfig(target_programs=1024, max_splits=64)
+    cfg = spgemv.SpGEMVGpuConfig(target_programs=1024, max_splits=64)
     assert cfg.num_splits(64 * 8, 64) == 2  # batch 64 x 8 KV heads: 1024 programs
     assert cfg.num_splits(1, 64) == 64  # capped at max_splits
     assert cfg.num_splits(1, 5) == 5  # capped at the tiles
@@ -323,39 +298,44 @@ def test_backend_dispatch_and_empty_capacity():
         assert out.shape == (2, 8, 0) and out.dtype == jnp.float32
 
 
+def test_config_kinds_through_the_entry():
+    case = Case(4, 64, 16, 16, F32, batch=2)
+    args = _make(case, 8)
+    ref = spgemv.block_spgemv(*args, block_size=16, backend="reference")
+    tpu = spgemv.SpGEMVTpuConfig()
+    out = spgemv.block_spgemv(*args, block_size=16, backend="pallas_tpu", config=tpu)
+    _assert_matches(out, ref, F32)
+    with pytest.raises(ValueError, match="config is a SpGEMVTpuConfig, but backend='pallas'"):
+        spgemv.block_spgemv(*args, block_size=16, backend="pallas", config=tpu)
+    with pytest.raises(ValueError, match="config must be None or a SpGEMVGpuConfig or"):
+        spgemv.block_spgemv(*args, block_size=16, config={"tokens_per_chunk": 16})
+
+
 def _llama_like(block_size, q_dtype=BF16):
     # LLaMA-3.1-8B grouping (G = 4, D = 128, page 16), small batch and cache.
     case = Case(4, 128, 16, block_size, q_dtype, batch=2, num_kv_heads=2, max_len=64)
     return _make(case, 3)
 
 
-@pytest.mark.parametrize("prefetch_rows", [False, True])
-@pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
-def test_export_cuda(block_size, q_dtype, token_major, prefetch_rows):
+def test_export_cuda(block_size, q_dtype):
     args = _llama_like(block_size, q_dtype)
     # 16-token tiles and 2 splits, so the lowered kernel has a real tile loop.
-    cfg = spgemv.SpGEMVConfig(
-        tokens_per_chunk=16,
-        target_programs=8,
-        token_major=token_major,
-        prefetch_rows=prefetch_rows,
-    )
+    cfg = spgemv.SpGEMVGpuConfig(tokens_per_chunk=16, target_programs=8)
     exp = export_cuda(
         lambda *a: spgemv.block_spgemv_gpu(*a, block_size=block_size, config=cfg), *args
     )
     assert "block_spgemv_gpu" in exp.mlir_module()
 
 
-@pytest.mark.parametrize("word_bytes", [1, 2, 4])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("q_dtype", [BF16, F32], ids=["bf16", "f32"])
-def test_export_cuda_word_bytes(head_dim, word_bytes, q_dtype):
-    # The uint16/uint32 shifts, masks and truncations must lower to Triton.
+def test_export_cuda_word_widths(head_dim, q_dtype):
+    # 1-, 2- and 4-byte words: their shifts, masks and truncations must lower to Triton.
     case = Case(4, head_dim, 16, 1, q_dtype, batch=2, max_len=64)
     args = _make(case, 4)
-    cfg = spgemv.SpGEMVConfig(tokens_per_chunk=16, target_programs=8, word_bytes=word_bytes)
+    cfg = spgemv.SpGEMVGpuConfig(tokens_per_chunk=16, target_programs=8)
     exp = export_cuda(lambda *a: spgemv.block_spgemv_gpu(*a, block_size=1, config=cfg), *args)
     assert "block_spgemv_gpu" in exp.mlir_module()
 
@@ -425,14 +405,14 @@ def test_gpu_limits():
 
 @pytest.mark.parametrize("tokens", [8, 24])
 def test_config_validation(tokens):
-    with pytest.raises(ValueError, match="tokens_per_chunk"):
-        spgemv.SpGEMVConfig(tokens_per_chunk=tokens)
+    with pytest.raises(ValueError, match="SpGEMVGpuConfig.tokens_per_chunk"):
+        spgemv.SpGEMVGpuConfig(tokens_per_chunk=tokens)
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("target_programs", 0), ("max_splits", 0), ("num_stages", 0), ("word_bytes", 3)],
+    [("target_programs", 0), ("max_splits", 0), ("num_stages", 0), ("num_warps", 6)],
 )
 def test_config_validation_loop_knobs(field, value):
-    with pytest.raises(ValueError, match=field):
-        spgemv.SpGEMVConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"SpGEMVGpuConfig.{field}"):
+        spgemv.SpGEMVGpuConfig(**{field: value})

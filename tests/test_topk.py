@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from _export import export_cuda
 
-from pallas_kernels import _common, topk
+from pallas_kernels import assume_platform, topk
 from pallas_kernels.topk import topk_ids
 
 BACKENDS = ("reference", "pallas_gpu")  # on CPU the GPU kernel runs interpreted
@@ -202,11 +202,11 @@ def test_reference_keys_order_like_floats():
 
 
 @pytest.fixture
-def gpu_platform(monkeypatch):
-    """Makes resolve_backend see a GPU, so "pallas_gpu" means the real kernel, not interpret
-    mode (which on a CPU host would export the interpreter's XLA ops, no Triton call)."""
-    monkeypatch.setattr(_common, "platform", lambda: "gpu")
-    assert _common.resolve_backend("pallas_gpu") == ("gpu", False)
+def gpu_platform():
+    """Backends resolve as on a GPU, so "pallas_gpu" means the native kernel, not interpret mode
+    (which on a CPU host would export the interpreter's XLA ops, no Triton call)."""
+    with assume_platform("gpu"):
+        yield
 
 
 def test_export_cuda_quest_shape(gpu_platform):
@@ -224,9 +224,17 @@ def test_export_cuda_other_shapes(gpu_platform, shape, k):
     assert exp.out_avals[0].shape == shape[:-1] + (k,)
 
 
+def test_max_cols_config_moves_the_cut(gpu_platform):
+    # The same 5000-column rows take the kernel by default and lax.top_k under max_cols=4096.
+    s = jax.ShapeDtypeStruct((3, 5000), jnp.float32)
+    short = topk.TopKGpuConfig(max_cols=4096)
+    exp = export_cuda(lambda s: topk_ids(s, 8, backend="pallas_gpu", config=short), s)
+    assert _TRITON_CALL not in exp.mlir_module()
+
+
 def test_long_rows_export_without_triton(gpu_platform):
-    # Rows longer than GPU_MAX_COLS take lax.top_k: no Triton call in the module.
-    s = jax.ShapeDtypeStruct((4, topk.GPU_MAX_COLS + 1), jnp.float32)
+    # Rows longer than TopKGpuConfig.max_cols take lax.top_k: no Triton call in the module.
+    s = jax.ShapeDtypeStruct((4, topk.TopKGpuConfig().max_cols + 1), jnp.float32)
     exp = export_cuda(lambda s: topk_ids(s, 64, backend="pallas_gpu"), s)
     assert _TRITON_CALL not in exp.mlir_module()
 
@@ -261,6 +269,13 @@ def test_bad_k_type(k):
 def test_bad_dtype(scores):
     with pytest.raises(ValueError, match=r"scores must have dtype in \(float32\)"):
         topk_ids(scores, 3)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="TopKGpuConfig.max_cols must be an int >= 1"):
+        topk.TopKGpuConfig(max_cols=0)
+    with pytest.raises(ValueError, match="config must be None or a TopKGpuConfig, got int"):
+        topk_ids(jnp.zeros((4, 10), jnp.float32), 3, config=4096)
 
 
 def test_bad_rank_and_backend():

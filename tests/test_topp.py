@@ -16,12 +16,14 @@ import pytest
 from _export import export_cuda, export_tpu
 
 from pallas_kernels import topp
-from pallas_kernels.topp import TopPConfig
+from pallas_kernels.topp import EXACT_ITERS, TopPGpuConfig, TopPTpuConfig
 
 N = 200  # not a power of two, not a multiple of 128: exercises padding on both backends
 P_CYCLE = (1.0, 0.95, 0.5, 1e-6)
 TOL = dict(rtol=1e-5, atol=1e-6)
 BACKENDS = ("pallas", "pallas_tpu")  # on CPU: GPU kernel and TPU kernel, both interpreted
+# The exact search, for each backend's kernel.
+EXACT = {"pallas": TopPGpuConfig(iters=EXACT_ITERS), "pallas_tpu": TopPTpuConfig(iters=EXACT_ITERS)}
 
 
 def _mixed_batch(seed, rows, heads=None, n=N):
@@ -171,7 +173,7 @@ def test_reference_under_jit_with_traced_p():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_threshold_kernel_matches_reference(backend):
     logits, valid, p = _mixed_batch(11, rows=16)
-    got = topp.topp_threshold(logits, valid, p, backend=backend, config=topp.EXACT)
+    got = topp.topp_threshold(logits, valid, p, backend=backend, config=EXACT[backend])
     want = topp.topp_threshold(logits, valid, p, backend="reference")
     np.testing.assert_allclose(got[0], want[0], **TOL)
     np.testing.assert_array_equal(got[1], want[1])
@@ -183,17 +185,16 @@ def test_threshold_kernel_matches_reference(backend):
 
 def test_threshold_kernel_python_float_p():
     logits, valid, _ = _mixed_batch(12, rows=8)
-    got = topp.topp_threshold(logits, valid, 0.95, backend="pallas", config=topp.EXACT)
+    got = topp.topp_threshold(logits, valid, 0.95, backend="pallas", config=EXACT["pallas"])
     want = topp.topp_threshold(logits, valid, 0.95, backend="reference")
     np.testing.assert_allclose(got[0], want[0], **TOL)
     np.testing.assert_array_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("search_bits", [1, 3])
-def test_threshold_fewer_iters_is_conservative(search_bits):
+def test_threshold_fewer_iters_is_conservative():
     # 8 steps leave a wide bit interval: t may sit below the exact threshold, never above.
     logits, valid, p = _mixed_batch(13, rows=16)
-    cfg = TopPConfig(iters=8, search_bits=search_bits)
+    cfg = TopPGpuConfig(iters=8)
     t, count, mass = topp.topp_threshold(logits, valid, p, backend="pallas", config=cfg)
     t_exact, count_exact, _ = topp.topp_threshold(logits, valid, p, backend="reference")
     assert np.all(np.asarray(t) <= np.asarray(t_exact) * (1 + 1e-6))
@@ -208,7 +209,7 @@ def test_select_kernel_matches_reference(backend):
     # Capacity 24 < N: the p = 1.0 rows and the flat rows saturate, tiny-p rows do not.
     logits, valid, p = _mixed_batch(21, rows=16)
     cap = 24
-    got = topp.topp_select(logits, valid, p, cap, backend=backend, config=topp.EXACT)
+    got = topp.topp_select(logits, valid, p, cap, backend=backend, config=EXACT[backend])
     want = topp.topp_select(logits, valid, p, cap, backend="reference")
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
@@ -234,7 +235,7 @@ def test_select_fewer_capacity_iters_still_fills_capacity():
     # distinct union columns in ascending order, and everything above the band is kept.
     logits, valid, p = _mixed_batch(22, rows=16)
     cap = 24
-    cfg = TopPConfig(capacity_iters=4)
+    cfg = TopPGpuConfig(capacity_iters=4)
     idx, counts, sat = topp.topp_select(logits, valid, p, cap, backend="pallas", config=cfg)
     ridx, rcounts, rsat = topp.topp_select(logits, valid, p, cap, backend="reference")
     np.testing.assert_array_equal(counts, rcounts)
@@ -257,7 +258,7 @@ def test_select_fewer_capacity_iters_still_fills_capacity():
 def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
     # (8, 5, 256): capacity above N (never saturates), R not a multiple of the TPU row block.
     logits, valid, p = _mixed_batch(31 + heads, rows=rows, heads=heads)
-    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=topp.EXACT)
+    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=EXACT[backend])
     want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
     for a, b in zip(got[:3], want[:3]):
         np.testing.assert_array_equal(a, b)
@@ -280,17 +281,10 @@ def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        TopPConfig(iters=30, gpu_split=False),  # the fused one-program-per-row kernel
-        TopPConfig(iters=30, search_bits=3),  # split kernels, 8 candidates per pass
-        TopPConfig(iters=30, gpu_max_cols=64),  # rows longer than 64: the XLA path
-    ],
-    ids=["fused", "split-bits3", "xla-long-rows"],
-)
-def test_gpu_variants_match_reference(config):
-    # Every GPU path the config reaches is exact at 30 steps, with and without saturation.
+def test_gpu_long_row_path_matches_reference():
+    # Rows longer than max_cols take the XLA path: exact at 30 steps, with and without
+    # saturation.
+    config = TopPGpuConfig(iters=EXACT_ITERS, max_cols=64)
     logits, valid, p = _mixed_batch(41, rows=10, heads=4)
     cap = 40
     got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=config)
@@ -313,7 +307,7 @@ def test_snap_makes_one_step_exact(backend):
     # [lo, hi). The band's top weight 0.6 alone reaches p, so it is the threshold.
     logits = jnp.log(jnp.array([[0.6, 0.25, 0.15, 0.9]], jnp.float32))
     valid = jnp.array([[True, True, True, False]])
-    cfg = TopPConfig(iters=1)
+    cfg = {"pallas": TopPGpuConfig(iters=1), "pallas_tpu": TopPTpuConfig(iters=1)}[backend]
     t, count, mass = topp.topp_threshold(logits, valid, 0.5, backend=backend, config=cfg)
     np.testing.assert_allclose(t, [0.6], rtol=1e-6)
     np.testing.assert_array_equal(count, [1])
@@ -368,28 +362,14 @@ def test_exports(r, g, n, cap):
     export_tpu(topp.topp_threshold_tpu, x2, v, p)
 
 
-@pytest.mark.parametrize(
-    "config", [TopPConfig(gpu_split=False), TopPConfig(search_bits=3), TopPConfig(search_bits=5)]
-)
-def test_export_cuda_variants(config):
-    r, g, n, cap = EXPORT_SHAPES[0]
-    x3 = jax.ShapeDtypeStruct((r, g, n), jnp.float32)
-    v = jax.ShapeDtypeStruct((r, n), jnp.bool_)
-    p = jax.ShapeDtypeStruct((r,), jnp.float32)
-    select = functools.partial(topp.topp_select_grouped_gpu, capacity=cap, config=config)
-    export_cuda(select, x3, v, p)
-    threshold = functools.partial(topp.topp_threshold_gpu, config=config)
-    export_cuda(threshold, jax.ShapeDtypeStruct((r, n), jnp.float32), v, p)
-
-
 def test_long_rows_default_iters_equal_the_kernels():
     # At the default (conservative) 16 steps the XLA path for long rows keeps exactly what the
-    # split kernels keep with one bit per pass: the same bisection, the same weights.
+    # kernels keep: the same bisection, the same weights.
     logits, valid, p = _mixed_batch(43, rows=10, heads=4)
     cap = 40
     kern = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas")
     xla = topp.topp_select_grouped(
-        logits, valid, p, cap, backend="pallas", config=TopPConfig(gpu_max_cols=N - 1)
+        logits, valid, p, cap, backend="pallas", config=TopPGpuConfig(max_cols=N - 1)
     )
     for a, b in zip(kern[:3], xla[:3]):
         np.testing.assert_array_equal(a, b)
@@ -468,17 +448,19 @@ def test_bad_shapes_and_dtypes():
 
 def test_bad_config_and_backend():
     logits, valid = _args()
-    with pytest.raises(ValueError, match=r"TopPConfig.iters"):
-        TopPConfig(iters=0)
-    with pytest.raises(ValueError, match=r"TopPConfig.num_warps"):
-        TopPConfig(num_warps=3)
-    with pytest.raises(ValueError, match=r"TopPConfig.search_bits .* got 6"):
-        TopPConfig(search_bits=6)
-    with pytest.raises(ValueError, match=r"TopPConfig.gpu_split must be a bool, got 1"):
-        TopPConfig(gpu_split=1)
-    with pytest.raises(ValueError, match=r"TopPConfig.gpu_max_cols must be an int >= 1, got 0"):
-        TopPConfig(gpu_max_cols=0)
-    with pytest.raises(ValueError, match=r"TopPConfig.iters"):
-        topp.topp_threshold(logits, valid, 0.9, iters=100)
+    with pytest.raises(ValueError, match=r"TopPGpuConfig.iters"):
+        TopPGpuConfig(iters=0)
+    with pytest.raises(ValueError, match=r"TopPTpuConfig.capacity_iters .* got 100"):
+        TopPTpuConfig(capacity_iters=100)
+    with pytest.raises(ValueError, match=r"TopPGpuConfig.num_warps"):
+        TopPGpuConfig(num_warps=3)
+    with pytest.raises(ValueError, match=r"TopPGpuConfig.max_cols must be an int >= 1, got 0"):
+        TopPGpuConfig(max_cols=0)
+    with pytest.raises(ValueError, match=r"TopPTpuConfig.block_rows must be an int >= 1"):
+        TopPTpuConfig(block_rows=0)
+    with pytest.raises(ValueError, match="config must be None or a TopPGpuConfig or TopPTpuConfig"):
+        topp.topp_threshold(logits, valid, 0.9, config=16)
+    with pytest.raises(ValueError, match="config is a TopPGpuConfig, but backend='pallas_tpu'"):
+        topp.topp_select(logits, valid, 0.9, 4, backend="pallas_tpu", config=TopPGpuConfig())
     with pytest.raises(ValueError, match="backend must be"):
         topp.topp_select(logits, valid, 0.9, 4, backend="cuda")

@@ -1,0 +1,240 @@
+"""What the top-p kernels share: their configs (one table of tuned defaults) and the search.
+
+The search is jnp on values, run inside the GPU kernels (topp_gpu), the TPU kernel (topp_tpu)
+and the GPU path for long rows (plain XLA ops); the semantics it implements are in the
+docstring of pallas_kernels.topp. Arrays are [heads, *row] where the row is [Np] (GPU) or
+[NC, 128] (TPU); `axes` are the row axes, reduced with keepdims so results broadcast back.
+Invalid entries carry weight -1: every threshold is >= 0, so they never pass a comparison and
+no separate mask has to stay live.
+
+Thresholds are bisected on their IEEE-754 bit pattern: for non-negative floats the int32 bit
+pattern orders exactly like the value, so halving the integer interval [0, bits(max w)] finds
+the exact answer in at most 30 steps (bits(1.0) < 2**30) whatever the dynamic range of the
+weights, where halving the value interval would need ~150 steps to resolve a weight of 1e-40.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# Bit pattern of 1.0f: weights never exceed 1, so [0, _ONE_BITS] brackets every threshold and
+# 30 halvings of that interval are exact.
+_ONE_BITS = 0x3F800000
+EXACT_ITERS = 30
+
+
+# Tuned defaults (H200, batch 64, 32K context: 512 rows of 4 heads x 8192 candidates, p = 0.85,
+# capacity 2048; docs/results/kernels-sweep{,2,4,6}-h200.*):
+#   iters 16: 197-204 us, against 233-241 us for the exact 30 and 169-197 us for 12 (a wider
+#       unresolved band); conservative, and exact unless two or more weights fall in the
+#       final band.
+#   capacity_iters 30: exact; the capacity bisection runs only for rows that overflow.
+#   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16] (8 warps for one
+#       head of 8192 columns, 16 for the union of 4): 202 us; 16 warps 218, 4 warps 321.
+#   GPU max_cols 32768: rows must fit on chip; at 131072 columns the Triton compile alone
+#       took 4 minutes.
+#   TPU: the same iters; block_rows 8 not measured.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """The bisection step counts, shared by both kinds of config.
+
+    iters: bisection steps (bits of the threshold's bit pattern) for each head's top-p
+      threshold; 30 (EXACT_ITERS) is exact. Fewer is conservative (never keeps less mass than
+      p) and, after the final snap to the heaviest weight in the unresolved band, exact
+      whenever that band holds one weight; 16 leaves a band about 2**-11 of t wide.
+    capacity_iters: bisection steps for the priority cut when a selection overflows capacity;
+      30 is exact; fewer still keep exactly ``capacity`` entries, but those in the unresolved
+      band of priorities just above the cut are taken by column order, not by weight.
+    """
+
+    iters: int = 16
+    capacity_iters: int = EXACT_ITERS
+
+    def __post_init__(self):
+        for name in ("iters", "capacity_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} must be an int in [1, 64], got {value!r}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopPGpuConfig(_Search):
+    """Static knobs of the GPU top-p kernels (hashable: usable as a static jit argument).
+
+    iters, capacity_iters: see ``_Search``.
+    num_warps: warps per program; None picks about 32 row elements per thread, clamped to
+      [4, 16], so the resident row fits in registers.
+    max_cols: rows with more columns than this skip the Pallas kernels and run the same
+      bisections as XLA ops (about one pass over the logits per bisection step).
+    """
+
+    num_warps: int | None = None
+    max_cols: int = 32768
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(
+                "TopPGpuConfig.num_warps must be None or a power of two <= 32, "
+                f"got {self.num_warps!r}"
+            )
+        if isinstance(self.max_cols, bool) or not isinstance(self.max_cols, int):
+            raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
+        if self.max_cols < 1:
+            raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
+
+    def warps_for(self, block_elems: int) -> int:
+        """num_warps, or the automatic choice for a program holding block_elems values."""
+        if self.num_warps is not None:
+            return self.num_warps
+        return int(min(16, max(4, pl.next_power_of_2(max(1, block_elems // 1024)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopPTpuConfig(_Search):
+    """Static knobs of the TPU top-p kernel (hashable: usable as a static jit argument).
+
+    iters, capacity_iters: see ``_Search``.
+    block_rows: rows per grid step when it divides R (else one row per step).
+    """
+
+    block_rows: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int):
+            raise ValueError(
+                f"TopPTpuConfig.block_rows must be an int >= 1, got {self.block_rows!r}"
+            )
+        if self.block_rows < 1:
+            raise ValueError(
+                f"TopPTpuConfig.block_rows must be an int >= 1, got {self.block_rows!r}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+
+
+def softmax_stats(x, valid, axes):
+    """x [H, *row] f32, valid broadcastable bool -> (valid [H, *row], max m, sum z [H, 1...]).
+
+    A valid entry with logit -inf counts as invalid (weight exactly 0).
+    """
+    valid = valid & (x > -jnp.inf)
+    m = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axes, keepdims=True)
+    m = jnp.where(m > -jnp.inf, m, 0.0)
+    z = jnp.sum(jnp.where(valid, jnp.exp(x - m), 0.0), axis=axes, keepdims=True)
+    return valid, m, z
+
+
+def weights_from(x, valid, m, z):
+    """w [H, *row], -1 off valid. The GPU select kernel recomputes w from the threshold
+    kernel's m and z with this same expression, so both see bit-identical weights."""
+    return jnp.where(valid, jnp.exp(x - m) / z, -1.0)
+
+
+def weights(x, valid, axes):
+    """x [H, *row] f32, valid broadcastable bool -> (w [H, *row] with -1 off valid, hi bits)."""
+    valid, m, z = softmax_stats(x, valid, axes)
+    return weights_from(x, valid, m, z), upper_bits(z)
+
+
+def upper_bits(z):
+    """Bit pattern just above max w = exp(0) / z = 1 / z: no threshold there reaches p > 0."""
+    return jnp.where(z > 0, jax.lax.bitcast_convert_type(1.0 / z, jnp.int32) + 1, 1)
+
+
+def _lower_bits(p, hi, num_cols: int):
+    """A bit pattern known to reach p, so the search can start above 0.
+
+    The entries below the exact threshold t sum to more than 1 - p, and there are fewer than
+    num_cols of them, so t > (1 - p) / num_cols; at half that, the kept mass is at least
+    (1 + p) / 2, a margin of (1 - p) / 2 over p. That margin dwarfs the float error of the sum
+    only while 1 - p is not tiny, hence the cut-off; above it the search starts at 0. Starting
+    near t skips most of the exponent range: 30 steps still end exact, and fewer steps resolve
+    more mantissa bits.
+    """
+    # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
+    bound = jnp.broadcast_to((1.0 - p) * (0.5 / num_cols), hi.shape)
+    lo = jnp.where(p <= 1.0 - 2.0**-10, jax.lax.bitcast_convert_type(bound, jnp.int32), 0)
+    return jnp.clip(lo, 0, hi - 1)
+
+
+def _bisect(passes, lo, hi, iters):
+    """Brackets the largest float t >= 0 with passes(t), per head, by its bit pattern.
+
+    lo, hi: int32 [H, 1...], bit patterns known to pass (lo: assumed, never evaluated) and to
+    fail (or the end of the range). passes maps an f32 [H, 1...] threshold to a bool of the same
+    shape and must be monotone (true up to the answer, false above). Returns (lo, hi) as
+    floats: passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a
+    range within [0, 2**30) they are adjacent floats, so lo is the answer.
+    """
+
+    def step(_, carry):
+        lo, hi = carry
+        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
+        ok = passes(jax.lax.bitcast_convert_type(mid, jnp.float32))
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, step, (lo, hi))
+    return _as_float(lo), _as_float(hi)
+
+
+def _as_float(bits):
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _mass_reaches(w, t, target, axes):
+    """sum_{w >= t} w >= target, per threshold (t [H, 1...] against w [H or 1, *row])."""
+    return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) >= target
+
+
+def _snap(w, lo, hi, target, axes):
+    """Tightens a bracket [lo, hi) of the threshold (passes(lo), not passes(hi)).
+
+    The exact threshold is a weight in [lo, hi). If the heaviest weight there, b, still
+    reaches p, nothing lies between b and hi, so b is the exact threshold; otherwise lo stays
+    (conservative). After an exact bisection this returns lo; after a short one it is exact
+    whenever the band holds a single weight.
+    """
+    band = jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
+    ok = (band >= lo) & _mass_reaches(w, band, target, axes)
+    return jnp.where(ok, band, lo)
+
+
+def head_thresholds(w, hi, p, axes, iters, num_cols):
+    """Per-head top-p threshold [H, 1...]; p >= 1 leaves t = 0 (every valid entry)."""
+    target = jnp.where(p >= 1.0, jnp.inf, p)
+    lo = _lower_bits(p, hi, num_cols)
+    lo, hi = _bisect(lambda t: _mass_reaches(w, t, target, axes), lo, hi, iters)
+    return _snap(w, lo, hi, target, axes)
+
+
+def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
+    """Keeps the `capacity` union entries of highest priority (ties: lower columns first).
+
+    union bool [*row]; priority f32 [*row] (-1 off the union); inclusive_prefix(bool) -> int32
+    running count in column order. Called only when the union holds more than `capacity`.
+    """
+    ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
+    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there. One
+    # bracket per reduced slice: (1,...) in the kernels (one row), [R, 1] on the XLA path.
+    shape = tuple(1 if i in axes else d for i, d in enumerate(union.shape))
+    hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
+    lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, jnp.zeros_like(hi), hi, iters)
+    # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken
+    # in column order. Exact bisection leaves only priority == lo in the band (ties).
+    above = priority >= hi
+    band = union & (priority >= lo) & ~above
+    room = capacity - ones(above)
+    return above | (band & (inclusive_prefix(band) <= room))
