@@ -35,8 +35,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.config import LlamaConfig
-from twilight_jax.attention import decode_attention
+from twilight_jax.attention import DecodeInfo, decode_attention
 from twilight_jax.cache import PagedKVCache, gather_tokens
+from twilight_jax.config import SparsityConfig, check_top_p
 from twilight_jax.sharding import HEADS, cache_specs, check_heads, shard_attention, shard_cache
 
 
@@ -331,7 +332,7 @@ def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_
         raise ValueError(f"tokens must be [B], got shape {tuple(np.shape(tokens))}")
     b = np.shape(tokens)[0]
     _check_cache(config, cache, b)
-    if not all(hasattr(sparsity, f) for f in ("selector", "dense_layers", "gqa", "page_size")):
+    if not isinstance(sparsity, SparsityConfig):
         raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
     if sparsity.page_size != cache.page_size:
         raise ValueError(
@@ -341,27 +342,7 @@ def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_
     if active is not None and np.shape(active) != (b,):
         raise ValueError(f"active must be [B={b}] bool, got shape {tuple(np.shape(active))}")
     if top_p is not None:
-        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them;
-        # values are checked when they are on the host (a device array would cost a sync).
-        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
-            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
-        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-            dtype, shape = np.dtype(type(top_p)), ()
-        else:
-            raise ValueError(
-                f"top_p must be None, a real number or a [B={b}] array, got "
-                f"{type(top_p).__name__} {top_p!r}"
-            )
-        if dtype.kind == "b" or not (
-            np.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, jnp.floating)
-        ):
-            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
-        if shape not in ((), (b,)):
-            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
-        if not isinstance(top_p, jax.Array):
-            tp = np.asarray(top_p, np.float32)
-            if not ((tp > 0) & (tp <= 1)).all():
-                raise ValueError(f"top_p must lie in (0, 1], got {np.ravel(tp).tolist()}")
+        check_top_p(top_p, b, device_values=False)
     ids = _host_values(tokens)
     if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
         raise ValueError(
@@ -393,32 +374,6 @@ def param_sharding(config: LlamaConfig, mesh, path):
             elif name in _ROW_SPLIT:
                 spec = P(HEADS, None)
     return NamedSharding(mesh, spec)
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["counts", "candidates", "estimated_mass", "saturated"],
-    meta_fields=[],
-)
-@dataclasses.dataclass(frozen=True)
-class DecodeInfo:
-    """What one decode step attended to, per layer (L = every layer, dense ones included).
-
-    counts: int32 [L, B, Hs] tokens attended (Hs = Hkv, or Hq when ``gqa == "per_head"``;
-      dense layers count every cached token);
-    candidates: int32 [L, B, Hs] tokens the base selector proposed (dense layers: every cached
-      token);
-    estimated_mass: float32 [L, B, Hq] estimated weight of the kept set (1 on dense layers);
-    saturated: bool [L, B, Hs] the pruner's set was cut at max_budget (False on dense layers).
-    """
-
-    counts: jax.Array
-    candidates: jax.Array
-    estimated_mass: jax.Array
-    saturated: jax.Array
-
-    def __getitem__(self, name: str) -> jax.Array:
-        return getattr(self, name)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -481,10 +436,18 @@ class LlamaForCausalLM(nnx.Module):
         self.mesh = mesh
         return self
 
-    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
-        """An empty ``PagedKVCache`` for this model (model dtype): [Hkv, L, P, S, D] pages,
-        sequence b owning pages 1 + b * ceil(max_seq_len / page_size), ...; kwargs go to
-        ``PagedKVCache.create`` (num_pages, ds_channels)."""
+    def init_cache(
+        self,
+        batch: int,
+        max_seq_len: int,
+        *,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        ds_channels: int = 0,
+    ) -> PagedKVCache:
+        """An empty ``PagedKVCache`` for this model (model dtype, split over its mesh):
+        [Hkv, L, P, S, D] pages, sequence b owning pages 1 + b * ceil(max_seq_len / page_size),
+        ...; num_pages and ds_channels as in ``PagedKVCache.create``."""
         c = self.config
         cache = PagedKVCache.create(
             c.num_layers,
@@ -493,8 +456,9 @@ class LlamaForCausalLM(nnx.Module):
             c.head_dim,
             max_seq_len=max_seq_len,
             page_size=page_size,
+            num_pages=num_pages,
             dtype=self.dtype,
-            **kwargs,
+            ds_channels=ds_channels,
         )
         return self.place_cache(cache)
 
@@ -744,8 +708,18 @@ class JittedLlama:
     def jit(self) -> JittedLlama:
         return self
 
-    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
-        return self.model.init_cache(batch, max_seq_len, page_size=page_size, **kwargs)
+    def init_cache(
+        self,
+        batch: int,
+        max_seq_len: int,
+        *,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        ds_channels: int = 0,
+    ) -> PagedKVCache:
+        return self.model.init_cache(
+            batch, max_seq_len, page_size=page_size, num_pages=num_pages, ds_channels=ds_channels
+        )
 
     def place_cache(self, cache):
         return self.model.place_cache(cache)

@@ -38,12 +38,12 @@ import sys
 import time
 from functools import partial
 
-import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import benchlib
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from twilight_jax import PagedKVCache, SparsityConfig

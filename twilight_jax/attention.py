@@ -18,7 +18,7 @@ from pallas_kernels._common import BACKENDS
 from pallas_kernels.attention import paged_decode_attention, sparse_decode_attention
 from twilight_jax import pruner, selectors
 from twilight_jax.cache import PagedKVCache
-from twilight_jax.config import SparsityConfig
+from twilight_jax.config import SparsityConfig, check_top_p
 
 
 @functools.partial(
@@ -43,6 +43,30 @@ class SelectionInfo:
     saturated: jax.Array
     candidates: jax.Array
     token_pos: jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["counts", "candidates", "estimated_mass", "saturated"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class DecodeInfo:
+    """What one decode step of a model attended to, layer by layer (L = every layer, dense ones
+    included): the statistics of each layer's ``SelectionInfo``, stacked.
+
+    counts: int32 [L, B, Hs] tokens attended (Hs = Hkv, or Hq when ``gqa == "per_head"``;
+      dense layers count every cached token);
+    candidates: int32 [L, B, Hs] tokens the base selector proposed (dense layers: every cached
+      token);
+    estimated_mass: float32 [L, B, Hq] estimated weight of the kept set (1 on dense layers);
+    saturated: bool [L, B, Hs] the pruner's set was cut at max_budget (False on dense layers).
+    """
+
+    counts: jax.Array
+    candidates: jax.Array
+    estimated_mass: jax.Array
+    saturated: jax.Array
 
 
 def _validate(q, cache, cfg, layer, top_p, backend) -> None:
@@ -88,26 +112,7 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
                 f"{cache.ds_channels}"
             )
     if top_p is not None:
-        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them.
-        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
-            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
-        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-            dtype, shape = np.dtype(type(top_p)), ()
-        else:
-            raise ValueError(
-                f"top_p must be None, a real number or a [B={b}] array, got "
-                f"{type(top_p).__name__} {top_p!r}"
-            )
-        if dtype.kind == "b" or not (
-            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-        ):
-            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
-        if shape not in ((), (b,)):
-            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
-        if not isinstance(top_p, jax.core.Tracer):
-            tp = np.asarray(top_p, np.float32)
-            if not ((tp > 0) & (tp <= 1)).all():
-                raise ValueError(f"top_p must be in (0, 1], got {np.ravel(tp).tolist()}")
+        check_top_p(top_p, b, device_values=True)
     if not isinstance(cache.lengths, jax.core.Tracer):
         ln = np.asarray(cache.lengths)
         if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.capacity:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twilight_jax.serving.requests import InvalidRequestError, SamplingParams
+from twilight_jax.runtime.serving.requests import InvalidRequestError, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -214,7 +214,7 @@ def _common_params(body: Mapping, max_tokens: int | None) -> dict:
         max_tokens=max_tokens,
         temperature=_get_float(body, "temperature", 1.0, 0.0, 2.0),
         # OpenAI accepts top_p = 0: keep only the most likely token.
-        top_p=max(top_p, 1e-6),
+        sample_top_p=max(top_p, 1e-6),
         top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both disable top-k
         seed=None if seed is None else seed & 0xFFFFFFFF,
         stop=tuple(stop),

@@ -36,7 +36,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import inspect
 import itertools
 import logging
 import secrets
@@ -51,8 +50,10 @@ import numpy as np
 
 from twilight_jax.cache import PageAllocator, PagedKVCache
 from twilight_jax.config import SparsityConfig
-from twilight_jax.serving.metrics import ServingMetrics
-from twilight_jax.serving.requests import (
+from twilight_jax.runtime.model_api import check_model
+from twilight_jax.runtime.sampling import sample_tokens
+from twilight_jax.runtime.serving.metrics import ServingMetrics
+from twilight_jax.runtime.serving.requests import (
     Completion,
     EngineStoppedError,
     InvalidRequestError,
@@ -62,7 +63,6 @@ from twilight_jax.serving.requests import (
     SamplingParams,
     State,
 )
-from twilight_jax.serving.sampling import sample_tokens
 
 __all__ = [
     "Completion",
@@ -174,12 +174,6 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _takes(fn, name: str) -> bool:
-    """Whether fn accepts the keyword or positional argument `name` (or *args)."""
-    params = inspect.signature(fn).parameters.values()
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -200,23 +194,12 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-def _counts(info):
-    """info["counts"] of a decode step ([L, B, rows] tokens attended), or None."""
-    try:
-        return np.asarray(info["counts"])
-    except (TypeError, KeyError, IndexError, AttributeError):
-        return None
-
-
 class Engine:
     """Continuous batching over one model.
 
-    model: an object with ``config`` (num_layers, num_kv_heads, head_dim, vocab_size,
-      max_position_embeddings, eos_token_ids), ``dtype``, ``prefill(token_ids [n, T],
-      lengths [n], cache) -> (logits [n, V], cache)`` and ``decode_step(tokens [B], cache,
-      sparsity, active [B]) -> (logits [B, V], cache, info)`` (``models.llama.JittedLlama``:
-      the cache is donated). If decode_step takes a ``top_p`` keyword, requests may set their
-      own Twilight p ([B] float32, traced).
+    model: a ``DecodeModel`` (``twilight_jax.runtime.model_api``; ``models.JittedLlama``,
+      whose prefill and decode_step donate the cache). Requests may set their own Twilight p:
+      it enters decode_step as a [B] float32 array, so no p compiles anything.
     tokenizer: ``decode`` and ``stream_decoder()`` (``models.tokenizer.Tokenizer``).
     sparsity: the attention configuration of every decode step (static).
     memory_stats: a function returning ``memory_stats()`` of each device the cache lives on
@@ -236,52 +219,35 @@ class Engine:
             raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
         if not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        check_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.sparsity = sparsity
         self.config = config
         self.metrics = metrics or ServingMetrics()
         mc = model.config
-        limit = getattr(mc, "max_position_embeddings", None)
-        if limit is not None and config.max_seq_len > limit:
+        limit = mc.max_position_embeddings
+        if config.max_seq_len > limit:
             raise ValueError(
                 f"EngineConfig.max_seq_len={config.max_seq_len} exceeds the model's "
                 f"max_position_embeddings={limit}: it cannot serve positions past {limit}"
             )
-        if config.prefill_chunk is not None and not _takes(model.prefill, "start"):
-            raise ValueError(
-                "EngineConfig.prefill_chunk needs a model whose prefill takes start= "
-                f"(chunked prefill); {type(model).__name__}.prefill does not"
-            )
         self.page_size = sparsity.page_size
         self.max_pages = -(-config.max_seq_len // self.page_size)
-        self._prefill_cap = min(self.max_pages * self.page_size, limit or config.max_seq_len)
-        self.eos_ids = frozenset(int(i) for i in getattr(mc, "eos_token_ids", ()) or ())
-        self.per_request_p = "top_p" in inspect.signature(model.decode_step).parameters
-        ds = sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0
-        dtype = getattr(model, "dtype", jnp.float32)
+        self._prefill_cap = min(self.max_pages * self.page_size, limit)
+        self.eos_ids = frozenset(int(i) for i in mc.eos_token_ids)
+        self._ds_channels = sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0
         self.page_bytes = page_bytes(
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
             page_size=self.page_size,
-            dtype=dtype,
-            ds_channels=ds,
+            dtype=model.dtype,
+            ds_channels=self._ds_channels,
         )
         if memory_stats is None:
             memory_stats = self._device_memory_stats
         self.num_pages, self.pool_note = self._size_pool(memory_stats)
-        self._cache_shape = dict(
-            num_layers=mc.num_layers,
-            batch=1,  # the page table is the engine's, replaced at every call
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            max_seq_len=self.max_pages * self.page_size,
-            page_size=self.page_size,
-            num_pages=self.num_pages,
-            dtype=dtype,
-            ds_channels=ds,
-        )
         self.cache = self._new_cache()
         self.allocator = PageAllocator(self.num_pages)
 
@@ -303,7 +269,7 @@ class Engine:
 
     # ------------------------------------------------------------------ sizing
     def _device_memory_stats(self) -> list[dict | None]:
-        mesh = getattr(self.model, "mesh", None)
+        mesh = self.model.mesh
         devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
         return [d.memory_stats() for d in devices]
 
@@ -437,12 +403,6 @@ class Engine:
                 raise InvalidRequestError(
                     "sparsity_top_p needs a server whose attention has a top-p pruner "
                     f"(selector={self.sparsity.selector!r}, top_p={self.sparsity.top_p})",
-                    param="sparsity_top_p",
-                )
-            if not self.per_request_p:
-                raise InvalidRequestError(
-                    "this model's decode step takes no per-request top_p; sparsity_top_p must "
-                    f"be {self.sparsity.top_p} or left out",
                     param="sparsity_top_p",
                 )
 
@@ -644,8 +604,7 @@ class Engine:
         view = dataclasses.replace(
             self.cache, page_table=jnp.asarray(table), lengths=jnp.asarray(cached)
         )
-        args = (tokens, lengths, view) if start is None else (tokens, lengths, view, start)
-        logits, view = self.model.prefill(*args)
+        logits, view = self.model.prefill(tokens, lengths, view, start=start)
         # The donated view's page pool is the only live copy now.
         self.cache = view
         self._table_key = None
@@ -698,7 +657,7 @@ class Engine:
                 sample_tokens(
                     logits,
                     jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
-                    jnp.asarray([p.top_p if p else 1.0 for p in params], jnp.float32),
+                    jnp.asarray([p.sample_top_p if p else 1.0 for p in params], jnp.float32),
                     jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
                     jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
                     jnp.zeros((rows,), jnp.int32),
@@ -777,11 +736,10 @@ class Engine:
         # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
         page_table = self.cache.page_table if table is None else jnp.asarray(table)
         cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
-        kwargs = {}
-        if self.per_request_p:
-            p = (r.params.sparsity_top_p for r in rows)
-            default = self.sparsity.top_p or 1.0
-            kwargs["top_p"] = col((default if x is None else x for x in p), np.float32, 1.0)
+        default_p = self.sparsity.top_p or 1.0
+        top_p = (
+            default_p if r.params.sparsity_top_p is None else r.params.sparsity_top_p for r in rows
+        )
         t0 = time.monotonic()
         try:
             logits, self.cache, info = self.model.decode_step(
@@ -789,14 +747,14 @@ class Engine:
                 cache,
                 self.sparsity,
                 jnp.asarray(active),
-                **kwargs,
+                top_p=col(top_p, np.float32, 1.0),
             )
             self._table_key = key
             new = np.asarray(
                 sample_tokens(
                     logits,
                     col((r.params.temperature for r in rows), np.float32),
-                    col((r.params.top_p for r in rows), np.float32, 1.0),
+                    col((r.params.sample_top_p for r in rows), np.float32, 1.0),
                     col(
                         (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
                     ),
@@ -819,12 +777,10 @@ class Engine:
         self._send(events)
 
     def _record_attention(self, info, n: int, context: np.ndarray, t0: float) -> None:
-        counts = _counts(info)
         attended = ctx = float(context.mean())
-        if counts is not None and counts.ndim == 3:
-            sparse = counts[self.sparsity.dense_layers :, :n]
-            if sparse.shape[0]:
-                attended = float(sparse.mean())
+        sparse = np.asarray(info.counts)[self.sparsity.dense_layers :, :n]  # [Ls, n, rows]
+        if sparse.shape[0]:
+            attended = float(sparse.mean())
         self.metrics.record_step(t0, n, attended, ctx)
 
     def _accept_token(self, req: Request, token: int, events: list) -> None:
@@ -924,10 +880,15 @@ class Engine:
         return any(x.is_deleted() for x in jax.tree.leaves(self.cache))
 
     def _new_cache(self) -> PagedKVCache:
-        """An empty cache, split over the model's devices when it has a mesh."""
-        cache = PagedKVCache.create(**self._cache_shape)
-        place = getattr(self.model, "place_cache", None)
-        return place(cache) if place is not None else cache
+        """An empty cache of the whole pool, split over the model's devices when it has a mesh.
+        Its one-row page table is a placeholder: every call gets the engine's own table."""
+        return self.model.init_cache(
+            1,
+            self.max_pages * self.page_size,
+            page_size=self.page_size,
+            num_pages=self.num_pages,
+            ds_channels=self._ds_channels,
+        )
 
     def _rebuild_cache(self, keep: Sequence[Request] = ()) -> None:
         """After a failed call consumed the cache: a fresh one, and every running request but
