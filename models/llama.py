@@ -230,12 +230,12 @@ def cached_attention(q, cache, layer, positions, *, block_tokens: int = 512):
 
     Keys and values are gathered from the pages ``block_tokens`` positions at a time under an
     online softmax, in a loop that stops after the block holding the largest position: memory
-    is [B, Hq, T, block_tokens] logits, not [B, Hq, T, capacity], and the work follows the
-    cached prefix rather than the capacity. XLA ops (meant for prefill chunks, not decode).
+    is [B, Hq, T, block_tokens] logits, not [B, Hq, T, max_seq_len], and the work follows
+    the cached prefix rather than the cache size. XLA ops (meant for prefill chunks, not decode).
     """
     b, t, hq, d = q.shape
     view = cache.layer_view(layer)
-    hkv, n = view.k_pages.shape[0], cache.capacity
+    hkv, n = view.k_pages.shape[0], cache.max_seq_len
     kb = min(block_tokens, n)
     qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * (1.0 / math.sqrt(d))
     positions = positions.astype(jnp.int32)
@@ -296,8 +296,10 @@ def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache, start=Non
     if np.shape(lengths) != (b,):
         raise ValueError(f"lengths must be [B={b}], got shape {tuple(np.shape(lengths))}")
     _check_cache(config, cache, b)
-    if t > cache.capacity:
-        raise ValueError(f"token_ids length T={t} exceeds the cache capacity {cache.capacity}")
+    if t > cache.max_seq_len:
+        raise ValueError(
+            f"token_ids length T={t} exceeds the cache's max_seq_len {cache.max_seq_len}"
+        )
     if t > config.max_position_embeddings:
         raise ValueError(
             f"token_ids length T={t} exceeds max_position_embeddings="
@@ -312,10 +314,10 @@ def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache, start=Non
         st = _host_values(start)
         if st is not None:
             end = st + (ln if ln is not None else t)
-            limit = min(cache.capacity, config.max_position_embeddings)
+            limit = min(cache.max_seq_len, config.max_position_embeddings)
             if st.min(initial=0) < 0 or end.max(initial=0) > limit:
                 raise ValueError(
-                    f"start must be >= 0 with start + lengths <= {limit} (the cache capacity "
+                    f"start must be >= 0 with start + lengths <= {limit} (the cache's max_seq_len "
                     f"and the model context), got start {st.tolist()}"
                 )
     ids = _host_values(token_ids)
@@ -603,9 +605,9 @@ class LlamaForCausalLM(nnx.Module):
         positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
         cache = cache.begin_decode_step(active)
         kv_dtype = cache.k_pages.dtype
-        dense_cfg = dataclasses.replace(sparsity, selector="dense")
+        dense = dataclasses.replace(sparsity, selector="dense")
 
-        def attend(q, k, v, layer, cache, cfg):
+        def attend(q, k, v, layer, cache, layer_sparsity):
             cache = cache.write_decode(
                 layer,
                 k[:, 0].astype(kv_dtype),
@@ -616,9 +618,9 @@ class LlamaForCausalLM(nnx.Module):
             out, info = decode_attention(
                 q[:, 0].astype(kv_dtype),
                 cache,
-                cfg,
+                layer_sparsity,
                 layer=layer,
-                top_p=None if cfg.selector == "dense" else top_p,
+                top_p=None if layer_sparsity.selector == "dense" else top_p,
                 backend=backend,
             )
             stats = (info.counts, info.candidates, info.estimated_mass, info.saturated)
@@ -626,8 +628,10 @@ class LlamaForCausalLM(nnx.Module):
 
         n_dense = c.num_layers if sparsity.selector == "dense" else sparsity.dense_layers
         n_dense = min(n_dense, c.num_layers)
-        dense_attend = self._per_device(functools.partial(attend, cfg=dense_cfg), cache, 4)
-        sparse_attend = self._per_device(functools.partial(attend, cfg=sparsity), cache, 4)
+        dense_attend = self._per_device(functools.partial(attend, layer_sparsity=dense), cache, 4)
+        sparse_attend = self._per_device(
+            functools.partial(attend, layer_sparsity=sparsity), cache, 4
+        )
         h = self.embed(tokens[:, None])  # [B, 1, hidden]
         h, cache, dense_stats = self._run_layers(h, positions, cache, dense_attend, 0, n_dense)
         h, cache, sparse_stats = self._run_layers(

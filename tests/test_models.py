@@ -782,7 +782,7 @@ def test_prefill_decode_argument_errors(llama31_jitted):
         llama31_jitted.prefill(ids, np.array([1]), cache)
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=8\]"):
         llama31_jitted.prefill(ids, np.array([1, 9]), cache)
-    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+    with pytest.raises(ValueError, match="exceeds the cache.s max_seq_len"):
         llama31_jitted.prefill(np.zeros((2, 32), np.int32), np.array([1, 1]), cache)
     with pytest.raises(ValueError, match="cache batch must be 3"):
         llama31_jitted.prefill(np.zeros((3, 8), np.int32), np.array([1, 1, 1]), cache)

@@ -152,8 +152,9 @@ class PagedKVCache:
         return self.page_table.shape[1]
 
     @property
-    def capacity(self) -> int:
-        """Tokens one sequence can hold: max_pages * page_size."""
+    def max_seq_len(self) -> int:
+        """Tokens one sequence can hold: max_pages * page_size (``create``'s max_seq_len
+        rounded up to whole pages)."""
         return self.max_pages * self.page_size
 
     @property
@@ -304,9 +305,9 @@ class PagedKVCache:
         _check_int("lengths", lengths)
         if _is_concrete(lengths):
             ln = np.asarray(lengths)
-            if ln.min(initial=0) < 0 or ln.max(initial=0) > self.capacity:
+            if ln.min(initial=0) < 0 or ln.max(initial=0) > self.max_seq_len:
                 raise ValueError(
-                    f"lengths must lie in [0, capacity={self.capacity}], got {ln.tolist()}"
+                    f"lengths must lie in [0, max_seq_len={self.max_seq_len}], got {ln.tolist()}"
                 )
         return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
 
@@ -417,7 +418,7 @@ class PagedKVCache:
         """Bulk write of one layer: token t < count[b] of k, v [B, T, Hkv, D] goes to position
         start[b] + t (start, count: [B] int). Updates pages, INT4 K, Quest min/max of every
         touched page (over all its tokens up to start + count) and DS labels. Lengths are left
-        alone; positions past the capacity are dropped."""
+        alone; positions past max_seq_len are dropped."""
         self._check_write(layer, k, v, (self.batch, np.shape(k)[1]), "[B, T, Hkv, D]")
         for name, x in (("start", start), ("count", count)):
             _check_shape(name, x, (self.batch,), "[B]")
@@ -426,9 +427,9 @@ class PagedKVCache:
             end = np.asarray(start) + np.asarray(count)
             if np.asarray(start).min() < 0 or np.asarray(count).min() < 0:
                 raise ValueError("start and count must be >= 0")
-            if end.max(initial=0) > self.capacity:
+            if end.max(initial=0) > self.max_seq_len:
                 raise ValueError(
-                    f"start + count must be <= capacity={self.capacity}, got {end.tolist()}"
+                    f"start + count must be <= max_seq_len={self.max_seq_len}, got {end.tolist()}"
                 )
         return _write_prefill(
             self,
@@ -499,7 +500,7 @@ class PagedKVCache:
 def _write_prefill(cache, layer, k, v, start, count, backend):
     t = k.shape[1]
     pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-    ok = (jnp.arange(t) < count[:, None]) & (pos < cache.capacity)
+    ok = (jnp.arange(t) < count[:, None]) & (pos < cache.max_seq_len)
     phys, slot = cache._slots(pos, ok)
     cache = cache._write_tokens(layer, k, v, phys, slot, backend)
     return cache._update_quest(layer, k, start, count)
@@ -508,7 +509,7 @@ def _write_prefill(cache, layer, k, v, start, count, backend):
 @functools.partial(jax.jit, static_argnums=5)
 def _write_decode(cache, layer, k, v, active, backend):
     pos = cache.lengths - 1
-    ok = active & (pos >= 0) & (pos < cache.capacity)
+    ok = active & (pos >= 0) & (pos < cache.max_seq_len)
     view = cache.layer_view(layer)
     pools = cache_append_decode(
         view.k_pages,

@@ -64,7 +64,7 @@ def check_top_p(top_p, batch: int, *, device_values: bool) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """How one decode step picks the tokens it attends to (DESIGN.md section 4).
+    """How one decode step picks the tokens it attends to (docs/runtime_api.md).
 
     selector: "dense" (exact attention over every token), "all" (every token is a candidate,
       i.e. Full + pruner), "quest" (pages ranked by Quest upper bounds), "double_sparsity"

@@ -70,27 +70,28 @@ def estimate_scores(
     return (jnp.einsum("bgjd,bgnd->bgjn", qg, k) / math.sqrt(d)).reshape(b, hq, -1)
 
 
-def prune(logits, cand: Candidates, p, cfg: SparsityConfig, backend: str):
+def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
     """Top-p selection of candidate columns.
 
     logits: [B, Hq, N] estimates; p: [B] float32 (per sequence).
     Returns (columns [B, rows, K] int32 into the N candidate columns, counts [B, rows] int32,
-    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head);
-    K = min(max_budget - forced tokens, N) leaves room for the sink and recent tokens.
+    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head).
+    K, the top-p width, is min(max_budget - forced tokens, N): room for the sink and recent
+    tokens within the selection capacity max_budget.
     """
     b, hq, n = logits.shape
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
-    capacity = min(cfg.max_budget - cfg.forced_tokens, n)
+    width = min(sparsity.max_budget - sparsity.forced_tokens, n)
     cols, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),
-        capacity,
+        width,
         backend=backend,
     )
     return (
-        cols[:, :capacity].reshape(b, rows, capacity),
+        cols[:, :width].reshape(b, rows, width),
         counts.reshape(b, rows),
         saturated.reshape(b, rows),
         mass.reshape(b, hq),

@@ -126,16 +126,16 @@ def attention_from_flags(
     return SparsityConfig(selector=selector, top_p=top_p, **fields)
 
 
-def describe_attention(cfg) -> str:
+def describe_attention(sparsity) -> str:
     """A SparsityConfig in words, for startup lines: "dense", "Twilight over all, p = 0.95",
     "quest, B0 = 1024", "Twilight over quest, B0 = 1024, p = 0.9"."""
-    if cfg.selector == "dense":
+    if sparsity.selector == "dense":
         return "dense"
-    words = cfg.selector if cfg.top_p is None else f"Twilight over {cfg.selector}"
-    if cfg.selector in TOP_K_SELECTORS:
-        words += f", B0 = {cfg.budget}"
-    if cfg.top_p is not None:
-        words += f", p = {cfg.top_p}"
+    words = sparsity.selector if sparsity.top_p is None else f"Twilight over {sparsity.selector}"
+    if sparsity.selector in TOP_K_SELECTORS:
+        words += f", B0 = {sparsity.budget}"
+    if sparsity.top_p is not None:
+        words += f", p = {sparsity.top_p}"
     return words
 
 

@@ -351,9 +351,9 @@ def generate(
     accept(nxt)
 
     # Twilight's p enters the step as a traced [B] array: every p shares one compiled step.
-    step_cfg, attn_p = sparsity, None
+    step_sparsity, attn_p = sparsity, None
     if sparsity.top_p is not None and sparsity.selector != "dense":
-        step_cfg = dataclasses.replace(sparsity, top_p=None)
+        step_sparsity = dataclasses.replace(sparsity, top_p=None)
         attn_p = np.full((b,), sparsity.top_p, np.float32)
     step_times: list[float] = []
     step_rows: list[int] = []  # tokens each step sampled: one per active sequence
@@ -361,7 +361,7 @@ def generate(
     while not done.all():
         active = ~done
         t1 = time.perf_counter()
-        logits, cache, info = model.decode_step(nxt, cache, step_cfg, active, top_p=attn_p)
+        logits, cache, info = model.decode_step(nxt, cache, step_sparsity, active, top_p=attn_p)
         nxt = next_tokens(logits, jnp.asarray([len(o) for o in out], jnp.int32))
         step_times.append(time.perf_counter() - t1)
         step_rows.append(int(active.sum()))

@@ -214,7 +214,7 @@ def build_server(args):
         raise SystemExit(f"--model {name}: no tokenizer found; the server needs one")
     check_engine_flags(args, config)
     ctx = args.max_seq_len or min(config.max_position_embeddings, 4096)
-    engine_cfg = EngineConfig(
+    engine_config = EngineConfig(
         max_batch=args.max_batch,
         max_seq_len=ctx,
         num_pages=args.num_pages,
@@ -224,7 +224,7 @@ def build_server(args):
         prefill_chunk=args.prefill_chunk or None,
     )
     try:
-        engine = Engine(model.jit(), tokenizer, sparsity, engine_cfg)
+        engine = Engine(model.jit(), tokenizer, sparsity, engine_config)
     except ValueError as e:
         message = str(e)
         for field, flag in _ENGINE_FLAGS.items():

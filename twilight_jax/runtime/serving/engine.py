@@ -275,11 +275,11 @@ class Engine:
 
     def _size_pool(self, memory_stats) -> tuple[int, str]:
         """(pages of the pool with the null page, a line saying how it was sized)."""
-        cfg, pb = self.config, self.page_bytes
-        full = 1 + cfg.max_batch * self.max_pages  # more than this can never be in use at once
+        ec, pb = self.config, self.page_bytes
+        full = 1 + ec.max_batch * self.max_pages  # more than this can never be in use at once
         device_free = free_device_bytes(memory_stats())
-        if cfg.num_pages is not None:
-            n, note = cfg.num_pages, "set by num_pages"
+        if ec.num_pages is not None:
+            n, note = ec.num_pages, "set by num_pages"
             if device_free is not None and (n - 1) * pb > device_free:
                 raise ValueError(
                     f"EngineConfig.num_pages={n} needs {_gib((n - 1) * pb)} of KV cache "
@@ -292,21 +292,21 @@ class Engine:
             if free is None:
                 n, note = full, "no memory figures: every request a full context"
             else:
-                fit = 1 + int(cfg.memory_fraction * free) // pb
+                fit = 1 + int(ec.memory_fraction * free) // pb
                 n = min(full, fit)
                 note = (
-                    f"{cfg.memory_fraction:g} of {_gib(free)} {where} holds {fit - 1} pages; "
+                    f"{ec.memory_fraction:g} of {_gib(free)} {where} holds {fit - 1} pages; "
                     f"{full - 1} give every request a full context"
                 )
         if n - 1 < self.max_pages:
             how = (
                 f"EngineConfig.num_pages={n}"
-                if cfg.num_pages is not None
+                if ec.num_pages is not None
                 else f"the pool that fits ({note})"
             )
             raise ValueError(
                 f"{how} cannot hold one full context: EngineConfig.max_seq_len="
-                f"{cfg.max_seq_len} needs 1 + {self.max_pages} pages of {self.page_size} tokens "
+                f"{ec.max_seq_len} needs 1 + {self.max_pages} pages of {self.page_size} tokens "
                 f"({pb} bytes each)"
             )
         return n, note
@@ -540,13 +540,13 @@ class Engine:
         need now are free, keeping one page per decoding request for its growth (so a new
         request is not preempted by the next page boundary); FIFO, the head blocks the rest.
         Returns the requests to prefill whole now (chunked ones join ``_prefilling``)."""
-        cfg = self.config
+        ec = self.config
         whole = []
         with self._lock:
             while (
                 self._waiting
-                and len(self._running) < cfg.max_batch
-                and len(whole) < cfg.prefill_batch
+                and len(self._running) < ec.max_batch
+                and len(whole) < ec.prefill_batch
             ):
                 req = self._waiting[0]
                 tokens = len(req.prefill_tokens)
@@ -559,7 +559,7 @@ class Engine:
                 self._version += 1
                 req.state, req.cached = State.PREFILL, 0
                 self._running.append(req)
-                if cfg.prefill_chunk is not None and tokens > cfg.prefill_chunk:
+                if ec.prefill_chunk is not None and tokens > ec.prefill_chunk:
                     req.prefilled = 0  # _prefill_chunk takes it from here
                     self._prefilling.append(req)
                 else:
