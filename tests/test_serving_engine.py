@@ -23,7 +23,7 @@ from twilight_jax.runtime.serving import (
     SamplingParams,
     ServingMetrics,
 )
-from twilight_jax.runtime.serving.engine import _stop_holdback
+from twilight_jax.runtime.serving.stepping import stop_holdback
 
 GREEDY = dict(temperature=0.0)
 # jax.monitoring event recorded once per XLA compilation (jax/_src/dispatch.py).
@@ -137,7 +137,7 @@ def test_sampler_row_does_not_depend_on_what_its_neighbours_need():
     ],
 )
 def test_stop_holdback(text, stops, hold):
-    assert _stop_holdback(text, stops) == hold
+    assert stop_holdback(text, stops) == hold
 
 
 # ---------------------------------------------------------------------- batching
@@ -908,17 +908,16 @@ def test_pool_is_sized_from_free_device_memory():
 
 
 def test_pool_falls_back_to_host_memory_without_device_stats(monkeypatch):
-    from twilight_jax.runtime.serving import Engine
-    from twilight_jax.runtime.serving import engine as engine_mod
+    from twilight_jax.runtime.serving import Engine, sizing
 
     jitted, tokenizer, _ = tiny()
     pb = make_engine().page_bytes
     cfg = dataclasses.replace(ENGINE, max_batch=4, memory_fraction=0.25)
-    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 40 * pb)
+    monkeypatch.setattr(sizing, "host_available_bytes", lambda: 40 * pb)
     eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
     assert eng.num_pages == 1 + 10
     assert "available host memory" in eng.describe()
-    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: None)
+    monkeypatch.setattr(sizing, "host_available_bytes", lambda: None)
     eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
     assert eng.num_pages == 1 + cfg.max_batch * eng.max_pages
 

@@ -1,6 +1,6 @@
 """Serving: a continuous-batching engine and an OpenAI-compatible HTTP server over it."""
 
-from twilight_jax.runtime.serving.engine import Engine, EngineConfig, page_bytes
+from twilight_jax.runtime.serving.engine import Engine
 from twilight_jax.runtime.serving.metrics import ServingMetrics
 from twilight_jax.runtime.serving.requests import (
     Completion,
@@ -11,6 +11,7 @@ from twilight_jax.runtime.serving.requests import (
     SamplingParams,
 )
 from twilight_jax.runtime.serving.server import OpenAIServer, ServerThread, serve
+from twilight_jax.runtime.serving.sizing import EngineConfig, page_bytes
 
 __all__ = [
     "Completion",
