@@ -126,7 +126,7 @@ def test_chunked_prefill_generates_the_same_tokens(tiny, sparsity, capsys):
 
 
 def test_chunked_prefill_fills_the_cache_like_one_call(tiny):
-    from models.llama import check_prefill_args
+    from models.checks import check_prefill_args
 
     model, _, config = tiny
     jm = model.jit()

@@ -801,7 +801,7 @@ def test_prefill_decode_argument_errors(llama31_jitted):
 
 @pytest.mark.parametrize("block_tokens", [8, 24, 4096])
 def test_cached_attention_matches_masked_softmax(block_tokens):
-    from models.llama import cached_attention
+    from models.attention import cached_attention
     from twilight_jax import PagedKVCache
 
     rng = np.random.default_rng(11)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models import LlamaConfig
-from models.llama import check_decode_args
+from models.checks import check_decode_args
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
 from twilight_jax.runtime.serving import InvalidRequestError, SamplingParams
 

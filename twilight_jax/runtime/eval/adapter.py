@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models.llama import dense_attention
+from models.attention import dense_attention
 from twilight_jax.attention import DecodeInfo
 from twilight_jax.config import SparsityConfig
 from twilight_jax.selectors import calibrate_double_sparsity
