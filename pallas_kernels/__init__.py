@@ -4,6 +4,5 @@ Layouts and entry points: docs/kernel_api.md. Every op has ``op(..., backend="au
 ``op_reference``, ``op_gpu`` and ``op_tpu``.
 """
 
-from pallas_kernels._common import BACKENDS  # noqa: F401
 from pallas_kernels.int4 import dequantize_int4, quantize_int4  # noqa: F401
 from pallas_kernels.topp import topp_select, topp_select_grouped, topp_threshold  # noqa: F401

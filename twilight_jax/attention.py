@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import BACKENDS
+from pallas_kernels._common import BACKENDS
 from pallas_kernels.attention import paged_decode_attention, sparse_decode_attention
 from twilight_jax import pruner, selectors
 from twilight_jax.cache import PagedKVCache
