@@ -401,10 +401,15 @@ class PagedKVCache:
             k_zero=self.k_zero.at[idx].set(zero, mode="drop"),
         )
         if self.ds_labels is not None:
-            ch = self.ds_channel_idx[layer]  # [Hkv, C]
-            labels = jnp.take_along_axis(k, jnp.broadcast_to(ch, k.shape[:-1] + ch.shape[-1:]), -1)
-            updates["ds_labels"] = self.ds_labels.at[idx].set(labels, mode="drop")
+            updates["ds_labels"] = self._written_labels(layer, k, idx)
         return dataclasses.replace(self, **updates)
+
+    def _written_labels(self, layer, k, idx):
+        """ds_labels with the Double Sparsity labels (K at the layer's heavy channels) of the
+        rows k [..., Hkv, D] (k_pages dtype) written at the index idx of ``_at``."""
+        ch = self.ds_channel_idx[layer]  # [Hkv, C]
+        labels = jnp.take_along_axis(k, jnp.broadcast_to(ch, k.shape[:-1] + ch.shape[-1:]), -1)
+        return self.ds_labels.at[idx].set(labels, mode="drop")
 
     def _check_write(self, layer, k, v, lead: tuple, layout: str) -> None:
         _check_layer(layer, self.num_layers)
@@ -531,10 +536,7 @@ def _write_decode(cache, layer, k, v, active, backend):
     if cache.ds_labels is not None:
         phys, slot = cache._slots(pos, ok)
         kc = k.astype(cache.k_pages.dtype)
-        ch = cache.ds_channel_idx[layer]  # [Hkv, C]
-        labels = jnp.take_along_axis(kc, jnp.broadcast_to(ch, kc.shape[:-1] + ch.shape[-1:]), -1)
-        idx = cache._at(layer, phys, slot)
-        updates["ds_labels"] = cache.ds_labels.at[idx].set(labels, mode="drop")
+        updates["ds_labels"] = cache._written_labels(layer, kc, cache._at(layer, phys, slot))
     return dataclasses.replace(cache, **updates)
 
 
