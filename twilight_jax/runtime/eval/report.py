@@ -316,15 +316,15 @@ def _protocol(settings: Mapping) -> list[str]:
     return [
         "## Protocol",
         "",
-        "Tasks are generated in code (twilight_jax/eval/tasks.py): passkey retrieval at several "
-        "depths, RULER-style single and multi-key needles in a haystack, variable tracking, "
-        "common- and frequent-words extraction; lengths are counted in the model's tokens. Each "
-        "prompt's context is prefilled densely; its question (ending with the answer prefix) is "
-        "fed token by token through the decode step, so it attends to the context through the "
-        "method under test; the answer is decoded greedily and scored by string match "
-        "(fraction of expected strings found in the first paragraph). Perplexity: the last "
-        f"{settings.get('ppl_tokens', '?')} tokens of each text are fed teacher-forced through "
-        "the decode step. Prompts are plain text (no chat template). Layers below "
+        "Tasks are generated in code (twilight_jax/runtime/eval/tasks.py): passkey retrieval at "
+        "several depths, RULER-style single and multi-key needles in a haystack, variable "
+        "tracking, common- and frequent-words extraction; lengths are counted in the model's "
+        "tokens. Each prompt's context is prefilled densely; its question (ending with the "
+        "answer prefix) is fed token by token through the decode step, so it attends to the "
+        "context through the method under test; the answer is decoded greedily and scored by "
+        "string match (fraction of expected strings found in the first paragraph). Perplexity: "
+        f"the last {settings.get('ppl_tokens', '?')} tokens of each text are fed teacher-forced "
+        "through the decode step. Prompts are plain text (no chat template). Layers below "
         f"dense_layers = {dense_layers} stay dense; Double Sparsity channels are calibrated on a "
         "separate passage of the same text. Budget B0 = ctx/N is a fraction of the context "
         "length.",
