@@ -181,8 +181,8 @@ def select_candidates(
     if sparsity.selector == "quest":
         if sparsity.gqa == "group_union" and sparsity.budget // cache.page_size >= cache.max_pages:
             # The budget covers every page of the table: Quest keeps them all, and its
-            # candidates are exactly select_all's (same blocks, counts and mask), without
-            # scoring the pages (at batch 64 / 8K, B0 = 8192, that was 100 us of 500).
+            # candidates are exactly select_all's (same blocks, counts and mask), so the pages
+            # need no scores (scoring them costs 100 us of a 500 us step at batch 64 / 8K).
             return select_all(cache, sparsity, g)
         return select_quest(q, cache, sparsity, layer, backend)
     if sparsity.selector == "double_sparsity":
