@@ -298,3 +298,9 @@ def test_generate_errors(tiny, kwargs, msg):
     kw = dict(prompts=["ok"], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=msg):
         generate(model, tok, **kw)
+
+
+def test_generate_refuses_what_is_not_a_model(tiny):
+    _, tok, _ = tiny
+    with pytest.raises(ValueError, match=r"model must implement .*DecodeModel.*lacks .*init_cache"):
+        generate(object(), tok, ["ok"], max_new_tokens=2)
