@@ -29,7 +29,7 @@ class EngineConfig:
     prefill_chunk: None, or a token count: prompts longer than it are prefilled in chunks of
       it, one chunk per engine iteration between the running batch's decode steps, so a long
       prompt delays the others' next token by one chunk's prefill instead of its whole
-      prefill (the model's prefill must take ``start``).
+      prefill.
     """
 
     max_batch: int = 8
