@@ -17,6 +17,7 @@ Three entry points share one set of weights:
 
 Numerics follow transformers: RMSNorm statistics, RoPE, softmax and the final logits are in
 float32; matmuls run in the model dtype (bf16 on accelerators, float32 on CPU by default).
+The prefill's attention is in models/attention.py, the argument checks in models/checks.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from typing import Any
 
 import jax
@@ -34,9 +34,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models.attention import cached_attention, dense_attention
+from models.checks import check_decode_args, check_prefill_args
 from models.config import LlamaConfig
-from twilight_jax.attention import decode_attention
-from twilight_jax.cache import PagedKVCache, gather_tokens
+from twilight_jax.attention import DecodeInfo, decode_attention
+from twilight_jax.cache import PagedKVCache
 from twilight_jax.sharding import HEADS, cache_specs, check_heads, shard_attention, shard_cache
 
 
@@ -190,188 +192,6 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), aux
 
 
-def dense_attention(q, k, v, lengths=None):
-    """Causal softmax attention over a right-padded prompt.
-
-    q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] int32 or None (all T valid)
-    -> [B, T, Hq, D] in q.dtype. Rows at or past lengths[b] are unspecified.
-    cuDNN flash attention on a GPU in bf16/fp16, XLA elsewhere.
-    """
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
-    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                is_causal=True,
-                query_seq_lengths=lengths,
-                key_value_seq_lengths=None if lengths is None else jnp.maximum(lengths, 1),
-                implementation="cudnn",
-            )
-        except Exception as e:  # noqa: BLE001
-            # cuDNN rejects some shapes, GPUs and library versions at trace time; the XLA
-            # path computes the same thing, only slower (warnings shows this once per site).
-            warnings.warn(f"cuDNN attention unavailable, using XLA: {e!r}", stacklevel=2)
-    # Key lengths suffice: valid queries never see padding keys, and the outputs of padding
-    # query rows are never used.
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="xla"
-    )
-
-
-def cached_attention(q, cache, layer, positions, *, block_tokens: int = 512):
-    """Causal attention of a chunk over everything cached before it and itself.
-
-    q [B, T, Hq, D] at positions [B, T] int32; cache holds this layer's keys and values at every
-    position up to positions[b, -1] (the chunk's own already written). Query i of sequence b
-    attends to positions [0, positions[b, i]] -> [B, T, Hq, D] in q.dtype.
-
-    Keys and values are gathered from the pages ``block_tokens`` positions at a time under an
-    online softmax, in a loop that stops after the block holding the largest position: memory
-    is [B, Hq, T, block_tokens] logits, not [B, Hq, T, capacity], and the work follows the
-    cached prefix rather than the capacity. XLA ops (meant for prefill chunks, not decode).
-    """
-    b, t, hq, d = q.shape
-    view = cache.layer_view(layer)
-    hkv, n = view.k_pages.shape[0], cache.capacity
-    kb = min(block_tokens, n)
-    qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d) * (1.0 / math.sqrt(d))
-    positions = positions.astype(jnp.int32)
-
-    def block(i, carry):
-        m, den, acc = carry  # [B, Hkv, G, T], [B, Hkv, G, T], [B, Hkv, G, T, D]
-        pos = i * kb + jnp.arange(kb, dtype=jnp.int32)
-        at = jnp.minimum(pos, n - 1)
-        k = gather_tokens(view.k_pages, view.page_table, at).astype(jnp.float32)  # [B,Hkv,kb,D]
-        v = gather_tokens(view.v_pages, view.page_table, at).astype(jnp.float32)
-        logits = jnp.einsum("bthgd,bhkd->bhgtk", qg, k)
-        seen = (pos[None, None, :] <= positions[:, :, None]) & (pos < n)  # [B, T, kb]
-        logits = jnp.where(seen[:, None, None], logits, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        p = jnp.exp(logits - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        den = den * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhgtk,bhkd->bhgtd", p, v)
-        return m_new, den, acc
-
-    # Position 0 is in every query's range, so the first block leaves no row at -inf.
-    shape = (b, hkv, hq // hkv, t)
-    init = (
-        jnp.full(shape, -jnp.inf, jnp.float32),
-        jnp.zeros(shape, jnp.float32),
-        jnp.zeros((*shape, d), jnp.float32),
-    )
-    num_blocks = jnp.max(positions) // kb + 1
-    _, den, acc = jax.lax.fori_loop(0, num_blocks, block, init)
-    out = acc / den[..., None]  # [B, Hkv, G, T, D]
-    return jnp.moveaxis(out, 3, 1).reshape(b, t, hq, d).astype(q.dtype)
-
-
-def _host_values(x):
-    """x as numpy when it is already on the host (lists, numpy); None for device or traced
-    arrays, whose values are not checked (that would cost a device sync per call)."""
-    if isinstance(x, (list, tuple, np.ndarray, np.generic, int)):
-        return np.asarray(x)
-    return None
-
-
-def _check_cache(config: LlamaConfig, cache, batch: int) -> None:
-    for name, got, want in (
-        ("num_layers", cache.num_layers, config.num_layers),
-        ("num_kv_heads", cache.num_kv_heads, config.num_kv_heads),
-        ("head_dim", cache.head_dim, config.head_dim),
-        ("batch", cache.batch, batch),
-    ):
-        if got != want:
-            raise ValueError(f"cache {name} must be {want} (the model's / the batch's), got {got}")
-
-
-def check_prefill_args(config: LlamaConfig, token_ids, lengths, cache, start=None) -> None:
-    """Static checks of ``prefill`` arguments (ValueError naming the argument)."""
-    if np.ndim(token_ids) != 2:
-        raise ValueError(f"token_ids must be [B, T], got shape {tuple(np.shape(token_ids))}")
-    b, t = np.shape(token_ids)
-    if np.shape(lengths) != (b,):
-        raise ValueError(f"lengths must be [B={b}], got shape {tuple(np.shape(lengths))}")
-    _check_cache(config, cache, b)
-    if t > cache.capacity:
-        raise ValueError(f"token_ids length T={t} exceeds the cache capacity {cache.capacity}")
-    if t > config.max_position_embeddings:
-        raise ValueError(
-            f"token_ids length T={t} exceeds max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
-    ln = _host_values(lengths)
-    if ln is not None and (ln.min(initial=0) < 0 or ln.max(initial=0) > t):
-        raise ValueError(f"lengths must lie in [0, T={t}], got {ln.tolist()}")
-    if start is not None:
-        if np.shape(start) != (b,):
-            raise ValueError(f"start must be [B={b}], got shape {tuple(np.shape(start))}")
-        st = _host_values(start)
-        if st is not None:
-            end = st + (ln if ln is not None else t)
-            limit = min(cache.capacity, config.max_position_embeddings)
-            if st.min(initial=0) < 0 or end.max(initial=0) > limit:
-                raise ValueError(
-                    f"start must be >= 0 with start + lengths <= {limit} (the cache capacity "
-                    f"and the model context), got start {st.tolist()}"
-                )
-    ids = _host_values(token_ids)
-    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-        raise ValueError(
-            f"token_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
-            f"[{ids.min()}, {ids.max()}]"
-        )
-
-
-def check_decode_args(config: LlamaConfig, tokens, cache, sparsity, active, top_p) -> None:
-    """Static checks of ``decode_step`` arguments (ValueError naming the argument)."""
-    if np.ndim(tokens) != 1:
-        raise ValueError(f"tokens must be [B], got shape {tuple(np.shape(tokens))}")
-    b = np.shape(tokens)[0]
-    _check_cache(config, cache, b)
-    if not all(hasattr(sparsity, f) for f in ("selector", "dense_layers", "gqa", "page_size")):
-        raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
-    if sparsity.page_size != cache.page_size:
-        raise ValueError(
-            f"sparsity.page_size={sparsity.page_size} must equal the cache page_size="
-            f"{cache.page_size}"
-        )
-    if active is not None and np.shape(active) != (b,):
-        raise ValueError(f"active must be [B={b}] bool, got shape {tuple(np.shape(active))}")
-    if top_p is not None:
-        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them;
-        # values are checked when they are on the host (a device array would cost a sync).
-        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
-            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
-        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-            dtype, shape = np.dtype(type(top_p)), ()
-        else:
-            raise ValueError(
-                f"top_p must be None, a real number or a [B={b}] array, got "
-                f"{type(top_p).__name__} {top_p!r}"
-            )
-        if dtype.kind == "b" or not (
-            np.issubdtype(dtype, np.integer) or jnp.issubdtype(dtype, jnp.floating)
-        ):
-            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
-        if shape not in ((), (b,)):
-            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
-        if not isinstance(top_p, jax.Array):
-            tp = np.asarray(top_p, np.float32)
-            if not ((tp > 0) & (tp <= 1)).all():
-                raise ValueError(f"top_p must lie in (0, 1], got {np.ravel(tp).tolist()}")
-    ids = _host_values(tokens)
-    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-        raise ValueError(
-            f"tokens must lie in [0, vocab_size={config.vocab_size}), got values in "
-            f"[{ids.min()}, {ids.max()}]"
-        )
-
-
-# Tensor-parallel split of the [in, out] kernels over a "heads" mesh: Q/K/V by output columns
-# (heads), O by input rows (heads); the MLP likewise by intermediate unit.
 _COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW_SPLIT = ("o_proj", "down_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -393,32 +213,6 @@ def param_sharding(config: LlamaConfig, mesh, path):
             elif name in _ROW_SPLIT:
                 spec = P(HEADS, None)
     return NamedSharding(mesh, spec)
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["counts", "candidates", "estimated_mass", "saturated"],
-    meta_fields=[],
-)
-@dataclasses.dataclass(frozen=True)
-class DecodeInfo:
-    """What one decode step attended to, per layer (L = every layer, dense ones included).
-
-    counts: int32 [L, B, Hs] tokens attended (Hs = Hkv, or Hq when ``gqa == "per_head"``;
-      dense layers count every cached token);
-    candidates: int32 [L, B, Hs] tokens the base selector proposed (dense layers: every cached
-      token);
-    estimated_mass: float32 [L, B, Hq] estimated weight of the kept set (1 on dense layers);
-    saturated: bool [L, B, Hs] the pruner's set was cut at max_budget (False on dense layers).
-    """
-
-    counts: jax.Array
-    candidates: jax.Array
-    estimated_mass: jax.Array
-    saturated: jax.Array
-
-    def __getitem__(self, name: str) -> jax.Array:
-        return getattr(self, name)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -481,10 +275,18 @@ class LlamaForCausalLM(nnx.Module):
         self.mesh = mesh
         return self
 
-    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
-        """An empty ``PagedKVCache`` for this model (model dtype): [Hkv, L, P, S, D] pages,
-        sequence b owning pages 1 + b * ceil(max_seq_len / page_size), ...; kwargs go to
-        ``PagedKVCache.create`` (num_pages, ds_channels)."""
+    def init_cache(
+        self,
+        batch: int,
+        max_seq_len: int,
+        *,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        ds_channels: int = 0,
+    ) -> PagedKVCache:
+        """An empty ``PagedKVCache`` for this model (model dtype, split over its mesh):
+        [Hkv, L, P, S, D] pages, sequence b owning pages 1 + b * ceil(max_seq_len / page_size),
+        ...; num_pages and ds_channels as in ``PagedKVCache.create``."""
         c = self.config
         cache = PagedKVCache.create(
             c.num_layers,
@@ -493,8 +295,9 @@ class LlamaForCausalLM(nnx.Module):
             c.head_dim,
             max_seq_len=max_seq_len,
             page_size=page_size,
+            num_pages=num_pages,
             dtype=self.dtype,
-            **kwargs,
+            ds_channels=ds_channels,
         )
         return self.place_cache(cache)
 
@@ -639,9 +442,9 @@ class LlamaForCausalLM(nnx.Module):
         positions = cache.lengths.astype(jnp.int32)[:, None]  # [B, 1]
         cache = cache.begin_decode_step(active)
         kv_dtype = cache.k_pages.dtype
-        dense_cfg = dataclasses.replace(sparsity, selector="dense")
+        dense = dataclasses.replace(sparsity, selector="dense")
 
-        def attend(q, k, v, layer, cache, cfg):
+        def attend(q, k, v, layer, cache, layer_sparsity):
             cache = cache.write_decode(
                 layer,
                 k[:, 0].astype(kv_dtype),
@@ -652,9 +455,9 @@ class LlamaForCausalLM(nnx.Module):
             out, info = decode_attention(
                 q[:, 0].astype(kv_dtype),
                 cache,
-                cfg,
+                layer_sparsity,
                 layer=layer,
-                top_p=None if cfg.selector == "dense" else top_p,
+                top_p=None if layer_sparsity.selector == "dense" else top_p,
                 backend=backend,
             )
             stats = (info.counts, info.candidates, info.estimated_mass, info.saturated)
@@ -662,8 +465,10 @@ class LlamaForCausalLM(nnx.Module):
 
         n_dense = c.num_layers if sparsity.selector == "dense" else sparsity.dense_layers
         n_dense = min(n_dense, c.num_layers)
-        dense_attend = self._per_device(functools.partial(attend, cfg=dense_cfg), cache, 4)
-        sparse_attend = self._per_device(functools.partial(attend, cfg=sparsity), cache, 4)
+        dense_attend = self._per_device(functools.partial(attend, layer_sparsity=dense), cache, 4)
+        sparse_attend = self._per_device(
+            functools.partial(attend, layer_sparsity=sparsity), cache, 4
+        )
         h = self.embed(tokens[:, None])  # [B, 1, hidden]
         h, cache, dense_stats = self._run_layers(h, positions, cache, dense_attend, 0, n_dense)
         h, cache, sparse_stats = self._run_layers(
@@ -744,8 +549,18 @@ class JittedLlama:
     def jit(self) -> JittedLlama:
         return self
 
-    def init_cache(self, batch: int, max_seq_len: int, *, page_size: int = 16, **kwargs):
-        return self.model.init_cache(batch, max_seq_len, page_size=page_size, **kwargs)
+    def init_cache(
+        self,
+        batch: int,
+        max_seq_len: int,
+        *,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        ds_channels: int = 0,
+    ) -> PagedKVCache:
+        return self.model.init_cache(
+            batch, max_seq_len, page_size=page_size, num_pages=num_pages, ds_channels=ds_channels
+        )
 
     def place_cache(self, cache):
         return self.model.place_cache(cache)

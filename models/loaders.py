@@ -30,6 +30,7 @@ from models.config import LlamaConfig
 from models.gguf_file import GGUFError, GGUFFile
 from models.llama import LlamaForCausalLM, abstract_model, param_sharding
 from models.tokenizer import Tokenizer
+from twilight_jax.sharding import check_heads
 
 
 class ModelLoadError(ValueError):
@@ -269,8 +270,6 @@ def build_model(
         raise ModelLoadError(f"{source} has unexpected tensor {unexpected[0]!r}{more}")
 
     if mesh is not None:
-        from twilight_jax.sharding import check_heads
-
         try:
             check_heads(mesh, config.num_heads, config.num_kv_heads)
         except ValueError as e:

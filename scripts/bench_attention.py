@@ -20,18 +20,13 @@ import argparse
 import sys
 import traceback
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchlib  # noqa: E402
-
-from pallas_kernels.attention import sparse_decode_attention  # noqa: E402
-from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner, selectors  # noqa: E402  # noqa: E402
+import benchlib
+from pallas_kernels.attention import sparse_decode_attention
+from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner, selectors
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV

@@ -38,12 +38,12 @@ import sys
 import time
 from functools import partial
 
-import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import benchlib
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from twilight_jax import PagedKVCache, SparsityConfig
@@ -107,7 +107,7 @@ def parse_args(argv=None):
         "--points",
         nargs="+",
         default=["64x4096", "1x4096"],
-        help="BATCHxCONTEXT points; CONTEXT is the cache capacity per sequence in tokens",
+        help="BATCHxCONTEXT points; CONTEXT is the cache's max_seq_len (tokens per sequence)",
     )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {METHODS}")
     ap.add_argument("--budget", type=int, default=8192, help="B0 of Quest (capped at CONTEXT)")

@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchlib  # noqa: E402
-
-import models  # noqa: E402
-from twilight_jax import SparsityConfig, generate  # noqa: E402
+import benchlib
+import models
+from models.loaders import embedded_gguf_path
+from twilight_jax import SparsityConfig, generate
+from twilight_jax.sharding import head_mesh
 
 FILLER = (
     "The river ran past the old mill, where the miller kept his accounts in a ledger bound in "
@@ -85,8 +82,6 @@ def main():
 
     mesh = None
     if args.devices != 1:
-        from twilight_jax.sharding import head_mesh
-
         mesh = head_mesh(args.devices)
     model, tokenizer, config = models.load(args.model, dtype=jnp.bfloat16, mesh=mesh)
     methods = {
@@ -147,8 +142,6 @@ def main():
                 )
         if args.hf:
             try:
-                from models.loaders import embedded_gguf_path
-
                 path = embedded_gguf_path(args.model)
                 tpt, tv = hf_time_per_token(str(path.parent), path.name, prompts, args.new_tokens)
                 table.add(

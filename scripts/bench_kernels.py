@@ -16,18 +16,13 @@ import argparse
 import math
 import sys
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchlib  # noqa: E402
-
-from pallas_kernels import attention, quest, spgemv, topp  # noqa: E402
+import benchlib
+from pallas_kernels import attention, quest, spgemv, topp
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV

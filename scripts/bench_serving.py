@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import random
 import re
 import socket
@@ -33,8 +32,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Attention modes: extra server arguments ("default": the server's own default attention).
 MODES = {
@@ -102,9 +99,8 @@ class Server:
             cmd += ["--model", args.model]
         cmd += args.server_arg
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         print(f"[{mode}] {' '.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@
 Dense prefill, the question decoded token by token through the method under test, greedy
 answers scored by string match; perplexity on natural text decoded teacher-forced. Methods:
 dense, Quest, Double Sparsity and oracle top-k at several budgets, Twilight over all tokens,
-over Quest and over Double Sparsity at several p (twilight_jax/eval/runner.py).
+over Quest and over Double Sparsity at several p (twilight_jax/runtime/eval/settings.py).
 
 Every run writes into --out: the records, the budget traces, the PNG plots and the page
 (results.md, or --report). A small CPU run, a few minutes on two cores:
@@ -23,8 +23,8 @@ Redraw the page and plots of a finished folder (any machine with the eval extra)
 
 The committed runs (docs/results/eval-h200, docs/results/eval-cpu) list the commands that made
 them in their meta.json; use a new folder, not theirs. Presets, methods and their spelling
-(``quest:256``, ``ds:ctx/4@0.95``, ``all@0.95``) are in twilight_jax/eval/runner.py; any field
-can be overridden below.
+(``quest:256``, ``ds:ctx/4@0.95``, ``all@0.95``) are in twilight_jax/runtime/eval/settings.py;
+any field can be overridden below.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from twilight_jax.eval import report, runner, tasks  # noqa: E402
+from twilight_jax.runtime.eval import report, runner, tasks
+from twilight_jax.runtime.eval.adapter import load_adapter
+from twilight_jax.runtime.eval.settings import PRESETS, EvalConfig, protocol_mismatch
 
 INCOMPLETE = 3
 
@@ -58,7 +58,7 @@ def _strs(text):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "--preset", choices=sorted(runner.PRESETS), default="cpu-small", help="(default: cpu-small)"
+        "--preset", choices=sorted(PRESETS), default="cpu-small", help="(default: cpu-small)"
     )
     ap.add_argument(
         "--out",
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def settings_from_args(args) -> runner.EvalConfig:
+def settings_from_args(args) -> EvalConfig:
     overrides = {
         "model": args.model,
         "lengths": args.lengths,
@@ -98,7 +98,7 @@ def settings_from_args(args) -> runner.EvalConfig:
         "ppl_tokens": args.ppl_tokens,
         "seed": args.seed,
     }
-    base = runner.PRESETS[args.preset]
+    base = PRESETS[args.preset]
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    clash = runner.protocol_mismatch(meta.get("settings"), settings)
+    clash = protocol_mismatch(meta.get("settings"), settings)
     if clash:
         print(
             f"error: {out} holds a sweep run with another protocol ({clash}); its records "
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
-    adapter = runner.load_adapter(settings.model, page_size=settings.page_size)
+    adapter = load_adapter(settings.model, page_size=settings.page_size)
     c = adapter.config
     meta.update(
         settings=dataclasses.asdict(settings),

@@ -7,9 +7,9 @@
     python scripts/generate.py --prompt "A" --prompt "B" --temperature 0.7 --seed 1
 
 Defaults: greedy decoding with a repetition penalty of 1.1, at most 128 new tokens, and the
-platform's attention (twilight_jax.generate.default_attention: dense on CPU, Twilight over all
-tokens at p = 0.95 on GPU and TPU). Streams tokens as they come (one prompt) or prints each
-answer when done (a batch), then a summary on stderr: prompt tokens, prefill time, time per
+platform's attention (twilight_jax.runtime.generate.default_attention: dense on CPU, Twilight
+over all tokens at p = 0.95 on GPU and TPU). Streams tokens as they come (one prompt) or prints
+each answer when done (a batch), then a summary on stderr: prompt tokens, prefill time, time per
 decode step, tokens/s, and for sparse attention the average tokens attended per layer and the
 fraction pruned. Bad input (unknown model, missing file, empty prompt, a flag out of range or
 one the chosen attention or sampling would ignore, a prompt longer than the context) prints one
@@ -23,25 +23,21 @@ import os
 import sys
 from pathlib import Path
 
-# Runnable as a plain script from a checkout: the repository root holds the packages.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax.numpy as jnp
 
-import jax.numpy as jnp  # noqa: E402
-
-import models  # noqa: E402
-from twilight_jax.generate import encode_prompts, generate  # noqa: E402
-from twilight_jax.serve import (  # noqa: E402
+import models
+from models.tiny import TINY_RANDOM, tiny_random_model
+from twilight_jax.runtime.cli import (
     ATTENTION,
     ATTENTION_FLAG_HELP,
-    TINY_RANDOM,
     ArgumentParser,
     HelpFormatter,
     attention_from_flags,
     attention_help,
     quiet_startup,
-    tiny_random_model,
 )
-from twilight_jax.sharding import head_mesh  # noqa: E402
+from twilight_jax.runtime.generate import encode_prompts, generate
+from twilight_jax.sharding import head_mesh
 
 # A question the 135M default model answers well and briefly (about 70 tokens, then it stops);
 # questions about things it does not know, such as this project, come back invented or looping.
@@ -230,7 +226,7 @@ def sampling_from_args(args) -> dict:
     return dict(
         temperature=args.temperature,
         top_k=args.top_k or 0,
-        top_p=1.0 if args.sample_top_p is None else args.sample_top_p,
+        sample_top_p=1.0 if args.sample_top_p is None else args.sample_top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed or 0,
     )

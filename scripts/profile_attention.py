@@ -19,17 +19,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import benchlib  # noqa: E402
-from bench_attention import method_configs, planted_problem  # noqa: E402
-
-from twilight_jax import decode_attention  # noqa: E402
+import benchlib
+from bench_attention import method_configs, planted_problem
+from twilight_jax import decode_attention
 
 
 def main():

@@ -8,11 +8,8 @@ python scripts/serve.py --selector dense         # the dense baseline
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from twilight_jax.serve import main  # noqa: E402
+from twilight_jax.runtime.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

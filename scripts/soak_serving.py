@@ -42,8 +42,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import WORDS, Server, percentile  # noqa: E402
+from bench_serving import WORDS, Server, percentile
 
 KINDS = {  # kind: weight
     "greedy": 4,

@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
+from models.tiny import tiny_random_model
 from twilight_jax import SparsityConfig
-from twilight_jax.serving import Engine, EngineConfig
+from twilight_jax.runtime.serving import Engine, EngineConfig
 
 # Twilight on the one sparse layer of three: every token a candidate, then top-p pruning.
 SPARSITY = SparsityConfig(selector="all", top_p=0.9, max_budget=64, page_size=16)
@@ -25,11 +26,8 @@ MODEL_NAME = "tiny-random"
 @functools.lru_cache(maxsize=1)
 def tiny():
     """(jitted model, tokenizer, config), built once per process."""
-    from models import JittedLlama
-    from twilight_jax.serve import tiny_random_model
-
     model, tokenizer, config = tiny_random_model(seed=0)
-    return JittedLlama(model), tokenizer, config
+    return model.jit(), tokenizer, config
 
 
 def make_engine(model=None, **overrides) -> Engine:
@@ -39,7 +37,7 @@ def make_engine(model=None, **overrides) -> Engine:
 
 
 class FaultyModel:
-    """Delegates to the jitted model, with faults and pauses on demand.
+    """A DecodeModel that delegates to the jitted model, with faults and pauses on demand.
 
     fail_decode / fail_prefill: the next that many decode steps / prefills raise (before the
     call: the cache is intact). poison: a token id; a prefill whose tokens hold it raises, after
@@ -53,6 +51,7 @@ class FaultyModel:
         self.inner = inner
         self.config = inner.config
         self.dtype = inner.dtype
+        self.mesh = inner.mesh
         self.fail_decode = 0
         self.step_delay = 0.0
         self.fail_prefill = 0
@@ -65,22 +64,28 @@ class FaultyModel:
         self.decode_gate.set()
         self.in_decode = threading.Event()
 
-    def prefill(self, *args):
+    def jit(self):
+        return self
+
+    def init_cache(self, batch, max_seq_len, **kwargs):
+        return self.inner.init_cache(batch, max_seq_len, **kwargs)
+
+    def prefill(self, token_ids, lengths, cache, start=None):
         self.in_prefill.set()
         self.gate.wait(60)
         self.in_prefill.clear()
         if self.fail_prefill:
             self.fail_prefill -= 1
             raise RuntimeError("injected prefill fault")
-        poisoned = self.poison is not None and bool((np.asarray(args[0]) == self.poison).any())
+        poisoned = self.poison is not None and bool((np.asarray(token_ids) == self.poison).any())
         if poisoned and not self.poison_consumes_cache:
             raise RuntimeError("injected prefill fault (poisoned prompt)")
-        out = self.inner.prefill(*args)
+        out = self.inner.prefill(token_ids, lengths, cache, start)
         if poisoned:
             raise RuntimeError("injected prefill fault (poisoned prompt, cache consumed)")
         return out
 
-    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None):
+    def decode_step(self, tokens, cache, sparsity, active=None, top_p=None, backend="auto"):
         self.in_decode.set()
         self.decode_gate.wait(60)
         self.in_decode.clear()
@@ -88,4 +93,4 @@ class FaultyModel:
             self.fail_decode -= 1
             raise RuntimeError("injected decode fault")
         time.sleep(self.step_delay)
-        return self.inner.decode_step(tokens, cache, sparsity, active, top_p=top_p)
+        return self.inner.decode_step(tokens, cache, sparsity, active, top_p, backend)

@@ -39,10 +39,10 @@ def weight_shapes(model) -> list[tuple[int, ...]]:
     return [tuple(x.shape) for x in jax.tree.leaves(nnx.state(model.layers)) if x.ndim == 2]
 
 
-def programs(jm, batch: int, capacity: int, chunk: int):
+def programs(jm, batch: int, max_seq_len: int, chunk: int):
     """(name, compiled program, cache bytes) of decode (each method), whole prefill and
-    chunked prefill over one cache of ``capacity`` tokens per sequence."""
-    cache = jm.init_cache(batch, capacity)
+    chunked prefill over one cache of ``max_seq_len`` tokens per sequence."""
+    cache = jm.init_cache(batch, max_seq_len)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
     tokens = jnp.zeros((batch,), jnp.int32)
     ids = jnp.zeros((batch, chunk), jnp.int32)
@@ -57,14 +57,14 @@ def programs(jm, batch: int, capacity: int, chunk: int):
     return out
 
 
-def check_programs(model, batch, capacity, chunk, *, temp_fraction, skip_temp=()):
+def check_programs(model, batch, max_seq_len, chunk, *, temp_fraction, skip_temp=()):
     """Asserts that no program writes a weight-shaped array and that each program's temporary
     memory is below temp_fraction of the cache (programs named in skip_temp: copies only)."""
     jm = model.jit()
     shapes = weight_shapes(model)
-    cache = jm.init_cache(batch, capacity)
+    cache = jm.init_cache(batch, max_seq_len)
     pool_shapes = {tuple(x.shape) for x in jax.tree.leaves(cache) if x.ndim >= 4}
-    for name, compiled, cache_bytes in programs(jm, batch, capacity, chunk):
+    for name, compiled, cache_bytes in programs(jm, batch, max_seq_len, chunk):
         text = compiled.as_text()
         copies = _hlo.weight_shaped(text, shapes)
         assert not copies, f"{name} writes weight-sized arrays: {copies[:4]}"

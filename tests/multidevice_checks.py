@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models.tiny import tiny_random_model, tiny_tokenizer
 from twilight_jax import SparsityConfig, generate
-from twilight_jax.serve import tiny_random_model, tiny_tokenizer
 from twilight_jax.sharding import HEADS, head_mesh
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (forced) devices")
@@ -86,9 +86,10 @@ def test_two_devices_decode_like_one(models_pair, name):
         l2, sc, i2 = shd.decode_step(tok, sc, cfg)
         np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), atol=1e-5)
         for key in ("counts", "candidates", "saturated"):
-            np.testing.assert_array_equal(np.asarray(i2[key]), np.asarray(i1[key]), err_msg=key)
+            got, want = getattr(i2, key), getattr(i1, key)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=key)
         np.testing.assert_allclose(
-            np.asarray(i2["estimated_mass"]), np.asarray(i1["estimated_mass"]), atol=1e-5
+            np.asarray(i2.estimated_mass), np.asarray(i1.estimated_mass), atol=1e-5
         )
         # Each device still holds its KV heads of the cache (no gather back to one device).
         assert sc.k_pages.sharding.spec == jax.sharding.PartitionSpec(HEADS)
@@ -96,7 +97,7 @@ def test_two_devices_decode_like_one(models_pair, name):
         assert sc.k_pages.addressable_shards[0].data.shape[0] == 1
         tok = np.asarray(jnp.argmax(l1, -1)).astype(np.int32)
     if cfg.selector != "dense":
-        pruned = np.asarray(i1["counts"])[1:] < np.asarray(i1["candidates"])[1:]
+        pruned = np.asarray(i1.counts)[1:] < np.asarray(i1.candidates)[1:]
         assert pruned.any(), (
             "the sparse layers pruned nothing: the check would not see a head mix-up"
         )
@@ -145,8 +146,8 @@ def test_device_count_must_divide_the_heads():
 
 
 def test_server_with_two_devices_serves_like_one():
-    from twilight_jax.serve import build_parser, build_server
-    from twilight_jax.serving import SamplingParams
+    from twilight_jax.runtime.serve import build_parser, build_server
+    from twilight_jax.runtime.serving import SamplingParams
 
     common = ["--model", "tiny-random", "--max-batch", "2", "--max-seq-len", "128"]
     common += ["--selector", "all", "--top-p", "0.8", "--dense-layers", "1"]

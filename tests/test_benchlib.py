@@ -1,14 +1,21 @@
 """scripts/benchlib.py's profile parser on a synthetic trace (the GPU runs rely on it)."""
 
+import argparse
 import gzip
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+import bench_attention  # noqa: E402
+import bench_decode_step  # noqa: E402
 import benchlib  # noqa: E402
 
 
@@ -65,9 +72,6 @@ def test_kernel_breakdown_without_device_events(tmp_path):
 
 
 def test_time_fn_reports_a_cache_sized_scratch_copy(capsys):
-    import jax
-    import jax.numpy as jnp
-
     cache = jnp.ones((256, 1024), jnp.float32)  # 1 MiB "cache"
 
     def reads(q, c):  # reads the cache in place: no scratch of its size
@@ -91,10 +95,6 @@ def test_time_fn_reports_a_cache_sized_scratch_copy(capsys):
 def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     # The H200 benchmark's whole path at a tiny size (cuDNN is absent on CPU and reported as
     # failed): every method and stage gets a time, and the table is written.
-    import argparse
-
-    import bench_attention
-
     monkeypatch.setattr(benchlib, "measure_copy_bandwidth", lambda *a, **k: {"peak": 1e11})
     out = tmp_path / "attn"
     args = argparse.Namespace(
@@ -123,7 +123,6 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
 def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
     # The decode-step benchmark's whole path on a 2-layer SmolLM2-shaped model: each method
     # gets a step time, a floor, an attended fraction and its compiled temporaries.
-    import bench_decode_step
 
     out = tmp_path / "ds"
     argv = ["--layers", "2", "--points", "2x512", "--steps", "1", "--budget", "128"]
@@ -154,10 +153,13 @@ def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
     ],
 )
 def test_bench_decode_step_bad_flags_are_one_line_and_exit_2(argv, message):
-    import subprocess
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_decode_step.py"
-    r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    repo = Path(__file__).resolve().parent.parent
+    # The checkout under test first: an installed copy of the package may be another checkout's.
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    )
+    cmd = [sys.executable, str(repo / "scripts" / "bench_decode_step.py"), *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr

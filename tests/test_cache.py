@@ -339,13 +339,13 @@ def test_bad_inputs():
         cache.write_prefill(L, jnp.asarray(k[0]), jnp.asarray(v[0]), z, z)
     with pytest.raises(ValueError, match="k must have shape"):
         cache.write_prefill(0, jnp.asarray(k[0, :, :, :1]), jnp.asarray(v[0]), z, z)
-    with pytest.raises(ValueError, match="start \\+ count must be <= capacity=8"):
+    with pytest.raises(ValueError, match="start \\+ count must be <= max_seq_len=8"):
         cache.write_prefill(0, jnp.asarray(k[0]), jnp.asarray(v[0]), z + 4, z + 5)
     with pytest.raises(ValueError, match="count must have shape"):
         cache.write_prefill(0, jnp.asarray(k[0]), jnp.asarray(v[0]), z, jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="v must have shape"):
         cache.write_decode(0, jnp.asarray(k[0, :, 0]), jnp.asarray(v[0, :, :2]))
-    with pytest.raises(ValueError, match="lengths must lie in \\[0, capacity=8\\]"):
+    with pytest.raises(ValueError, match="lengths must lie in \\[0, max_seq_len=8\\]"):
         cache.with_lengths(jnp.asarray([9, 0]))
     with pytest.raises(ValueError, match="page_table entries must lie in"):
         cache.with_page_table(jnp.full((2, 2), 99, jnp.int32))

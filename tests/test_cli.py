@@ -1,8 +1,8 @@
 """The command lines a new user meets: scripts/generate.py and ``python -m twilight_jax.serve``.
 
-Their defaults (one attention per platform, decided by twilight_jax.generate.default_attention),
-their --help texts, bad input (one line naming the flag, exit code 2), and the server's startup
-(a taken port, jax's missing-TPU notice).
+Their defaults (one attention per platform, decided by
+twilight_jax.runtime.generate.default_attention), their --help texts, bad input (one line naming
+the flag, exit code 2), and the server's startup (a taken port, jax's missing-TPU notice).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from twilight_jax import SparsityConfig, serve
-from twilight_jax.generate import DEFAULT_ATTENTION_TEXT, default_attention
+from twilight_jax import SparsityConfig
+from twilight_jax.runtime import cli, serve
+from twilight_jax.runtime.generate import DEFAULT_ATTENTION_TEXT, default_attention
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,9 +37,12 @@ def gen():
 
 def _env(**extra):
     """The test environment for a child process, without the forced JAX_PLATFORMS=cpu of
-    conftest: what a user's shell has, so jax probes its backends (and TPU) as it would there."""
+    conftest: what a user's shell has, so jax probes its backends (and TPU) as it would there.
+    The checkout under test comes first on PYTHONPATH (a script's own folder is scripts/, and an
+    installed copy of the package may be another checkout's)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    return {**env, **extra}
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, **extra}
 
 
 def _lines(text: str) -> list[str]:
@@ -319,10 +323,10 @@ def test_server_startup_log_opens_without_the_missing_tpu_notice():
 
 
 def test_tpu_notice_filter_drops_only_that_notice(caplog):
-    serve.quiet_startup()
-    serve.quiet_startup()  # idempotent
+    cli.quiet_startup()
+    cli.quiet_startup()  # idempotent
     logger = logging.getLogger("jax._src.xla_bridge")
-    assert sum(isinstance(f, serve._NoMissingTpuNotice) for f in logger.filters) == 1
+    assert sum(isinstance(f, cli._NoMissingTpuNotice) for f in logger.filters) == 1
     with caplog.at_level(logging.INFO, logger="jax._src.xla_bridge"):
         logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
         logger.info("Unable to initialize backend 'cuda': no CUDA")
@@ -334,9 +338,9 @@ def test_tpu_notice_filter_drops_only_that_notice(caplog):
 
 
 def test_describe_attention():
-    assert serve.describe_attention(SparsityConfig(selector="dense")) == "dense"
+    assert cli.describe_attention(SparsityConfig(selector="dense")) == "dense"
     assert (
-        serve.describe_attention(SparsityConfig(selector="all", top_p=0.95))
+        cli.describe_attention(SparsityConfig(selector="all", top_p=0.95))
         == "Twilight over all, p = 0.95"
     )
-    assert serve.describe_attention(SparsityConfig(selector="quest", budget=64)) == "quest, B0 = 64"
+    assert cli.describe_attention(SparsityConfig(selector="quest", budget=64)) == "quest, B0 = 64"

@@ -439,11 +439,11 @@ def test_bad_inputs_raise_before_tracing():
         (dict(top_p=1.2), "top_p must be in"),
         (dict(top_p=jnp.asarray([0.5, 0.5, 1.5, 0.5])), "top_p must be in"),
         (dict(top_p=jnp.asarray([0.5, 0.5])), "top_p must be a scalar or a \\[B=4\\]"),
-        (dict(cfg=_cfg("all", page_size=16, budget=32)), "cfg.page_size=16"),
+        (dict(cfg=_cfg("all", page_size=16, budget=32)), "sparsity.page_size=16"),
         (dict(layer=1), "layer must be in"),
         (dict(backend="cuda"), "backend must be one of"),
-        (dict(cfg=_cfg("double_sparsity", ds_channels=8)), "cfg.ds_channels=8"),
-        (dict(cfg="all"), "cfg must be a SparsityConfig"),
+        (dict(cfg=_cfg("double_sparsity", ds_channels=8)), "sparsity.ds_channels=8"),
+        (dict(cfg="all"), "sparsity must be a SparsityConfig"),
     ]
     for kwargs, msg in cases:
         args = dict(q=q, cache=cache, cfg=cfg)
@@ -454,7 +454,7 @@ def test_bad_inputs_raise_before_tracing():
     import dataclasses
 
     too_long = dataclasses.replace(cache, lengths=jnp.asarray([65, 0, 0, 0], jnp.int32))
-    with pytest.raises(ValueError, match="cache.lengths must lie in \\[0, capacity=64\\]"):
+    with pytest.raises(ValueError, match="cache.lengths must lie in \\[0, max_seq_len=64\\]"):
         decode_attention(q, too_long, cfg)
     no_labels = PagedKVCache.create(1, 4, 2, 16, max_seq_len=T, page_size=S)
     with pytest.raises(ValueError, match="no Double Sparsity labels"):

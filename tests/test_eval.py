@@ -24,7 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twilight_jax.eval import report, runner, scoring, tasks
+from twilight_jax import DecodeInfo
+from twilight_jax.runtime.eval import report, runner, scoring, tasks
+from twilight_jax.runtime.eval.adapter import ModelAdapter, load_adapter
+from twilight_jax.runtime.eval.decode import decode_batch, next_token_nll
+from twilight_jax.runtime.eval.settings import (
+    MAX_NEW_TOKENS,
+    PRESETS,
+    EvalConfig,
+    Method,
+    protocol_mismatch,
+)
 
 
 class ByteTokenizer:
@@ -197,20 +207,20 @@ def test_perplexity_and_tables():
     ],
 )
 def test_method_parse_roundtrip(spec, selector, budget, top_p):
-    m = runner.Method.parse(spec)
+    m = Method.parse(spec)
     assert (m.selector, m.budget, m.top_p) == (selector, budget, top_p)
-    assert runner.Method.parse(m.name) == m
+    assert Method.parse(m.name) == m
 
 
 def test_method_config_resolves_budget():
-    settings = runner.EvalConfig(lengths=(2048,), ppl_docs=0)
-    assert runner._capacity(2048, settings) == 2048
-    cfg = runner.Method.parse("quest:ctx/4@0.95").config(2048, 2048, settings)
+    settings = EvalConfig(lengths=(2048,), ppl_docs=0)
+    assert runner._max_seq_len(2048, settings) == 2048
+    cfg = Method.parse("quest:ctx/4@0.95").config(2048, 2048, settings)
     assert (cfg.selector, cfg.budget, cfg.max_budget, cfg.top_p) == ("quest", 512, 512, 0.95)
-    cfg = runner.Method.parse("all@0.9").config(2048, 2048, settings)
+    cfg = Method.parse("all@0.9").config(2048, 2048, settings)
     assert (cfg.selector, cfg.max_budget) == ("all", 2048)
     # Quest budgets round down to whole pages.
-    assert runner.Method.parse("quest:ctx/3").tokens(1000, 16) == 320
+    assert Method.parse("quest:ctx/3").tokens(1000, 16) == 320
 
 
 @pytest.mark.parametrize(
@@ -227,20 +237,20 @@ def test_method_config_resolves_budget():
 )
 def test_method_parse_rejects_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
-        runner.Method.parse(spec)
+        Method.parse(spec)
 
 
 def test_eval_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="lengths"):
-        runner.EvalConfig(lengths=(32,))
+        EvalConfig(lengths=(32,))
     with pytest.raises(ValueError, match="tasks"):
-        runner.EvalConfig(tasks=("trivia",))
+        EvalConfig(tasks=("trivia",))
     with pytest.raises(ValueError, match="samples"):
-        runner.EvalConfig(samples=0)
+        EvalConfig(samples=0)
     with pytest.raises(ValueError, match="ppl_tokens"):
-        runner.EvalConfig(lengths=(256,), ppl_tokens=300)
+        EvalConfig(lengths=(256,), ppl_tokens=300)
     with pytest.raises(ValueError, match="method 'quest'"):
-        runner.EvalConfig(methods=("quest",))
+        EvalConfig(methods=("quest",))
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -267,8 +277,8 @@ class CopyModel:
     def decode(self, ids):
         return self.tok.decode(ids)
 
-    def new_cache(self, batch, capacity, ds_channel_idx=None):
-        return {"seqs": [[] for _ in range(batch)], "capacity": capacity}
+    def new_cache(self, batch, max_seq_len, ds_channel_idx=None):
+        return {"seqs": [[] for _ in range(batch)], "max_seq_len": max_seq_len}
 
     def clone(self, cache):
         return copy.deepcopy(cache)
@@ -293,32 +303,37 @@ class CopyModel:
 
     def prefill(self, token_ids, lengths, cache):
         self.prefills += 1
-        assert token_ids.shape[1] == cache["capacity"]
+        assert token_ids.shape[1] == cache["max_seq_len"]
         for b, n in enumerate(lengths):
             cache["seqs"][b] = [int(t) for t in token_ids[b, :n]]
         return self._logits(cache, None), cache
 
-    def step(self, tokens, cache, cfg):
+    def step(self, tokens, cache, sparsity):
         for b, t in enumerate(tokens):
             cache["seqs"][b].append(int(t))
-            assert len(cache["seqs"][b]) <= cache["capacity"], "decoded past the cache"
-        window = None if cfg.selector in ("dense", "all") else cfg.budget
+            assert len(cache["seqs"][b]) <= cache["max_seq_len"], "decoded past the cache"
+        window = None if sparsity.selector in ("dense", "all") else sparsity.budget
         n = np.array([len(s) for s in cache["seqs"]])
-        attended = n if window is None else np.minimum(n, window)
-        if cfg.top_p is not None:
-            attended = np.maximum(attended // 2, 1)
-        counts = np.broadcast_to(attended[None, :, None], (self.num_layers, len(n), 1))
-        counts = np.array(counts)
-        counts[: cfg.dense_layers] = n[None, :, None]
-        info = {
-            "counts": counts.astype(np.int32),
-            "estimated_mass": np.full((self.num_layers, len(n), 2), 0.97, np.float32),
-            "saturated": np.zeros((self.num_layers, len(n), 1), bool),
-        }
+        candidates = n if window is None else np.minimum(n, window)
+        attended = candidates
+        if sparsity.top_p is not None:
+            attended = np.maximum(candidates // 2, 1)
+
+        def per_layer(sparse):  # dense layers see every token
+            x = np.array(np.broadcast_to(sparse[None, :, None], (self.num_layers, len(n), 1)))
+            x[: sparsity.dense_layers] = n[None, :, None]
+            return x.astype(np.int32)
+
+        info = DecodeInfo(
+            counts=per_layer(attended),
+            candidates=per_layer(candidates),
+            estimated_mass=np.full((self.num_layers, len(n), 2), 0.97, np.float32),
+            saturated=np.zeros((self.num_layers, len(n), 1), bool),
+        )
         return self._logits(cache, window), cache, info
 
 
-SMALL = runner.EvalConfig(
+SMALL = EvalConfig(
     lengths=(256, 320),
     tasks=("passkey",),
     samples=3,
@@ -345,7 +360,7 @@ def test_sweep_scores_and_budgets(tmp_path):
         assert table[("all@0.9", "passkey", length)]["accuracy"] == 100.0
         assert table[("quest:32", "passkey", length)]["accuracy"] == 0.0
     for r in records:
-        assert 0 < r["attended"] <= r["tokens"] + runner.MAX_NEW_TOKENS[r["task"]]
+        assert 0 < r["attended"] <= r["tokens"] + MAX_NEW_TOKENS[r["task"]]
         if r["method"] == "dense":
             assert r["attended_frac"] == pytest.approx(1.0)
             assert r["pruned"] is None and r["mass"] is None
@@ -356,7 +371,7 @@ def test_sweep_scores_and_budgets(tmp_path):
             assert r["pruned"] == pytest.approx(0.5, abs=0.01)
             assert r["mass"] == pytest.approx(0.97)
         # The prompt leaves room for BOS and the answer inside the length.
-        prompt_length = r["length"] - runner.MAX_NEW_TOKENS[r["task"]] - 1
+        prompt_length = r["length"] - MAX_NEW_TOKENS[r["task"]] - 1
         sample = tasks.make_samples(r["task"], prompt_length, 3, model.encode, depths=SMALL.depths)
         assert r["answers"][0] in sample[r["index"]].context
         assert r["tokens"] == sample[r["index"]].tokens <= prompt_length
@@ -393,9 +408,9 @@ def test_generation_stops_at_eos():
     _, cache = model.prefill(
         np.asarray([prompt + [0] * (64 - len(prompt))]), [len(prompt) - 1], cache
     )
-    method = runner.Method.parse("dense")
+    method = Method.parse("dense")
     cfg = method.config(64, 64, SMALL)
-    generated, stats, _, _ = runner.decode_batch(
+    generated, stats, _, _ = decode_batch(
         model,
         cache,
         np.array([len(prompt) - 1]),
@@ -428,14 +443,14 @@ def _tiny_adapter():
         eos_token_ids=(0,),
     )
     model = models.LlamaForCausalLM(config, dtype=np.float32, rngs=nnx.Rngs(0))
-    return runner.ModelAdapter(model, ByteTokenizer(), config)
+    return ModelAdapter(model, ByteTokenizer(), config)
 
 
 @pytest.mark.slow
 def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
     adapter = _tiny_adapter()
     has_text = bool(tasks.kjv_verses())
-    settings = runner.EvalConfig(
+    settings = EvalConfig(
         lengths=(256,),
         tasks=("passkey",),
         samples=1,
@@ -464,13 +479,13 @@ def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
     # Teacher forcing through the decode path (as perplexity runs it) gives the dense logits:
     # prefill 232 tokens, feed tokens 232..255; the steps that read 232..254 score 233..255.
     ids = adapter.encode(" ".join([tasks.FILLER] * 4))[:256]
-    method = runner.Method.parse("dense")
-    capacity = runner._capacity(256, settings)
+    method = Method.parse("dense")
+    capacity = runner._max_seq_len(256, settings)
     cache = adapter.new_cache(1, capacity)
     prefix = np.zeros((1, capacity), np.int32)
     prefix[0, :232] = ids[:232]
     _, cache = adapter.prefill(prefix, np.array([232], np.int32), cache)
-    _, stats, nll, _ = runner.decode_batch(
+    _, stats, nll, _ = decode_batch(
         adapter,
         cache,
         np.array([232]),
@@ -482,7 +497,7 @@ def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
     )
     logits = np.asarray(adapter.model.logits(np.asarray([ids], np.int32)))[0]
     ref = np.array(
-        [runner._nll(logits[t : t + 1], np.array([ids[t + 1]]))[0] for t in range(232, 255)]
+        [next_token_nll(logits[t : t + 1], np.array([ids[t + 1]]))[0] for t in range(232, 255)]
     )
     np.testing.assert_allclose(nll[0], ref, rtol=1e-4, atol=1e-4)
     assert stats[0].steps == 24
@@ -495,10 +510,10 @@ def test_tiny_model_decode_path_matches_dense_logits(tmp_path):
 def test_smollm2_dense_solves_easy_passkey(tmp_path):
     models = pytest.importorskip("models")
     try:
-        adapter = runner.load_adapter("smollm2-135m-instruct")
+        adapter = load_adapter("smollm2-135m-instruct")
     except models.ModelLoadError as e:
         pytest.skip(f"embedded model unavailable: {e}")
-    settings = runner.EvalConfig(
+    settings = EvalConfig(
         lengths=(256,),
         tasks=("passkey",),
         samples=2,
@@ -516,7 +531,7 @@ def test_smollm2_dense_solves_easy_passkey(tmp_path):
 
 
 def test_report_page(tmp_path):
-    settings = runner.EvalConfig(
+    settings = EvalConfig(
         lengths=(512,),
         tasks=("passkey", "frequent_words"),
         samples=2,
@@ -570,11 +585,11 @@ def test_script_arguments_and_protocol(tmp_path):
     )
     settings = script.settings_from_args(args)
     assert settings.lengths == (2048,) and settings.methods == ("dense", "ds:64")
-    assert settings.samples == runner.PRESETS["gpu"].samples
+    assert settings.samples == PRESETS["gpu"].samples
     # A folder can grow from gpu-core to gpu (more methods and samples), not change seed.
-    stored = json.loads(json.dumps(dataclasses.asdict(runner.PRESETS["gpu-core"])))
-    assert runner.protocol_mismatch(stored, settings) is None
-    assert "seed" in runner.protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
+    stored = json.loads(json.dumps(dataclasses.asdict(PRESETS["gpu-core"])))
+    assert protocol_mismatch(stored, settings) is None
+    assert "seed" in protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
     with pytest.raises(ValueError, match="no records.jsonl"):
         script.main(["--report-only", "--out", str(tmp_path)])
 
@@ -587,7 +602,7 @@ def test_script_run_writes_the_page_and_plots(tmp_path, monkeypatch):
         config = types.SimpleNamespace(num_layers=3, num_heads=2, num_kv_heads=1, head_dim=8)
         model = types.SimpleNamespace(dtype="float32")
 
-    monkeypatch.setattr(runner, "load_adapter", lambda name, page_size: Adapter())
+    monkeypatch.setattr(script, "load_adapter", lambda name, page_size: Adapter())
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--lengths", "256", "--tasks", "passkey", "--samples", "2"]
     argv += ["--methods", "dense,quest:32,all@0.95", "--ppl-docs", "0"]

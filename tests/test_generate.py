@@ -1,7 +1,7 @@
-"""twilight_jax.generate and scripts/generate.py.
+"""twilight_jax.runtime.generate and scripts/generate.py.
 
 Greedy continuations of the embedded SmolLM2 equal transformers' ``generate`` on the same
-weights (float32, CPU); the rest runs on the tiny random model of twilight_jax.serve.
+weights (float32, CPU); the rest runs on the tiny random model of models.tiny.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from flax import nnx
 
 import models
 from models import loaders
+from models.tiny import tiny_random_model
 from twilight_jax import SparsityConfig
-from twilight_jax.generate import default_attention, generate
-from twilight_jax.serve import tiny_random_model
+from twilight_jax.runtime.generate import default_attention, generate
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_chunked_prefill_generates_the_same_tokens(tiny, sparsity, capsys):
 
 
 def test_chunked_prefill_fills_the_cache_like_one_call(tiny):
-    from models.llama import check_prefill_args
+    from models.checks import check_prefill_args
 
     model, _, config = tiny
     jm = model.jit()
@@ -192,7 +192,7 @@ def test_repetition_penalty_matches_transformers(tiny):
 
 
 def test_penalize_repeats_by_hand():
-    from twilight_jax.generate import penalize_repeats
+    from twilight_jax.runtime.generate import penalize_repeats
 
     logits = jnp.asarray([[2.0, -2.0, 1.0, 0.0]])
     seen = jnp.asarray([[True, True, False, True]])
@@ -226,7 +226,7 @@ def test_default_attention_by_platform():
 
 def test_sampling_seeded_and_streaming(tiny):
     model, tok, _ = tiny
-    kw = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_on_eos=False)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=50, sample_top_p=0.9, stop_on_eos=False)
     a = generate(model, tok, ["abc", "abc"], seed=3, **kw)
     b = generate(model, tok, ["abc", "abc"], seed=3, **kw)
     c = generate(model, tok, ["abc", "abc"], seed=4, **kw)
@@ -286,7 +286,7 @@ def test_chat_prompt_uses_template(tiny):
         (dict(prompts=[3]), r"prompts\[0\] must be a str"),
         (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
-        (dict(top_p=0.0), r"top_p \(sampling\) must be in \(0, 1\]"),
+        (dict(sample_top_p=0.0), r"sample_top_p must be in \(0, 1\]"),
         (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(1 = off\)"),
         (dict(top_k=-2), "top_k must be an int >= 0"),
         (dict(sparsity="all"), "sparsity must be a SparsityConfig"),
@@ -298,3 +298,9 @@ def test_generate_errors(tiny, kwargs, msg):
     kw = dict(prompts=["ok"], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=msg):
         generate(model, tok, **kw)
+
+
+def test_generate_refuses_what_is_not_a_model(tiny):
+    _, tok, _ = tiny
+    with pytest.raises(ValueError, match=r"model must implement .*DecodeModel.*lacks .*init_cache"):
+        generate(object(), tok, ["ok"], max_new_tokens=2)

@@ -20,4 +20,4 @@ def test_programs_copy_no_weights_or_pages_on_gpu():
     config = mm.small_config(hidden=1024, heads=8, kv_heads=2, head_dim=128, inter=2816)
     model = LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     # 5.2 GB of cache: the fixed workspaces of cuBLAS and cuDNN (~110 MB) stay under 5%.
-    mm.check_programs(model, batch=8, capacity=131072, chunk=200, temp_fraction=0.05)
+    mm.check_programs(model, batch=8, max_seq_len=131072, chunk=200, temp_fraction=0.05)

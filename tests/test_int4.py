@@ -15,7 +15,7 @@ from _export import export_cuda, export_tpu
 from _quant_rule import HALF_ROW_NIBBLES, halves_rows, int4_rule, quantize_rule
 
 from pallas_kernels import dequantize_int4, int4, quantize_int4
-from twilight_jax import pruner, reference
+from twilight_jax import reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def test_quantizers_compute_the_documented_rule_bit_for_bit(name):
 
 @pytest.mark.parametrize(
     "name,fn",
-    [("pruner", pruner._fake_quantize), ("reference", reference.fake_quantize)],
+    [("reference", reference.fake_quantize)],
 )
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fake_quantize_computes_the_documented_rule_bit_for_bit(name, fn, bits):

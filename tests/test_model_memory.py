@@ -20,7 +20,7 @@ def test_programs_copy_no_weights_or_pages():
     mm.check_programs(
         model,
         batch=3,
-        capacity=16384,
+        max_seq_len=16384,
         chunk=40,
         temp_fraction=0.05,
         skip_temp=("decode dense", "decode twilight/quest"),

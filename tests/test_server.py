@@ -6,8 +6,8 @@ every request, including cancelled, disconnected and failed ones."""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +18,12 @@ import openai
 import pytest
 from _tiny_serving import ENGINE, MODEL_NAME, FaultyModel, make_engine, tiny
 
-from twilight_jax.serving import OpenAIServer, ServerThread
+from twilight_jax.runtime.serving import OpenAIServer, ServerThread
+
+# The load scripts import each other from their own folder, as they do when run.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import bench_serving  # noqa: E402
+import soak_serving  # noqa: E402
 
 CONTEXT = ENGINE.max_seq_len
 IGNORE_EOS = {"ignore_eos": True}  # fixed output lengths from the random model
@@ -110,7 +115,7 @@ def test_completion_matches_the_engine(served, client):
 
 
 def _greedy(n, **kw):
-    from twilight_jax.serving import SamplingParams
+    from twilight_jax.runtime.serving import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0, **kw)
 
@@ -202,22 +207,37 @@ def test_token_id_prompts_and_several_prompts(served, client):
 
 
 def test_per_request_sparsity_top_p(served, client):
-    r = client.completions.create(
-        model=MODEL_NAME,
-        prompt=_texts(6, 1)[0],
-        max_tokens=4,
-        temperature=0,
-        extra_body={"sparsity_top_p": 0.5, "ignore_eos": True},
-    )
-    assert r.usage.completion_tokens == 4
-    # Any JSON number is a p: 1 (an int) is p = 1.
+    engine = served[1]
+    prompt = _texts(6, 1)[0]
+
+    def attended(p):
+        """Tokens the request's decode steps attended (the engine's running sum)."""
+        before = engine.metrics.attended_tokens
+        r = client.completions.create(
+            model=MODEL_NAME,
+            prompt=prompt,
+            max_tokens=4,
+            temperature=0,
+            extra_body={"sparsity_top_p": p, "ignore_eos": True},
+        )
+        assert r.usage.completion_tokens == 4
+        return engine.metrics.attended_tokens - before
+
+    # The field reaches the pruner: the same request attends to fewer tokens at a lower p (the
+    # server's own p, 0.9, lies between).
+    low, high = attended(0.3), attended(1.0)
+    assert 0 < low < high, (low, high)
+    # Any JSON number is a p: 1 (an int) is p = 1, the same request as 1.0.
+    before = engine.metrics.attended_tokens
     r = _post(
         served[0].url,
         "/v1/completions",
-        {"model": MODEL_NAME, "prompt": "x", "max_tokens": 2, "sparsity_top_p": 1},
+        {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        | {"sparsity_top_p": 1, "ignore_eos": True},
     )
     assert r.status_code == 200, r.text
-    _wait_all_pages_free(served[1])
+    assert engine.metrics.attended_tokens - before == pytest.approx(high)
+    _wait_all_pages_free(engine)
 
 
 def test_stop_string_over_http(served, client):
@@ -560,7 +580,7 @@ def _admitted(engine) -> bool:
 
 
 def test_command_line_defaults_and_bad_model():
-    from twilight_jax.serve import build_parser, main
+    from twilight_jax.runtime.serve import build_parser, main
 
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
@@ -579,7 +599,7 @@ def test_command_line_defaults_and_bad_model():
     ],
 )
 def test_settings_the_model_cannot_serve_are_refused_at_startup(argv, message, capsys):
-    from twilight_jax.serve import main
+    from twilight_jax.runtime.serve import main
 
     assert main(["--model", MODEL_NAME, *argv]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
@@ -616,13 +636,9 @@ def test_prefill_fault_fails_that_request_alone_over_http(served, client):
 
 
 def test_bench_serving_runs_against_the_server(served, tmp_path):
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_serving.py"
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     argv = ["--url", served[0].url, "--requests", "3", "--concurrency", "1,2", "--warmup", "1"]
     argv += ["--max-tokens", "3", "--prompt-tokens", "20", "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
+    assert bench_serving.main(argv) == 0
     rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 2]
     assert all(r["requests"] == 3 and r["errors"] == 0 for r in rows)
@@ -631,12 +647,8 @@ def test_bench_serving_runs_against_the_server(served, tmp_path):
 
 
 def test_soak_script_accounts_for_every_request(served, tmp_path):
-    path = Path(__file__).resolve().parent.parent / "scripts" / "soak_serving.py"
-    spec = importlib.util.spec_from_file_location("soak_serving", path)
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
     argv = ["--url", served[0].url, "--requests", "40", "--clients", "4", "--warmup", "0"]
-    assert soak.main([*argv, "--out", str(tmp_path)]) == 0
+    assert soak_serving.main([*argv, "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "soak.json").read_text())["report"]
     assert rep["sent"] == 40 and sum(rep["outcomes"].values()) == 40
     assert rep["pages_leaked"] == 0 and rep["idle_after"]

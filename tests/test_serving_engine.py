@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 from _tiny_serving import ENGINE, SPARSITY, FaultyModel, make_engine, tiny
 
-from twilight_jax.serving import (
+from twilight_jax.runtime.model_api import DecodeModel
+from twilight_jax.runtime.sampling import sample_tokens, sample_tokens_reference
+from twilight_jax.runtime.serving import (
     EngineConfig,
     InvalidRequestError,
     QueueFullError,
     SamplingParams,
     ServingMetrics,
 )
-from twilight_jax.serving.engine import _stop_holdback
-from twilight_jax.serving.sampling import sample_tokens, sample_tokens_reference
+from twilight_jax.runtime.serving.stepping import stop_holdback
 
 GREEDY = dict(temperature=0.0)
 # jax.monitoring event recorded once per XLA compilation (jax/_src/dispatch.py).
@@ -64,16 +65,16 @@ def test_sampler_draws_from_the_reference_support(seed):
     b, v = ENGINE.max_batch, tiny()[2].vocab_size  # the engine's sampler shape: no new compile
     logits = jnp.asarray(rng.normal(size=(b, v)) * 3, jnp.float32)
     temperature = jnp.asarray([0.0, 0.7, 1.0, 1.3], jnp.float32)
-    top_p = jnp.asarray([1.0, 0.5, 0.05, 0.9], jnp.float32)
+    sample_top_p = jnp.asarray([1.0, 0.5, 0.05, 0.9], jnp.float32)
     top_k = jnp.asarray([0, 0, 0, 5], jnp.int32)
-    support = np.asarray(sample_tokens_reference(logits, temperature, top_p, top_k))
+    support = np.asarray(sample_tokens_reference(logits, temperature, sample_top_p, top_k))
     seen = np.zeros((b, v), bool)
     for step in range(24):
         tok = np.asarray(
             sample_tokens(
                 logits,
                 temperature,
-                top_p,
+                sample_top_p,
                 top_k,
                 jnp.full((b,), seed, jnp.uint32),
                 jnp.full((b,), step, jnp.int32),
@@ -136,7 +137,7 @@ def test_sampler_row_does_not_depend_on_what_its_neighbours_need():
     ],
 )
 def test_stop_holdback(text, stops, hold):
-    assert _stop_holdback(text, stops) == hold
+    assert stop_holdback(text, stops) == hold
 
 
 # ---------------------------------------------------------------------- batching
@@ -160,7 +161,9 @@ def test_concurrent_requests_equal_sequential(engine):
 
 def test_seeded_sampling_is_reproducible_in_any_batch(engine):
     prompts = _prompts(2, 5)
-    params = [SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=i) for i in range(5)]
+    params = [
+        SamplingParams(max_tokens=6, temperature=1.0, sample_top_p=0.9, seed=i) for i in range(5)
+    ]
     together = engine.generate(prompts, params)
     alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
@@ -171,7 +174,7 @@ def test_mixed_sampling_params_in_one_batch(engine):
     params = [
         SamplingParams(max_tokens=5, **GREEDY),
         SamplingParams(max_tokens=5, temperature=0.8, top_k=3, seed=1),
-        SamplingParams(max_tokens=5, temperature=1.2, top_p=0.5, seed=2),
+        SamplingParams(max_tokens=5, temperature=1.2, sample_top_p=0.5, seed=2),
         SamplingParams(max_tokens=5, **GREEDY),
     ]
     out = engine.generate(prompts, params)
@@ -396,25 +399,7 @@ def test_out_of_vocabulary_prompt_is_refused(engine):
     assert e.value.param == "prompt"
 
 
-class _NoPerRequestP(FaultyModel):
-    def decode_step(self, tokens, cache, sparsity, active=None):
-        return self.inner.decode_step(tokens, cache, sparsity, active)
-
-
-def test_per_request_sparsity_p_needs_model_support():
-    eng = make_engine(_NoPerRequestP(tiny()[0])).start()
-    try:
-        with pytest.raises(InvalidRequestError, match="sparsity_top_p") as e:
-            eng.submit([1, 2], SamplingParams(sparsity_top_p=0.5), lambda ev: None)
-        assert e.value.param == "sparsity_top_p"
-        # The engine's own p is fine.
-        eng.check_request([1, 2], SamplingParams(sparsity_top_p=SPARSITY.top_p))
-    finally:
-        eng.shutdown()
-
-
 def test_per_request_sparsity_p_is_per_row_and_compiles_nothing(engine):
-    assert engine.per_request_p
     prompts = _prompts(15, 3, lo=50, hi=60)
     params = [
         SamplingParams(max_tokens=6, ignore_eos=True, sparsity_top_p=p, **GREEDY)
@@ -453,8 +438,8 @@ def test_per_request_sparsity_p_is_per_row_and_compiles_nothing(engine):
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=2.5), "max_tokens"),
         (dict(temperature=-0.1), "temperature"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
+        (dict(sample_top_p=0.0), "sample_top_p"),
+        (dict(sample_top_p=1.5), "sample_top_p"),
         (dict(top_k=-1), "top_k"),
         (dict(seed="x"), "seed"),
         (dict(stop=("",)), "stop"),
@@ -489,7 +474,7 @@ def test_pool_too_small_for_one_context_is_refused():
 
 
 def test_submit_to_a_stopped_engine_is_refused():
-    from twilight_jax.serving import EngineStoppedError
+    from twilight_jax.runtime.serving import EngineStoppedError
 
     eng = make_engine()
     with pytest.raises(EngineStoppedError):
@@ -541,9 +526,9 @@ class _CallLog(FaultyModel):
         super().__init__(inner)
         self.calls = []
 
-    def prefill(self, *args):
-        self.calls.append("C" if len(args) > 3 else "P")
-        return super().prefill(*args)
+    def prefill(self, token_ids, lengths, cache, start=None):
+        self.calls.append("P" if start is None else "C")
+        return super().prefill(token_ids, lengths, cache, start)
 
     def decode_step(self, *args, **kwargs):
         self.calls.append("D")
@@ -618,13 +603,7 @@ def test_cancel_during_chunked_prefill_frees_pages():
         eng.shutdown()
 
 
-def test_chunked_prefill_needs_a_model_that_takes_start():
-    class NoStart(FaultyModel):
-        def prefill(self, token_ids, lengths, cache):
-            return super().prefill(token_ids, lengths, cache)
-
-    with pytest.raises(ValueError, match="prefill_chunk needs a model whose prefill takes start"):
-        make_engine(NoStart(tiny()[0]), prefill_chunk=16)
+def test_chunked_prefill_chunk_is_validated():
     with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 1"):
         EngineConfig(prefill_chunk=0)
 
@@ -636,6 +615,18 @@ def test_context_beyond_the_model_positions_is_refused():
     # tiny-random's positions end at 512.
     with pytest.raises(ValueError, match=r"max_seq_len=1024 exceeds .*max_position_embeddings=512"):
         make_engine(max_seq_len=1024, num_pages=200)
+
+
+def test_a_model_without_the_protocol_is_refused():
+    class NoInitCache:
+        def __init__(self, inner):
+            self.config, self.dtype, self.mesh = inner.config, inner.dtype, inner.mesh
+            self.jit, self.prefill, self.decode_step = inner.jit, inner.prefill, inner.decode_step
+
+    jitted = tiny()[0]
+    assert isinstance(jitted, DecodeModel) and isinstance(FaultyModel(jitted), DecodeModel)
+    with pytest.raises(ValueError, match=r"model must implement .*DecodeModel.*lacks init_cache"):
+        make_engine(NoInitCache(jitted))
 
 
 # ---------------------------------------------------------------------- fault isolation
@@ -852,7 +843,7 @@ def test_decode_batch_and_context_follow_the_running_requests(engine):
 
 def test_page_bytes_matches_the_arrays_of_a_created_cache():
     from twilight_jax import PagedKVCache
-    from twilight_jax.serving import page_bytes
+    from twilight_jax.runtime.serving import page_bytes
 
     for dtype, ds in ((jnp.float32, 0), (jnp.bfloat16, 4)):
         shape = dict(num_layers=3, num_kv_heads=2, head_dim=16, page_size=8, dtype=dtype)
@@ -878,7 +869,7 @@ def _stats(limit, in_use):
 
 
 def test_pool_is_sized_from_free_device_memory():
-    from twilight_jax.serving import Engine
+    from twilight_jax.runtime.serving import Engine
 
     jitted, tokenizer, _ = tiny()
     eng = make_engine()
@@ -917,17 +908,16 @@ def test_pool_is_sized_from_free_device_memory():
 
 
 def test_pool_falls_back_to_host_memory_without_device_stats(monkeypatch):
-    from twilight_jax.serving import Engine
-    from twilight_jax.serving import engine as engine_mod
+    from twilight_jax.runtime.serving import Engine, sizing
 
     jitted, tokenizer, _ = tiny()
     pb = make_engine().page_bytes
     cfg = dataclasses.replace(ENGINE, max_batch=4, memory_fraction=0.25)
-    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: 40 * pb)
+    monkeypatch.setattr(sizing, "host_available_bytes", lambda: 40 * pb)
     eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
     assert eng.num_pages == 1 + 10
     assert "available host memory" in eng.describe()
-    monkeypatch.setattr(engine_mod, "host_available_bytes", lambda: None)
+    monkeypatch.setattr(sizing, "host_available_bytes", lambda: None)
     eng = Engine(jitted, tokenizer, SPARSITY, cfg, memory_stats=lambda: [None])
     assert eng.num_pages == 1 + cfg.max_batch * eng.max_pages
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from models.tiny import tiny_random_model
 from twilight_jax import PagedKVCache, SparsityConfig
-from twilight_jax.serve import tiny_random_model
 from twilight_jax.sharding import HEADS, cache_specs, check_heads, head_mesh, shard_cache
 
 TESTS = Path(__file__).resolve().parent
@@ -85,7 +85,7 @@ def test_one_device_mesh_runs_the_sharded_path_like_no_mesh():
         l1, rc, i1 = rj.decode_step(tok, rc, cfg)
         l2, sc, i2 = sj.decode_step(tok, sc, cfg)
         np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(i2["counts"]), np.asarray(i1["counts"]))
+        np.testing.assert_array_equal(np.asarray(i2.counts), np.asarray(i1.counts))
         tok = np.asarray(l1.argmax(-1)).astype(np.int32)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from models import LlamaConfig
-from models.llama import check_decode_args
+from models.checks import check_decode_args
 from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
-from twilight_jax.serving import InvalidRequestError, SamplingParams
+from twilight_jax.runtime.serving import InvalidRequestError, SamplingParams
 
 B, HQ, HKV, D, T, S = 2, 4, 2, 16, 32, 16
 
@@ -107,8 +107,8 @@ def test_model_decode_checks_refuse_what_is_not_a_p(p, match):
 
 @pytest.mark.parametrize("p", [x for x in HALF if np.shape(x) == ()], ids=str)
 def test_sampling_params_take_any_real_scalar(p):
-    sp = SamplingParams(sparsity_top_p=p, top_p=p, temperature=p, max_tokens=np.int64(3))
-    assert (sp.sparsity_top_p, sp.top_p, sp.temperature, sp.max_tokens) == (0.5, 0.5, 0.5, 3)
+    sp = SamplingParams(sparsity_top_p=p, sample_top_p=p, temperature=p, max_tokens=np.int64(3))
+    assert (sp.sparsity_top_p, sp.sample_top_p, sp.temperature, sp.max_tokens) == (0.5,) * 3 + (3,)
     assert type(sp.sparsity_top_p) is float and type(sp.max_tokens) is int
     assert SamplingParams(sparsity_top_p=jnp.asarray(1)).sparsity_top_p == 1.0
 

@@ -1,8 +1,9 @@
 """decode_attention: select -> estimate -> prune -> attend, for one decode step of one layer.
 
-Everything runs at static capacities with dynamic counts (DESIGN.md section 1): candidate
-capacity B0, selection capacity max_budget. Nothing syncs with the host and nothing depends on
-the values of lengths, counts or p, so one compiled step serves every length and every p.
+Everything runs at static capacities with dynamic counts, because XLA needs static shapes:
+candidate capacity B0 (``budget``), selection capacity ``max_budget``. Nothing syncs with the
+host and nothing depends on the values of lengths, counts or p, so one compiled step serves every
+length and every p.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pallas_kernels import BACKENDS
 from pallas_kernels.attention import paged_decode_attention, sparse_decode_attention
 from twilight_jax import pruner, selectors
 from twilight_jax.cache import PagedKVCache
-from twilight_jax.config import SparsityConfig
+from twilight_jax.config import SparsityConfig, check_top_p
 
 
 @functools.partial(
@@ -35,7 +36,8 @@ class SelectionInfo:
       (1 when nothing is pruned).
     saturated: [B, rows] bool, the pruner's set exceeded its capacity and was cut.
     candidates: [B, rows] int32 tokens proposed by the base selector.
-    token_pos: [B, rows, capacity] int32 logical positions attended, valid below counts.
+    token_pos: [B, rows, W] int32 logical positions attended, valid below counts (W static:
+      sink + recent + the top-p width, the candidates without pruning, max_seq_len if dense).
     """
 
     counts: jax.Array
@@ -45,9 +47,33 @@ class SelectionInfo:
     token_pos: jax.Array
 
 
-def _validate(q, cache, cfg, layer, top_p, backend) -> None:
-    if not isinstance(cfg, SparsityConfig):
-        raise ValueError(f"cfg must be a SparsityConfig, got {type(cfg).__name__}")
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["counts", "candidates", "estimated_mass", "saturated"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class DecodeInfo:
+    """What one decode step of a model attended to, layer by layer (L = every layer, dense ones
+    included): the statistics of each layer's ``SelectionInfo``, stacked.
+
+    counts: int32 [L, B, Hs] tokens attended (Hs = Hkv, or Hq when ``gqa == "per_head"``;
+      dense layers count every cached token);
+    candidates: int32 [L, B, Hs] tokens the base selector proposed (dense layers: every cached
+      token);
+    estimated_mass: float32 [L, B, Hq] estimated weight of the kept set (1 on dense layers);
+    saturated: bool [L, B, Hs] the pruner's set was cut at max_budget (False on dense layers).
+    """
+
+    counts: jax.Array
+    candidates: jax.Array
+    estimated_mass: jax.Array
+    saturated: jax.Array
+
+
+def _validate(q, cache, sparsity, layer, top_p, backend) -> None:
+    if not isinstance(sparsity, SparsityConfig):
+        raise ValueError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
     if not isinstance(cache, PagedKVCache):
         raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
     if backend not in BACKENDS:
@@ -67,52 +93,34 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
         raise ValueError(
             f"q heads {hq} must be a multiple of the cache's KV heads {cache.num_kv_heads}"
         )
-    if cfg.page_size != cache.page_size:
+    if sparsity.page_size != cache.page_size:
         raise ValueError(
-            f"cfg.page_size={cfg.page_size} must equal the cache page_size={cache.page_size}"
+            f"sparsity.page_size={sparsity.page_size} must equal the cache page_size="
+            f"{cache.page_size}"
         )
     if isinstance(layer, (int, np.integer)):
         if not 0 <= int(layer) < cache.num_layers:
             raise ValueError(f"layer must be in [0, {cache.num_layers}), got {layer}")
     elif np.ndim(layer) != 0:
         raise ValueError(f"layer must be an int or a scalar array, got shape {np.shape(layer)}")
-    if cfg.selector == "double_sparsity":
+    if sparsity.selector == "double_sparsity":
         if cache.ds_labels is None:
             raise ValueError(
                 "cache has no Double Sparsity labels: create it with ds_channels > 0 "
                 "(PagedKVCache.create / from_dense(ds_channel_idx=...))"
             )
-        if cache.ds_channels != cfg.ds_channels:
+        if cache.ds_channels != sparsity.ds_channels:
             raise ValueError(
-                f"cfg.ds_channels={cfg.ds_channels} must equal the cache's label channels "
-                f"{cache.ds_channels}"
+                f"sparsity.ds_channels={sparsity.ds_channels} must equal the cache's label "
+                f"channels {cache.ds_channels}"
             )
     if top_p is not None:
-        # Any real scalar (python, numpy or jax, 0-d arrays included) or a [B] array of them.
-        if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
-            dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
-        elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
-            dtype, shape = np.dtype(type(top_p)), ()
-        else:
-            raise ValueError(
-                f"top_p must be None, a real number or a [B={b}] array, got "
-                f"{type(top_p).__name__} {top_p!r}"
-            )
-        if dtype.kind == "b" or not (
-            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-        ):
-            raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
-        if shape not in ((), (b,)):
-            raise ValueError(f"top_p must be a scalar or a [B={b}] array, got shape {shape}")
-        if not isinstance(top_p, jax.core.Tracer):
-            tp = np.asarray(top_p, np.float32)
-            if not ((tp > 0) & (tp <= 1)).all():
-                raise ValueError(f"top_p must be in (0, 1], got {np.ravel(tp).tolist()}")
+        check_top_p(top_p, b, device_values=True)
     if not isinstance(cache.lengths, jax.core.Tracer):
         ln = np.asarray(cache.lengths)
-        if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.capacity:
+        if ln.min(initial=0) < 0 or ln.max(initial=0) > cache.max_seq_len:
             raise ValueError(
-                f"cache.lengths must lie in [0, capacity={cache.capacity}] (max_pages * "
+                f"cache.lengths must lie in [0, max_seq_len={cache.max_seq_len}] (max_pages * "
                 f"page_size), got {ln.tolist()}"
             )
 
@@ -120,7 +128,7 @@ def _validate(q, cache, cfg, layer, top_p, backend) -> None:
 def decode_attention(
     q,
     cache: PagedKVCache,
-    cfg: SparsityConfig,
+    sparsity: SparsityConfig,
     *,
     layer=0,
     top_p=None,
@@ -130,55 +138,56 @@ def decode_attention(
 
     q: [B, Hq, D] post-RoPE queries (float32 / bfloat16), Hq a multiple of the cache's Hkv.
     cache: PagedKVCache; attends over cache.lengths[b] tokens of sequence b.
-    cfg: SparsityConfig (static). cfg.dense_layers is the model's business, not applied here.
+    sparsity: SparsityConfig (static). sparsity.dense_layers is the model's business, not
+      applied here.
     layer: int (or a scalar int array) layer index.
     top_p: None, a real scalar (python, numpy or jax; 0-d arrays too) or a [B] array (may be
-      traced) of per-sequence p in (0, 1]; overrides cfg.top_p. Pruning runs when either is
+      traced) of per-sequence p in (0, 1]; overrides sparsity.top_p. Pruning runs when either is
       set.
     backend: kernel backend passed to every pallas_kernels entry ("auto", "pallas",
       "pallas_gpu", "pallas_tpu", "reference").
     Returns (out [B, Hq, D] in q.dtype, SelectionInfo). A sequence of length 0 gives zeros.
     """
-    _validate(q, cache, cfg, layer, top_p, backend)
-    if top_p is None and cfg.top_p is not None:
-        top_p = cfg.top_p
+    _validate(q, cache, sparsity, layer, top_p, backend)
+    if top_p is None and sparsity.top_p is not None:
+        top_p = sparsity.top_p
     if top_p is not None:
         top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (q.shape[0],))
-    return _decode_attention(q, cache, jnp.asarray(layer, jnp.int32), top_p, cfg, backend)
+    return _decode_attention(q, cache, jnp.asarray(layer, jnp.int32), top_p, sparsity, backend)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
-def _decode_attention(q, cache, layer, top_p, cfg, backend):
+@functools.partial(jax.jit, static_argnames=("sparsity", "backend"))
+def _decode_attention(q, cache, layer, top_p, sparsity, backend):
     b, hq, _ = q.shape
     hkv = cache.num_kv_heads
-    rows = hkv if cfg.gqa == "group_union" else hq
+    rows = hkv if sparsity.gqa == "group_union" else hq
     view = cache.layer_view(layer)
     k_pages, v_pages = view.k_pages, view.v_pages
-    if cfg.selector == "dense":
+    if sparsity.selector == "dense":
         out = paged_decode_attention(
             q, k_pages, v_pages, view.page_table, cache.lengths, backend=backend
         )
         n = jnp.broadcast_to(cache.lengths[:, None], (b, rows))
         pos = jnp.broadcast_to(
-            jnp.arange(cache.capacity, dtype=jnp.int32), (b, rows, cache.capacity)
+            jnp.arange(cache.max_seq_len, dtype=jnp.int32), (b, rows, cache.max_seq_len)
         )
         info = SelectionInfo(n, jnp.ones((b, hq)), jnp.zeros((b, rows), bool), n, pos)
         return out, info
 
-    cand = selectors.select_candidates(q, cache, cfg, layer, backend)
+    cand = selectors.select_candidates(q, cache, sparsity, layer, backend)
     positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
     if top_p is None:  # the base selector alone: attend to every candidate
         kept_pos, kept_ok = positions, cand.valid
         mass = jnp.ones((b, hq), jnp.float32)
         saturated = jnp.zeros((b, rows), bool)
     else:
-        logits = pruner.estimate_scores(q, cache, layer, cand, cfg.estimate_bits, backend)
-        cols, counts, saturated, mass = pruner.prune(logits, cand, top_p, cfg, backend)
+        logits = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend)
+        cols, counts, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
         # The pruner works on candidate columns; attention wants token positions.
         kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
         kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
     token_pos, counts = pruner.add_forced_tokens(
-        kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens
+        kept_pos, kept_ok, cache.lengths, sparsity.sink_tokens, sparsity.recent_tokens
     )
     out = sparse_decode_attention(
         q, k_pages, v_pages, view.page_table, token_pos, counts, backend=backend

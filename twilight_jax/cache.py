@@ -152,8 +152,9 @@ class PagedKVCache:
         return self.page_table.shape[1]
 
     @property
-    def capacity(self) -> int:
-        """Tokens one sequence can hold: max_pages * page_size."""
+    def max_seq_len(self) -> int:
+        """Tokens one sequence can hold: max_pages * page_size (``create``'s max_seq_len
+        rounded up to whole pages)."""
         return self.max_pages * self.page_size
 
     @property
@@ -304,9 +305,9 @@ class PagedKVCache:
         _check_int("lengths", lengths)
         if _is_concrete(lengths):
             ln = np.asarray(lengths)
-            if ln.min(initial=0) < 0 or ln.max(initial=0) > self.capacity:
+            if ln.min(initial=0) < 0 or ln.max(initial=0) > self.max_seq_len:
                 raise ValueError(
-                    f"lengths must lie in [0, capacity={self.capacity}], got {ln.tolist()}"
+                    f"lengths must lie in [0, max_seq_len={self.max_seq_len}], got {ln.tolist()}"
                 )
         return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
 
@@ -400,10 +401,15 @@ class PagedKVCache:
             k_zero=self.k_zero.at[idx].set(zero, mode="drop"),
         )
         if self.ds_labels is not None:
-            ch = self.ds_channel_idx[layer]  # [Hkv, C]
-            labels = jnp.take_along_axis(k, jnp.broadcast_to(ch, k.shape[:-1] + ch.shape[-1:]), -1)
-            updates["ds_labels"] = self.ds_labels.at[idx].set(labels, mode="drop")
+            updates["ds_labels"] = self._written_labels(layer, k, idx)
         return dataclasses.replace(self, **updates)
+
+    def _written_labels(self, layer, k, idx):
+        """ds_labels with the Double Sparsity labels (K at the layer's heavy channels) of the
+        rows k [..., Hkv, D] (k_pages dtype) written at the index idx of ``_at``."""
+        ch = self.ds_channel_idx[layer]  # [Hkv, C]
+        labels = jnp.take_along_axis(k, jnp.broadcast_to(ch, k.shape[:-1] + ch.shape[-1:]), -1)
+        return self.ds_labels.at[idx].set(labels, mode="drop")
 
     def _check_write(self, layer, k, v, lead: tuple, layout: str) -> None:
         _check_layer(layer, self.num_layers)
@@ -417,7 +423,7 @@ class PagedKVCache:
         """Bulk write of one layer: token t < count[b] of k, v [B, T, Hkv, D] goes to position
         start[b] + t (start, count: [B] int). Updates pages, INT4 K, Quest min/max of every
         touched page (over all its tokens up to start + count) and DS labels. Lengths are left
-        alone; positions past the capacity are dropped."""
+        alone; positions past max_seq_len are dropped."""
         self._check_write(layer, k, v, (self.batch, np.shape(k)[1]), "[B, T, Hkv, D]")
         for name, x in (("start", start), ("count", count)):
             _check_shape(name, x, (self.batch,), "[B]")
@@ -426,9 +432,9 @@ class PagedKVCache:
             end = np.asarray(start) + np.asarray(count)
             if np.asarray(start).min() < 0 or np.asarray(count).min() < 0:
                 raise ValueError("start and count must be >= 0")
-            if end.max(initial=0) > self.capacity:
+            if end.max(initial=0) > self.max_seq_len:
                 raise ValueError(
-                    f"start + count must be <= capacity={self.capacity}, got {end.tolist()}"
+                    f"start + count must be <= max_seq_len={self.max_seq_len}, got {end.tolist()}"
                 )
         return _write_prefill(
             self,
@@ -499,7 +505,7 @@ class PagedKVCache:
 def _write_prefill(cache, layer, k, v, start, count, backend):
     t = k.shape[1]
     pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)
-    ok = (jnp.arange(t) < count[:, None]) & (pos < cache.capacity)
+    ok = (jnp.arange(t) < count[:, None]) & (pos < cache.max_seq_len)
     phys, slot = cache._slots(pos, ok)
     cache = cache._write_tokens(layer, k, v, phys, slot, backend)
     return cache._update_quest(layer, k, start, count)
@@ -508,7 +514,7 @@ def _write_prefill(cache, layer, k, v, start, count, backend):
 @functools.partial(jax.jit, static_argnums=5)
 def _write_decode(cache, layer, k, v, active, backend):
     pos = cache.lengths - 1
-    ok = active & (pos >= 0) & (pos < cache.capacity)
+    ok = active & (pos >= 0) & (pos < cache.max_seq_len)
     view = cache.layer_view(layer)
     pools = cache_append_decode(
         view.k_pages,
@@ -530,10 +536,7 @@ def _write_decode(cache, layer, k, v, active, backend):
     if cache.ds_labels is not None:
         phys, slot = cache._slots(pos, ok)
         kc = k.astype(cache.k_pages.dtype)
-        ch = cache.ds_channel_idx[layer]  # [Hkv, C]
-        labels = jnp.take_along_axis(kc, jnp.broadcast_to(ch, kc.shape[:-1] + ch.shape[-1:]), -1)
-        idx = cache._at(layer, phys, slot)
-        updates["ds_labels"] = cache.ds_labels.at[idx].set(labels, mode="drop")
+        updates["ds_labels"] = cache._written_labels(layer, kc, cache._at(layer, phys, slot))
     return dataclasses.replace(cache, **updates)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SELECTORS = ("dense", "all", "quest", "double_sparsity", "oracle", "streaming")
@@ -32,9 +34,37 @@ def _is_real_scalar(x) -> bool:
     return np.ndim(x) == 0 and kind in "iuf"
 
 
+def check_top_p(top_p, batch: int, *, device_values: bool) -> None:
+    """Checks a per-call Twilight p: a real scalar (python, numpy or jax, 0-d arrays included)
+    or a [batch] array of them, with values in (0, 1]. Values are read when they are on the host,
+    and from concrete jax arrays only with ``device_values`` (reading one waits for the device,
+    which a decode loop must not do every step); traced values are never read. Raises
+    ValueError naming ``top_p``."""
+    if isinstance(top_p, (jax.Array, np.ndarray, np.generic)):
+        dtype, shape = np.dtype(top_p.dtype), np.shape(top_p)
+    elif isinstance(top_p, (int, float)) and not isinstance(top_p, bool):
+        dtype, shape = np.dtype(type(top_p)), ()
+    else:
+        raise ValueError(
+            f"top_p must be None, a real number or a [B={batch}] array, got "
+            f"{type(top_p).__name__} {top_p!r}"
+        )
+    if dtype.kind == "b" or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(f"top_p must have a real (float or int) dtype, got {dtype}")
+    if shape not in ((), (batch,)):
+        raise ValueError(f"top_p must be a scalar or a [B={batch}] array, got shape {shape}")
+    if isinstance(top_p, jax.core.Tracer) or (isinstance(top_p, jax.Array) and not device_values):
+        return
+    tp = np.asarray(top_p, np.float32)
+    if not ((tp > 0) & (tp <= 1)).all():
+        raise ValueError(f"top_p must be in (0, 1], got {np.ravel(tp).tolist()}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """How one decode step picks the tokens it attends to (DESIGN.md section 4).
+    """How one decode step picks the tokens it attends to (docs/runtime_api.md).
 
     selector: "dense" (exact attention over every token), "all" (every token is a candidate,
       i.e. Full + pruner), "quest" (pages ranked by Quest upper bounds), "double_sparsity"

@@ -14,25 +14,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.int4 import exact_divide
 from pallas_kernels.spgemv import block_spgemv
 from pallas_kernels.topp import topp_select_grouped
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
+from twilight_jax.reference import fake_quantize
 from twilight_jax.selectors import Candidates
-
-
-def _fake_quantize(x, bits: int):
-    """Asymmetric per-row min-max quantization of x [..., D] to `bits` and back (float32): the
-    INT4 rule with 2**bits - 1 levels, its divisions true XLA divides (exact_divide: the rule
-    bit for bit on CPU; XLA's GPU division is not correctly rounded)."""
-    levels = 2**bits - 1
-    zero = x.min(-1, keepdims=True)
-    scale = exact_divide(x.max(-1, keepdims=True) - zero, float(levels))
-    safe = jnp.where(scale > 0, scale, 1.0)
-    code = jnp.floor(exact_divide(x - zero, safe) + 0.5)
-    code = jnp.where(scale > 0, jnp.clip(code, 0, levels), 0.0)
-    return code * scale + zero
 
 
 def estimate_scores(
@@ -65,32 +52,33 @@ def estimate_scores(
     k = view.k_pages[jnp.arange(hkv)[None, :, None], phys, pos % s]
     k = k.astype(jnp.float32)
     if bits == 8:
-        k = _fake_quantize(k, 8)
+        k = fake_quantize(k, 8)  # the 8-bit ablation has no kernel: the reference's rule
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     return (jnp.einsum("bgjd,bgnd->bgjn", qg, k) / math.sqrt(d)).reshape(b, hq, -1)
 
 
-def prune(logits, cand: Candidates, p, cfg: SparsityConfig, backend: str):
+def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
     """Top-p selection of candidate columns.
 
     logits: [B, Hq, N] estimates; p: [B] float32 (per sequence).
     Returns (columns [B, rows, K] int32 into the N candidate columns, counts [B, rows] int32,
-    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head);
-    K = min(max_budget - forced tokens, N) leaves room for the sink and recent tokens.
+    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head).
+    K, the top-p width, is min(max_budget - forced tokens, N): room for the sink and recent
+    tokens within the selection capacity max_budget.
     """
     b, hq, n = logits.shape
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
-    capacity = min(cfg.max_budget - cfg.forced_tokens, n)
+    width = min(sparsity.max_budget - sparsity.forced_tokens, n)
     cols, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),
-        capacity,
+        width,
         backend=backend,
     )
     return (
-        cols[:, :capacity].reshape(b, rows, capacity),
+        cols[:, :width].reshape(b, rows, width),
         counts.reshape(b, rows),
         saturated.reshape(b, rows),
         mass.reshape(b, hq),

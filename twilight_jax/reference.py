@@ -23,13 +23,13 @@ class ReferenceSelection(NamedTuple):
     mask: jax.Array  # [B, rows, N] bool: tokens attended
     candidates: jax.Array  # [B, rows, N] bool: the base selector's candidates
     estimated_mass: jax.Array  # [B, Hq] f32: estimated weight of the pruned set (1 unpruned)
-    saturated: jax.Array  # [B, rows] bool: the pruned set hit its capacity
+    saturated: jax.Array  # [B, rows] bool: the pruned set exceeded its top-p width
 
 
 def dense_kv(cache: PagedKVCache, layer: int):
-    """K, V of one layer in logical order: [B, Hkv, N, D] float32, N = cache.capacity."""
+    """K, V of one layer in logical order: [B, Hkv, N, D] float32, N = cache.max_seq_len."""
     s = cache.page_size
-    pos = jnp.arange(cache.capacity)
+    pos = jnp.arange(cache.max_seq_len)
     phys = cache.page_table[:, pos // s]  # [B, N]
     g = jnp.arange(cache.num_kv_heads)[None, :, None]
     k = cache.k_pages[:, layer][g, phys[:, None, :], (pos % s)[None, None, :]]
@@ -83,30 +83,30 @@ def _masked_softmax(s, mask):
     return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
 
 
-def _to_rows(x, cfg: SparsityConfig, g: int):
+def _to_rows(x, sparsity: SparsityConfig, g: int):
     """Per-query-head [B, Hq, ...] -> per-row: summed over the group, or as is per head."""
-    if cfg.gqa == "per_head":
+    if sparsity.gqa == "per_head":
         return x
     b, hq = x.shape[:2]
     return x.reshape(b, hq // g, g, *x.shape[2:]).sum(2)
 
 
-def _candidates(q, k, lengths, cache, cfg, layer, g):
+def _candidates(q, k, lengths, cache, sparsity, layer, g):
     """The base selector's candidate mask [B, rows, N]."""
     b, hkv, n, d = k.shape
     valid = jnp.arange(n)[None, :] < lengths[:, None]  # [B, N]
     qg = q.reshape(b, hkv, g, d)
-    rows = hkv if cfg.gqa == "group_union" else hkv * g
-    budget = min(cfg.budget, n)
-    if cfg.selector in ("dense", "all"):
+    rows = hkv if sparsity.gqa == "group_union" else hkv * g
+    budget = min(sparsity.budget, n)
+    if sparsity.selector in ("dense", "all"):
         return jnp.broadcast_to(valid[:, None], (b, rows, n))
-    if cfg.selector == "streaming":
-        sink = min(cfg.sink_tokens, budget)
+    if sparsity.selector == "streaming":
+        sink = min(sparsity.sink_tokens, budget)
         pos = jnp.arange(n)[None, :]
         window = (pos < sink) | (pos >= lengths[:, None] - (budget - sink))
         return jnp.broadcast_to((window & valid)[:, None], (b, rows, n))
-    if cfg.selector == "quest":
-        s = cfg.page_size
+    if sparsity.selector == "quest":
+        s = sparsity.page_size
         kp = k.reshape(b, hkv, n // s, s, d)
         live = valid.reshape(b, 1, n // s, s, 1)
         kmin = jnp.where(live, kp, jnp.inf).min(3)  # [B, Hkv, NP, D]
@@ -116,54 +116,54 @@ def _candidates(q, k, lengths, cache, cfg, layer, g):
         )
         page_score = page_score.sum(-1).reshape(b, hkv * g, n // s)
         page_live = jnp.arange(n // s)[None, :] * s < lengths[:, None]
-        page_score = jnp.where(page_live[:, None], _to_rows(page_score, cfg, g), -jnp.inf)
-        pages = _topk_mask(page_score, min(cfg.budget // s, n // s))
+        page_score = jnp.where(page_live[:, None], _to_rows(page_score, sparsity, g), -jnp.inf)
+        pages = _topk_mask(page_score, min(sparsity.budget // s, n // s))
         return jnp.repeat(pages, s, axis=-1) & valid[:, None]
-    if cfg.selector == "double_sparsity":
+    if sparsity.selector == "double_sparsity":
         ch = cache.ds_channel_idx[layer]  # [Hkv, C]
         k_lab = jnp.take_along_axis(k, ch[None, :, None, :], axis=-1)  # [B, Hkv, N, C]
         q_lab = jnp.take_along_axis(qg, ch[None, :, None, :], axis=-1)  # [B, Hkv, G, C]
         score = jnp.einsum("bgjc,bgnc->bgjn", q_lab, k_lab).reshape(b, hkv * g, n)
-        score = jnp.where(valid[:, None], _to_rows(score, cfg, g), -jnp.inf)
+        score = jnp.where(valid[:, None], _to_rows(score, sparsity, g), -jnp.inf)
         return _topk_mask(score, budget)
-    if cfg.selector == "oracle":
+    if sparsity.selector == "oracle":
         logits = jnp.einsum("bgjd,bgnd->bgjn", qg, k).reshape(b, hkv * g, n) / math.sqrt(d)
-        if cfg.gqa == "group_union":  # the group's total true attention weight per token
-            logits = _to_rows(_masked_softmax(logits, valid[:, None]), cfg, g)
+        if sparsity.gqa == "group_union":  # the group's total true attention weight per token
+            logits = _to_rows(_masked_softmax(logits, valid[:, None]), sparsity, g)
         score = jnp.where(valid[:, None], logits, -jnp.inf)
         return _topk_mask(score, budget)
-    raise ValueError(f"unknown selector {cfg.selector!r}")
+    raise ValueError(f"unknown selector {sparsity.selector!r}")
 
 
-def _prune(q, k, cand, p, cfg, g):
+def _prune(q, k, cand, p, sparsity, g):
     """Top-p pruning of the candidates on estimated weights -> (mask, mass [B, Hq], saturated)."""
     b, hkv, n, d = k.shape
-    k_est = k if cfg.estimate_bits == 16 else fake_quantize(k, cfg.estimate_bits)
+    k_est = k if sparsity.estimate_bits == 16 else fake_quantize(k, sparsity.estimate_bits)
     logits = jnp.einsum("bgjd,bgnd->bgjn", q.reshape(b, hkv, g, d), k_est) / math.sqrt(d)
     logits = logits.reshape(b, hkv * g, n)
-    head_cand = cand if cfg.gqa == "per_head" else jnp.repeat(cand, g, axis=1)  # [B, Hq, N]
+    head_cand = cand if sparsity.gqa == "per_head" else jnp.repeat(cand, g, axis=1)  # [B, Hq, N]
     w = _masked_softmax(logits, head_cand)
     sel = topp_keep(w.reshape(-1, n), head_cand.reshape(-1, n), jnp.repeat(p, hkv * g))
     sel = sel.reshape(b, hkv * g, n)
-    gr = 1 if cfg.gqa == "per_head" else g
+    gr = 1 if sparsity.gqa == "per_head" else g
     rows = sel.shape[1] // gr
     union = sel.reshape(b, rows, gr, n).any(2)
-    capacity = min(cfg.max_budget - cfg.forced_tokens, n)
+    width = min(sparsity.max_budget - sparsity.forced_tokens, n)  # the top-p width
     rank_score = jnp.where(union, w.reshape(b, rows, gr, n).max(2), -jnp.inf)
-    kept = union & _topk_mask(rank_score, capacity)  # the highest max_g w when saturated
-    saturated = union.sum(-1) > capacity
-    head_kept = kept if cfg.gqa == "per_head" else jnp.repeat(kept, g, axis=1)
+    kept = union & _topk_mask(rank_score, width)  # the highest max_g w when saturated
+    saturated = union.sum(-1) > width
+    head_kept = kept if sparsity.gqa == "per_head" else jnp.repeat(kept, g, axis=1)
     mass = jnp.where(head_kept, w, 0.0).sum(-1)
     return kept, mass, saturated
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+@functools.partial(jax.jit, static_argnames=("sparsity", "layer"))
 def decode_attention_reference(
-    q, cache: PagedKVCache, cfg: SparsityConfig, *, layer: int = 0, top_p=None
+    q, cache: PagedKVCache, sparsity: SparsityConfig, *, layer: int = 0, top_p=None
 ):
     """Reference of ``twilight_jax.decode_attention`` (same arguments, backend aside).
 
-    q: [B, Hq, D] post-RoPE; top_p: None, a float, or [B] per-sequence p (overrides cfg.top_p;
+    q: [B, Hq, D] post-RoPE; top_p: None, a float, or [B] per-sequence p (overrides sparsity.top_p;
     pruning runs when either is set). Returns (out [B, Hq, D] in q.dtype, ReferenceSelection).
     """
     b, hq, d = q.shape
@@ -174,15 +174,15 @@ def decode_attention_reference(
     lengths = cache.lengths
     qf = q.astype(jnp.float32)
     valid = jnp.arange(n)[None, :] < lengths[:, None]
-    cand = _candidates(qf, k, lengths, cache, cfg, layer, g)
-    p = cfg.top_p if top_p is None else top_p
-    if cfg.selector != "dense" and p is not None:
+    cand = _candidates(qf, k, lengths, cache, sparsity, layer, g)
+    p = sparsity.top_p if top_p is None else top_p
+    if sparsity.selector != "dense" and p is not None:
         p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (b,))
-        keep, mass, saturated = _prune(qf, k, cand, p, cfg, g)
+        keep, mass, saturated = _prune(qf, k, cand, p, sparsity, g)
     else:
         keep, mass, saturated = cand, jnp.ones((b, hq)), jnp.zeros(cand.shape[:2], bool)
     pos = jnp.arange(n)[None, :]
-    forced = (pos < cfg.sink_tokens) | (pos >= lengths[:, None] - cfg.recent_tokens)
+    forced = (pos < sparsity.sink_tokens) | (pos >= lengths[:, None] - sparsity.recent_tokens)
     keep = keep | (forced & valid)[:, None]  # sink and recent tokens are always attended
     head_keep = keep if keep.shape[1] == hq else jnp.repeat(keep, g, axis=1)
     s = jnp.einsum("bgjd,bgnd->bgjn", qf.reshape(b, hkv, g, d), k).reshape(b, hq, n)

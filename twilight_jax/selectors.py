@@ -41,13 +41,13 @@ class Candidates:
         return pos.reshape(b, hkv, c * self.block_size).astype(jnp.int32)
 
 
-def _rows(cfg: SparsityConfig, hkv: int, g: int) -> int:
-    return hkv if cfg.gqa == "group_union" else hkv * g
+def _rows(sparsity: SparsityConfig, hkv: int, g: int) -> int:
+    return hkv if sparsity.gqa == "group_union" else hkv * g
 
 
-def _group_sum(x, cfg: SparsityConfig, hkv: int):
+def _group_sum(x, sparsity: SparsityConfig, hkv: int):
     """[B, Hq, M] per query head -> per row: summed over the KV group (group_union)."""
-    if cfg.gqa == "per_head":
+    if sparsity.gqa == "per_head":
         return x
     b, hq, m = x.shape
     return x.reshape(b, hkv, hq // hkv, m).sum(2)
@@ -90,28 +90,28 @@ def _token_topk(score, lengths, budget, hkv):
     return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), lengths, 1, hkv)
 
 
-def select_all(cache: PagedKVCache, cfg: SparsityConfig, g: int) -> Candidates:
+def select_all(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> Candidates:
     """Every token: all pages of the table, the first ceil(length / page_size) live."""
     b, m, s = cache.batch, cache.max_pages, cache.page_size
     blocks = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, cache.num_kv_heads, m))
     count = jnp.broadcast_to(-(-cache.lengths // s)[:, None], (b, cache.num_kv_heads))
-    return _shared(blocks, count, cache.lengths, s, _rows(cfg, cache.num_kv_heads, g))
+    return _shared(blocks, count, cache.lengths, s, _rows(sparsity, cache.num_kv_heads, g))
 
 
-def select_streaming(cache: PagedKVCache, cfg: SparsityConfig, g: int) -> Candidates:
+def select_streaming(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> Candidates:
     """StreamingLLM: the first sink_tokens tokens and the most recent budget - sink_tokens."""
     b, hkv, lengths = cache.batch, cache.num_kv_heads, cache.lengths
-    c = min(cfg.budget, cache.capacity)
-    sink = min(cfg.sink_tokens, c)
+    c = min(sparsity.budget, cache.max_seq_len)
+    sink = min(sparsity.sink_tokens, c)
     j = jnp.arange(c)
     pos = jnp.where(j < sink, j, lengths[:, None] - (c - sink) + (j - sink))  # [B, C]
     ok = (j < sink) | (pos >= sink)  # recent entries that fall in the sinks are dropped
     blocks = jnp.broadcast_to(jnp.where(ok, pos, 0)[:, None], (b, hkv, c))
-    cand = _shared(blocks, jnp.full((b, hkv), c), lengths, 1, _rows(cfg, hkv, g))
+    cand = _shared(blocks, jnp.full((b, hkv), c), lengths, 1, _rows(sparsity, hkv, g))
     return dataclasses.replace(cand, valid=cand.valid & ok[:, None])
 
 
-def select_quest(q, cache, cfg, layer, backend) -> Candidates:
+def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
     """Quest: pages ranked by sum_d max(q_d min_d, q_d max_d) (summed over a group's heads for
     group_union); the top budget / page_size pages, listed in ascending page order (ties at
     the cut go to lower pages; pages past the length score -inf and come last)."""
@@ -126,19 +126,19 @@ def select_quest(q, cache, cfg, layer, backend) -> Candidates:
         page_size=s,
         backend=backend,
     )  # [B, Hq, max_pages], -inf past the length
-    scores = _group_sum(scores, cfg, hkv)
-    k = min(cfg.budget // s, cache.max_pages)
+    scores = _group_sum(scores, sparsity, hkv)
+    k = min(sparsity.budget // s, cache.max_pages)
     # The set of the k best pages, in ascending page order (no sort of the scores on the GPU).
     ids = topk_ids(scores, k, backend=backend)
     n_valid = jnp.minimum(-(-cache.lengths // s), k)[:, None]
     return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), cache.lengths, s, hkv)
 
 
-def select_double_sparsity(q, cache, cfg, layer) -> Candidates:
+def select_double_sparsity(q, cache, sparsity, layer) -> Candidates:
     """Double Sparsity: approximate logits q[ch] . label (label = K at the layer's heavy
     channels ch), summed over a group's heads for group_union; the top budget tokens."""
     b, hq, d = q.shape
-    hkv, n = cache.num_kv_heads, cache.capacity
+    hkv, n = cache.num_kv_heads, cache.max_seq_len
     view = cache.layer_view(layer)
     labels = _gather_tokens(view.ds_labels, view.page_table, n)  # [B, Hkv, N, C]
     ch = cache.ds_channel_idx[layer]  # [Hkv, C]
@@ -147,47 +147,49 @@ def select_double_sparsity(q, cache, cfg, layer) -> Candidates:
     )
     score = jnp.einsum("bgjc,bgnc->bgjn", q_lab, labels).reshape(b, hq, n)
     valid = (jnp.arange(n) < cache.lengths[:, None])[:, None]
-    score = jnp.where(valid, _group_sum(score, cfg, hkv), -jnp.inf)
-    return _token_topk(score, cache.lengths, cfg.budget, hkv)
+    score = jnp.where(valid, _group_sum(score, sparsity, hkv), -jnp.inf)
+    return _token_topk(score, cache.lengths, sparsity.budget, hkv)
 
 
-def select_oracle(q, cache, cfg, layer) -> Candidates:
+def select_oracle(q, cache, sparsity, layer) -> Candidates:
     """Exact top-k: per head the true logits; per group the summed true attention weights."""
     b, hq, d = q.shape
-    hkv, n = cache.num_kv_heads, cache.capacity
+    hkv, n = cache.num_kv_heads, cache.max_seq_len
     view = cache.layer_view(layer)
     k = _gather_tokens(view.k_pages, view.page_table, n)  # [B, Hkv, N, D]
     qg = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
     logits = jnp.einsum("bgjd,bgnd->bgjn", qg, k).reshape(b, hq, n) / math.sqrt(d)
     valid = (jnp.arange(n) < cache.lengths[:, None])[:, None]
     logits = jnp.where(valid, logits, -jnp.inf)
-    if cfg.gqa == "group_union":
+    if sparsity.gqa == "group_union":
         m = logits.max(-1, keepdims=True)
         w = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))  # 0 where invalid
         w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
-        logits = jnp.where(valid, _group_sum(w, cfg, hkv), -jnp.inf)
-    return _token_topk(logits, cache.lengths, cfg.budget, hkv)
+        logits = jnp.where(valid, _group_sum(w, sparsity, hkv), -jnp.inf)
+    return _token_topk(logits, cache.lengths, sparsity.budget, hkv)
 
 
-def select_candidates(q, cache: PagedKVCache, cfg: SparsityConfig, layer, backend) -> Candidates:
-    """Dispatch on cfg.selector ("dense" has no candidate stage and is not accepted)."""
+def select_candidates(
+    q, cache: PagedKVCache, sparsity: SparsityConfig, layer, backend
+) -> Candidates:
+    """Dispatch on sparsity.selector ("dense" has no candidate stage and is not accepted)."""
     g = q.shape[1] // cache.num_kv_heads
-    if cfg.selector == "all":
-        return select_all(cache, cfg, g)
-    if cfg.selector == "streaming":
-        return select_streaming(cache, cfg, g)
-    if cfg.selector == "quest":
-        if cfg.gqa == "group_union" and cfg.budget // cache.page_size >= cache.max_pages:
+    if sparsity.selector == "all":
+        return select_all(cache, sparsity, g)
+    if sparsity.selector == "streaming":
+        return select_streaming(cache, sparsity, g)
+    if sparsity.selector == "quest":
+        if sparsity.gqa == "group_union" and sparsity.budget // cache.page_size >= cache.max_pages:
             # The budget covers every page of the table: Quest keeps them all, and its
-            # candidates are exactly select_all's (same blocks, counts and mask), without
-            # scoring the pages (at batch 64 / 8K, B0 = 8192, that was 100 us of 500).
-            return select_all(cache, cfg, g)
-        return select_quest(q, cache, cfg, layer, backend)
-    if cfg.selector == "double_sparsity":
-        return select_double_sparsity(q, cache, cfg, layer)
-    if cfg.selector == "oracle":
-        return select_oracle(q, cache, cfg, layer)
-    raise ValueError(f"select_candidates has no stage for selector {cfg.selector!r}")
+            # candidates are exactly select_all's (same blocks, counts and mask), so the pages
+            # need no scores (scoring them costs 100 us of a 500 us step at batch 64 / 8K).
+            return select_all(cache, sparsity, g)
+        return select_quest(q, cache, sparsity, layer, backend)
+    if sparsity.selector == "double_sparsity":
+        return select_double_sparsity(q, cache, sparsity, layer)
+    if sparsity.selector == "oracle":
+        return select_oracle(q, cache, sparsity, layer)
+    raise ValueError(f"select_candidates has no stage for selector {sparsity.selector!r}")
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from twilight_jax.eval import runner
+from twilight_jax.runtime.eval import plots, runner
+from twilight_jax.runtime.eval.settings import Method
 
 TASK_NAMES = {
     "passkey": "passkey",
@@ -40,7 +41,7 @@ def _method_order(methods: Sequence[str]) -> list[str]:
     order = {"all": -1, "dense": 0, "quest": 1, "double_sparsity": 2, "oracle": 3, "streaming": 4}
 
     def key(name):
-        m = runner.Method.parse(name)
+        m = Method.parse(name)
         b = m.budget
         budget = float(b) * 1e6 if isinstance(b, Fraction) else (b or 0)
         return (m.top_p is not None, order[m.selector], budget, m.top_p or 0)
@@ -63,7 +64,7 @@ def summary_rows(table: Mapping, ppl: Mapping, length: int) -> list[dict]:
         rows.append(
             {
                 "method": method,
-                "label": runner.Method.parse(method).label,
+                "label": Method.parse(method).label,
                 "accuracy": mean("accuracy") if cells else None,
                 "perplexity": p.get("perplexity"),
                 "attended": mean("attended") if cells else p.get("attended"),
@@ -124,7 +125,7 @@ def target_checks(table: Mapping, ppl: Mapping, lengths: Sequence[int]) -> list[
         )
     quest = "quest:ctx/4"
     for m in sorted({m for (m, _, _) in table}):
-        spec = runner.Method.parse(m)
+        spec = Method.parse(m)
         if not (spec.selector == "quest" and spec.budget == Fraction(1, 4) and spec.top_p):
             continue
         for n in lengths:
@@ -226,7 +227,7 @@ def write_report(
         methods = _method_order({m for (m, _t, nn) in table if nn == n})
         rows = []
         for m in methods:
-            row = [runner.Method.parse(m).label]
+            row = [Method.parse(m).label]
             for t in tasks_seen:
                 s = table.get((m, t, n))
                 row.append("-" if s is None else f"{s['accuracy']:.1f}")
@@ -264,10 +265,6 @@ def _header(meta: Mapping, settings: Mapping, records, rel: str) -> list[str]:
 
 def _plots(run_dir: Path, rel: str, table, ppl, settings: Mapping) -> list[str]:
     try:
-        from twilight_jax.eval import plots
-    except ImportError:  # pragma: no cover - plots only need matplotlib
-        return []
-    try:
         import matplotlib  # noqa: F401
     except ImportError:
         return ["## Plots", "", "(matplotlib is not installed: `pip install '.[eval]'`)", ""]
@@ -290,7 +287,7 @@ def _plots(run_dir: Path, rel: str, table, ppl, settings: Mapping) -> list[str]:
     traces = {int(p.stem.split("_")[1]): p for p in sorted(run_dir.glob("budgets_*.npz"))}
     trace_method = settings.get("budget_trace", "all@0.95")
     dense_layers = int(settings.get("dense_layers", 2))
-    label = runner.Method.parse(trace_method).label
+    label = Method.parse(trace_method).label
     if plots.plot_head_budgets(
         traces, run_dir / "head_budgets.png", dense_layers=dense_layers, label=label
     ):
@@ -319,15 +316,15 @@ def _protocol(settings: Mapping) -> list[str]:
     return [
         "## Protocol",
         "",
-        "Tasks are generated in code (twilight_jax/eval/tasks.py): passkey retrieval at several "
-        "depths, RULER-style single and multi-key needles in a haystack, variable tracking, "
-        "common- and frequent-words extraction; lengths are counted in the model's tokens. Each "
-        "prompt's context is prefilled densely; its question (ending with the answer prefix) is "
-        "fed token by token through the decode step, so it attends to the context through the "
-        "method under test; the answer is decoded greedily and scored by string match "
-        "(fraction of expected strings found in the first paragraph). Perplexity: the last "
-        f"{settings.get('ppl_tokens', '?')} tokens of each text are fed teacher-forced through "
-        "the decode step. Prompts are plain text (no chat template). Layers below "
+        "Tasks are generated in code (twilight_jax/runtime/eval/tasks.py): passkey retrieval at "
+        "several depths, RULER-style single and multi-key needles in a haystack, variable "
+        "tracking, common- and frequent-words extraction; lengths are counted in the model's "
+        "tokens. Each prompt's context is prefilled densely; its question (ending with the "
+        "answer prefix) is fed token by token through the decode step, so it attends to the "
+        "context through the method under test; the answer is decoded greedily and scored by "
+        "string match (fraction of expected strings found in the first paragraph). Perplexity: "
+        f"the last {settings.get('ppl_tokens', '?')} tokens of each text are fed teacher-forced "
+        "through the decode step. Prompts are plain text (no chat template). Layers below "
         f"dense_layers = {dense_layers} stay dense; Double Sparsity channels are calibrated on a "
         "separate passage of the same text. Budget B0 = ctx/N is a fraction of the context "
         "length.",

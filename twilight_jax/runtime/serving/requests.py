@@ -54,13 +54,14 @@ class SamplingParams:
 
     max_tokens: tokens to generate at most (>= 1).
     temperature: >= 0; 0 = greedy.
-    top_p: nucleus sampling mass in (0, 1].
+    sample_top_p: nucleus sampling mass in (0, 1] (the OpenAI field ``top_p``).
     top_k: 0 = off, else sample among the k most likely tokens.
     seed: None = a fresh random seed; the same seed gives the same tokens.
     stop: strings that end generation; the text is cut before the first one.
     stop_token_ids: token ids that end generation besides the model's end-of-sequence ids.
     ignore_eos: keep going past end-of-sequence tokens (benchmarks).
-    sparsity_top_p: Twilight's attention top-p p for this request; None = the engine's.
+    sparsity_top_p: Twilight's attention p for this request (``SparsityConfig.top_p``); None =
+      the engine's.
 
     Numbers may be any real scalar (python, numpy, or 0-d numpy / jax arrays); they are stored
     as python ints and floats.
@@ -68,7 +69,7 @@ class SamplingParams:
 
     max_tokens: int = 16
     temperature: float = 1.0
-    top_p: float = 1.0
+    sample_top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -89,7 +90,7 @@ class SamplingParams:
 
         number("max_tokens", True, "an int >= 1", lambda v: v >= 1)
         number("temperature", False, "a number >= 0", lambda v: 0.0 <= v < float("inf"))
-        number("top_p", False, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        number("sample_top_p", False, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
         number("top_k", True, "an int >= 0", lambda v: v >= 0)
         if self.seed is not None:
             number("seed", True, "an int or None", lambda v: True)

@@ -5,7 +5,7 @@ body into prompts (token ids) and ``SamplingParams``, or raise ``APIError`` with
 status, the offending parameter and an OpenAI-style message. Nothing here touches the engine.
 
 Beyond the OpenAI fields, requests may set ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
-``sparsity_top_p`` (Twilight's attention top-p p for this request), e.g. through the openai
+``sparsity_top_p`` (Twilight's attention p for this request), e.g. through the openai
 client's ``extra_body``.
 """
 
@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twilight_jax.serving.requests import InvalidRequestError, SamplingParams
+from twilight_jax.runtime.serving.requests import InvalidRequestError, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -203,7 +203,7 @@ def _common_params(body: Mapping, max_tokens: int | None) -> dict:
             f"'stop_token_ids' must be a list of integers, got {stop_ids!r}", "stop_token_ids"
         )
     top_k = _get_int(body, "top_k", 0, lo=-1)
-    top_p = _get_float(body, "top_p", 1.0, 0.0, 1.0)
+    sample_top_p = _get_float(body, "top_p", 1.0, 0.0, 1.0)  # OpenAI's nucleus field
     sparsity_p = body.get("sparsity_top_p")
     if sparsity_p is not None:
         sparsity_p = _get_float(body, "sparsity_top_p", None, 0.0, 1.0)
@@ -214,7 +214,7 @@ def _common_params(body: Mapping, max_tokens: int | None) -> dict:
         max_tokens=max_tokens,
         temperature=_get_float(body, "temperature", 1.0, 0.0, 2.0),
         # OpenAI accepts top_p = 0: keep only the most likely token.
-        top_p=max(top_p, 1e-6),
+        sample_top_p=max(sample_top_p, 1e-6),
         top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both disable top-k
         seed=None if seed is None else seed & 0xFFFFFFFF,
         stop=tuple(stop),

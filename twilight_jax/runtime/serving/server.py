@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from twilight_jax.serving import protocol
-from twilight_jax.serving.engine import Engine
-from twilight_jax.serving.protocol import APIError
-from twilight_jax.serving.requests import (
+from twilight_jax.runtime.serving import protocol
+from twilight_jax.runtime.serving.engine import Engine
+from twilight_jax.runtime.serving.protocol import APIError
+from twilight_jax.runtime.serving.requests import (
     EngineStoppedError,
     InvalidRequestError,
     QueueFullError,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twilight_jax.eval.runner import Method
+from twilight_jax.runtime.eval.settings import Method
 
 # One colour per method family, stable across figures.
 _COLOURS = {

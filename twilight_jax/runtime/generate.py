@@ -4,9 +4,8 @@
                       sparsity=SparsityConfig(selector="all", top_p=0.95), chat=True)
     result.texts; result.token_ids; result.stats
 
-The model is any object with ``config`` (a LlamaConfig), ``dtype``, ``prefill`` and
-``decode_step`` (``models.JittedLlama``; a ``models.LlamaForCausalLM`` is compiled with its
-``jit()``). This module does not import ``models`` (imports point from models to twilight_jax).
+The model is a ``DecodeModel`` (``twilight_jax.runtime.model_api``): ``models.JittedLlama``, or
+a ``models.LlamaForCausalLM``, which is compiled with its ``jit()``.
 
 Prompts are right-padded, and the cache sized, to multiples of ``pad_multiple`` tokens, and
 Twilight's p is passed as a traced per-sequence array, so calls with similar lengths and any p
@@ -27,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twilight_jax.cache import PagedKVCache
+from twilight_jax.attention import DecodeInfo
 from twilight_jax.config import SparsityConfig
+from twilight_jax.runtime.model_api import check_model
+from twilight_jax.runtime.sampling import sample_tokens
 
 DEFAULT_ATTENTION_TEXT = "dense on CPU, Twilight over all tokens at p = 0.95 on GPU and TPU"
 
@@ -139,7 +140,7 @@ def _validate(
     max_new_tokens,
     temperature,
     top_k,
-    top_p,
+    sample_top_p,
     repetition_penalty,
     sparsity,
     pad_multiple,
@@ -156,8 +157,8 @@ def _validate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p (sampling) must be in (0, 1], got {top_p}")
+    if not 0 < sample_top_p <= 1:
+        raise ValueError(f"sample_top_p must be in (0, 1], got {sample_top_p}")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     if not isinstance(sparsity, SparsityConfig):
@@ -212,7 +213,7 @@ def generate(
     sparsity: SparsityConfig | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
-    top_p: float = 1.0,
+    sample_top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     seed: int = 0,
     chat: bool = False,
@@ -227,22 +228,21 @@ def generate(
 
     prompts: one str or a list of B str. chat: wrap each prompt as a user turn of the model's
     chat template (``system``: an optional system turn). sparsity: the decode attention
-    (default dense). temperature 0 = greedy; otherwise sampling with top_k (0 = off), top_p
-    (nucleus) and ``seed`` (sequence b uses seed + b). repetition_penalty: as in transformers,
-    the logit of every token already in the sequence (prompt or generated) is divided by it
-    when positive and multiplied by it when negative, before sampling or argmax (1 = off; 1.1
-    to 1.3 breaks the loops small models fall into). on_text(b, piece): called with text
-    of sequence b as soon as it is complete UTF-8 (streaming). pad_multiple: prompts are padded
-    to a multiple of this many tokens (fewer distinct compiled shapes). progress: a status bar
-    on stderr for the prefill. prefill_chunk: None (each prompt in one prefill call) or a
-    token count: longer prompts are prefilled in chunks of it, each attending to the cached
-    tokens before it (lower peak memory for long documents; the bar moves per chunk).
+    (default dense). temperature 0 = greedy; otherwise sampling with top_k (0 = off),
+    sample_top_p (the nucleus; Twilight's p is ``sparsity.top_p``) and ``seed`` (sequence b
+    uses seed + b). repetition_penalty: as in transformers, the logit of every token already in
+    the sequence (prompt or generated) is divided by it when positive and multiplied by it when
+    negative, before sampling or argmax (1 = off; 1.1 to 1.3 breaks the loops small models fall
+    into). on_text(b, piece): called with text of sequence b as soon as it is complete UTF-8
+    (streaming). pad_multiple: prompts are padded to a multiple of this many tokens (fewer
+    distinct compiled shapes). progress: a status bar on stderr for the prefill. prefill_chunk:
+    None (each prompt in one prefill call) or a token count: longer prompts are prefilled in
+    chunks of it, each attending to the cached tokens before it (lower peak memory for long
+    documents; the bar moves per chunk).
 
     Raises ValueError (naming the argument) for bad arguments, or when a prompt plus
     max_new_tokens does not fit the model's context (max_position_embeddings).
     """
-    from twilight_jax.serving.sampling import sample_tokens
-
     if isinstance(prompts, str):
         prompts = [prompts]
     sparsity = sparsity if sparsity is not None else SparsityConfig(selector="dense")
@@ -251,16 +251,14 @@ def generate(
         max_new_tokens,
         temperature,
         top_k,
-        top_p,
+        sample_top_p,
         repetition_penalty,
         sparsity,
         pad_multiple,
         prefill_chunk,
     )
-    if not hasattr(model, "decode_step") or not hasattr(model, "prefill"):
-        raise ValueError(f"model must have prefill and decode_step, got {type(model).__name__}")
-    if hasattr(model, "jit"):
-        model = model.jit()
+    check_model(model)
+    model = model.jit()
     config = model.config
     ids = encode_prompts(tokenizer, prompts, chat=chat, system=system)
     context = config.max_position_embeddings
@@ -283,18 +281,12 @@ def generate(
         tokens[i, : len(p)] = p
     lengths = np.array([len(p) for p in ids], np.int32)
 
-    cache = PagedKVCache.create(
-        config.num_layers,
+    cache = model.init_cache(
         b,
-        config.num_kv_heads,
-        config.head_dim,
-        max_seq_len=max_seq,
+        max_seq,
         page_size=sparsity.page_size,
-        dtype=model.dtype,
         ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
     )
-    if hasattr(model, "place_cache"):  # split over the model's devices (model.shard)
-        cache = model.place_cache(cache)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -310,7 +302,7 @@ def generate(
     if stop_on_eos:
         eos = set(getattr(tokenizer, "eos_token_ids", ())) | set(config.eos_token_ids)
     temp = jnp.full((b,), temperature, jnp.float32)
-    s_top_p = jnp.full((b,), top_p, jnp.float32)
+    s_top_p = jnp.full((b,), sample_top_p, jnp.float32)
     s_top_k = jnp.full((b,), top_k, jnp.int32)
     seeds = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
 
@@ -359,9 +351,9 @@ def generate(
     accept(nxt)
 
     # Twilight's p enters the step as a traced [B] array: every p shares one compiled step.
-    step_cfg, attn_p = sparsity, None
+    step_sparsity, attn_p = sparsity, None
     if sparsity.top_p is not None and sparsity.selector != "dense":
-        step_cfg = dataclasses.replace(sparsity, top_p=None)
+        step_sparsity = dataclasses.replace(sparsity, top_p=None)
         attn_p = np.full((b,), sparsity.top_p, np.float32)
     step_times: list[float] = []
     step_rows: list[int] = []  # tokens each step sampled: one per active sequence
@@ -369,7 +361,7 @@ def generate(
     while not done.all():
         active = ~done
         t1 = time.perf_counter()
-        logits, cache, info = model.decode_step(nxt, cache, step_cfg, active, top_p=attn_p)
+        logits, cache, info = model.decode_step(nxt, cache, step_sparsity, active, top_p=attn_p)
         nxt = next_tokens(logits, jnp.asarray([len(o) for o in out], jnp.int32))
         step_times.append(time.perf_counter() - t1)
         step_rows.append(int(active.sum()))
@@ -387,15 +379,15 @@ def generate(
     return GenerationResult(texts, out, ids, reasons, stats)
 
 
-def _accumulate(sums, info, lengths, active, sparsity, num_layers) -> None:
+def _accumulate(sums, info: DecodeInfo, lengths, active, sparsity, num_layers) -> None:
     """Adds one step's attention counts of the active sequences to the running sums."""
     first_sparse = 0 if sparsity.selector == "dense" else min(sparsity.dense_layers, num_layers)
     n = int(active.sum())
     if n == 0:
         return
-    counts = np.asarray(info["counts"])[first_sparse:, active]  # [Ls, n, Hs]
-    cands = np.asarray(info["candidates"])[first_sparse:, active]
-    sat = np.asarray(info["saturated"])[first_sparse:, active]
+    counts = np.asarray(info.counts)[first_sparse:, active]  # [Ls, n, Hs]
+    cands = np.asarray(info.candidates)[first_sparse:, active]
+    sat = np.asarray(info.saturated)[first_sparse:, active]
     ctx = lengths[active].astype(np.float64)
     if counts.shape[0] == 0:  # every layer dense
         counts = cands = np.broadcast_to(ctx[None, :, None], (1, n, 1))

@@ -1,8 +1,8 @@
 """Serving: a continuous-batching engine and an OpenAI-compatible HTTP server over it."""
 
-from twilight_jax.serving.engine import Engine, EngineConfig, page_bytes
-from twilight_jax.serving.metrics import ServingMetrics
-from twilight_jax.serving.requests import (
+from twilight_jax.runtime.serving.engine import Engine
+from twilight_jax.runtime.serving.metrics import ServingMetrics
+from twilight_jax.runtime.serving.requests import (
     Completion,
     EngineStoppedError,
     InvalidRequestError,
@@ -10,7 +10,8 @@ from twilight_jax.serving.requests import (
     RequestOutput,
     SamplingParams,
 )
-from twilight_jax.serving.server import OpenAIServer, ServerThread, serve
+from twilight_jax.runtime.serving.server import OpenAIServer, ServerThread, serve
+from twilight_jax.runtime.serving.sizing import EngineConfig, page_bytes
 
 __all__ = [
     "Completion",

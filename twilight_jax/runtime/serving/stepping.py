@@ -1,0 +1,277 @@
+"""The engine's model calls and what follows them: prefill (whole prompts or chunks), the decode
+step at its batch and context buckets, sampling, stop rules and the events a request emits.
+A part of ``Engine`` (a mixin): it works on the state ``Engine.__init__`` sets up, taking
+``self._lock`` around every change of a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from twilight_jax.runtime.sampling import sample_tokens
+from twilight_jax.runtime.serving.requests import Request, RequestOutput, State
+from twilight_jax.runtime.serving.scheduler import log
+from twilight_jax.runtime.serving.sizing import bucket, next_pow2
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of text that could begin a stop string (held back from events)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+class Stepper:
+    """Prefill, decode steps, sampling and events of ``Engine``."""
+
+    def _prefill(self, batch: list[Request]) -> None:
+        n = len(batch)
+        rows = min(next_pow2(n), self.config.max_batch)
+        longest = max(len(r.prefill_tokens) for r in batch)
+        t = min(max(self.config.min_prefill_len, next_pow2(longest)), self._prefill_cap)
+        tokens = np.zeros((rows, t), np.int32)
+        lengths = np.zeros((rows,), np.int32)
+        with self._lock:
+            for i, req in enumerate(batch):
+                ids = req.prefill_tokens
+                tokens[i, : len(ids)] = ids
+                # A request cancelled since its admission holds no pages: write nothing.
+                lengths[i] = len(ids) if req.state is State.PREFILL else 0
+            table = self._table(batch, rows, self.max_pages)
+        try:
+            logits = self._prefill_rows(tokens, lengths, table)
+        except Exception:
+            self._prefill_failed(batch, traceback.format_exc(limit=3))
+            return
+        self._start_decoding(batch, logits)
+
+    def _prefill_rows(self, tokens, lengths, table, start=None):
+        """model.prefill of [rows, T] tokens on a view of the cache holding those rows' page
+        tables (start: chunk offsets [rows], or None for whole prompts); returns the logits."""
+        rows = tokens.shape[0]
+        cached = np.zeros((rows,), np.int32) if start is None else start
+        view = dataclasses.replace(
+            self.cache, page_table=jnp.asarray(table), lengths=jnp.asarray(cached)
+        )
+        logits, view = self.model.prefill(tokens, lengths, view, start=start)
+        # The donated view's page pool is the only live copy now.
+        self.cache = view
+        self._table_key = None
+        return logits
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest request in chunked prefill (EngineConfig.prefill_chunk);
+        after its last chunk the request samples its next token and joins the decode batch."""
+        with self._lock:
+            while self._prefilling and self._prefilling[0].state is not State.PREFILL:
+                self._prefilling.popleft()  # cancelled or preempted meanwhile
+            if not self._prefilling:
+                return
+            req = self._prefilling[0]
+            table = self._table([req], 1, self.max_pages)
+        ids = req.prefill_tokens
+        c = self.config.prefill_chunk
+        start = req.prefilled
+        piece = ids[start : start + c]
+        tokens = np.zeros((1, c), np.int32)
+        tokens[0, : len(piece)] = piece
+        try:
+            logits = self._prefill_rows(
+                tokens, np.array([len(piece)], np.int32), table, np.array([start], np.int32)
+            )
+        except Exception:
+            self._prefill_failed([req], traceback.format_exc(limit=3))
+            return
+        with self._lock:
+            if req.state is not State.PREFILL:
+                return
+            req.prefilled = start + len(piece)
+            if req.prefilled < len(ids):
+                return
+            self._prefilling.popleft()
+        self._start_decoding([req], logits)
+
+    def _start_decoding(self, batch: list[Request], logits) -> None:
+        """Moves freshly prefilled requests into the decode batch (logits [rows >= len(batch),
+        vocab]). A new request samples its first token from the logits; a recomputed one has
+        all its tokens but the last output cached and goes on from that token with a decode
+        step, as it would have without the preemption (prefill attention is dense, decode
+        attention may be sparse: a token sampled from the prefill could differ)."""
+        n, rows = len(batch), logits.shape[0]
+        fresh = [not r.output for r in batch]
+        first = None
+        if any(fresh):
+            params = [r.params for r in batch] + [None] * (rows - n)
+            first = np.asarray(
+                sample_tokens(
+                    logits,
+                    jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
+                    jnp.asarray([p.sample_top_p if p else 1.0 for p in params], jnp.float32),
+                    jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
+                    jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
+                    jnp.zeros((rows,), jnp.int32),
+                )
+            )
+        now = time.monotonic()
+        events = []
+        with self._lock:
+            for i, req in enumerate(batch):
+                if req.state is not State.PREFILL:
+                    continue  # cancelled or preempted while its prefill ran
+                req.state, req.prefilled = State.DECODE, None
+                req.cached = len(req.prefill_tokens)
+                if fresh[i]:
+                    req.detok = self.tokenizer.stream_decoder()
+                    req.first_token_t = now
+                    self.metrics.record_first_token(now - req.arrival)
+                    self._accept_token(req, int(first[i]), events)
+            self._publish_state()
+        self._send(events)
+
+    def _decode(self) -> None:
+        with self._lock:
+            if not any(r.state is State.DECODE for r in self._running):
+                return
+            self._grow()
+            rows = [r for r in self._running if r.state is State.DECODE]
+            if not rows:
+                return
+            n = len(rows)
+            bb = bucket(n, self.config.max_batch)
+            width = bucket(self._pages_for(max(r.cached for r in rows) + 1), self.max_pages)
+            key = (bb, width, self._version, tuple(r.seq for r in rows))
+            table = None if key == self._table_key else self._table(rows, bb, width)
+            self._publish_state()
+
+        def col(values, dtype, pad=0):
+            return jnp.asarray(np.array(list(values) + [pad] * (bb - n), dtype))
+
+        lengths = np.array([r.cached for r in rows] + [0] * (bb - n), np.int32)
+        active = np.arange(bb) < n
+        # The cache is donated to each step, so an unchanged table is the copy the last step
+        # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
+        page_table = self.cache.page_table if table is None else jnp.asarray(table)
+        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
+        default_p = self.sparsity.top_p or 1.0
+        top_p = (
+            default_p if r.params.sparsity_top_p is None else r.params.sparsity_top_p for r in rows
+        )
+        t0 = time.monotonic()
+        try:
+            logits, self.cache, info = self.model.decode_step(
+                col((r.output[-1] for r in rows), np.int32),
+                cache,
+                self.sparsity,
+                jnp.asarray(active),
+                top_p=col(top_p, np.float32, 1.0),
+            )
+            self._table_key = key
+            new = np.asarray(
+                sample_tokens(
+                    logits,
+                    col((r.params.temperature for r in rows), np.float32),
+                    col((r.params.sample_top_p for r in rows), np.float32, 1.0),
+                    col(
+                        (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
+                    ),
+                    col((r.seed for r in rows), np.uint32),
+                    col((len(r.output) for r in rows), np.int32),
+                )
+            )
+        except Exception:
+            self._decode_failed(rows, traceback.format_exc(limit=3))
+            return
+        self._record_attention(info, n, lengths[:n] + 1, t0)
+        events = []
+        with self._lock:
+            for i, req in enumerate(rows):
+                if req.state is not State.DECODE:
+                    continue  # cancelled during the step
+                req.cached += 1
+                self._accept_token(req, int(new[i]), events)
+            self._publish_state()
+        self._send(events)
+
+    def _record_attention(self, info, n: int, context: np.ndarray, t0: float) -> None:
+        attended = ctx = float(context.mean())
+        sparse = np.asarray(info.counts)[self.sparsity.dense_layers :, :n]  # [Ls, n, rows]
+        if sparse.shape[0]:
+            attended = float(sparse.mean())
+        self.metrics.record_step(t0, n, attended, ctx)
+
+    def _accept_token(self, req: Request, token: int, events: list) -> None:
+        """Under the lock: appends a sampled token, applies the stop rules, and queues an
+        event (non-final ones into ``events``, sent by the caller once the lock is free)."""
+        req.output.append(token)
+        p = req.params
+        reason = None
+        if token in req.stop_ids:
+            req.text += req.detok.flush()  # the stop token itself is not shown
+            reason = "stop"
+        else:
+            before = len(req.text)
+            req.text += req.detok.push(token)
+            if p.stop and len(req.text) > before:
+                # A stop string may straddle the old end of the text.
+                start = max(0, before - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (req.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    req.text = req.text[: min(hits)]
+                    reason = "stop"
+            if reason is None and len(req.output) >= p.max_tokens:
+                req.text += req.detok.flush()
+                reason = "length"
+        if reason is not None:
+            self._end(req, reason)
+        else:
+            ev = self._event(req, final=False)
+            if ev is not None:
+                events.append((req, ev))
+
+    def _event(self, req: Request, final: bool) -> RequestOutput | None:
+        """The request's next event (None when a non-final one would be empty); engine thread
+        only, so events leave in the order they are made."""
+        end = len(req.text) if final else len(req.text) - stop_holdback(req.text, req.params.stop)
+        end = max(end, req.emitted_chars)
+        # Token ids go out in full even when their text is held back, so the final event
+        # carries the end-of-sequence token too.
+        ev = RequestOutput(
+            request_id=req.request_id,
+            text=req.text[req.emitted_chars : end],
+            token_ids=tuple(req.output[req.emitted_tokens :]),
+            finish_reason=req.finish_reason if final else None,
+            error=req.error,
+            prompt_tokens=len(req.prompt),
+            completion_tokens=len(req.output),
+        )
+        if not final and not ev.text and not ev.token_ids:
+            return None
+        req.emitted_chars = end
+        req.emitted_tokens = len(req.output)
+        return ev
+
+    def _send(self, events) -> None:
+        """Calls the callbacks, with the lock released (a callback may cancel)."""
+        for req, ev in events:
+            try:
+                req.on_event(ev)
+            except Exception:  # a broken client must not break the engine
+                if not ev.finished:
+                    log.warning("event callback of %s failed; cancelling it", req.request_id)
+                    self.cancel(req.request_id)
+
+    def _flush(self) -> None:
+        """Sends the final events of requests that finished since the last flush."""
+        with self._lock:
+            done, self._outbox = self._outbox, []
+        self._send([(req, self._event(req, final=True)) for req in done])
