@@ -178,27 +178,27 @@ def test_full_sequence_logits_on_two_devices(models_pair):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
-def test_three_way_split_of_the_default_model_shape_lowers(platform, monkeypatch):
+def test_three_way_split_of_the_default_model_shape_lowers(platform):
     """SmolLM2's 9 / 3 heads over 3 devices: each device's kernels see 1 KV head and a group
     of 3 query heads (not a power of two) and must still lower for TPU and CUDA."""
     from _export import default_model_shapes, export_cuda, export_tpu
     from flax import nnx
 
     import models
-    from pallas_kernels import _common
+    from pallas_kernels import assume_platform
 
     model = models.LlamaForCausalLM(default_model_shapes(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     jitted = model.shard(head_mesh(3)).jit()
     cache = jitted.init_cache(4, 1024)
     cfg = SparsityConfig(selector="quest", budget=256, top_p=0.95, max_budget=128, dense_layers=1)
     jax.clear_caches()  # traces made for the other platform's kernels would be reused
-    monkeypatch.setattr(_common, "platform", lambda: platform)
     export = export_tpu if platform == "tpu" else export_cuda
 
     def step(state, tokens, cache):
         return nnx.merge(jitted.graphdef, state).decode_step(tokens, cache, cfg)
 
-    exported = export(step, jitted.state, jnp.zeros((4,), jnp.int32), cache)
+    with assume_platform(platform):
+        exported = export(step, jitted.state, jnp.zeros((4,), jnp.int32), cache)
     marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
     assert exported.nr_devices == 3 and marker in exported.mlir_module()
     jax.clear_caches()

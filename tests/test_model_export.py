@@ -6,6 +6,8 @@ layout the kernels accept alone but not inside the model (the cache's layer pool
 writes, Quest refreshes) fails here rather than on the accelerator.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,7 +15,7 @@ from _export import default_model_shapes, export_cuda, export_tpu
 from flax import nnx
 
 import models
-from pallas_kernels import _common
+from pallas_kernels import assume_platform
 from twilight_jax import SparsityConfig
 
 CONFIG = default_model_shapes()
@@ -47,15 +49,17 @@ def jitted():
 
 
 @pytest.fixture
-def on_platform(monkeypatch):
-    """Makes backend="auto" pick the kernels of `platform`; traces of the other platform's
-    kernels are dropped from jax's caches before and after (they would be reused)."""
+def on_platform():
+    """Makes backend="auto" pick the kernels of `platform` (pallas_kernels.assume_platform);
+    traces of the other platform's kernels are dropped from jax's caches before and after
+    (they would be reused)."""
+    with contextlib.ExitStack() as stack:
 
-    def set_platform(platform):
-        jax.clear_caches()
-        monkeypatch.setattr(_common, "platform", lambda: platform)
+        def set_platform(platform):
+            jax.clear_caches()
+            stack.enter_context(assume_platform(platform))
 
-    yield set_platform
+        yield set_platform
     jax.clear_caches()
 
 
