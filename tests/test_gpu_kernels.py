@@ -60,7 +60,8 @@ def test_dense_attention(batch, max_len):
     args = (q, c["k"], c["v"], c["page_table"], c["lengths"])
     out = attention.paged_decode_attention(*args, backend="pallas")
     ref = attention.paged_decode_attention(*args, backend="reference")
-    _close(out, ref, 2e-2)
+    # The kernel rounds the softmax weights to bf16 before the P.V dot (relative 2^-9 each).
+    _close(out, ref, 5e-3)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -83,7 +84,7 @@ def test_sparse_attention(per_head):
     args = (q, c["k"], c["v"], c["page_table"], jnp.asarray(pos), jnp.asarray(counts))
     out = attention.sparse_decode_attention(*args, backend="pallas")
     ref = attention.sparse_decode_attention(*args, backend="reference")
-    _close(out, ref, 2e-2)
+    _close(out, ref, 5e-3)
 
 
 def test_block_spgemv():
@@ -103,7 +104,9 @@ def test_block_spgemv():
     out, ref = np.asarray(out), np.asarray(ref)
     np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
     fin = np.isfinite(ref)
-    np.testing.assert_allclose(out[fin], ref[fin], rtol=2e-2, atol=2e-2)
+    # bf16 q split into two bf16 terms (16 mantissa bits) against the f32 reference, f32
+    # accumulation in another order: |logit| ~ 1, sum of |terms| ~ 20.
+    np.testing.assert_allclose(out[fin], ref[fin], rtol=1e-4, atol=5e-4)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
@@ -147,7 +150,9 @@ def test_quest_scores():
     s = np.asarray(quest.quest_page_scores(*args, backend="pallas"))
     r = np.asarray(quest.quest_page_scores(*args, backend="reference"))
     np.testing.assert_array_equal(np.isfinite(s), np.isfinite(r))
-    np.testing.assert_allclose(s[np.isfinite(r)], r[np.isfinite(r)], rtol=1e-2, atol=1e-1)
+    # Exact bf16 inputs, float32 products and sums in another order: 128 terms of |q * k| <= ~10
+    # bound the rounding difference by ~128 * 2^-24 * sum|terms|.
+    np.testing.assert_allclose(s[np.isfinite(r)], r[np.isfinite(r)], rtol=2e-5, atol=2e-3)
 
 
 def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
