@@ -396,6 +396,24 @@ def test_bad_inputs():
         ds.with_ds_channels(jnp.full((L, HKV, 2), D, jnp.int32))
 
 
+def test_with_quest_metadata_equals_a_prefill_in_that_form():
+    rng = np.random.default_rng(9)
+    k, v = _kv(rng, 2, 10)
+    lengths = jnp.asarray([10, 7])
+    native = PagedKVCache.from_dense(
+        jnp.asarray(k), jnp.asarray(v), lengths, page_size=4, quest_metadata="native"
+    )
+    int8 = PagedKVCache.from_dense(jnp.asarray(k), jnp.asarray(v), lengths, page_size=4)
+    got = native.with_quest_metadata("int8")
+    assert got.quest_metadata == "int8" and native.with_quest_metadata("native") is native
+    for name in ("k_min", "k_max", "k_mm_scale", "k_pages"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(int8, name))
+    with pytest.raises(ValueError, match="cannot turn int8"):
+        int8.with_quest_metadata("native")
+    with pytest.raises(ValueError, match="quest_metadata must be one of"):
+        native.with_quest_metadata("fp8")
+
+
 def test_cache_is_a_pytree():
     cache = PagedKVCache.create(L, 2, HKV, D, max_seq_len=8, page_size=4, ds_channels=2)
     leaves, tree = jax.tree_util.tree_flatten(cache)

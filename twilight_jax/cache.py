@@ -20,10 +20,10 @@ import numpy as np
 
 from pallas_kernels.append import cache_append_decode
 from pallas_kernels.int4 import quantize_int4
-from pallas_kernels.quest import widen_page_bounds
+from pallas_kernels.quest import quantize_page_bounds, widen_page_bounds
+from twilight_jax.config import QUEST_METADATA
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-QUEST_METADATA = ("int8", "native")
 
 
 def _is_concrete(x) -> bool:
@@ -367,6 +367,25 @@ class PagedKVCache:
             self.k_pages, idx.transpose(1, 0, 2)[:, :, None, None, :], axis=-1
         )
         return dataclasses.replace(self, ds_channel_idx=idx, ds_labels=labels)
+
+    def with_quest_metadata(self, quest_metadata: str) -> PagedKVCache:
+        """The same cache with its Quest metadata in the form quest_metadata: native -> int8
+        quantizes every page's min / max once (what a prefill of the same tokens writes); the
+        form it has: the cache itself. int8 -> native is refused: the codes are bounds, not
+        the min / max, which only the keys can give back."""
+        if quest_metadata not in QUEST_METADATA:
+            raise ValueError(
+                f"quest_metadata must be one of {QUEST_METADATA}, got {quest_metadata!r}"
+            )
+        if quest_metadata == self.quest_metadata:
+            return self
+        if quest_metadata == "native":
+            raise ValueError(
+                "with_quest_metadata cannot turn int8 Quest metadata back into the exact min / "
+                "max; build the cache with quest_metadata='native' instead"
+            )
+        lo, hi, scale = quantize_page_bounds(self.k_min, self.k_max)
+        return dataclasses.replace(self, k_min=lo, k_max=hi, k_mm_scale=scale)
 
     def begin_decode_step(self, active=None) -> PagedKVCache:
         """lengths += 1 for active sequences ([B] bool; None = all): the token about to be
