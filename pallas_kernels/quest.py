@@ -23,7 +23,8 @@ float32, one scale per page and KV head, by the rule of ``quantize_page_bounds``
 
 so min_q * s <= min and max_q * s >= max (up to float rounding), and the score computed from
 the codes, s * sum_d (relu(q_d) * max_q_d + min(q_d, 0) * min_q_d), is still an upper bound of
-q . k over the page's keys, looser than the exact-metadata bound by at most s * sum_d |q_d|.
+q . k over the page's keys, looser than the exact-metadata bound by at most s * sum_d |q_d|
+when quantized once (each growth of the scale at decode can round a code one more step out).
 A page then costs 2 * D + 4 bytes per KV head instead of 2 * D * itemsize (4 * D in bf16).
 The cache keeps the codes up to date at decode with ``widen_page_bounds`` (pallas_kernels.
 append) and quantizes prefill pages once.
