@@ -287,6 +287,7 @@ def generate(
         max_seq,
         page_size=sparsity.page_size,
         ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
+        quest_metadata=sparsity.quest_metadata,
     )
     bar = None
     if progress:
