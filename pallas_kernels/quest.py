@@ -71,6 +71,9 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 #       each looping over several tiles with 2-3 pipeline stages: 256-277 us (245-263 us with
 #       the next tile's page-table lookup carried in the loop); 16-page tiles 299 us; 8 warps
 #       241 us.
+#   A loop over the rows' columns in chunks of 16-64 (fewer live registers), 1-3 pipeline
+#       stages, 16-128-page tiles: 253-402 us bf16, 224-264 us INT8, against 257 / 222 us for
+#       the defaults in the same run (docs/results/kernels-sweep9-quest-dim-chunks-h200.md).
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 

@@ -299,6 +299,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     if args.sweep:
         for cfg in QUEST_SWEEP:
             attempt("quest_sweep", lambda cfg=cfg: qs_scores(cfg, "quest_sweep"))
+            attempt("quest_sweep_int8", lambda cfg=cfg: qs_scores(cfg, "quest_sweep_int8", True))
 
 
 def run(args):
