@@ -30,6 +30,7 @@ from twilight_jax.attention import DecodeInfo
 from twilight_jax.config import SparsityConfig
 from twilight_jax.runtime.model_api import check_model
 from twilight_jax.runtime.sampling import sample_tokens
+from twilight_jax.sharding import to_host
 
 DEFAULT_ATTENTION_TEXT = "dense on CPU, Twilight over all tokens at p = 0.95 on GPU and TPU"
 
@@ -385,9 +386,9 @@ def _accumulate(sums, info: DecodeInfo, lengths, active, sparsity, num_layers) -
     n = int(active.sum())
     if n == 0:
         return
-    counts = np.asarray(info.counts)[first_sparse:, active]  # [Ls, n, Hs]
-    cands = np.asarray(info.candidates)[first_sparse:, active]
-    sat = np.asarray(info.saturated)[first_sparse:, active]
+    counts = to_host(info.counts)[first_sparse:, active]  # [Ls, n, Hs]
+    cands = to_host(info.candidates)[first_sparse:, active]
+    sat = to_host(info.saturated)[first_sparse:, active]
     ctx = lengths[active].astype(np.float64)
     if counts.shape[0] == 0:  # every layer dense
         counts = cands = np.broadcast_to(ctx[None, :, None], (1, n, 1))
