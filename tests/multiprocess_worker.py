@@ -1,13 +1,13 @@
 """One process of the two-process checks in tests/test_multiprocess.py (not collected).
 
-    python tests/multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_JSON
+    python tests/multiprocess_worker.py PART COORDINATOR NUM_PROCESSES PROCESS_ID OUT_JSON
 
 Joins the jax.distributed job through the server's own flags, then, with the tiny random
-model split by KV head over every process's devices: generates greedily with
-``twilight_jax.generate``, compiles the decode step and counts its
-collectives, and runs the serving engine (process 0 schedules, the others follow). Writes what
-it saw to OUT_JSON for the test to compare with one process. Exits 3 with "NO GLOO" when this
-jax cannot run CPU collectives across processes.
+model split by KV head over every process's devices, runs PART: "generate" generates
+greedily with ``twilight_jax.generate`` and compiles the decode step to count its
+collectives; "engine" runs the serving engine (process 0 schedules, the others follow).
+Writes what it saw to OUT_JSON for the test to compare with one process. Exits 3 with
+"NO GLOO" when this jax cannot run CPU collectives across processes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import collections
 import json
 import re
 import sys
+import time
 
 import jax
 
@@ -57,7 +58,41 @@ def engine_params():
     return [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True) for _ in ENGINE_PROMPTS]
 
 
-def main(coordinator: str, num_processes: str, process_id: str, out: str) -> int:
+def decode_step_collectives(jitted) -> dict:
+    """The collectives of the compiled decode step, by opcode, and the all-reduces' shapes."""
+    cache = jitted.init_cache(2, 64)
+    tokens = jax.numpy.zeros((2,), jax.numpy.int32)
+    hlo = jitted.lower_decode_step(tokens, cache, sparsity()).compile().as_text()
+    return {
+        "collectives": collections.Counter(m.group(1) for m in COLLECTIVE.finditer(hlo)),
+        "all_reduce_shapes": sorted(set(re.findall(r"= (\S+) all-reduce(?:-start)?\(", hlo))),
+    }
+
+
+def run_engine(args) -> dict:
+    """Process 0: the engine's greedy tokens of ENGINE_PROMPTS; the others: follow it."""
+    from twilight_jax.runtime.serve import build_server
+
+    _, engine = build_server(args)
+    seen = {"follower": engine.follower}
+    if engine.follower:
+        seen["calls"] = engine.follow()
+        return seen
+    engine.start()
+    try:
+        done = engine.generate(ENGINE_PROMPTS, engine_params())
+        seen["engine"] = [list(c.token_ids) for c in done]
+        seen["pages_free"] = engine.pages_free == engine.pages_total
+    finally:
+        engine.shutdown()
+    try:  # the followers have gone: no second run
+        engine.start()
+    except RuntimeError as e:
+        seen["restart_error"] = str(e)
+    return seen
+
+
+def main(part: str, coordinator: str, num_processes: str, process_id: str, out: str) -> int:
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception as e:  # noqa: BLE001 (any failure here means: no gloo in this jax)
@@ -66,9 +101,10 @@ def main(coordinator: str, num_processes: str, process_id: str, out: str) -> int
 
     from models.tiny import tiny_random_model
     from twilight_jax.runtime.cli import distributed_from_flags, mesh_from_flags
-    from twilight_jax.runtime.serve import build_parser, build_server
+    from twilight_jax.runtime.serve import build_parser
     from twilight_jax.sharding import head_mesh
 
+    t0 = time.monotonic()
     dist = ["--coordinator", coordinator, "--num-processes", num_processes]
     args = build_parser().parse_args(SERVER_FLAGS + dist + ["--process-id", process_id])
     distributed_from_flags(args)
@@ -78,34 +114,14 @@ def main(coordinator: str, num_processes: str, process_id: str, out: str) -> int
         head_mesh(1)
     except ValueError as e:
         seen["partial_mesh_error"] = str(e)
-
     mesh = mesh_from_flags(None)
     seen["mesh_size"] = mesh.size
-    seen["generate"] = generate_tokens(mesh)
-
-    jitted = tiny_random_model(1, mesh=mesh)[0].jit()
-    cache = jitted.init_cache(2, 64)
-    tokens = jax.numpy.zeros((2,), jax.numpy.int32)
-    hlo = jitted.lower_decode_step(tokens, cache, sparsity()).compile().as_text()
-    seen["collectives"] = collections.Counter(m.group(1) for m in COLLECTIVE.finditer(hlo))
-    seen["all_reduce_shapes"] = sorted(set(re.findall(r"= (\S+) all-reduce(?:-start)?\(", hlo)))
-
-    _, engine = build_server(args)
-    seen["follower"] = engine.follower
-    if engine.follower:
-        seen["calls"] = engine.follow()
+    if part == "generate":
+        seen["generate"] = generate_tokens(mesh)
+        seen.update(decode_step_collectives(tiny_random_model(1, mesh=mesh)[0].jit()))
     else:
-        engine.start()
-        try:
-            done = engine.generate(ENGINE_PROMPTS, engine_params())
-            seen["engine"] = [list(c.token_ids) for c in done]
-            seen["pages_free"] = engine.pages_free == engine.pages_total
-        finally:
-            engine.shutdown()
-        try:  # the followers have gone: no second run
-            engine.start()
-        except RuntimeError as e:
-            seen["restart_error"] = str(e)
+        seen.update(run_engine(args))
+    seen["seconds"] = time.monotonic() - t0
     with open(out, "w") as f:
         json.dump(seen, f)
     return 0

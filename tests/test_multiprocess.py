@@ -84,34 +84,44 @@ def _one_process_engine_tokens(flags, prompts, params):
         engine.shutdown()
 
 
-def test_two_processes_decode_and_serve_like_one(tmp_path):
-    import multiprocess_worker as w
-
+def _run_worker(part: str, tmp_path: Path) -> list[dict]:
+    """What each of the two worker processes saw running ``part``."""
     coordinator = f"127.0.0.1:{_free_port()}"
     outs = [tmp_path / f"seen{i}.json" for i in range(2)]
-    argvs = [[str(WORKER), coordinator, "2", str(i), str(outs[i])] for i in range(2)]
+    argvs = [[str(WORKER), part, coordinator, "2", str(i), str(outs[i])] for i in range(2)]
     procs = _start(argvs, tmp_path)
     logs = _finish(procs, time.monotonic() + TIMEOUT_S)
     _skip_without_gloo(procs, logs)
     for (p, _), log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     seen = [json.loads(o.read_text()) for o in outs]
-
-    # The one-process results, computed here (a process without jax.distributed).
-    want_generate = w.generate_tokens(None)
-    want_engine = _one_process_engine_tokens(w.SERVER_FLAGS, w.ENGINE_PROMPTS, w.engine_params())
-
     for s in seen:
         assert (s["processes"], s["devices"], s["mesh_size"]) == (2, 2, 2), s
         assert "must be 2" in s["partial_mesh_error"], s["partial_mesh_error"]
-        assert s["generate"] == want_generate, (s["process"], s["generate"], want_generate)
+    return seen
+
+
+def test_two_processes_generate_like_one(tmp_path):
+    import multiprocess_worker as w
+
+    seen = _run_worker("generate", tmp_path)
+    want = w.generate_tokens(None)  # here: one process, no jax.distributed
+    for s in seen:
+        assert s["generate"] == want, (s["process"], s["generate"], want)
         # The decode step over both processes: per layer (unrolled in the program), the
         # all-reduces of the [B, 1, hidden] residual after the attention output projection
         # and after the MLP; nothing else.
         assert s["collectives"] == {"all-reduce": 2 * 3}, s["collectives"]  # 3 layers
         assert s["all_reduce_shapes"] == ["f32[2,1,64]{2,1,0}"], s["all_reduce_shapes"]
+
+
+def test_two_processes_serving_engine_like_one(tmp_path):
+    import multiprocess_worker as w
+
+    seen = _run_worker("engine", tmp_path)
+    want = _one_process_engine_tokens(w.SERVER_FLAGS, w.ENGINE_PROMPTS, w.engine_params())
     assert not seen[0]["follower"] and seen[1]["follower"]
-    assert seen[0]["engine"] == want_engine and all(len(t) == 5 for t in want_engine)
+    assert seen[0]["engine"] == want and all(len(t) == 5 for t in want)
     assert seen[0]["pages_free"]
     assert "an engine runs once" in seen[0]["restart_error"], seen[0]
     assert seen[1]["calls"] > 0
@@ -166,6 +176,49 @@ def test_serve_cli_on_two_processes_answers_like_one_process(tmp_path):
     for (p, _), log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     assert "process 1: process 0 stopped after" in logs[1], logs[1][-2000:]
+
+
+def test_generate_cli_on_two_processes_prints_what_one_process_prints(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli_mp", ROOT / "scripts/generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    # Two prompts: the batch path, whose texts are printed once done (no streaming).
+    flags = ["--model", "tiny-random", "--prompt", "hello there", "--prompt", "a b c"]
+    flags += ["--max-new-tokens", "6", "--attention", "all", "--top-p", "0.6"]
+    flags += ["--dense-layers", "1"]
+    assert gen.main(flags) == 0
+    want = capsys.readouterr().out
+    assert want.strip()
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    dist = ["--coordinator", coordinator, "--num-processes", "2"]
+    script = str(ROOT / "scripts" / "generate.py")
+    argvs = [[script, *flags, *dist, "--process-id", str(i)] for i in range(2)]
+    procs = []
+    for i, argv in enumerate(argvs):  # stdout apart from stderr: only the answer is compared
+        out, err = (open(tmp_path / f"{name}{i}.txt", "w") for name in ("out", "err"))
+        with out, err:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *argv], stdout=out, stderr=err, env=_env(), cwd=ROOT
+                )
+            )
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    outs = [(tmp_path / f"out{i}.txt").read_text() for i in range(2)]
+    errs = [(tmp_path / f"err{i}.txt").read_text() for i in range(2)]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0] == want, (outs[0], want)
+    assert outs[1] == ""  # process 1 generated the same tokens and printed nothing
 
 
 @pytest.mark.parametrize(

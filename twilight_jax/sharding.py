@@ -31,6 +31,8 @@ over several processes are read back with ``to_host``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import jax
 import numpy as np
@@ -97,6 +99,18 @@ def initialize_distributed(
             f"coordinator {coordinator_address}); it must run before anything uses a "
             f"device: {e}"
         ) from e
+    # Every process waits here for all the others, and the collectives connect now: gloo
+    # announces its connections on stdout (fd 1, from C++), which is the answer's stream in
+    # scripts/generate.py, so that line goes to stderr.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        multihost_utils.sync_global_devices("twilight_jax.sharding.initialize_distributed")
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def head_mesh(num_devices: int | None = None, devices=None) -> Mesh:
