@@ -126,10 +126,10 @@ class Stepper:
     def _start_decoding(self, batch: list[Request]) -> None:
         """Moves freshly prefilled requests into the decode batch (the last prefill's logits:
         [rows >= len(batch), vocab]). A new request samples its first token from the logits;
-        a recomputed one has
-        all its tokens but the last output cached and goes on from that token with a decode
-        step, as it would have without the preemption (prefill attention is dense, decode
-        attention may be sparse: a token sampled from the prefill could differ)."""
+        a recomputed one has all its tokens but the last output cached and goes on from that
+        token with a decode step, as it would have without the preemption (prefill attention
+        is dense, decode attention may be sparse: a token sampled from the prefill could
+        differ)."""
         n, rows = len(batch), self._logits.shape[0]
         fresh = [not r.output for r in batch]
         first = None
