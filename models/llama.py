@@ -283,10 +283,11 @@ class LlamaForCausalLM(nnx.Module):
         page_size: int = 16,
         num_pages: int | None = None,
         ds_channels: int = 0,
+        quest_metadata: str = "int8",
     ) -> PagedKVCache:
         """An empty ``PagedKVCache`` for this model (model dtype, split over its mesh):
         [Hkv, L, P, S, D] pages, sequence b owning pages 1 + b * ceil(max_seq_len / page_size),
-        ...; num_pages and ds_channels as in ``PagedKVCache.create``."""
+        ...; num_pages, ds_channels and quest_metadata as in ``PagedKVCache.create``."""
         c = self.config
         cache = PagedKVCache.create(
             c.num_layers,
@@ -298,6 +299,7 @@ class LlamaForCausalLM(nnx.Module):
             num_pages=num_pages,
             dtype=self.dtype,
             ds_channels=ds_channels,
+            quest_metadata=quest_metadata,
         )
         return self.place_cache(cache)
 
@@ -557,9 +559,15 @@ class JittedLlama:
         page_size: int = 16,
         num_pages: int | None = None,
         ds_channels: int = 0,
+        quest_metadata: str = "int8",
     ) -> PagedKVCache:
         return self.model.init_cache(
-            batch, max_seq_len, page_size=page_size, num_pages=num_pages, ds_channels=ds_channels
+            batch,
+            max_seq_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            ds_channels=ds_channels,
+            quest_metadata=quest_metadata,
         )
 
     def place_cache(self, cache):

@@ -7,14 +7,19 @@ the page table), and each KV head g, at physical page page_table[b, pos // S], s
 - k_int4, k_scale, k_zero: the INT4 codes of the new K row as stored (rounded to the cache dtype
   first), by the quantization rule of pallas_kernels.int4;
 - k_min, k_max (Quest metadata of the page): the new row at slot 0 (a page starts afresh), the
-  elementwise min / max with the page's current values otherwise.
+  elementwise min / max with the page's current values otherwise. With INT8 metadata (k_mm_scale
+  given: int8 codes and a float32 scale per page, pallas_kernels.quest), the page's bounds are
+  widened by ``quest.widen_page_bounds``: scale max(old scale, max|k| / 127), codes of the
+  dequantized old bounds widened by the new row, rounded outward (unchanged codes when the
+  scale is unchanged); at slot 0 the row's own quantization.
 
 One kernel instead of seven scatters, a quantization and a gather of the page metadata per
 layer: at decode batch sizes each of those is a launch of a few microseconds whatever its size.
 
 Layouts (docs/kernel_api.md): k_pages, v_pages [Hkv, P, S, D]; k_int4 [Hkv, P, S, D/2] uint8;
-k_scale, k_zero [Hkv, P, S] float32; k_min, k_max [Hkv, P, D] (k_pages dtype); k_new, v_new
-[B, Hkv, D]; page_table [B, max_pages] int32; positions [B] int32.
+k_scale, k_zero [Hkv, P, S] float32; k_min, k_max [Hkv, P, D] (k_pages dtype, or int8 with
+k_mm_scale [Hkv, P] float32); k_new, v_new [B, Hkv, D]; page_table [B, max_pages] int32;
+positions [B] int32.
 
 GPU (Triton): grid (Hkv, blocks of sequences); masked stores into the aliased cache arrays, so
 under jit with the cache donated the update is in place. There is no TPU kernel: on a TPU the
@@ -43,6 +48,7 @@ from pallas_kernels.int4 import (
     _quantize_halves,
     quantize_int4_reference,
 )
+from pallas_kernels.quest import _scale_of, _widen_codes, widen_page_bounds
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -63,22 +69,28 @@ class AppendGpuConfig:
 DEFAULT_GPU_CONFIG = AppendGpuConfig()
 
 
-def _check_args(k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new, pt, pos):
+def _check_args(
+    k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new, pt, pos, k_mm_scale
+):
     _common.check_rank("k_pages", k_pages, 4, "[Hkv, P, S, D]")
     hkv, num_pages, page_size, d = np.shape(k_pages)
     if d % 2:
         raise ValueError(f"k_pages head_dim must be even (two nibbles a byte), got {d}")
     _common.check_dtype("k_pages", k_pages, _FLOAT_DTYPES)
+    meta_dtype = k_pages.dtype if k_mm_scale is None else jnp.int8
     expected = {
         "v_pages": ((hkv, num_pages, page_size, d), [k_pages.dtype]),
         "k_int4": ((hkv, num_pages, page_size, d // 2), [jnp.uint8]),
         "k_scale": ((hkv, num_pages, page_size), [jnp.float32]),
         "k_zero": ((hkv, num_pages, page_size), [jnp.float32]),
-        "k_min": ((hkv, num_pages, d), [k_pages.dtype]),
-        "k_max": ((hkv, num_pages, d), [k_pages.dtype]),
+        "k_min": ((hkv, num_pages, d), [meta_dtype]),
+        "k_max": ((hkv, num_pages, d), [meta_dtype]),
     }
     arrays = dict(v_pages=v_pages, k_int4=k_int4, k_scale=k_scale, k_zero=k_zero)
     arrays.update(k_min=k_min, k_max=k_max)
+    if k_mm_scale is not None:
+        expected["k_mm_scale"] = ((hkv, num_pages), [jnp.float32])
+        arrays["k_mm_scale"] = k_mm_scale
     for name, (shape, dtypes) in expected.items():
         if tuple(np.shape(arrays[name])) != shape:
             raise ValueError(
@@ -102,7 +114,18 @@ def _check_args(k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, 
 
 @jax.jit
 def cache_append_decode_reference(
-    k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new, page_table, positions
+    k_pages,
+    v_pages,
+    k_int4,
+    k_scale,
+    k_zero,
+    k_min,
+    k_max,
+    k_new,
+    v_new,
+    page_table,
+    positions,
+    k_mm_scale=None,
 ):
     """Arguments and result as `cache_append_decode`; XLA scatters."""
     hkv, num_pages, page_size, _ = k_pages.shape
@@ -117,10 +140,20 @@ def cache_append_decode_reference(
     packed, scale, zero = quantize_int4_reference(k.astype(jnp.float32))
     safe = jnp.minimum(phys, num_pages - 1)
     first = (slot == 0)[..., None]
-    kc = k.astype(k_min.dtype)
-    kmin = jnp.where(first, kc, jnp.minimum(k_min[heads, safe], kc))
-    kmax = jnp.where(first, kc, jnp.maximum(k_max[heads, safe], kc))
     row, page = (heads, phys, slot), (heads, phys)
+    meta = ()
+    if k_mm_scale is None:
+        kc = k.astype(k_min.dtype)
+        kmin = jnp.where(first, kc, jnp.minimum(k_min[heads, safe], kc))
+        kmax = jnp.where(first, kc, jnp.maximum(k_max[heads, safe], kc))
+    else:
+        kf = k.astype(jnp.float32)
+        old_scale = k_mm_scale[heads, safe][..., None]
+        lo, hi, scale_new = widen_page_bounds(
+            k_min[heads, safe], k_max[heads, safe], old_scale, kf, kf, first
+        )
+        kmin, kmax = lo.astype(jnp.int8), hi.astype(jnp.int8)
+        meta = (k_mm_scale.at[page].set(scale_new[..., 0], mode="drop"),)
     return (
         k_pages.at[row].set(k, mode="drop"),
         v_pages.at[row].set(v_new.astype(v_pages.dtype), mode="drop"),
@@ -129,6 +162,7 @@ def cache_append_decode_reference(
         k_zero.at[row].set(zero, mode="drop"),
         k_min.at[page].set(kmin, mode="drop"),
         k_max.at[page].set(kmax, mode="drop"),
+        *meta,
     )
 
 
@@ -137,13 +171,16 @@ def _gpu_kernel(
     v_new_ref,  # [B, Hkv, D]
     pos_ref,  # [B] int32, < 0 = skip
     pt_ref,  # [B, max_pages] int32
-    *refs,  # 7 aliased inputs (not read), then the 7 outputs:
+    *refs,  # n aliased inputs (not read), then the n outputs:
     # kp, vp [Hkv, P*S, D]; k4 [Hkv, P*S, D/2] u8; ks, kz [Hkv, P*S] f32; mn, mx [Hkv, P, D]
+    # (float, or int8 codes followed by their scale [Hkv, P] f32)
     seqs_per_block: int,
     page_size: int,
     divide,
 ):
-    kp_ref, vp_ref, k4_ref, ks_ref, kz_ref, mn_ref, mx_ref = refs[7:]
+    outs = refs[len(refs) // 2 :]
+    kp_ref, vp_ref, k4_ref, ks_ref, kz_ref, mn_ref, mx_ref = outs[:7]
+    sc_ref = outs[7] if len(outs) == 8 else None
     h = pl.program_id(0)
     batch, max_pages = pt_ref.shape
     num_pages = mn_ref.shape[1]
@@ -170,16 +207,32 @@ def _gpu_kernel(
         v = plt.load(v_new_ref.at[s2, h, c2 + off], mask=ok2, other=0).astype(vp_ref.dtype)
         plt.store(kp_ref.at[h, d2, c2 + off], k, mask=ok2)
         plt.store(vp_ref.at[h, d2, c2 + off], v, mask=ok2)
-        km = k.astype(mdt)
-        old_min = plt.load(mn_ref.at[h, p2, c2 + off], mask=ok2, other=0)
-        old_max = plt.load(mx_ref.at[h, p2, c2 + off], mask=ok2, other=0)
-        plt.store(
-            mn_ref.at[h, p2, c2 + off], jnp.where(first, km, jnp.minimum(old_min, km)), mask=ok2
-        )
-        plt.store(
-            mx_ref.at[h, p2, c2 + off], jnp.where(first, km, jnp.maximum(old_max, km)), mask=ok2
-        )
+        if sc_ref is None:
+            km = k.astype(mdt)
+            old_min = plt.load(mn_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+            old_max = plt.load(mx_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+            new_min = jnp.where(first, km, jnp.minimum(old_min, km))
+            new_max = jnp.where(first, km, jnp.maximum(old_max, km))
+            plt.store(mn_ref.at[h, p2, c2 + off], new_min, mask=ok2)
+            plt.store(mx_ref.at[h, p2, c2 + off], new_max, mask=ok2)
         halves.append(k.astype(jnp.float32))
+    if sc_ref is not None:
+        # The page's new scale needs max|k| over the whole row (padded columns load 0), then
+        # each half is coded under it (quest.widen_page_bounds, split at the scale).
+        top = jnp.maximum(
+            jnp.abs(halves[0]).max(axis=1, keepdims=True),
+            jnp.abs(halves[1]).max(axis=1, keepdims=True),
+        )
+        old_scale = plt.load(sc_ref.at[h, phys], mask=ok, other=0)[:, None]
+        new_scale = _scale_of(top, divide)
+        new_scale = jnp.where(first, new_scale, jnp.maximum(old_scale, new_scale))
+        for off, kf in zip((0, half), halves):
+            old_min = plt.load(mn_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+            old_max = plt.load(mx_ref.at[h, p2, c2 + off], mask=ok2, other=0)
+            lo, hi = _widen_codes(old_min, old_max, old_scale, kf, kf, new_scale, first, divide)
+            plt.store(mn_ref.at[h, p2, c2 + off], lo.astype(mdt), mask=ok2)
+            plt.store(mx_ref.at[h, p2, c2 + off], hi.astype(mdt), mask=ok2)
+        plt.store(sc_ref.at[h, phys], new_scale[:, 0], mask=ok)
     packed, scale, zero = _quantize_halves(*halves, col_ok, divide=divide)
     plt.store(k4_ref.at[h, d2, c2], packed.astype(jnp.uint8), mask=ok2)
     plt.store(ks_ref.at[h, dest], scale[:, 0], mask=ok)
@@ -199,6 +252,7 @@ def cache_append_decode_gpu(
     v_new,
     page_table,
     positions,
+    k_mm_scale=None,
     *,
     interpret: bool = False,
     config: AppendGpuConfig = DEFAULT_GPU_CONFIG,
@@ -207,8 +261,10 @@ def cache_append_decode_gpu(
     caller)."""
     hkv, num_pages, page_size, d = k_pages.shape
     batch = page_table.shape[0]
+    shapes = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max)
+    shapes += () if k_mm_scale is None else (k_mm_scale,)
     if batch == 0:
-        return k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max
+        return shapes
     rows = min(config.seqs_per_block, pl.next_power_of_2(batch))
     slots = num_pages * page_size
     cache = (
@@ -217,9 +273,9 @@ def cache_append_decode_gpu(
         k_int4.reshape(hkv, slots, d // 2),
         k_scale.reshape(hkv, slots),
         k_zero.reshape(hkv, slots),
-        k_min,
-        k_max,
+        *shapes[5:],
     )
+    n = len(cache)
     out = pl.pallas_call(
         functools.partial(
             _gpu_kernel,
@@ -228,15 +284,14 @@ def cache_append_decode_gpu(
             divide=_kernel_divide("gpu", interpret),
         ),
         grid=(hkv, pl.cdiv(batch, rows)),
-        in_specs=[pl.no_block_spec] * 11,
-        out_specs=[pl.no_block_spec] * 7,
+        in_specs=[pl.no_block_spec] * (4 + n),
+        out_specs=[pl.no_block_spec] * n,
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in cache],
-        input_output_aliases={4 + i: i for i in range(7)},
+        input_output_aliases={4 + i: i for i in range(n)},
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
         name="cache_append_decode_gpu",
     )(k_new, v_new, positions, page_table, *cache)
-    shapes = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max)
     return tuple(o.reshape(x.shape) for o, x in zip(out, shapes))
 
 
@@ -253,6 +308,7 @@ def cache_append_decode(
     page_table,
     positions,
     *,
+    k_mm_scale=None,
     backend: str = "auto",
     config: AppendGpuConfig | None = None,
 ):
@@ -260,22 +316,26 @@ def cache_append_decode(
 
     Args:
       k_pages, v_pages: [Hkv, P, S, D] float; k_int4: [Hkv, P, S, D/2] uint8; k_scale,
-        k_zero: [Hkv, P, S] float32; k_min, k_max: [Hkv, P, D] in k_pages' dtype.
+        k_zero: [Hkv, P, S] float32; k_min, k_max: [Hkv, P, D] in k_pages' dtype, or int8
+        codes with k_mm_scale.
       k_new, v_new: [B, Hkv, D] float, the new token's post-RoPE K and its V.
       page_table: [B, max_pages] int32, logical page -> physical page.
       positions: [B] int32 position of the new token; < 0 skips sequence b.
+      k_mm_scale: None (float Quest metadata) or [Hkv, P] float32, the page scales of INT8
+        k_min / k_max (pallas_kernels.quest).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference" ("pallas_tpu"
         and "auto" on a TPU run the reference: XLA's scatters, in place under donation).
       config: AppendGpuConfig for the GPU kernel; None: the defaults.
 
     Returns:
-      (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max) updated.
+      (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max) updated, then k_mm_scale
+      updated when it was given.
     """
     args = (k_pages, v_pages, k_int4, k_scale, k_zero, k_min, k_max, k_new, v_new)
-    _check_args(*args, page_table, positions)
+    _check_args(*args, page_table, positions, k_mm_scale)
     return _common.implementation(
         backend,
         config,
         reference=cache_append_decode_reference,
         gpu=(cache_append_decode_gpu, DEFAULT_GPU_CONFIG),
-    )(*args, page_table, positions)
+    )(*args, page_table, positions, k_mm_scale)

@@ -15,16 +15,33 @@ Layouts (docs/kernel_api.md, head-major): k_min, k_max [Hkv, P, D] float32 or bf
 page_table [B, max_pages] int32 (0 = null page); lengths [B] int32. Logical page j of sequence
 b is physical page page_table[b, j]; pages from ceil(lengths[b] / S) on score -inf.
 
+INT8 metadata (``scale`` given): k_min, k_max [Hkv, P, D] int8 codes and scale [Hkv, P]
+float32, one scale per page and KV head, by the rule of ``quantize_page_bounds``:
+
+    s     = max_d max(|min_d|, |max_d|) / 127        (s = 0: every code 0)
+    min_q = clip(floor(min / s), -127, 127)    max_q = clip(ceil(max / s), -127, 127)
+
+so min_q * s <= min and max_q * s >= max (up to float rounding), and the score computed from
+the codes, s * sum_d (relu(q_d) * max_q_d + min(q_d, 0) * min_q_d), is still an upper bound of
+q . k over the page's keys, looser than the exact-metadata bound by at most s * sum_d |q_d|
+when quantized once (each growth of the scale at decode can round a code one more step out).
+A page then costs 2 * D + 4 bytes per KV head instead of 2 * D * itemsize (4 * D in bf16).
+The cache keeps the codes up to date at decode with ``widen_page_bounds`` (pallas_kernels.
+append) and quantizes prefill pages once.
+
 GPU (Triton): grid (sequence, KV head, tile of pages_per_block pages), one tile per program. A
 program holding live pages gathers their min/max rows through the page table with masked
 vector loads (each row read once and used for all G query heads of the group: the op moves
-2 * D * itemsize bytes per page and KV head and is bandwidth bound); a program past the last
-live page writes -inf. A head_dim that is not a power of two (Triton's block rule) is padded
-and masked.
+2 * D * itemsize bytes per page and KV head, 2 * D + 4 with INT8 metadata, and is bandwidth
+bound); INT8 rows are converted to float32 in registers and each page's sum is multiplied by
+its scale at the end. A program past the last live page writes -inf. A head_dim that is not a
+power of two (Triton's block rule) is padded and masked.
 
 TPU (Mosaic): a one-page block of k_min ([1, D] out of a [P, D] plane) is not a legal Mosaic
 block, so the min/max rows of a chunk of pages move by DMA (memory_space ANY) at the page
-table's physical ids, and two MXU dots score all G heads of the group.
+table's physical ids, and two MXU dots score all G heads of the group. INT8 rows are converted
+to the dot dtype in VMEM; their page scales are gathered by XLA outside the kernel (one float a
+page, the size of the output) and enter as a lane-dense block, multiplied after the dots.
 """
 
 from __future__ import annotations
@@ -40,10 +57,12 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _common
+from pallas_kernels.int4 import exact_divide
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
 _INDEX_DTYPES = (np.int32,)
 DEFAULT_PAGE_SIZE = 16
+CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max |bound|
 
 
 # Tuned defaults (H200, batch 64, 32K context = 2048 pages of 16, bf16, 8 KV heads x 4 query
@@ -98,16 +117,23 @@ DEFAULT_TPU_CONFIG = QuestTpuConfig()
 # Validation (shapes, dtypes and static ints only: runs on tracers, before any kernel)
 
 
-def _check_args(q, k_min, k_max, page_table, lengths, page_size) -> None:
+def _check_args(q, k_min, k_max, page_table, lengths, page_size, scale=None) -> None:
     _common.check_rank("k_min", k_min, 3, "[num_kv_heads, num_pages, head_dim]")
-    _common.check_dtype("k_min", k_min, _FLOAT_DTYPES)
+    _common.check_dtype("k_min", k_min, _FLOAT_DTYPES if scale is None else (np.int8,))
     _common.check_rank("k_max", k_max, 3, "[num_kv_heads, num_pages, head_dim]")
     if tuple(np.shape(k_max)) != tuple(np.shape(k_min)) or k_max.dtype != k_min.dtype:
         raise ValueError(
             f"k_max must match k_min (shape {tuple(np.shape(k_min))}, dtype {k_min.dtype}), "
             f"got shape {tuple(np.shape(k_max))}, dtype {k_max.dtype}"
         )
-    hkv, _, d = np.shape(k_min)
+    hkv, num_pages, d = np.shape(k_min)
+    if scale is not None:
+        _common.check_dtype("scale", scale, (np.float32,))
+        if tuple(np.shape(scale)) != (hkv, num_pages):
+            raise ValueError(
+                f"scale must have shape {(hkv, num_pages)} ([num_kv_heads, num_pages] of "
+                f"k_min), got {tuple(np.shape(scale))}"
+            )
     _common.check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
     _common.check_dtype("q", q, _FLOAT_DTYPES)
     _common.check_dim("q", q, 2, d, "head_dim of k_min")
@@ -128,6 +154,73 @@ def _check_args(q, k_min, k_max, page_table, lengths, page_size) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# INT8 metadata: quantization and the decode-time update (jnp on values: the append kernel's
+# body and the cache's XLA writes share these, so kernels and references agree bit for bit)
+
+
+def _scale_of(top, divide):
+    """The page scale for a largest |bound| of top."""
+    return divide(top, float(CODE_MAX))
+
+
+def widen_page_bounds(min_q, max_q, scale, new_min, new_max, fresh, *, divide=exact_divide):
+    """INT8 bounds of a page widened to cover float bounds new_min, new_max [..., D].
+
+    min_q, max_q [..., D] (codes, any dtype holding them) and scale [..., 1] float32 are the
+    page's current metadata; fresh [..., 1] bool: the page starts afresh (its current metadata
+    is ignored). The new scale is max(scale, max|new| / 127) (fresh: max|new| / 127), and the
+    codes are those of the float bounds min(min_q * scale, new_min), max(max_q * scale,
+    new_max) under it, rounded outward, so every bound stays conservative. Returns (min codes,
+    max codes) as float32 integers in [-127, 127] and the new scale [..., 1].
+
+    When the scale does not change the old codes are kept as they are rather than requantized
+    through code * s / s, whose rounding could move a code one step outward: a page whose new
+    key lies inside its bounds is left bit for bit unchanged, however many tokens it takes.
+    divide: a correctly rounded float32 division (int4._kernel_divide in kernels).
+    """
+    new_min = new_min.astype(jnp.float32)
+    new_max = new_max.astype(jnp.float32)
+    top = jnp.maximum(
+        jnp.abs(new_min).max(axis=-1, keepdims=True), jnp.abs(new_max).max(axis=-1, keepdims=True)
+    )
+    s_new = _scale_of(top, divide)
+    s_new = jnp.where(fresh, s_new, jnp.maximum(scale, s_new))
+    return (*_widen_codes(min_q, max_q, scale, new_min, new_max, s_new, fresh, divide), s_new)
+
+
+def _widen_codes(min_q, max_q, scale, new_min, new_max, s_new, fresh, divide):
+    """The codes of ``widen_page_bounds`` under a given new scale s_new (the GPU append kernel
+    computes s_new over both halves of a row, then codes each half)."""
+    # s_new = 0 only when every bound is 0: the codes are 0, with no division by zero.
+    safe = jnp.where(s_new > 0, s_new, 1.0)
+    lo = jnp.floor(divide(new_min, safe))
+    hi = jnp.ceil(divide(new_max, safe))
+    same = s_new == scale
+    old_lo, old_hi = min_q.astype(jnp.float32), max_q.astype(jnp.float32)
+    old_lo = jnp.where(same, old_lo, jnp.floor(divide(old_lo * scale, safe)))
+    old_hi = jnp.where(same, old_hi, jnp.ceil(divide(old_hi * scale, safe)))
+    lo = jnp.where(fresh, lo, jnp.minimum(lo, old_lo))
+    hi = jnp.where(fresh, hi, jnp.maximum(hi, old_hi))
+    return jnp.clip(lo, -CODE_MAX, CODE_MAX), jnp.clip(hi, -CODE_MAX, CODE_MAX)
+
+
+@jax.jit
+def quantize_page_bounds(k_min, k_max):
+    """Float page bounds k_min, k_max [..., D] -> (min codes int8, max codes int8 [..., D],
+    scale float32 [...]) by the rule in the module docstring."""
+    zeros = jnp.zeros(k_min.shape[:-1] + (1,), jnp.float32)
+    lo, hi, scale = widen_page_bounds(zeros, zeros, zeros, k_min, k_max, True)
+    return lo.astype(jnp.int8), hi.astype(jnp.int8), scale[..., 0]
+
+
+@jax.jit
+def dequantize_page_bounds(min_q, max_q, scale):
+    """INT8 page bounds -> float32 (min_q * scale, max_q * scale), [..., D]."""
+    s = scale[..., None]
+    return min_q.astype(jnp.float32) * s, max_q.astype(jnp.float32) * s
+
+
+# --------------------------------------------------------------------------------------------
 # Reference (float32 jnp)
 
 
@@ -137,7 +230,7 @@ def _num_pages(lengths, page_size: int):
 
 @functools.partial(jax.jit, static_argnames=("page_size",))
 def quest_page_scores_reference(
-    q, k_min, k_max, page_table, lengths, *, page_size: int = DEFAULT_PAGE_SIZE
+    q, k_min, k_max, page_table, lengths, scale=None, *, page_size: int = DEFAULT_PAGE_SIZE
 ):
     """Arguments and result as `quest_page_scores`."""
     batch, hq, d = q.shape
@@ -147,6 +240,8 @@ def quest_page_scores_reference(
     mn = k_min[:, page_table].astype(jnp.float32).transpose(1, 0, 2, 3)[:, :, None]
     mx = k_max[:, page_table].astype(jnp.float32).transpose(1, 0, 2, 3)[:, :, None]
     s = jnp.maximum(qg * mn, qg * mx).sum(axis=-1)  # [B, Hkv, G, max_pages]
+    if scale is not None:  # INT8 codes: the page's scale factors out of its sum
+        s = s * scale[:, page_table].transpose(1, 0, 2)[:, :, None]
     live = jnp.arange(max_pages) < _num_pages(lengths, page_size)[:, None]
     s = jnp.where(live[:, None, None, :], s, -jnp.inf)
     return s.reshape(batch, hq, max_pages)
@@ -162,12 +257,12 @@ def _scores_gpu_kernel(
     mx_ref,  # [Hkv, P, D]
     pt_ref,  # [B, max_pages] int32
     len_ref,  # [B] int32
-    o_ref,  # [B, Hq, max_pages] f32
-    *,
+    *refs,  # (scale [Hkv, P] f32 with INT8 min/max,) then o [B, Hq, max_pages] f32
     group: int,
     pages_per_block: int,
     page_size: int,
 ):
+    sc_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
     ppb = pages_per_block
@@ -191,6 +286,9 @@ def _scores_gpu_kernel(
         # One read of the group's min/max rows serves its G query heads.
         mn = plt.load(mn_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
         mx = plt.load(mx_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
+        page_scale = None
+        if sc_ref is not None:
+            page_scale = plt.load(sc_ref.at[h, phys], mask=ok, other=0)
         for g in range(group):
             if col_ok is None:
                 qh = q_ref[b, h * group + g, :]
@@ -198,6 +296,8 @@ def _scores_gpu_kernel(
                 qh = plt.load(q_ref.at[b, h * group + g, col], mask=col_ok, other=0)
             qh = qh.astype(jnp.float32)[None, :]
             score = jnp.sum(jnp.maximum(qh, 0.0) * mx + jnp.minimum(qh, 0.0) * mn, axis=1)
+            if page_scale is not None:
+                score = score * page_scale
             store(g, jnp.where(ok, score, -jnp.inf))
 
     @pl.when(t * ppb >= live_pages)
@@ -213,6 +313,7 @@ def quest_page_scores_gpu(
     k_max,
     page_table,
     lengths,
+    scale=None,
     *,
     page_size: int = DEFAULT_PAGE_SIZE,
     interpret: bool = False,
@@ -226,18 +327,19 @@ def quest_page_scores_gpu(
     if batch == 0 or max_pages == 0:
         return jnp.zeros((batch, hq, max_pages), jnp.float32)
     pages = min(config.pages_per_block, pl.next_power_of_2(max_pages))
+    inputs = (q, k_min, k_max, page_table, lengths) + (() if scale is None else (scale,))
     return pl.pallas_call(
         functools.partial(
             _scores_gpu_kernel, group=hq // hkv, pages_per_block=pages, page_size=page_size
         ),
         grid=(batch, hkv, pl.cdiv(max_pages, pages)),
-        in_specs=[pl.no_block_spec] * 5,
+        in_specs=[pl.no_block_spec] * len(inputs),
         out_specs=pl.no_block_spec,
         out_shape=jax.ShapeDtypeStruct((batch, hq, max_pages), jnp.float32),
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
         name="quest_page_scores_gpu",
-    )(q, k_min, k_max, page_table, lengths)
+    )(*inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,14 +352,13 @@ def _scores_tpu_kernel(
     q_ref,  # [G, D] f32 or bf16: the query heads of KV head h
     mn_hbm,  # ANY [Hkv, P, D]
     mx_hbm,  # ANY [Hkv, P, D]
-    o_ref,  # [G, PB] f32
-    mn_buf,  # VMEM [PB, D]
-    mx_buf,  # VMEM [PB, D]
-    sem,
-    *,
+    *refs,  # (scale [1, PB] f32 of the chunk's pages with INT8 min/max,) o [G, PB] f32,
+    # then the scratch: mn_buf, mx_buf VMEM [PB, D] (min/max dtype), sem
     page_size: int,
     max_pages: int,
 ):
+    sc_ref = refs[0] if len(refs) == 5 else None
+    o_ref, mn_buf, mx_buf, sem = refs[-4:]
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pages = mn_buf.shape[0]
     first = c * pages
@@ -292,18 +393,23 @@ def _scores_tpu_kernel(
     jax.lax.fori_loop(0, n, wait, 0)
 
     q = q_ref[...]
-    both_bf16 = q.dtype == jnp.bfloat16 and mn_buf.dtype == jnp.bfloat16
+    # INT8 codes (|code| <= 127) are exact in bfloat16.
+    both_bf16 = q.dtype == jnp.bfloat16 and mn_buf.dtype in (jnp.bfloat16, jnp.int8)
     # bf16 x bf16 products are exact in the f32 accumulator; f32 operands need HIGHEST.
     dt, prec = (jnp.bfloat16, None) if both_bf16 else (jnp.float32, jax.lax.Precision.HIGHEST)
     zero = jnp.zeros((), q.dtype)
     nt = (((1,), (1,)), ((), ()))  # [G, D] x [PB, D] -> [G, PB]
 
     def dot(a, m):
+        if m.dtype == jnp.int8:  # through float32: the int8 -> float conversion Mosaic has
+            m = m.astype(jnp.int32).astype(jnp.float32)
         return jax.lax.dot_general(
             a.astype(dt), m.astype(dt), nt, precision=prec, preferred_element_type=jnp.float32
         )
 
     s = dot(jnp.maximum(q, zero), mx_buf[...]) + dot(jnp.minimum(q, zero), mn_buf[...])
+    if sc_ref is not None:
+        s = s * sc_ref[...]
     lane = first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     o_ref[...] = jnp.where(lane < live_pages, s, -jnp.inf)
 
@@ -315,6 +421,7 @@ def quest_page_scores_tpu(
     k_max,
     page_table,
     lengths,
+    scale=None,
     *,
     page_size: int = DEFAULT_PAGE_SIZE,
     interpret: bool = False,
@@ -337,6 +444,12 @@ def quest_page_scores_tpu(
     padded = pl.cdiv(max_pages, pages) * pages
     table = jnp.pad(page_table, ((0, 0), (0, padded - max_pages))).reshape(-1)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    extra_specs, extra = [], ()
+    if scale is not None:
+        # The scales of each sequence's pages in logical order, [B, Hkv, 1, max_pages]: 4 bytes
+        # a page, gathered by XLA (a one-float DMA per page into a lane would cost more).
+        extra = (scale[:, page_table].transpose(1, 0, 2)[:, :, None, :],)
+        extra_specs = [pl.BlockSpec((None, None, 1, pages), lambda b, h, c, *_: (b, h, 0, c))]
     out = pl.pallas_call(
         functools.partial(_scores_tpu_kernel, page_size=page_size, max_pages=padded),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -346,6 +459,7 @@ def quest_page_scores_tpu(
                 pl.BlockSpec((None, None, group, d), lambda b, h, c, *_: (b, h, 0, 0)),
                 any_spec,
                 any_spec,
+                *extra_specs,
             ],
             out_specs=pl.BlockSpec((None, None, group, pages), lambda b, h, c, *_: (b, h, 0, c)),
             scratch_shapes=[
@@ -360,7 +474,7 @@ def quest_page_scores_tpu(
         ),
         interpret=_common.tpu_interpret(interpret),
         name="quest_page_scores_tpu",
-    )(table, lengths, q.reshape(batch, hkv, group, d), k_min, k_max)
+    )(table, lengths, q.reshape(batch, hkv, group, d), k_min, k_max, *extra)
     return out.reshape(batch, hq, max_pages)
 
 
@@ -375,6 +489,7 @@ def quest_page_scores(
     page_table,
     lengths,
     *,
+    scale=None,
     page_size: int = DEFAULT_PAGE_SIZE,
     backend: str = "auto",
     config: QuestGpuConfig | QuestTpuConfig | None = None,
@@ -384,9 +499,12 @@ def quest_page_scores(
     Args:
       q: [batch, num_q_heads, head_dim] float32 or bfloat16, post-RoPE queries; query head h
         uses KV head h // (num_q_heads // num_kv_heads).
-      k_min, k_max: [num_kv_heads, num_pages, head_dim] float32 or bfloat16.
+      k_min, k_max: [num_kv_heads, num_pages, head_dim] float32 or bfloat16, or int8 codes
+        when scale is given.
       page_table: [batch, max_pages] int32.
       lengths: [batch] int32 tokens in the cache per sequence.
+      scale: None (float metadata) or [num_kv_heads, num_pages] float32, the scale of each
+        page's INT8 codes (``quantize_page_bounds``).
       page_size: static, tokens per page of the cache the metadata describes.
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
         (docs/kernel_api.md).
@@ -394,13 +512,14 @@ def quest_page_scores(
 
     Returns:
       [batch, num_q_heads, max_pages] float32: sum_d max(q_d * min_d, q_d * max_d) over the
-      metadata of physical page page_table[b, j]; -inf for j >= ceil(lengths[b] / page_size).
+      metadata of physical page page_table[b, j] (INT8: min_d = min_q_d * scale, etc.); -inf
+      for j >= ceil(lengths[b] / page_size).
     """
-    _check_args(q, k_min, k_max, page_table, lengths, page_size)
+    _check_args(q, k_min, k_max, page_table, lengths, page_size, scale)
     return _common.implementation(
         backend,
         config,
         reference=quest_page_scores_reference,
         gpu=(quest_page_scores_gpu, DEFAULT_GPU_CONFIG),
         tpu=(quest_page_scores_tpu, DEFAULT_TPU_CONFIG),
-    )(q, k_min, k_max, page_table, lengths, page_size=int(page_size))
+    )(q, k_min, k_max, page_table, lengths, scale, page_size=int(page_size))

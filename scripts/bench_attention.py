@@ -9,9 +9,11 @@ the tokens, as in peaked real heads. Methods, each through `twilight_jax.decode_
 all (p); and jax cuDNN `dot_product_attention` on contiguous K/V. For the sparse methods, the
 time of each stage (select, estimate, threshold, attend) is measured on its own with the
 previous stage's real outputs, and the average attended tokens per (sequence, KV head) is
-reported.
+reported. The Quest methods run once per ``--quest-metadata`` form (int8 codes with a scale per
+page, or the cache dtype), on the same cache (its metadata quantized for int8).
 
     python scripts/bench_attention.py --out docs/results/attention
+    python scripts/bench_attention.py --quest-metadata native int8 --out /tmp/attn-meta
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ def _planted_cache(batch, ctx, planted, lift, key):
     alpha = lift * jnp.sqrt(D) / jnp.linalg.norm(shared[:, :, 0], axis=-1)  # [B, Hkv]
     k, v = _planted_kv(batch, ctx, planted, ksel, kk, kv, alpha, direction)
     lengths = jnp.full((batch,), ctx, jnp.int32)
-    cache = PagedKVCache.from_dense(k, v, lengths, page_size=S)
+    cache = PagedKVCache.from_dense(k, v, lengths, page_size=S, quest_metadata="native")
     return q.astype(DT), cache
 
 
 def planted_problem(key, batch, ctx, planted, lift):
-    """q [B, Hq, D] and a one-layer cache whose attention is peaked on planted tokens."""
+    """q [B, Hq, D] and a one-layer cache whose attention is peaked on planted tokens (native
+    Quest metadata: ``with_quest_metadata("int8")`` gives the int8 form of the same cache)."""
     return _planted_cache(batch, ctx, float(planted), float(lift), key)
 
 
@@ -182,6 +185,7 @@ def run(args):
     table = benchlib.Table(
         [
             "method",
+            "quest_metadata",
             "batch",
             "ctx",
             "total_us",
@@ -241,8 +245,18 @@ def run(args):
                 "twilight/quest": f"twilight/quest B0={b0} p={args.p}",
                 "twilight/all": f"twilight/all p={args.p}",
             }
-            methods = {labels[k]: (cfg, cfg.top_p) for k, cfg in configs.items()}
-            for name, (cfg, top_p) in methods.items():
+            # Quest reads the page metadata: one run per form; the others read none of it.
+            methods = {}
+            for k, cfg in configs.items():
+                forms = args.quest_metadata if cfg.selector == "quest" else [None]
+                for form in forms:
+                    name = labels[k] if len(forms) == 1 else f"{labels[k]} [{form}]"
+                    methods[name] = (cfg, cfg.top_p, form)
+            caches = {None: cache}
+            for form in args.quest_metadata:
+                caches[form] = cache.with_quest_metadata(form)  # shares the pages
+            for name, (cfg, top_p, form) in methods.items():
+                cache = caches[form]
                 print(f"[{name} batch {batch} ctx {ctx}] {device_memory()}", flush=True)
                 try:
 
@@ -266,6 +280,7 @@ def run(args):
                         note = "direct calls (loop program out of memory)"
                     row = dict(
                         method=name,
+                        quest_metadata=form or "",
                         batch=batch,
                         ctx=ctx,
                         total_us=total * 1e6,
@@ -292,7 +307,7 @@ def run(args):
                     )
                     traceback.print_exc(limit=4)
                     table.add(method=name, batch=batch, ctx=ctx, note=f"FAILED {type(e).__name__}")
-            del q, cache
+            del q, cache, caches
             table.save(args.out, {"partial": "written after each (batch, context)"})
     meta = benchlib.device_meta()
     meta.update(
@@ -302,6 +317,7 @@ def run(args):
         p=args.p,
         budget=args.budget,
         max_budget=args.max_budget,
+        quest_metadata=args.quest_metadata,
         command="python scripts/bench_attention.py " + " ".join(sys.argv[1:]),
     )
     table.save(args.out, meta)
@@ -323,6 +339,14 @@ def main():
         default=131072,
         help="skip Twilight over all above this context (its top-p rows hold every token; "
         "above TopPGpuConfig.max_cols = 32768 they take the XLA path, not the kernel)",
+    )
+    ap.add_argument(
+        "--quest-metadata",
+        nargs="+",
+        choices=("int8", "native"),
+        default=["int8"],
+        help="forms of Quest's page metadata to time the Quest methods with, each a row "
+        "(default: int8, the cache's default)",
     )
     ap.add_argument("--out", default="docs/results/attention")
     args = ap.parse_args()

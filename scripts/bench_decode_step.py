@@ -32,6 +32,13 @@ norms), and the layers' outputs are summed over the devices (two all-reduces per
 floor is then one device's bytes at one device's bandwidth; the memory columns are device
 0's. Run the same command with ``--devices 1``, 2 and 4 for the scaling (docs/multihost.md).
 
+The Quest methods run once per ``--quest-metadata`` form (int8 codes and a float32 scale per
+page and KV head: 2 * D + 4 bytes; native: the cache dtype, 2 * D * 2 bytes), native first:
+the cache is built with native metadata and quantized once before the first int8 run (what a
+prefill in int8 writes), then kept up to date by the decode steps.
+
+    python scripts/bench_decode_step.py --quest-metadata native int8 --methods quest \
+        twilight/quest --shape llama3-8b --layers 16 --points 64x32768 --out /tmp/meta
     python scripts/bench_decode_step.py --shape llama3-8b --layers 16 \\
         --points 8x32768 32x32768 4x131072 --profile --out docs/results/decode-step
 """
@@ -93,6 +100,7 @@ SHAPES = {
     ),
 }
 METHODS = ("dense", "quest", "twilight/quest", "twilight/all")
+QUEST_METHODS = ("quest", "twilight/quest")  # the methods that read Quest's page metadata
 PAGE = 16
 # Steps each method appends before its timed ones, and room for them in the cache.
 _WARMUP = 2
@@ -140,6 +148,14 @@ def parse_args(argv=None):
     ap.add_argument("--profile", action="store_true", help="trace 3 steps per method")
     ap.add_argument("--out", default="docs/results/decode-step", help="output path stem")
     ap.add_argument("--dump-hlo", help="write each step's optimized HLO (gzipped) to this folder")
+    ap.add_argument(
+        "--quest-metadata",
+        nargs="+",
+        choices=("int8", "native"),
+        default=["int8"],
+        help="forms of Quest's page metadata to run the Quest methods with, each a row "
+        "(default: int8, the cache's default)",
+    )
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     n_layers = SHAPES[args.shape]["num_hidden_layers"]
@@ -223,11 +239,12 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
     return total
 
 
-def floor_bytes(name, cfg, config, lengths, kept_tokens, n_dense) -> int:
+def floor_bytes(name, cfg, config, lengths, kept_tokens, n_dense, quest_metadata="int8") -> int:
     """Bytes of the cache one step of the method must read (see the module docstring).
 
     lengths [B] tokens cached per sequence; kept_tokens: tokens attended summed over the
-    sparse layers, sequences and KV heads (measured)."""
+    sparse layers, sequences and KV heads (measured); quest_metadata: the form of the page
+    metadata Quest reads."""
     hkv, d, L = config.num_kv_heads, config.head_dim, config.num_layers
     if name == "dense":
         n_dense = L
@@ -238,7 +255,8 @@ def floor_bytes(name, cfg, config, lengths, kept_tokens, n_dense) -> int:
     if n_sparse == 0:
         return total
     pages = int(np.sum(-(-np.asarray(lengths) // PAGE))) * hkv
-    meta = pages * 2 * d * 2  # bf16 min and max per page and head
+    # min and max per page and head: bf16, or int8 codes and a float32 scale
+    meta = pages * (2 * d * 2 if quest_metadata == "native" else 2 * d + 4)
     cand = int(np.sum(np.minimum(lengths, cfg.budget))) * hkv
     int4_row = d // 2 + 8  # nibbles + float32 scale and zero
     if name == "quest":
@@ -280,6 +298,7 @@ def empty_cache(config, dtype, batch, context, mesh):
             max_seq_len=context,
             page_size=PAGE,
             dtype=dtype,
+            quest_metadata="native",
         )
 
     if mesh is None:
@@ -386,6 +405,7 @@ def main(argv=None):
     table = benchlib.Table(
         [
             "method",
+            "quest_metadata",
             "batch",
             "context",
             "step_ms",
@@ -404,9 +424,18 @@ def main(argv=None):
     )
     details = {}
     n_dense = min(args.dense_layers, config.num_layers)
+    # (method, Quest metadata form): the Quest methods once per form, native ones first (an
+    # int8 cache cannot go back); the others, which read no metadata, once, with the first.
+    forms = sorted(set(args.quest_metadata), key=("native", "int8").index)
+    runs = [
+        (name, form)
+        for form in forms
+        for name in args.methods
+        if name in QUEST_METHODS or form == forms[0]
+    ]
     for batch, context in args.points:
-        # Room for the warm-up, timed and profiled steps of every method.
-        room = len(args.methods) * (_WARMUP + args.steps + _PROFILE_STEPS) + PAGE
+        # Room for the warm-up, timed and profiled steps of every run.
+        room = len(runs) * (_WARMUP + args.steps + _PROFILE_STEPS) + PAGE
         lengths = np.full((batch,), context - room, np.int32)
         if lengths.min() < PAGE:
             raise SystemExit(f"context {context} leaves no room for {room} decode steps")
@@ -418,18 +447,27 @@ def main(argv=None):
             print(f"FAILED building the cache for {batch}x{context}: {e!r}"[:400], flush=True)
             table.add(method="-", batch=batch, context=context, note=f"cache {type(e).__name__}")
             continue
-        cache_bytes = sum(_device_bytes(x) for x in jax.tree.leaves(cache))  # one device's
         tokens = jnp.ones((batch,), jnp.int32)
         dense_ms = None
-        for name in args.methods:
+        for name, form in runs:
             cfg = method_config(name, context, args)
-            tag = f"{name.replace('/', '_')}_{batch}x{context}"
+            # The int8 codes and scales made from a split cache are split the same way.
+            cache = jm.place_cache(cache.with_quest_metadata(form))
+            tag = f"{name.replace('/', '_')}_{form}_{batch}x{context}"
+            form_shown = form if name in QUEST_METHODS else ""
+            cache_bytes = sum(_device_bytes(x) for x in jax.tree.leaves(cache))  # one device's
             try:
                 lens_now = np.asarray(cache.lengths)
                 row, cache, info = run_method(jm, cache, tokens, name, cfg, args, tag)
             except Exception as e:  # noqa: BLE001
-                print(f"FAILED {name} {batch}x{context}: {e!r}"[:600], flush=True)
-                table.add(method=name, batch=batch, context=context, note=type(e).__name__)
+                print(f"FAILED {name} {form} {batch}x{context}: {e!r}"[:600], flush=True)
+                table.add(
+                    method=name,
+                    quest_metadata=form_shown,
+                    batch=batch,
+                    context=context,
+                    note=type(e).__name__,
+                )
                 continue
             counts = np.asarray(info.counts, np.int64)  # [L, B, Hs]
             sparse = counts[n_dense:] if name != "dense" else counts[:0]
@@ -440,13 +478,15 @@ def main(argv=None):
                 float(sparse.mean() / lens_now.mean()) if sparse.size and name != "dense" else 1.0
             )
             # The KV heads are split evenly: each device reads 1 / devices of the cache bytes.
-            fb = wbytes + floor_bytes(name, cfg, config, lens_now, kept, n_dense) // args.devices
+            cache_floor = floor_bytes(name, cfg, config, lens_now, kept, n_dense, form)
+            fb = wbytes + cache_floor // args.devices
             floor_ms = fb / bw["peak"] * 1e3 if bw["peak"] else 0.0
             if name == "dense":
                 dense_ms = row["step_ms"]
             stats = jax.devices()[0].memory_stats() or {}
             table.add(
                 method=name,
+                quest_metadata=form_shown,
                 batch=batch,
                 context=context,
                 step_ms=row["step_ms"],
@@ -462,7 +502,7 @@ def main(argv=None):
                 compile_s=row["compile_s"],
                 note="WEIGHT COPIES" if row.get("weight_copies") else "",
             )
-            details[f"{name} | {batch}x{context}"] = {
+            details[f"{name} | {form_shown} | {batch}x{context}"] = {
                 "floor_bytes": fb,
                 "kernels": row.get("kernels"),
                 "weight_copies": row.get("weight_copies"),

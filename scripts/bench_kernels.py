@@ -65,6 +65,7 @@ def make_pool(key, batch, ctx):
     k_zero = -8 * k_scale
     k_min = jnp.minimum(k_pages.min(axis=2), 0).astype(DT)
     k_max = jnp.maximum(k_pages.max(axis=2), 0).astype(DT)
+    k_min_q, k_max_q, k_mm_scale = quest.quantize_page_bounds(k_min, k_max)
     tables = []
     for r in range(N_ROT):
         perm = jax.random.permutation(jax.random.fold_in(ks[4], r), pool - 1)[:need] + 1
@@ -77,6 +78,9 @@ def make_pool(key, batch, ctx):
         k_zero=k_zero,
         k_min=k_min,
         k_max=k_max,
+        k_min_q=k_min_q,
+        k_max_q=k_max_q,
+        k_mm_scale=k_mm_scale,
     )
     return pool_arrays, tables
 
@@ -266,17 +270,24 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
         for cfg in TOPP_SWEEP:
             attempt("topp_sweep", lambda cfg=cfg: tp(cfg, "topp_sweep"))
 
-    # Quest page scores over every page of the context.
-    def qs_scores(config=None, name="quest_page_scores"):
+    # Quest page scores over every page of the context: bf16 min / max (2 * D * 2 bytes a page
+    # and KV head), or int8 codes and a float32 scale (2 * D + 4).
+    def qs_scores(config=None, name="quest_page_scores", int8=False):
+        if int8:
+            meta = (pool["k_min_q"], pool["k_max_q"], pool["k_mm_scale"])
+            meta_bytes = 2 * D + 4
+        else:
+            meta = (pool["k_min"], pool["k_max"], None)
+            meta_bytes = 2 * D * 2
         t = benchlib.time_fn(
-            lambda q, pt, kmin, kmax: quest.quest_page_scores(
-                q, kmin, kmax, pt, lengths, backend="pallas", config=config
+            lambda q, pt, kmin, kmax, scale: quest.quest_page_scores(
+                q, kmin, kmax, pt, lengths, scale=scale, backend="pallas", config=config
             ),
             list(zip(qs, tables)),
-            (pool["k_min"], pool["k_max"]),
+            meta,
         )
         nbytes = (
-            2 * batch * HKV * pps * D * 2
+            batch * HKV * pps * meta_bytes
             + batch * pps * 4
             + batch * HQ * D * 2
             + batch * HQ * pps * 4
@@ -284,6 +295,7 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
         record(name, batch, ctx, f"{pps} pages", t, nbytes, str(config or ""))
 
     attempt("quest_page_scores", qs_scores)
+    attempt("quest_page_scores_int8", lambda: qs_scores(name="quest_page_scores_int8", int8=True))
     if args.sweep:
         for cfg in QUEST_SWEEP:
             attempt("quest_sweep", lambda cfg=cfg: qs_scores(cfg, "quest_sweep"))

@@ -17,7 +17,6 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -182,42 +181,6 @@ def large_instructions(compiled, min_bytes: int, limit: int = 12) -> list[str]:
         if size >= min_bytes:
             found.append(f"{size / (1 << 30):.2f} GiB: {line.strip()[:240]}")
     return found[:limit]
-
-
-def time_update(
-    fn: Callable,
-    rotating: Sequence[tuple],
-    state: tuple,
-    *,
-    iters: int = 20,
-    repeats: int = 5,
-) -> float:
-    """(seconds per call, final state) of an in-place update ``state = fn(*rotating[i], *state)``.
-
-    The state (cache arrays) is the loop carry and is donated, so the kernels' aliased outputs
-    update it in place instead of copying it every call; the caller's arrays are consumed, use
-    the returned state instead.
-    """
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
-    n_sets = len(rotating)
-
-    @partial(jax.jit, donate_argnums=(1,))
-    def loop(stacked, state):
-        def body(i, state):
-            args = jax.tree.map(lambda s: s[i % n_sets], stacked)
-            return tuple(fn(*args, *state))
-
-        return jax.lax.fori_loop(0, iters, body, tuple(state))
-
-    state = loop(stacked, state)
-    jax.block_until_ready(state)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state = loop(stacked, state)
-        jax.block_until_ready(state)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / iters, state
 
 
 def time_torch(fn: Callable, *, iters: int = 20, repeats: int = 5) -> float:

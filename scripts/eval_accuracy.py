@@ -75,6 +75,12 @@ def parse_args(argv=None):
     ap.add_argument("--ppl-docs", type=int, help="perplexity texts per length (0: none)")
     ap.add_argument("--ppl-tokens", type=int, help="tokens decoded teacher-forced per text")
     ap.add_argument("--seed", type=int)
+    ap.add_argument(
+        "--quest-metadata",
+        choices=("int8", "native"),
+        help="Quest's per-page K min / max in the cache: int8 codes with a scale per page, or "
+        "the model dtype (default: the preset's, int8)",
+    )
     ap.add_argument("--time-limit", type=float, help="seconds; stop cleanly after this")
     ap.add_argument("--compile-cache", help="JAX persistent compilation cache folder")
     ap.add_argument("--report", help="write the page here instead of OUT/results.md")
@@ -97,6 +103,7 @@ def settings_from_args(args) -> EvalConfig:
         "ppl_docs": args.ppl_docs,
         "ppl_tokens": args.ppl_tokens,
         "seed": args.seed,
+        "quest_metadata": args.quest_metadata,
     }
     base = PRESETS[args.preset]
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

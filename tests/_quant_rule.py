@@ -40,3 +40,29 @@ def halves_rows(rng, rows: int, head_dim: int):
     x = np.asarray(jnp.asarray(rng.standard_normal((rows, head_dim)), jnp.bfloat16), np.float32)
     x[0] = np.resize(np.asarray(HALF_ROW, np.float32), head_dim)
     return x
+
+
+def page_bounds_rule(min_q, max_q, scale, new_min, new_max, fresh):
+    """Quest INT8 page bounds widened by float bounds new_min, new_max [..., D]: (min codes,
+    max codes int8 [..., D], scale f32 [...]). min_q, max_q, scale: the page's metadata (ignored
+    where fresh [...] bool). New scale max(scale, max|new| / 127) (fresh: max|new| / 127); codes
+    floor / ceil of the float bound / new scale, where the old bound is code * old scale, kept
+    as the old code when the scale is unchanged; clipped to [-127, 127]."""
+    f32 = np.float32
+    new_min, new_max = np.asarray(new_min, f32), np.asarray(new_max, f32)
+    fresh = np.asarray(fresh, bool)[..., None]
+    scale = np.asarray(scale, f32)[..., None]
+    top = np.maximum(np.abs(new_min).max(-1), np.abs(new_max).max(-1))[..., None] / f32(127)
+    s_new = np.where(fresh, top, np.maximum(scale, top))
+    safe = np.where(s_new > 0, s_new, f32(1))
+    same = s_new == scale
+    old_lo = np.asarray(min_q, f32)
+    old_hi = np.asarray(max_q, f32)
+    old_lo = np.where(same, old_lo, np.floor(old_lo * scale / safe))
+    old_hi = np.where(same, old_hi, np.ceil(old_hi * scale / safe))
+    lo = np.floor(new_min / safe)
+    hi = np.ceil(new_max / safe)
+    lo = np.where(fresh, lo, np.minimum(lo, old_lo))
+    hi = np.where(fresh, hi, np.maximum(hi, old_hi))
+    codes = (np.clip(c, -127, 127).astype(np.int8) for c in (lo, hi))
+    return (*codes, s_new[..., 0])

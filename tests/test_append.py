@@ -1,11 +1,12 @@
 """cache_append_decode: the GPU kernel (interpret mode) against the reference, bit for bit, and
-the reference against the rule written out in numpy."""
+the reference against the rule written out in numpy, with float and with INT8 Quest metadata."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _quant_rule import page_bounds_rule
 
-from pallas_kernels import append
+from pallas_kernels import append, quest
 from pallas_kernels.int4 import quantize_int4_reference
 
 HKV, S = 3, 4
@@ -103,3 +104,142 @@ def test_config():
         append.AppendGpuConfig(seqs_per_block=3)
     with pytest.raises(ValueError, match="config must be None or a AppendGpuConfig, got str"):
         append.cache_append_decode(*cache, *new, table, pos, config="small")
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 Quest metadata (codes and a scale per page, pallas_kernels.quest)
+
+
+def _int8(cache):
+    """The case's cache with its random float min / max quantized to INT8 (k_mm_scale last)."""
+    lo, hi, scale = quest.quantize_page_bounds(cache[5], cache[6])
+    return (*cache[:5], lo, hi), scale
+
+
+def _int8_rule(cache, scale, new, table, pos):
+    """The INT8 append written out in numpy: pages as _numpy_rule, the touched pages' bounds by
+    tests/_quant_rule.page_bounds_rule."""
+    out = _numpy_rule(cache, new, table, pos)
+    mn, mx = (np.array(x) for x in cache[5:7])
+    sc = np.array(scale)
+    for b, p in enumerate(np.asarray(pos)):
+        if p < 0 or p // S >= table.shape[1]:
+            continue
+        page, slot = int(table[b, p // S]), p % S
+        k = np.asarray(jnp.asarray(new[0][b]).astype(cache[0].dtype), np.float32)
+        fresh = np.full((HKV,), slot == 0)
+        mn[:, page], mx[:, page], sc[:, page] = page_bounds_rule(
+            mn[:, page], mx[:, page], sc[:, page], k, k, fresh
+        )
+    return [*out[:5], mn, mx, sc]
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (16, jnp.float32), (48, jnp.bfloat16)])
+def test_int8_kernel_matches_reference_and_rule(batch, d, dtype):
+    cache, new, table, pos = _case(batch * 11 + d, batch, d, dtype, num_pages=3 * batch + 1)
+    cache, scale = _int8(cache)
+    kw = dict(k_mm_scale=scale)
+    ref = append.cache_append_decode(*cache, *new, table, pos, backend="reference", **kw)
+    got = append.cache_append_decode(*cache, *new, table, pos, backend="pallas_gpu", **kw)
+    rule = _int8_rule(cache, scale, new, table, pos)
+    assert len(ref) == len(got) == 8
+    names = ("kp", "vp", "k4", "ks", "kz", "mn", "mx", "scale")
+    for name, r, g, w in zip(names, ref, got, rule):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r), err_msg=f"kernel {name}")
+        np.testing.assert_array_equal(np.asarray(r), w, err_msg=f"reference {name}")
+
+
+def _fill_page(backend, keys, start_lo, start_hi):
+    """Appends keys [n, Hkv, D] one by one at slots 1.. of page 1 (its slot 0 already written:
+    metadata quantize_page_bounds(start_lo, start_hi)); -> (min codes, max codes, scale) after
+    each append."""
+    n, hkv, d = keys.shape
+    shape = (hkv, 2, n + 1)
+    cache = (
+        jnp.zeros((*shape, d), jnp.float32),
+        jnp.zeros((*shape, d), jnp.float32),
+        jnp.zeros((*shape, d // 2), jnp.uint8),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+    )
+    lo, hi, scale = quest.quantize_page_bounds(
+        jnp.zeros((hkv, 2, d)).at[:, 1].set(start_lo), jnp.zeros((hkv, 2, d)).at[:, 1].set(start_hi)
+    )
+    table = jnp.ones((1, 1), jnp.int32)
+    states = []
+    for i in range(n):
+        out = append.cache_append_decode(
+            *cache,
+            lo,
+            hi,
+            jnp.asarray(keys[i : i + 1]),
+            jnp.asarray(keys[i : i + 1]),
+            table,
+            jnp.asarray([i + 1], jnp.int32),
+            k_mm_scale=scale,
+            backend=backend,
+        )
+        cache, (lo, hi, scale) = out[:5], out[5:]
+        states.append([np.asarray(x[:, 1]) for x in (lo, hi, scale)])
+    return states
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_int8_keys_inside_the_bounds_leave_the_page_bit_for_bit(backend):
+    """Keys within the page's dequantized bounds keep its scale, so its codes stay exactly as
+    they were: they are kept, not requantized through code * s / s (which moves some codes a
+    step outward; checked below so the test would see it)."""
+    rng = np.random.default_rng(21)
+    d = 32
+    start_lo = -2 - rng.random((HKV, d)).astype(np.float32)
+    start_hi = 2 + rng.random((HKV, d)).astype(np.float32)
+    lo0, hi0, s0 = (
+        np.asarray(x)
+        for x in quest.quantize_page_bounds(jnp.asarray(start_lo), jnp.asarray(start_hi))
+    )
+    keys = rng.uniform(-2, 2, (6, HKV, d)).astype(np.float32)
+    for lo, hi, scale in _fill_page(backend, keys, start_lo, start_hi):
+        np.testing.assert_array_equal(scale, s0)
+        np.testing.assert_array_equal(lo, lo0)
+        np.testing.assert_array_equal(hi, hi0)
+    s = s0[:, None]
+    naive = np.floor(lo0.astype(np.float32) * s / s) != lo0
+    naive |= np.ceil(hi0.astype(np.float32) * s / s) != hi0
+    assert naive.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_int8_bounds_hold_every_key_as_the_page_grows(backend):
+    """Keys of growing magnitude (the scale changes at most appends): after each append the
+    dequantized bounds hold every key so far, at most one scale step outward per append."""
+    rng = np.random.default_rng(22)
+    d = 16
+    first = rng.standard_normal((HKV, d)).astype(np.float32)
+    keys = (rng.standard_normal((7, HKV, d)) * np.linspace(1, 4, 7)[:, None, None]).astype(
+        np.float32
+    )
+    scales = []
+    for i, (lo, hi, scale) in enumerate(_fill_page(backend, keys, first, first)):
+        seen = np.concatenate([first[None], keys[: i + 1]])
+        mn, mx = seen.min(0), seen.max(0)
+        s = scale[:, None]
+        slack = 1e-6 * np.abs(seen).max()
+        assert (lo * s <= mn + slack).all() and (hi * s >= mx - slack).all()
+        assert (mn - lo * s <= (i + 2) * s + slack).all()
+        assert (hi * s - mx <= (i + 2) * s + slack).all()
+        np.testing.assert_array_equal(
+            scale,
+            np.maximum(np.abs(seen).max((0, 2)) / np.float32(127), scales[-1] if scales else 0),
+        )
+        scales.append(scale)
+    assert len({tuple(x) for x in scales}) > 3  # the scale did change along the way
+
+
+def test_int8_bad_scale_names_itself():
+    cache, new, table, pos = _case(0, 2, 16, jnp.float32)
+    cache, scale = _int8(cache)
+    with pytest.raises(ValueError, match="k_mm_scale must have shape"):
+        append.cache_append_decode(*cache, *new, table, pos, k_mm_scale=scale[:, :3])
+    with pytest.raises(ValueError, match="k_min must have dtype"):  # int8 codes, no scale
+        append.cache_append_decode(*cache, *new, table, pos)

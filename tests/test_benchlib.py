@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -106,15 +107,17 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         planted=0.05,
         lift=7.0,
         all_max_ctx=1 << 20,
+        quest_metadata=["native", "int8"],
         out=str(out),
     )
     bench_attention.run(args)
     rows = json.loads(Path(f"{out}.json").read_text())["rows"]
-    by_method = {r["method"].split(" ")[0]: r for r in rows}
-    assert set(by_method) == {"dense", "quest", "twilight/quest", "twilight/all"}
+    by_method = {(r["method"].split(" ")[0], r["quest_metadata"]): r for r in rows}
+    quest = {(m, f) for m in ("quest", "twilight/quest") for f in ("native", "int8")}
+    assert set(by_method) == {("dense", ""), ("twilight/all", ""), *quest}
     for r in rows:
         assert r["total_us"] > 0, r
-    for name in ("twilight/quest", "twilight/all"):
+    for name in (("twilight/quest", "int8"), ("twilight/quest", "native"), ("twilight/all", "")):
         r = by_method[name]
         assert all(r[f"{s}_us"] > 0 for s in ("select", "estimate", "threshold", "attend")), r
         assert 0 < r["attended"] <= 64
@@ -126,13 +129,28 @@ def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
 
     out = tmp_path / "ds"
     argv = ["--layers", "2", "--points", "2x512", "--steps", "1", "--budget", "128"]
-    argv += ["--copy-tbps", "0.1"]
+    argv += ["--copy-tbps", "0.1", "--quest-metadata", "int8", "native"]
     bench_decode_step.main([*argv, "--max-budget", "64", "--out", str(out)])
     rows = json.loads(Path(f"{out}.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == list(bench_decode_step.METHODS)
+    # Native first (the cache cannot go back from int8), then the Quest methods in int8.
+    quest = bench_decode_step.QUEST_METHODS
+    want = [(m, "native" if m in quest else "") for m in bench_decode_step.METHODS]
+    want += [(m, "int8") for m in quest]
+    assert [(r["method"], r["quest_metadata"]) for r in rows] == want
     for r in rows:
         assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["temp_GB"] is not None, r
-    by = {r["method"]: r for r in rows}
+    int8 = {r["method"]: r for r in rows if r["quest_metadata"] == "int8"}
+    assert int8["quest"]["cache_GB"] < rows[1]["cache_GB"]  # the same cache, int8 metadata
+    # The floors' metadata bytes: 2 * D * 2 a page and KV head (bf16), 2 * D + 4 (int8).
+    shape = types.SimpleNamespace(num_kv_heads=3, head_dim=64, num_layers=4)
+    cfg = types.SimpleNamespace(budget=128)
+    lengths = [100, 33]  # 7 + 3 pages
+    floors = {
+        form: bench_decode_step.floor_bytes("quest", cfg, shape, lengths, 0, 1, form)
+        for form in ("native", "int8")
+    }
+    assert floors["native"] - floors["int8"] == 3 * 10 * 3 * (256 - 132)
+    by = {r["method"]: r for r in rows if r["quest_metadata"] != "int8"}
     assert by["dense"]["attended"] == 1.0
     assert 0 < by["twilight/quest"]["attended"] < by["quest"]["attended"] <= 1.0
     # Sparse methods must read fewer bytes than dense: their floors are lower.

@@ -2,7 +2,8 @@
 
 Expected values are computed here in numpy from the definitions in docs/kernel_api.md (INT4:
 zero = min, scale = (max - min) / 15, split-halves nibbles; Quest: per-page min/max over the
-page's valid tokens; DS labels: K at the heavy channels), on fresh random K/V.
+page's valid tokens, as INT8 codes s = max|bound| / 127, floor(min / s), ceil(max / s) when
+quantized once; DS labels: K at the heavy channels), on fresh random K/V.
 """
 
 import dataclasses
@@ -46,7 +47,7 @@ def _unpack(packed):
     return np.concatenate([packed & 15, packed >> 4], -1)
 
 
-def _check_against_dense(cache, k, v, lengths, channels=None):
+def _check_against_dense(cache, k, v, lengths, channels=None, quest_exact=True):
     """Every valid token's pages, INT4 rows, labels and every live page's Quest min/max."""
     s = cache.page_size
     cache = jax.tree_util.tree_map(np.asarray, cache)  # host copies: indexed per token below
@@ -74,12 +75,34 @@ def _check_against_dense(cache, k, v, lengths, channels=None):
             for lp in range(-(-n // s)):
                 page = int(cache.page_table[b, lp])
                 rows = k[layer, b, lp * s : min(n, (lp + 1) * s)].astype(np.float32)
-                np.testing.assert_array_equal(
-                    cache.k_min[:, layer, page].astype(np.float32), rows.min(0)
-                )
-                np.testing.assert_array_equal(
-                    cache.k_max[:, layer, page].astype(np.float32), rows.max(0)
-                )
+                _check_quest_page(cache, layer, page, rows, quest_exact)
+
+
+def _check_quest_page(cache, layer, page, rows, exact):
+    """The Quest metadata of one page against its rows [n, Hkv, D] (float32). Native: the
+    min / max exactly. INT8 quantized once (exact): the codes of the rule, bit for bit (numpy
+    float32 division is correctly rounded, like the cache's). INT8 widened token by token:
+    bounds that hold every row, at most one scale step outward per row the page took (each
+    rescale can round the old code outward once)."""
+    mn, mx = rows.min(0), rows.max(0)
+    if cache.k_mm_scale is None:
+        np.testing.assert_array_equal(cache.k_min[:, layer, page].astype(np.float32), mn)
+        np.testing.assert_array_equal(cache.k_max[:, layer, page].astype(np.float32), mx)
+        return
+    lo = cache.k_min[:, layer, page].astype(np.float32)
+    hi = cache.k_max[:, layer, page].astype(np.float32)
+    scale = cache.k_mm_scale[:, layer, page][:, None]
+    if exact:
+        want = np.maximum(np.abs(mn).max(-1), np.abs(mx).max(-1)) / np.float32(127)
+        np.testing.assert_array_equal(scale[:, 0], want)
+        safe = np.where(scale > 0, scale, np.float32(1))
+        np.testing.assert_array_equal(lo, np.clip(np.floor(mn / safe), -127, 127))
+        np.testing.assert_array_equal(hi, np.clip(np.ceil(mx / safe), -127, 127))
+        return
+    slack = 1e-6 * np.abs(rows).max()  # float rounding of code * scale
+    assert (lo * scale <= mn + slack).all() and (hi * scale >= mx - slack).all()
+    steps = rows.shape[0] * scale + slack
+    assert (mn - lo * scale <= steps).all() and (hi * scale - mx <= steps).all()
 
 
 @pytest.mark.parametrize("page_size", [4, 8])
@@ -104,7 +127,8 @@ def test_from_dense_round_trip(page_size, dtype, chunk_tokens):
     )
     max_pages = -(-t // page_size)
     assert cache.k_pages.shape == (HKV, L, 1 + b * max_pages, page_size, D)
-    assert cache.k_pages.dtype == dtype and cache.k_min.dtype == dtype
+    assert cache.k_pages.dtype == dtype and cache.k_min.dtype == jnp.int8
+    assert cache.quest_metadata == "int8" and cache.k_mm_scale.shape == cache.k_min.shape[:3]
     assert cache.k_int4.shape[-1] == D // 2 and cache.k_int4.dtype == jnp.uint8
     np.testing.assert_array_equal(
         cache.page_table, 1 + np.arange(b * max_pages).reshape(b, max_pages)
@@ -122,19 +146,29 @@ def test_from_dense_chunk_tokens_validated():
             PagedKVCache.from_dense(k, k, jnp.asarray([4]), page_size=4, chunk_tokens=bad)
 
 
-def test_single_layer_from_dense():
+@pytest.mark.parametrize("quest_metadata", ["int8", "native"])
+def test_single_layer_from_dense(quest_metadata):
     rng = np.random.default_rng(1)
     k, v = _kv(rng, 2, 10)
     cache = PagedKVCache.from_dense(
-        jnp.asarray(k[0]), jnp.asarray(v[0]), jnp.asarray([10, 3]), page_size=4
+        jnp.asarray(k[0]),
+        jnp.asarray(v[0]),
+        jnp.asarray([10, 3]),
+        page_size=4,
+        quest_metadata=quest_metadata,
     )
     assert cache.num_layers == 1 and cache.ds_labels is None
+    assert cache.quest_metadata == quest_metadata
+    assert (cache.k_mm_scale is None) == (quest_metadata == "native")
     _check_against_dense(cache, k[:1], v[:1], [10, 3])
 
 
-def test_chunked_prefill_and_decode_equal_from_dense():
+@pytest.mark.parametrize("quest_metadata", ["int8", "native"])
+def test_chunked_prefill_and_decode_equal_from_dense(quest_metadata):
     """Two ragged prefill chunks (the second starts mid-page) plus decode steps, some with a
-    sequence inactive, leave the same cache as from_dense of the concatenated tokens."""
+    sequence inactive, leave the same cache as from_dense of the concatenated tokens. INT8
+    Quest metadata is the exception: widened token by token, its codes depend on the order
+    the tokens came in, so they are checked as bounds instead."""
     rng = np.random.default_rng(7)
     b, s, steps = 3, 4, 5
     first = np.array([5, 0, 8])
@@ -145,7 +179,9 @@ def test_chunked_prefill_and_decode_equal_from_dense():
     k, v = _kv(rng, b, t)
     channels = np.stack([np.stack([rng.choice(D, 2, replace=False) for _ in range(HKV)])] * L)
 
-    cache = PagedKVCache.create(L, b, HKV, D, max_seq_len=t, page_size=s, ds_channels=2)
+    cache = PagedKVCache.create(
+        L, b, HKV, D, max_seq_len=t, page_size=s, ds_channels=2, quest_metadata=quest_metadata
+    )
     cache = cache.with_ds_channels(jnp.asarray(channels))
     # The dense view of what gets written: sequence bi's tokens in position order.
     for layer in range(L):
@@ -187,18 +223,20 @@ def test_chunked_prefill_and_decode_equal_from_dense():
         jnp.asarray(total),
         page_size=s,
         ds_channel_idx=jnp.asarray(channels),
+        quest_metadata=quest_metadata,
     )
-    _check_against_dense(cache, k, v, total, channels)
+    native = quest_metadata == "native"
+    _check_against_dense(cache, k, v, total, channels, quest_exact=native)
     # Bit-identical on every valid slot and every live page is checked above; the untouched
     # rest of both caches is zeros, so the whole arrays agree too.
+    quest = ("k_min", "k_max") if native else ()
     for name in (
         "k_pages",
         "v_pages",
         "k_int4",
         "k_scale",
         "k_zero",
-        "k_min",
-        "k_max",
+        *quest,
         "ds_labels",
         "page_table",
         "lengths",
@@ -351,15 +389,37 @@ def test_bad_inputs():
         cache.with_page_table(jnp.full((2, 2), 99, jnp.int32))
     with pytest.raises(ValueError, match="with_ds_channels needs"):
         cache.with_ds_channels(jnp.zeros((L, HKV, 2), jnp.int32))
+    with pytest.raises(ValueError, match="quest_metadata must be one of"):
+        PagedKVCache.create(L, 2, HKV, D, max_seq_len=8, quest_metadata="int4")
     ds = PagedKVCache.create(L, 2, HKV, D, max_seq_len=8, page_size=4, ds_channels=2)
     with pytest.raises(ValueError, match="channel_idx entries must lie in"):
         ds.with_ds_channels(jnp.full((L, HKV, 2), D, jnp.int32))
 
 
+def test_with_quest_metadata_equals_a_prefill_in_that_form():
+    rng = np.random.default_rng(9)
+    k, v = _kv(rng, 2, 10)
+    lengths = jnp.asarray([10, 7])
+    native = PagedKVCache.from_dense(
+        jnp.asarray(k), jnp.asarray(v), lengths, page_size=4, quest_metadata="native"
+    )
+    int8 = PagedKVCache.from_dense(jnp.asarray(k), jnp.asarray(v), lengths, page_size=4)
+    got = native.with_quest_metadata("int8")
+    assert got.quest_metadata == "int8" and native.with_quest_metadata("native") is native
+    for name in ("k_min", "k_max", "k_mm_scale", "k_pages"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(int8, name))
+    with pytest.raises(ValueError, match="cannot turn int8"):
+        int8.with_quest_metadata("native")
+    with pytest.raises(ValueError, match="quest_metadata must be one of"):
+        native.with_quest_metadata("fp8")
+
+
 def test_cache_is_a_pytree():
     cache = PagedKVCache.create(L, 2, HKV, D, max_seq_len=8, page_size=4, ds_channels=2)
     leaves, tree = jax.tree_util.tree_flatten(cache)
-    assert len(leaves) == 11
+    assert len(leaves) == 12  # with the INT8 Quest scales
+    native = PagedKVCache.create(L, 2, HKV, D, max_seq_len=8, quest_metadata="native")
+    assert len(jax.tree_util.tree_leaves(native)) == 9  # no scales, no DS labels or channels
     again = jax.tree_util.tree_unflatten(tree, leaves)
     assert again.page_size == 4
     bumped = jax.jit(lambda c: c.begin_decode_step())(cache)

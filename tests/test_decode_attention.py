@@ -414,6 +414,7 @@ def test_config_validation():
         (dict(dense_layers=-1), "dense_layers"),
         (dict(sink_tokens=-1), "sink_tokens"),
         (dict(ds_channels=0), "ds_channels"),
+        (dict(quest_metadata="int4"), "quest_metadata"),
         (dict(selector="streaming", budget=4, sink_tokens=4), "budget"),
     ]:
         with pytest.raises(ValueError, match=f"SparsityConfig.{field}"):

@@ -277,7 +277,7 @@ class CopyModel:
     def decode(self, ids):
         return self.tok.decode(ids)
 
-    def new_cache(self, batch, max_seq_len, ds_channel_idx=None):
+    def new_cache(self, batch, max_seq_len, ds_channel_idx=None, *, quest_metadata="int8"):
         return {"seqs": [[] for _ in range(batch)], "max_seq_len": max_seq_len}
 
     def clone(self, cache):
@@ -580,16 +580,30 @@ def _script():
 
 def test_script_arguments_and_protocol(tmp_path):
     script = _script()
-    args = script.parse_args(
-        ["--preset", "gpu", "--out", str(tmp_path), "--lengths", "2048", "--methods", "dense,ds:64"]
-    )
-    settings = script.settings_from_args(args)
+    argv = [
+        "--preset",
+        "gpu",
+        "--out",
+        str(tmp_path),
+        "--lengths",
+        "2048",
+        "--methods",
+        "dense,ds:64",
+    ]
+    settings = script.settings_from_args(script.parse_args(argv))
     assert settings.lengths == (2048,) and settings.methods == ("dense", "ds:64")
     assert settings.samples == PRESETS["gpu"].samples
     # A folder can grow from gpu-core to gpu (more methods and samples), not change seed.
     stored = json.loads(json.dumps(dataclasses.asdict(PRESETS["gpu-core"])))
     assert protocol_mismatch(stored, settings) is None
     assert "seed" in protocol_mismatch(stored, dataclasses.replace(settings, seed=1))
+    # The Quest metadata form is protocol; a folder from before the field ran native metadata.
+    native = script.settings_from_args(script.parse_args([*argv, "--quest-metadata", "native"]))
+    assert settings.quest_metadata == "int8" and native.quest_metadata == "native"
+    assert "quest_metadata" in protocol_mismatch(stored, native)
+    del stored["quest_metadata"]
+    assert protocol_mismatch(stored, native) is None
+    assert "quest_metadata: 'native' there" in protocol_mismatch(stored, settings)
     with pytest.raises(ValueError, match="no records.jsonl"):
         script.main(["--report-only", "--out", str(tmp_path)])
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _export import export_cuda, export_tpu
+from _quant_rule import page_bounds_rule
 
 from pallas_kernels import quest
 
@@ -339,3 +340,110 @@ def test_config_validation():
     # The reference takes either kind (and ignores it).
     for config in (quest.QuestGpuConfig(), quest.QuestTpuConfig()):
         quest.quest_page_scores(*_SCORES, backend="reference", config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 metadata (codes and a float32 scale per page and KV head)
+
+
+def _int8_metadata(case: Case, rng):
+    """Exact metadata of random pages (as _metadata, in case.dtype) and its INT8 form, plus a
+    zero page (scale 0) at physical page 1."""
+    k_pages, k_min, k_max, table = _inputs(case, rng)
+    lengths = _lengths(case.page_size)
+    k_min, k_max = _metadata(k_min, k_max, k_pages, np.asarray(table), lengths)
+    k_min, k_max = k_min.at[:, 1].set(0), k_max.at[:, 1].set(0)
+    lo, hi, scale = quest.quantize_page_bounds(k_min, k_max)
+    return k_pages, (k_min, k_max), (lo, hi, scale), table, lengths
+
+
+def test_int8_quantization_is_the_rule():
+    """quantize_page_bounds against the rule in numpy float32 (correctly rounded division, as
+    exact_divide's), bit for bit; a zero page gets scale 0 and codes 0; the largest |bound| of
+    a page becomes the code -127 or 127."""
+    rng = np.random.default_rng(80)
+    _, (k_min, k_max), (lo, hi, scale), _, _ = _int8_metadata(CASES[1], rng)
+    codes, zeros = np.zeros(np.shape(lo), np.float32), np.zeros(np.shape(scale), np.float32)
+    want = page_bounds_rule(codes, codes, zeros, k_min, k_max, np.ones(np.shape(scale), bool))
+    for g, w in zip((lo, hi, scale), want):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    assert lo.dtype == hi.dtype == jnp.int8 and scale.dtype == jnp.float32
+    assert (np.asarray(scale[:, 1]) == 0).all() and (np.asarray(hi[:, 1]) == 0).all()
+    extreme = np.maximum(np.abs(np.asarray(lo, np.int32)), np.abs(np.asarray(hi, np.int32)))
+    assert (extreme.max(-1)[:, 2:] == 127).all()
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_scores_bound_the_exact_scores_closely(q_dtype):
+    """The INT8 score is an upper bound of the exact-metadata score and of every q . k of the
+    page, and looser by at most s * sum_d |q_d|: each code rounds its bound outward by less
+    than one step s. Slack: float32 rounding of sums of D products, relative 1e-5 of the
+    terms' magnitude sum_d |q_d| max(|min_d|, |max_d|)."""
+    case = CASES[1]
+    rng = np.random.default_rng(81)
+    k_pages, exact, (lo, hi, scale), table, lengths = _int8_metadata(case, rng)
+    q = jnp.asarray(rng.standard_normal((BATCH, 4 * HKV, case.head_dim)), q_dtype)
+    s = case.page_size
+    want = np.asarray(quest.quest_page_scores(q, *exact, table, lengths, page_size=s))
+    got = np.asarray(quest.quest_page_scores(q, lo, hi, table, lengths, scale=scale, page_size=s))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    live = np.isfinite(want)
+    qa = np.abs(np.asarray(q, np.float32))  # [B, Hq, D]
+    tbl = np.asarray(table)
+    page_scale = np.asarray(scale)[:, tbl]  # [Hkv, B, max_pages]
+    step = np.einsum("bhd,hbj->bhj", qa, np.repeat(page_scale, 4, axis=0))
+    mags = np.maximum(np.abs(np.asarray(exact[0], np.float32)), np.abs(np.asarray(exact[1])))
+    terms = np.einsum("bhd,hbjd->bhj", qa, np.repeat(mags[:, tbl], 4, axis=0))
+    slack = 1e-5 * terms + 1e-6
+    gap, tol = got[live] - want[live], slack[live]
+    assert (gap >= -tol).all()
+    assert (gap <= step[live] + tol).all()
+    assert (gap > tol).mean() > 0.5  # the bound is looser, not the same
+    # Every key of a live page mapped to a real page.
+    kp, qn = np.asarray(k_pages, np.float32), np.asarray(q, np.float32)
+    for b, length in enumerate(np.asarray(lengths)):
+        for j in range(-(-int(length) // s)):
+            if tbl[b, j] > 1:  # not the null page or the zeroed page 1
+                n = min(s, int(length) - j * s)
+                dots = np.einsum("hnd,hd->hn", np.repeat(kp[:, tbl[b, j], :n], 4, 0), qn[b])
+                assert (got[b, :, j] >= dots.max(1) - slack[b, :, j]).all()
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+@pytest.mark.parametrize(
+    "case,q_dtype,group", SCORE_CASES, ids=lambda v: str(v) if isinstance(v, Case) else None
+)
+def test_int8_scores_kernels(impl, case, q_dtype, group):
+    rng = np.random.default_rng(90 + group)
+    _, _, (lo, hi, scale), table, lengths = _int8_metadata(case, rng)
+    q = jnp.asarray(rng.standard_normal((BATCH, group * HKV, case.head_dim)), q_dtype)
+    args = (q, lo, hi, table, lengths, scale)
+    s = case.page_size
+    got = SCORES[impl](*args, page_size=s, interpret=True, **_config(impl))
+    want = quest.quest_page_scores_reference(*args, page_size=s)
+    _assert_scores_close(got, want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_int8_export(case):
+    rng = np.random.default_rng(0)
+    _, _, (lo, hi, scale), table, lengths = _int8_metadata(case, rng)
+    for q_dtype in (jnp.float32, jnp.bfloat16):
+        q = jnp.asarray(rng.standard_normal((BATCH, 4 * HKV, case.head_dim)), q_dtype)
+        args = (q, lo, hi, table, lengths, scale)
+        s = case.page_size
+        export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s), *args)
+        export_tpu(lambda *a: quest.quest_page_scores_tpu(*a, page_size=s), *args)
+
+
+def test_int8_bad_input():
+    q, k_min, k_max, table, lengths = _SCORES
+    lo, hi, scale = quest.quantize_page_bounds(k_min, k_max)
+    with pytest.raises(ValueError, match="k_min must have dtype"):  # float metadata, a scale
+        quest.quest_page_scores(q, k_min, k_max, table, lengths, scale=scale)
+    with pytest.raises(ValueError, match="k_min must have dtype"):  # codes without a scale
+        quest.quest_page_scores(q, lo, hi, table, lengths)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        quest.quest_page_scores(q, lo, hi, table, lengths, scale=scale[:, :-1])
+    with pytest.raises(ValueError, match="scale must have dtype"):
+        quest.quest_page_scores(q, lo, hi, table, lengths, scale=scale.astype(jnp.bfloat16))

@@ -845,7 +845,7 @@ def test_page_bytes_matches_the_arrays_of_a_created_cache():
     from twilight_jax import PagedKVCache
     from twilight_jax.runtime.serving import page_bytes
 
-    for dtype, ds in ((jnp.float32, 0), (jnp.bfloat16, 4)):
+    for dtype, ds, meta in ((jnp.float32, 0, "int8"), (jnp.bfloat16, 4, "native")):
         shape = dict(num_layers=3, num_kv_heads=2, head_dim=16, page_size=8, dtype=dtype)
         sizes = []
         for num_pages in (5, 12):
@@ -859,9 +859,11 @@ def test_page_bytes_matches_the_arrays_of_a_created_cache():
                 num_pages=num_pages,
                 dtype=dtype,
                 ds_channels=ds,
+                quest_metadata=meta,
             )
             sizes.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
-        assert (sizes[1] - sizes[0]) / 7 == page_bytes(**shape, ds_channels=ds)
+        want = page_bytes(**shape, ds_channels=ds, quest_metadata=meta)
+        assert (sizes[1] - sizes[0]) / 7 == want
 
 
 def _stats(limit, in_use):

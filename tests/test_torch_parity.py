@@ -25,14 +25,16 @@ P = (0.7, 0.9, 0.5, 0.8)
 
 
 @functools.cache
-def _case(seed):
+def _case(seed, quest_metadata="int8"):
     rng = np.random.default_rng(seed)
     b = len(LENGTHS)
     k = rng.standard_normal((b, T, HKV, D)).astype(np.float32)
     v = rng.standard_normal((b, T, HKV, D)).astype(np.float32)
     q = (1.5 * rng.standard_normal((b, HKV * G, D))).astype(np.float32)
     ch = np.stack([np.sort(rng.choice(D, C, replace=False)) for _ in range(HKV)])
-    cache = PagedKVCache.create(1, b, HKV, D, max_seq_len=T, page_size=S, ds_channels=C)
+    cache = PagedKVCache.create(
+        1, b, HKV, D, max_seq_len=T, page_size=S, ds_channels=C, quest_metadata=quest_metadata
+    )
     table = (1 + rng.permutation(b * T // S)).reshape(b, T // S).astype(np.int32)
     cache = cache.with_page_table(jnp.asarray(table)).with_ds_channels(jnp.asarray(ch[None]))
     lengths = jnp.asarray(LENGTHS, jnp.int32)
@@ -56,12 +58,12 @@ def _cfg(selector, **kw):
     )
 
 
-def _jax_and_torch(seed, cfg, top_p):
-    q, k, v, ch, cache = _case(seed)
+def _jax_and_torch(seed, cfg, top_p, quest_metadata="int8"):
+    q, k, v, ch, cache = _case(seed, quest_metadata)
     p = None if top_p is None else jnp.asarray(top_p, jnp.float32)
     ref, sel = decode_attention_reference(jnp.asarray(q), cache, cfg, top_p=p)
     out_t, mask_t, mass_t, sat_t = decode_attention_torch(
-        q, k, v, LENGTHS, cfg, top_p=top_p, ds_channel_idx=ch
+        q, k, v, LENGTHS, cfg, top_p=top_p, ds_channel_idx=ch, quest_metadata=quest_metadata
     )
     mask = np.asarray(sel.mask)
     np.testing.assert_array_equal(mask, mask_t)
@@ -88,6 +90,20 @@ TORCH_CASES = [
 @pytest.mark.parametrize("selector,kw,top_p", TORCH_CASES)
 def test_reference_matches_torch(selector, kw, top_p):
     _jax_and_torch(4, _cfg(selector, **kw), top_p)
+
+
+@pytest.mark.parametrize("kw,top_p", [(k, p) for s, k, p in TORCH_CASES if s == "quest"])
+def test_reference_matches_torch_native_quest_metadata(kw, top_p):
+    _jax_and_torch(4, _cfg("quest", **kw), top_p, quest_metadata="native")
+
+
+def test_int8_quest_metadata_changes_the_selection_here():
+    """The int8 and native cases above select different pages on this input (an INT8 bound is
+    looser), so each parity test pins its own form rather than passing on either."""
+    cfg = _cfg("quest", top_p=0.8, gqa="per_head", sink_tokens=1)
+    _, int8 = _jax_and_torch(4, cfg, P)[2:]
+    _, native = _jax_and_torch(4, cfg, P, quest_metadata="native")[2:]
+    assert (np.asarray(int8.mask) != np.asarray(native.mask)).any()
 
 
 # The Pallas path: INT4 SpGEMV on pages (all, quest) and on single tokens (oracle, per head),
@@ -127,7 +143,7 @@ def test_pallas_path_matches_reference_and_torch(selector, kw):
     got, want = _mask(info), np.asarray(sel.mask)
     differ = got != want
     if differ.any():
-        dist = boundary_distance(q, k, LENGTHS, cfg, P, ch)  # [B, Hq, T]
+        dist = boundary_distance(q, k, LENGTHS, cfg, P, ch, cache.quest_metadata)  # [B, Hq, T]
         rows = got.shape[1]
         dist = dist.reshape(len(LENGTHS), rows, -1, T).min(2)
         assert differ.sum() <= 2 and (dist[differ] < 2e-3).all(), dist[differ]

@@ -46,8 +46,10 @@ def _rows(x, gqa, g):
     return x.reshape(b, hq // g, g, *x.shape[2:]).sum(2)
 
 
-def candidates(q, k, lengths, cfg, ds_channel_idx):
-    """q [B, Hq, D], k [B, Hkv, T, D] float32, lengths [B] -> candidate mask [B, rows, T]."""
+def candidates(q, k, lengths, cfg, ds_channel_idx, quest_metadata="native"):
+    """q [B, Hq, D], k [B, Hkv, T, D] float32, lengths [B] -> candidate mask [B, rows, T].
+    quest_metadata "int8": Quest scores pages with INT8 bounds quantized once from the exact
+    min / max of the page's tokens (what a cache prefilled in one write holds)."""
     b, hkv, t, d = k.shape
     g = q.shape[1] // hkv
     valid = torch.arange(t)[None, :] < lengths[:, None]
@@ -67,6 +69,11 @@ def candidates(q, k, lengths, cfg, ds_channel_idx):
         live = valid.reshape(b, 1, t // s, s, 1)
         kmin = torch.where(live, kp, torch.full_like(kp, math.inf)).amin(3)
         kmax = torch.where(live, kp, torch.full_like(kp, -math.inf)).amax(3)
+        if quest_metadata == "int8":  # codes of the min / max rounded outward, times the scale
+            s8 = torch.maximum(kmin.abs().amax(-1), kmax.abs().amax(-1))[..., None] / 127
+            safe = torch.where(s8 > 0, s8, torch.ones_like(s8))
+            kmin = torch.clamp(torch.floor(kmin / safe), -127, 127) * s8
+            kmax = torch.clamp(torch.ceil(kmax / safe), -127, 127) * s8
         qe = qg[:, :, :, None, :]
         score = torch.maximum(qe * kmin[:, :, None], qe * kmax[:, :, None]).sum(-1)
         score = _rows(score.reshape(b, hkv * g, t // s), cfg.gqa, g)
@@ -130,7 +137,9 @@ def prune(q, k, cand, p, cfg):
     return kept, mass, saturated
 
 
-def decode_attention_torch(q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=None):
+def decode_attention_torch(
+    q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=None, quest_metadata="native"
+):
     """q [B, Hq, D]; k, v [B, T, Hkv, D] (T a multiple of cfg.page_size); lengths [B];
     cfg: a SparsityConfig (read for its fields); top_p: None or [B] overriding cfg.top_p.
 
@@ -142,7 +151,7 @@ def decode_attention_torch(q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=
     b, hq, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     g = hq // hkv
-    cand = candidates(q, k, lengths, cfg, ds_channel_idx)
+    cand = candidates(q, k, lengths, cfg, ds_channel_idx, quest_metadata)
     p = cfg.top_p if top_p is None else top_p
     if cfg.selector != "dense" and p is not None:
         p = torch.as_tensor(np.broadcast_to(np.asarray(p, np.float32), (b,)).copy())
@@ -162,14 +171,14 @@ def decode_attention_torch(q, k, v, lengths, cfg, *, top_p=None, ds_channel_idx=
     return out.numpy(), keep.numpy(), mass.numpy(), saturated.numpy()
 
 
-def boundary_distance(q, k, lengths, cfg, top_p, ds_channel_idx=None):
+def boundary_distance(q, k, lengths, cfg, top_p, ds_channel_idx=None, quest_metadata="native"):
     """|mass of the strictly heavier candidates - p| per query head and token, numpy
     [B, Hq, T] (inf off the candidates): near 0 exactly for the tokens on the top-p boundary,
     whose membership a few ulps of estimate error may flip."""
     q = _t(q)
     k = _t(k).permute(0, 2, 1, 3).contiguous()
     lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
-    cand = candidates(q, k, lengths, cfg, ds_channel_idx)
+    cand = candidates(q, k, lengths, cfg, ds_channel_idx, quest_metadata)
     w, head_cand = estimated_weights(q, k, cand, cfg)
     p = torch.as_tensor(np.broadcast_to(np.asarray(top_p, np.float32), (q.shape[0],)).copy())
     dist = (heavier_mass(w) - p[:, None, None]).abs()

@@ -20,6 +20,8 @@ import numpy as np
 
 from pallas_kernels.append import cache_append_decode
 from pallas_kernels.int4 import quantize_int4
+from pallas_kernels.quest import quantize_page_bounds, widen_page_bounds
+from twilight_jax.config import QUEST_METADATA
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -74,6 +76,7 @@ class LayerView(NamedTuple):
     k_max: jax.Array
     ds_labels: jax.Array | None
     page_table: jax.Array
+    k_mm_scale: jax.Array | None = None
 
 
 @functools.partial(
@@ -90,6 +93,7 @@ class LayerView(NamedTuple):
         "lengths",
         "ds_labels",
         "ds_channel_idx",
+        "k_mm_scale",
     ],
     meta_fields=["page_size"],
 )
@@ -101,11 +105,15 @@ class PagedKVCache:
       page 0 null)
     k_int4: [Hkv, L, P, S, D//2] uint8 (split-halves nibbles, docs/kernel_api.md)
     k_scale, k_zero: [Hkv, L, P, S] float32
-    k_min, k_max: [Hkv, L, P, D] Quest per-page elementwise min / max, dtype of k_pages
+    k_min, k_max: [Hkv, L, P, D] Quest per-page elementwise min / max: dtype of k_pages
+      (quest_metadata "native"), or int8 codes (quest_metadata "int8", pallas_kernels.quest:
+      min = k_min * k_mm_scale, rounded outward)
     page_table: [B, max_pages] int32, logical page -> physical page (the same in every layer)
     lengths: [B] int32, tokens valid per sequence
     ds_labels: [Hkv, L, P, S, C] Double Sparsity label cache (K at C heavy channels), or None
     ds_channel_idx: [L, Hkv, C] int32 heavy channels per layer and KV head, or None
+    k_mm_scale: [Hkv, L, P] float32 scale of the INT8 k_min / k_max of each page, or None
+      (native metadata)
 
     The layer axis sits after the KV-head axis so that ``layer_view`` can hand the kernels all
     layers as one [Hkv, L * P, ...] page pool (a free reshape) with ``layer * P`` added to the
@@ -125,6 +133,7 @@ class PagedKVCache:
     ds_labels: jax.Array | None
     ds_channel_idx: jax.Array | None
     page_size: int
+    k_mm_scale: jax.Array | None = None
 
     # ------------------------------------------------------------------ shape properties
     @property
@@ -158,6 +167,11 @@ class PagedKVCache:
         return self.max_pages * self.page_size
 
     @property
+    def quest_metadata(self) -> str:
+        """The form of the Quest metadata: "int8" (codes and a scale per page) or "native"."""
+        return "native" if self.k_mm_scale is None else "int8"
+
+    @property
     def ds_channels(self) -> int:
         return 0 if self.ds_channel_idx is None else self.ds_channel_idx.shape[-1]
 
@@ -175,6 +189,7 @@ class PagedKVCache:
         num_pages: int | None = None,
         dtype=jnp.float32,
         ds_channels: int = 0,
+        quest_metadata: str = "int8",
     ) -> PagedKVCache:
         """An empty cache (lengths 0) with sequence b owning pages 1 + b*max_pages, ....
 
@@ -182,8 +197,14 @@ class PagedKVCache:
         (page 0 is the null page). A serving engine that allocates pages itself passes its own
         num_pages and replaces the table with ``with_page_table``. ds_channels > 0 allocates
         the Double Sparsity label cache with placeholder channels 0..C-1 until
-        ``with_ds_channels`` installs a calibration.
+        ``with_ds_channels`` installs a calibration. quest_metadata: "int8" (Quest min / max
+        as int8 codes with a float32 scale per page: half the bytes the Quest selector reads,
+        bounds looser by at most one step of the scale) or "native" (in dtype).
         """
+        if quest_metadata not in QUEST_METADATA:
+            raise ValueError(
+                f"quest_metadata must be one of {QUEST_METADATA}, got {quest_metadata!r}"
+            )
         for name, value, lo in (
             ("num_layers", num_layers, 1),
             ("batch", batch, 1),
@@ -210,6 +231,7 @@ class PagedKVCache:
         if table.max() >= num_pages:
             table = np.zeros_like(table)  # too few pages to lay out contiguously: all null
         lhp = (num_kv_heads, num_layers, num_pages)
+        meta_dtype = dtype if quest_metadata == "native" else jnp.int8
         ds_idx = ds_labels = None
         if ds_channels:
             ds_idx = jnp.broadcast_to(
@@ -222,13 +244,14 @@ class PagedKVCache:
             k_int4=jnp.zeros((*lhp, page_size, head_dim // 2), jnp.uint8),
             k_scale=jnp.zeros((*lhp, page_size), jnp.float32),
             k_zero=jnp.zeros((*lhp, page_size), jnp.float32),
-            k_min=jnp.zeros((*lhp, head_dim), dtype),
-            k_max=jnp.zeros((*lhp, head_dim), dtype),
+            k_min=jnp.zeros((*lhp, head_dim), meta_dtype),
+            k_max=jnp.zeros((*lhp, head_dim), meta_dtype),
             page_table=jnp.asarray(table),
             lengths=jnp.zeros((batch,), jnp.int32),
             ds_labels=ds_labels,
             ds_channel_idx=ds_idx,
             page_size=page_size,
+            k_mm_scale=None if quest_metadata == "native" else jnp.zeros(lhp, jnp.float32),
         )
 
     @classmethod
@@ -242,6 +265,7 @@ class PagedKVCache:
         ds_channel_idx=None,
         backend: str = "auto",
         chunk_tokens: int = 8192,
+        quest_metadata: str = "int8",
     ) -> PagedKVCache:
         """A cache holding the first lengths[b] tokens of dense K/V.
 
@@ -250,7 +274,7 @@ class PagedKVCache:
         The cache has dtype k.dtype, max_pages = ceil(T / page_size). Each layer is written
         in chunks of chunk_tokens positions (rounded down to whole pages), so the write's
         temporaries (INT4 codes, scatter indices, float32 copies of the chunk) stay a chunk's
-        size rather than the whole prompt's.
+        size rather than the whole prompt's. quest_metadata as in ``create``.
         """
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
@@ -283,6 +307,7 @@ class PagedKVCache:
             page_size=page_size,
             dtype=k.dtype,
             ds_channels=c,
+            quest_metadata=quest_metadata,
         )
         if ds_channel_idx is not None:
             cache = cache.with_ds_channels(ds_channel_idx)
@@ -343,6 +368,25 @@ class PagedKVCache:
         )
         return dataclasses.replace(self, ds_channel_idx=idx, ds_labels=labels)
 
+    def with_quest_metadata(self, quest_metadata: str) -> PagedKVCache:
+        """The same cache with its Quest metadata in the form quest_metadata: native -> int8
+        quantizes every page's min / max once (what a prefill of the same tokens writes); the
+        form it has: the cache itself. int8 -> native is refused: the codes are bounds, not
+        the min / max, which only the keys can give back."""
+        if quest_metadata not in QUEST_METADATA:
+            raise ValueError(
+                f"quest_metadata must be one of {QUEST_METADATA}, got {quest_metadata!r}"
+            )
+        if quest_metadata == self.quest_metadata:
+            return self
+        if quest_metadata == "native":
+            raise ValueError(
+                "with_quest_metadata cannot turn int8 Quest metadata back into the exact min / "
+                "max; build the cache with quest_metadata='native' instead"
+            )
+        lo, hi, scale = quantize_page_bounds(self.k_min, self.k_max)
+        return dataclasses.replace(self, k_min=lo, k_max=hi, k_mm_scale=scale)
+
     def begin_decode_step(self, active=None) -> PagedKVCache:
         """lengths += 1 for active sequences ([B] bool; None = all): the token about to be
         written belongs to this step's attention."""
@@ -385,6 +429,7 @@ class PagedKVCache:
             k_max=pool(self.k_max),
             ds_labels=pool(self.ds_labels),
             page_table=self.page_table + jnp.asarray(layer, jnp.int32) * self.num_pages,
+            k_mm_scale=pool(self.k_mm_scale),
         )
 
     def _write_tokens(self, layer, k, v, phys, slot, backend):
@@ -460,7 +505,7 @@ class PagedKVCache:
         rel = (start[:, None] + jnp.arange(t, dtype=jnp.int32)) // s - first[:, None]  # [B, T]
         written = jnp.arange(t) < count[:, None]
         rel = jnp.where(written, rel, n_touched)  # out of range: dropped by the scatters
-        kc = k.astype(self.k_min.dtype)
+        kc = k.astype(self.k_pages.dtype)
         shape = (b, n_touched, *k.shape[2:])  # [B, NT, Hkv, D]
         rows = jnp.arange(b)[:, None]
         inf = jnp.asarray(jnp.inf, kc.dtype)
@@ -475,13 +520,25 @@ class PagedKVCache:
             None, :, None, None
         ]
         old = self._at(layer, jnp.minimum(phys, self.num_pages - 1))
-        kmin = jnp.where(entered, jnp.minimum(kmin, self.k_min[old]), kmin)
-        kmax = jnp.where(entered, jnp.maximum(kmax, self.k_max[old]), kmax)
         idx = self._at(layer, phys)
+        if self.k_mm_scale is None:
+            kmin = jnp.where(entered, jnp.minimum(kmin, self.k_min[old]), kmin)
+            kmax = jnp.where(entered, jnp.maximum(kmax, self.k_max[old]), kmax)
+            return dataclasses.replace(
+                self,
+                k_min=self.k_min.at[idx].set(kmin, mode="drop"),
+                k_max=self.k_max.at[idx].set(kmax, mode="drop"),
+            )
+        # INT8: an entered page is widened like a decode append; the others are quantized once
+        # from the float min / max of their tokens.
+        lo, hi, scale = widen_page_bounds(
+            self.k_min[old], self.k_max[old], self.k_mm_scale[old][..., None], kmin, kmax, ~entered
+        )
         return dataclasses.replace(
             self,
-            k_min=self.k_min.at[idx].set(kmin, mode="drop"),
-            k_max=self.k_max.at[idx].set(kmax, mode="drop"),
+            k_min=self.k_min.at[idx].set(lo.astype(jnp.int8), mode="drop"),
+            k_max=self.k_max.at[idx].set(hi.astype(jnp.int8), mode="drop"),
+            k_mm_scale=self.k_mm_scale.at[idx].set(scale[..., 0], mode="drop"),
         )
 
     def write_decode(self, layer, k, v, *, active=None, backend: str = "auto") -> PagedKVCache:
@@ -528,9 +585,10 @@ def _write_decode(cache, layer, k, v, active, backend):
         v,
         view.page_table,
         jnp.where(ok, pos, -1).astype(jnp.int32),
+        k_mm_scale=view.k_mm_scale,
         backend=backend,
     )
-    names = ("k_pages", "v_pages", "k_int4", "k_scale", "k_zero", "k_min", "k_max")
+    names = ("k_pages", "v_pages", "k_int4", "k_scale", "k_zero", "k_min", "k_max", "k_mm_scale")
     # The [Hkv, L * P, ...] pools back to [Hkv, L, P, ...]: free reshapes.
     updates = {n: x.reshape(getattr(cache, n).shape) for n, x in zip(names, pools)}
     if cache.ds_labels is not None:

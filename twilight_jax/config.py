@@ -17,6 +17,7 @@ import numpy as np
 SELECTORS = ("dense", "all", "quest", "double_sparsity", "oracle", "streaming")
 GQA_MODES = ("group_union", "per_head")
 ESTIMATE_BITS = (4, 8, 16)
+QUEST_METADATA = ("int8", "native")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -86,6 +87,11 @@ class SparsityConfig:
     estimate_bits: precision of K for the pruner's estimates: 4 (the INT4 cache), 8 (K
       re-quantized to 8 bits on the fly) or 16 (exact K; an ablation).
     ds_channels: number of heavy channels in the Double Sparsity label cache.
+    quest_metadata: the form of Quest's per-page K min / max in the caches made for this
+      config (generate, the serving engine): "int8" (int8 codes and a float32 scale per page
+      and KV head: half the bytes the Quest selector reads, bounds a little looser) or
+      "native" (the cache dtype). decode_attention itself scores whichever form its cache
+      holds.
     """
 
     selector: str = "all"
@@ -99,11 +105,17 @@ class SparsityConfig:
     recent_tokens: int = 0
     estimate_bits: int = 4
     ds_channels: int = 16
+    quest_metadata: str = "int8"
 
     def __post_init__(self):
         if self.selector not in SELECTORS:
             raise ValueError(
                 f"SparsityConfig.selector must be one of {SELECTORS}, got {self.selector!r}"
+            )
+        if self.quest_metadata not in QUEST_METADATA:
+            raise ValueError(
+                f"SparsityConfig.quest_metadata must be one of {QUEST_METADATA}, "
+                f"got {self.quest_metadata!r}"
             )
         if self.gqa not in GQA_MODES:
             raise ValueError(f"SparsityConfig.gqa must be one of {GQA_MODES}, got {self.gqa!r}")

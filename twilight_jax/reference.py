@@ -111,6 +111,13 @@ def _candidates(q, k, lengths, cache, sparsity, layer, g):
         live = valid.reshape(b, 1, n // s, s, 1)
         kmin = jnp.where(live, kp, jnp.inf).min(3)  # [B, Hkv, NP, D]
         kmax = jnp.where(live, kp, -jnp.inf).max(3)
+        if cache.k_mm_scale is not None:
+            # INT8 metadata: the cache's own bounds (codes times the page's scale, outward of
+            # the min / max above), whose codes depend on the order the tokens were written in.
+            scale = cache.k_mm_scale[:, layer][..., None]
+            kmin = (cache.k_min[:, layer].astype(jnp.float32) * scale)[:, cache.page_table]
+            kmax = (cache.k_max[:, layer].astype(jnp.float32) * scale)[:, cache.page_table]
+            kmin, kmax = kmin.transpose(1, 0, 2, 3), kmax.transpose(1, 0, 2, 3)
         page_score = jnp.maximum(
             qg[:, :, :, None] * kmin[:, :, None], qg[:, :, :, None] * kmax[:, :, None]
         )

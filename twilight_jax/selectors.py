@@ -123,6 +123,7 @@ def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
         view.k_max,
         view.page_table,
         cache.lengths,
+        scale=view.k_mm_scale,
         page_size=s,
         backend=backend,
     )  # [B, Hq, max_pages], -inf past the length

@@ -45,7 +45,17 @@ from twilight_jax.cache import PagedKVCache
 HEADS = "heads"
 
 # PagedKVCache fields whose leading axis is the KV head; ds_channel_idx is [L, Hkv, C].
-_HEAD_MAJOR = ("k_pages", "v_pages", "k_int4", "k_scale", "k_zero", "k_min", "k_max", "ds_labels")
+_HEAD_MAJOR = (
+    "k_pages",
+    "v_pages",
+    "k_int4",
+    "k_scale",
+    "k_zero",
+    "k_min",
+    "k_max",
+    "k_mm_scale",
+    "ds_labels",
+)
 
 
 def initialize_distributed(

@@ -18,6 +18,7 @@ are done. Timings include compilation on first use: ``prefill_s`` and the first 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,6 @@ from twilight_jax.attention import DecodeInfo
 from twilight_jax.config import SparsityConfig
 from twilight_jax.runtime.model_api import check_model
 from twilight_jax.runtime.sampling import sample_tokens
-from twilight_jax.sharding import to_host
 
 DEFAULT_ATTENTION_TEXT = "dense on CPU, Twilight over all tokens at p = 0.95 on GPU and TPU"
 
@@ -287,6 +287,7 @@ def generate(
         max_seq,
         page_size=sparsity.page_size,
         ds_channels=sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0,
+        quest_metadata=sparsity.quest_metadata,
     )
     bar = None
     if progress:
@@ -338,36 +339,73 @@ def generate(
             mask[i, p] = True
         seen = jnp.asarray(mask)
     penalty = jnp.float32(repetition_penalty)
+    sampler = (temp, s_top_p, s_top_k, seeds, penalty)
 
-    def next_tokens(logits, step_no):
-        nonlocal seen
-        if seen is not None:
-            logits = penalize_repeats(logits, seen, penalty)
-        tokens = sample_tokens(logits, temp, s_top_p, s_top_k, seeds, step_no)
-        if seen is not None:
-            seen = seen.at[jnp.arange(b), tokens].set(True)
-        return np.asarray(tokens)
-
-    nxt = next_tokens(logits, jnp.zeros((b,), jnp.int32))
-    accept(nxt)
+    nxt, seen = _sample(logits, seen, sampler, jnp.int32(0))
+    accept(np.asarray(nxt))
 
     # Twilight's p enters the step as a traced [B] array: every p shares one compiled step.
     step_sparsity, attn_p = sparsity, None
     if sparsity.top_p is not None and sparsity.selector != "dense":
         step_sparsity = dataclasses.replace(sparsity, top_p=None)
-        attn_p = np.full((b,), sparsity.top_p, np.float32)
+        attn_p = jnp.full((b,), sparsity.top_p, jnp.float32)
+    first_sparse = (
+        0 if sparsity.selector == "dense" else min(sparsity.dense_layers, config.num_layers)
+    )
+    totals = jnp.zeros((4,), jnp.float32)  # context, attended, candidates, saturated
+    n_rows = 0
     step_times: list[float] = []
-    step_rows: list[int] = []  # tokens each step sampled: one per active sequence
-    sums = dict(context=0.0, attended=0.0, candidates=0.0, saturated=0.0, n=0)
-    while not done.all():
-        active = ~done
-        t1 = time.perf_counter()
-        logits, cache, info = model.decode_step(nxt, cache, step_sparsity, active, top_p=attn_p)
-        nxt = next_tokens(logits, jnp.asarray([len(o) for o in out], jnp.int32))
-        step_times.append(time.perf_counter() - t1)
-        step_rows.append(int(active.sum()))
-        _accumulate(sums, info, np.asarray(cache.lengths), active, sparsity, config.num_layers)
-        accept(nxt)
+    step_rows: list[int] = []  # tokens each step sampled: one per row it ran for
+
+    # One step ahead: step k + 1 is dispatched from step k's tokens while they are still on the
+    # device, and only then are they read back (the one transfer a step) to find EOS and
+    # stream text. The host's work then overlaps the device's instead of adding to it. A row
+    # that samples EOS at step k runs once more, inactive-to-be, in step k + 1, whose output is
+    # dropped (the cache keeps max_new_tokens of room, so the extra write always fits); rows
+    # that reach max_new_tokens at step k are known in advance and left out of step k + 1.
+    def dispatch(tokens, cache, seen, totals, run, k):
+        logits, cache, info = model.decode_step(tokens, cache, step_sparsity, run, top_p=attn_p)
+        tokens, seen = _sample(logits, seen, sampler, jnp.int32(k))
+        totals = _add_stats(totals, info, cache.lengths, run, first_sparse)
+        return tokens, cache, seen, totals
+
+    run_cache = {}
+
+    def on_device(mask):  # the [B] mask of a step; re-sent only when it changes
+        key = mask.tobytes()
+        if key not in run_cache:
+            run_cache.clear()
+            run_cache[key] = jnp.asarray(mask)
+        return run_cache[key]
+
+    k = 1
+    run = ~done
+    in_flight = None
+    t1 = time.perf_counter()
+    if run.any():
+        in_flight = dispatch(nxt, cache, seen, totals, on_device(run), k)
+        n_rows += int(run.sum())
+    while in_flight is not None:
+        nxt, cache, seen, totals = in_flight
+        sampled = int((run & ~done).sum())  # rows whose token of this step is kept
+        lengths_out = np.array([len(o) for o in out])
+        run = ~done & (lengths_out + 1 < max_new_tokens)
+        in_flight = None
+        if run.any():
+            k += 1
+            in_flight = dispatch(nxt, cache, seen, totals, on_device(run), k)
+            n_rows += int(run.sum())
+        accept(np.asarray(nxt))
+        t2 = time.perf_counter()
+        step_times.append(t2 - t1)
+        step_rows.append(sampled)
+        t1 = t2
+        if done.all():
+            in_flight = None
+    totals = np.asarray(totals, np.float64)
+    sums = dict(
+        context=totals[0], attended=totals[1], candidates=totals[2], saturated=totals[3], n=n_rows
+    )
     if decoders:
         for i in range(b):
             if reasons[i] == "length":
@@ -380,24 +418,38 @@ def generate(
     return GenerationResult(texts, out, ids, reasons, stats)
 
 
-def _accumulate(sums, info: DecodeInfo, lengths, active, sparsity, num_layers) -> None:
-    """Adds one step's attention counts of the active sequences to the running sums."""
-    first_sparse = 0 if sparsity.selector == "dense" else min(sparsity.dense_layers, num_layers)
-    n = int(active.sum())
-    if n == 0:
-        return
-    counts = to_host(info.counts)[first_sparse:, active]  # [Ls, n, Hs]
-    cands = to_host(info.candidates)[first_sparse:, active]
-    sat = to_host(info.saturated)[first_sparse:, active]
-    ctx = lengths[active].astype(np.float64)
-    if counts.shape[0] == 0:  # every layer dense
-        counts = cands = np.broadcast_to(ctx[None, :, None], (1, n, 1))
-        sat = np.zeros((1, n, 1), bool)
-    sums["context"] += ctx.sum()
-    sums["attended"] += counts.mean(axis=(0, 2)).sum()
-    sums["candidates"] += cands.mean(axis=(0, 2)).sum()
-    sums["saturated"] += sat.mean(axis=(0, 2)).sum()
-    sums["n"] += n
+@jax.jit
+def _sample(logits, seen, sampler, step):
+    """(tokens [B] int32, seen): the repetition penalty (when ``seen`` is not None) and the
+    sampler in one program; ``step`` is the tokens generated so far (the same for every row
+    still running)."""
+    temp, s_top_p, s_top_k, seeds, penalty = sampler
+    if seen is not None:
+        logits = penalize_repeats(logits, seen, penalty)
+    tokens = sample_tokens(
+        logits, temp, s_top_p, s_top_k, seeds, jnp.full_like(seeds, step, jnp.int32)
+    )
+    if seen is not None:
+        seen = seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+    return tokens, seen
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _add_stats(totals, info: DecodeInfo, lengths, run, first_sparse: int):
+    """totals [4] float32 plus one step's sums over the rows that ran: context tokens, and the
+    per-row means over the sparse layers and heads of tokens attended, candidates and saturated
+    sets (with no sparse layer: the context, attended in full)."""
+    run = run.astype(jnp.float32)
+    ctx = lengths.astype(jnp.float32)
+    if info.counts.shape[0] > first_sparse:
+        counts = info.counts[first_sparse:].astype(jnp.float32).mean(axis=(0, 2))
+        cands = info.candidates[first_sparse:].astype(jnp.float32).mean(axis=(0, 2))
+        sat = info.saturated[first_sparse:].astype(jnp.float32).mean(axis=(0, 2))
+    else:
+        counts = cands = ctx
+        sat = jnp.zeros_like(ctx)
+    step = jnp.stack([ctx, counts, cands, sat]) @ run
+    return totals + step
 
 
 def _stats(b, ids, out, prefill_s, step_times, step_rows, sums, sparsity) -> GenerationStats:

@@ -51,6 +51,7 @@ class DecodeModel(Protocol):
         page_size: int = 16,
         num_pages: int | None = None,
         ds_channels: int = 0,
+        quest_metadata: str = "int8",
     ) -> PagedKVCache:
         """An empty cache for this model (its dtype, split over its mesh):
         ``PagedKVCache.create`` with the model's layers, KV heads and head_dim."""

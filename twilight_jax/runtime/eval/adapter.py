@@ -51,11 +51,19 @@ class ModelAdapter:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def new_cache(self, batch: int, max_seq_len: int, ds_channel_idx=None):
+    def new_cache(
+        self, batch: int, max_seq_len: int, ds_channel_idx=None, *, quest_metadata: str = "int8"
+    ):
         """An empty cache of ``max_seq_len`` tokens per sequence; with ds_channel_idx
-        [L, Hkv, C] its Double Sparsity channels."""
+        [L, Hkv, C] its Double Sparsity channels; quest_metadata as PagedKVCache.create's."""
         ds = 0 if ds_channel_idx is None else int(np.shape(ds_channel_idx)[-1])
-        cache = self.jitted.init_cache(batch, max_seq_len, page_size=self.page_size, ds_channels=ds)
+        cache = self.jitted.init_cache(
+            batch,
+            max_seq_len,
+            page_size=self.page_size,
+            ds_channels=ds,
+            quest_metadata=quest_metadata,
+        )
         if ds_channel_idx is not None:
             cache = cache.with_ds_channels(jnp.asarray(ds_channel_idx, jnp.int32))
         return cache

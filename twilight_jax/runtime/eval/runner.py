@@ -224,7 +224,9 @@ def _run_batch(
     prefix = [it.prompt[: len(it.prompt) - k] for it in rows]
     tails = np.asarray([it.prompt[len(it.prompt) - k :] for it in rows], np.int32)
     lengths = np.asarray([len(p) for p in prefix], np.int32)
-    cache0 = adapter.new_cache(len(rows), max_seq_len, ds_idx)
+    cache0 = adapter.new_cache(
+        len(rows), max_seq_len, ds_idx, quest_metadata=settings.quest_metadata
+    )
     _, cache0 = adapter.prefill(_right_pad(prefix, max_seq_len), lengths, cache0)
     is_ppl = task == "perplexity"
     ran: list[str] = []

@@ -142,6 +142,7 @@ class Method:
             page_size=settings.page_size,
             dense_layers=settings.dense_layers,
             ds_channels=settings.ds_channels,
+            quest_metadata=settings.quest_metadata,
         )
 
 
@@ -189,7 +190,8 @@ class EvalConfig:
     fit inside). tasks: from tasks.TASKS. samples: prompts per task and length; depths: needle
     depths, cycled over the samples. methods: Method specs. batch_size: prompts decoded
     together (the last batch is padded to it, so shapes stay static). page_size,
-    dense_layers, ds_channels: the SparsityConfig fields shared by every method.
+    dense_layers, ds_channels, quest_metadata: the SparsityConfig fields shared by every method
+    (quest_metadata: the form of the caches' Quest metadata, "int8" or "native").
     ds_calibration_tokens: text tokens for the Double Sparsity channel calibration.
     ppl_docs, ppl_tokens: perplexity texts per length (0: none) and how many of each text's
     last tokens are decoded. max_new_tokens: (task, answer budget) pairs. budget_trace: the
@@ -213,6 +215,7 @@ class EvalConfig:
     max_new_tokens: tuple[tuple[str, int], ...] = tuple(MAX_NEW_TOKENS.items())
     budget_trace: str = "all@0.95"
     seed: int = 0
+    quest_metadata: str = "int8"
 
     def __post_init__(self):
         if not self.lengths or any(int(n) < 64 for n in self.lengths):
@@ -254,7 +257,10 @@ PROTOCOL_FIELDS = (
     "ds_calibration_tokens",
     "ppl_tokens",
     "max_new_tokens",
+    "quest_metadata",
 )
+# What a folder written before a protocol field existed ran with.
+_BEFORE_THE_FIELD = {"quest_metadata": "native"}
 
 
 def protocol_mismatch(stored: dict | None, settings: EvalConfig) -> str | None:
@@ -264,8 +270,9 @@ def protocol_mismatch(stored: dict | None, settings: EvalConfig) -> str | None:
         return None
     now = json.loads(json.dumps(dataclasses.asdict(settings)))
     for field in PROTOCOL_FIELDS:
-        if stored.get(field) != now[field]:
-            return f"{field}: {stored.get(field)!r} there, {now[field]!r} now"
+        there = stored.get(field, _BEFORE_THE_FIELD.get(field))
+        if there != now[field]:
+            return f"{field}: {there!r} there, {now[field]!r} now"
     return None
 
 

@@ -65,15 +65,24 @@ class EngineConfig:
 
 
 def page_bytes(
-    *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype, ds_channels=0
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype,
+    ds_channels=0,
+    quest_metadata: str = "int8",
 ) -> int:
     """Bytes one physical page of a ``PagedKVCache`` costs across all layers and KV heads:
     K and V pages (dtype), INT4 K (head_dim / 2 bytes a token) with its float32 scale and zero
-    per token, Quest's per-page min and max (dtype), and the Double Sparsity labels (dtype,
-    ds_channels a token) when there are any."""
+    per token, Quest's per-page min and max (int8 codes and a float32 scale, or dtype with
+    quest_metadata "native"), and the Double Sparsity labels (dtype, ds_channels a token) when
+    there are any."""
     item = np.dtype(dtype).itemsize
     per_token = 2 * head_dim * item + head_dim // 2 + 2 * 4 + ds_channels * item
-    return num_layers * num_kv_heads * (page_size * per_token + 2 * head_dim * item)
+    quest = 2 * head_dim * item if quest_metadata == "native" else 2 * head_dim + 4
+    return num_layers * num_kv_heads * (page_size * per_token + quest)
 
 
 def free_device_bytes(stats: Sequence[dict | None]) -> int | None:
