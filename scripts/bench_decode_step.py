@@ -25,6 +25,13 @@ INT4 keys of its candidates and the K/V of the tokens it kept (sparse layers). W
 only), device span (first kernel start to last kernel end of a step: their difference is
 launch gaps), the longest kernels, and any kernel that moves a weight-sized copy.
 
+``--devices N`` splits the KV heads (with their query heads and weights) over N local devices
+(``twilight_jax.sharding``), the cache too: each device reads its heads' share of the cache
+and of the per-head weights, plus the whole of the replicated ones (embedding, LM head,
+norms), and the layers' outputs are summed over the devices (two all-reduces per layer). The
+floor is then one device's bytes at one device's bandwidth; the memory columns are device
+0's. Run the same command with ``--devices 1``, 2 and 4 for the scaling (docs/multihost.md).
+
 The Quest methods run once per ``--quest-metadata`` form (int8 codes and a float32 scale per
 page and KV head: 2 * D + 4 bytes; native: the cache dtype, 2 * D * 2 bytes), native first:
 the cache is built with native metadata and quantized once before the first int8 run (what a
@@ -49,11 +56,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 import benchlib
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from twilight_jax import PagedKVCache, SparsityConfig
+from twilight_jax.sharding import cache_specs, check_heads, head_mesh
 
 SHAPES = {
     "smollm2": dict(
@@ -112,6 +121,12 @@ def parse_args(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="model shape")
     ap.add_argument("--layers", type=int, help="keep the first N layers (default: all)")
     ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="split the KV heads (cache and weights by head) over this many local devices",
+    )
+    ap.add_argument(
         "--points",
         nargs="+",
         default=["64x4096", "1x4096"],
@@ -146,6 +161,18 @@ def parse_args(argv=None):
     n_layers = SHAPES[args.shape]["num_hidden_layers"]
     if args.layers is not None and not 1 <= args.layers <= n_layers:
         ap.error(f"--layers must be in [1, {n_layers}] for --shape {args.shape}, got {args.layers}")
+    shape = SHAPES[args.shape]
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    if args.devices < 1 or heads % args.devices or kv_heads % args.devices:
+        ap.error(
+            f"--devices must divide the KV heads ({kv_heads}) and query heads ({heads}) of "
+            f"--shape {args.shape}, got {args.devices}"
+        )
+    if args.devices > len(jax.devices()):
+        ap.error(
+            f"--devices {args.devices}: this process has {len(jax.devices())} "
+            f"{jax.default_backend()} device(s)"
+        )
     points = []
     for p in args.points:
         try:
@@ -196,13 +223,19 @@ def method_config(name: str, context: int, args) -> SparsityConfig:
     )
 
 
+def _device_bytes(x) -> int:
+    """Bytes of an array on one device: its shard (all of it when replicated or unsplit)."""
+    return x.addressable_shards[0].data.nbytes
+
+
 def weight_bytes(model: LlamaForCausalLM) -> int:
-    """Bytes a decode step reads of the weights: everything but the embedding table, which it
-    gathers B rows of (unless the head is tied to it)."""
+    """Bytes a decode step reads of the weights on one device: its share of each weight (all
+    of a replicated one) but the embedding table, which it gathers B rows of (unless the head
+    is tied to it)."""
     state = nnx.state(model)
-    total = sum(x.nbytes for x in jax.tree.leaves(state))
+    total = sum(_device_bytes(x) for x in jax.tree.leaves(state))
     if model.lm_head is not None:
-        total -= model.embed_tokens.embedding[...].nbytes
+        total -= _device_bytes(model.embed_tokens.embedding[...])
     return total
 
 
@@ -252,17 +285,30 @@ def _write_planted(cache, key, layer, c0, lengths, chunk, scales):
     return cache.write_prefill(layer, k.astype(dt), v.astype(dt), start, count)
 
 
-def planted_cache(config, dtype, batch, context, lengths, args, key):
-    cache = PagedKVCache.create(
-        config.num_layers,
-        batch,
-        config.num_kv_heads,
-        config.head_dim,
-        max_seq_len=context,
-        page_size=PAGE,
-        dtype=dtype,
-        quest_metadata="native",
-    )
+def empty_cache(config, dtype, batch, context, mesh):
+    """An empty cache, created split over the mesh when there is one (no whole copy on one
+    device first: the largest points fill most of a device with their share alone)."""
+
+    def make():
+        return PagedKVCache.create(
+            config.num_layers,
+            batch,
+            config.num_kv_heads,
+            config.head_dim,
+            max_seq_len=context,
+            page_size=PAGE,
+            dtype=dtype,
+            quest_metadata="native",
+        )
+
+    if mesh is None:
+        return make()
+    specs = cache_specs(jax.eval_shape(make))
+    return jax.jit(make, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()
+
+
+def planted_cache(config, dtype, batch, context, lengths, args, key, mesh=None):
+    cache = empty_cache(config, dtype, batch, context, mesh)
     sigma_q = 0.02 * math.sqrt(config.hidden_size)
     scales = (float(args.planted), float(args.lift / sigma_q))
     chunk = min(context, max(PAGE, (1 << 22) // max(batch, 1) // PAGE * PAGE))
@@ -344,9 +390,18 @@ def main(argv=None):
     print(f"copy bandwidth {bw['peak'] / 1e12:.2f} TB/s", flush=True)
     t0 = time.perf_counter()
     model = LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
+    mesh = None
+    if args.devices > 1:
+        mesh = head_mesh(args.devices)
+        check_heads(mesh, config.num_heads, config.num_kv_heads)
+        model.shard(mesh)
     jm = model.jit()
     wbytes = weight_bytes(model)
-    print(f"random weights: {wbytes / 1e9:.2f} GB read per step ({time.perf_counter() - t0:.0f} s)")
+    per = f" per device ({args.devices} devices)" if mesh is not None else ""
+    print(
+        f"random weights: {wbytes / 1e9:.2f} GB read per step{per} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     table = benchlib.Table(
         [
             "method",
@@ -385,7 +440,9 @@ def main(argv=None):
         if lengths.min() < PAGE:
             raise SystemExit(f"context {context} leaves no room for {room} decode steps")
         try:
-            cache = planted_cache(config, dtype, batch, context, lengths, args, jax.random.key(1))
+            cache = planted_cache(
+                config, dtype, batch, context, lengths, args, jax.random.key(1), mesh
+            )
         except Exception as e:  # noqa: BLE001 (one failed point must not lose the others)
             print(f"FAILED building the cache for {batch}x{context}: {e!r}"[:400], flush=True)
             table.add(method="-", batch=batch, context=context, note=f"cache {type(e).__name__}")
@@ -394,10 +451,11 @@ def main(argv=None):
         dense_ms = None
         for name, form in runs:
             cfg = method_config(name, context, args)
-            cache = cache.with_quest_metadata(form)
+            # The int8 codes and scales made from a split cache are split the same way.
+            cache = jm.place_cache(cache.with_quest_metadata(form))
             tag = f"{name.replace('/', '_')}_{form}_{batch}x{context}"
             form_shown = form if name in QUEST_METHODS else ""
-            cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+            cache_bytes = sum(_device_bytes(x) for x in jax.tree.leaves(cache))  # one device's
             try:
                 lens_now = np.asarray(cache.lengths)
                 row, cache, info = run_method(jm, cache, tokens, name, cfg, args, tag)
@@ -419,7 +477,9 @@ def main(argv=None):
             attended = (
                 float(sparse.mean() / lens_now.mean()) if sparse.size and name != "dense" else 1.0
             )
-            fb = wbytes + floor_bytes(name, cfg, config, lens_now, kept, n_dense, form)
+            # The KV heads are split evenly: each device reads 1 / devices of the cache bytes.
+            cache_floor = floor_bytes(name, cfg, config, lens_now, kept, n_dense, form)
+            fb = wbytes + cache_floor // args.devices
             floor_ms = fb / bw["peak"] * 1e3 if bw["peak"] else 0.0
             if name == "dense":
                 dense_ms = row["step_ms"]
@@ -459,6 +519,7 @@ def save(table, details, args, config, bw, wbytes):
     meta = benchlib.device_meta()
     meta["command"] = "python scripts/bench_decode_step.py " + " ".join(args.argv)
     meta["shape"] = f"{args.shape}, {config.num_layers} layers, random weights"
+    meta["devices"] = args.devices
     meta["copy_TBps"] = round(bw["peak"] / 1e12, 3)
     meta["weight_GB"] = round(wbytes / 1e9, 3)
     skip = ("points", "out", "methods", "argv", "dump_hlo")

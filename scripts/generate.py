@@ -5,6 +5,9 @@
     python scripts/generate.py --prompt-file long.txt --raw --max-new-tokens 64 \\
         --attention quest --budget 1024 --top-p 0.95
     python scripts/generate.py --prompt "A" --prompt "B" --temperature 0.7 --seed 1
+    # two hosts, one process each (docs/multihost.md); process 0 prints:
+    python scripts/generate.py --coordinator host0:1234 --num-processes 2 --process-id 0
+    python scripts/generate.py --coordinator host0:1234 --num-processes 2 --process-id 1
 
 Defaults: greedy decoding with a repetition penalty of 1.1, at most 128 new tokens, and the
 platform's attention (twilight_jax.runtime.generate.default_attention: dense on CPU, Twilight
@@ -23,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 import models
@@ -30,14 +34,17 @@ from models.tiny import TINY_RANDOM, tiny_random_model
 from twilight_jax.runtime.cli import (
     ATTENTION,
     ATTENTION_FLAG_HELP,
+    DEVICES_HELP,
     ArgumentParser,
     HelpFormatter,
+    add_distributed_flags,
     attention_from_flags,
     attention_help,
+    distributed_from_flags,
+    mesh_from_flags,
     quiet_startup,
 )
 from twilight_jax.runtime.generate import encode_prompts, generate
-from twilight_jax.sharding import head_mesh
 
 # A question the 135M default model answers well and briefly (about 70 tokens, then it stops);
 # questions about things it does not know, such as this project, come back invented or looping.
@@ -156,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU and TPU)",
     )
-    p.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="split the KV heads (and the weights by head) over this many local devices",
-    )
+    p.add_argument("--devices", type=int, default=None, help=DEVICES_HELP)
     p.add_argument(
         "--prefill-chunk",
         type=int,
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the answer when done instead of token by token (a batch always is)",
     )
+    add_distributed_flags(p)
     return p
 
 
@@ -246,24 +249,23 @@ def sparsity_config(args):
         raise UsageError(str(e)) from e
 
 
-def device_mesh(devices: int):
-    """None for one device, else a "heads" mesh over the first `devices` local devices."""
-    if devices == 1:
-        return None
+def device_mesh(devices: int | None):
+    """None for one device, else a "heads" mesh over `devices` devices (all of every process
+    under jax.distributed when not given)."""
     try:
-        return head_mesh(devices)
+        return mesh_from_flags(devices)
     except ValueError as e:
-        raise UsageError(f"--devices {devices}: {e}") from e
+        raise UsageError(str(e)) from e
 
 
-def load_model(name: str | None, dtype: str | None, devices: int = 1):
+def load_model(name: str | None, dtype: str | None, devices: int | None = None):
     name = name or models.DEFAULT_MODEL
     mesh = device_mesh(devices)
     if name == TINY_RANDOM:
         try:
             return tiny_random_model(0, mesh=mesh)
         except ValueError as e:
-            raise UsageError(f"--devices {devices}: {e}") from e
+            raise UsageError(f"--devices {mesh.size if mesh else 1}: {e}") from e
     try:
         dt = jnp.dtype(dtype) if dtype else None
     except TypeError as e:
@@ -307,7 +309,9 @@ def run(args) -> int:
     if not chat and args.system is not None:
         raise UsageError("--system is a chat turn, and this model has no chat template")
     check_context(tokenizer, config, prompts, args, chat)
-    stream = len(prompts) == 1 and not args.no_stream
+    # Under jax.distributed every process generates the same tokens; process 0 prints them.
+    quiet = jax.process_index() != 0
+    stream = len(prompts) == 1 and not args.no_stream and not quiet
 
     def on_text(i, piece):
         sys.stdout.write(piece)
@@ -326,6 +330,8 @@ def run(args) -> int:
         prefill_chunk=args.prefill_chunk or None,
         **sampling,
     )
+    if quiet:
+        return 0
     if stream:
         print()
     else:
@@ -341,6 +347,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_startup()
     try:
+        try:
+            distributed_from_flags(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         return run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

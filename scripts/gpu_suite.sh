@@ -4,7 +4,7 @@
 #   STEPS="tests kernels attention generate" bash scripts/gpu_suite.sh
 # Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first.
 # Steps: stage tests kernels sweep ptxas profile ncu attention decode generate serving eval
-# (any order).
+# multigpu scaling (any order; the last two want several GPUs: docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
@@ -54,6 +54,26 @@ for step in $STEPS; do
           --out "$OUT/decode_step_$point" ${DECODE_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" \
           | tee -a "$OUT/decode.log" | grep -E "method=|FAILED|Error"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
+    multigpu)
+      # The sharding checks (tests/multidevice_checks.py) on the GPUs themselves: 4 needed.
+      python3 -m pytest -q -rs tests/multidevice_checks.py 2>&1 | tee "$OUT/multigpu.log" | tail -20
+      rc=${PIPESTATUS[0]} ;;
+    scaling)
+      # The decode step split by KV head over 1, 2, 4 GPUs (docs/multihost.md); counts above
+      # the GPUs present are skipped. One process per (count, point), as in "decode".
+      rc=0
+      gpus=$(nvidia-smi -L | wc -l)
+      for n in ${SCALING_DEVICES:-1 2 4}; do
+        [ "$n" -le "$gpus" ] || { echo "scaling: $n GPUs asked, $gpus present: skipped"; continue; }
+        for point in ${SCALING_POINTS:-8x32768 32x32768 4x131072}; do
+          python3 scripts/bench_decode_step.py --shape llama3-8b --layers 16 --points "$point" \
+            --methods dense quest twilight/quest --steps 20 --devices "$n" \
+            --out "$OUT/decode_step_${n}gpu_$point" ${SCALING_ARGS:-} 2>&1 \
+            | grep -v "^W\|Warning\|return rule" | tee -a "$OUT/scaling.log" \
+            | grep -E "method=|FAILED|Error"
+          [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+        done
       done ;;
     serving)
       python3 scripts/bench_serving.py --out "$OUT/serving" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -40

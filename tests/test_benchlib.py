@@ -157,10 +157,48 @@ def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
     assert by["twilight/quest"]["floor_ms"] < by["quest"]["floor_ms"] < by["dense"]["floor_ms"]
 
 
+_DEVICES_RUN = """
+import json, sys
+sys.path.insert(0, "scripts")
+import bench_decode_step
+argv = ["--layers", "2", "--points", "2x512", "--steps", "1", "--budget", "128"]
+argv += ["--max-budget", "64", "--copy-tbps", "0.1", "--methods", "dense", "twilight/quest"]
+for n in (1, 3):
+    bench_decode_step.main([*argv, "--devices", str(n), "--out", f"{sys.argv[1]}/d{n}"])
+"""
+
+
+def test_bench_decode_step_devices_splits_the_heads(tmp_path):
+    # --devices 3 on SmolLM2's 9 / 3 heads (3 forced CPU devices, in a subprocess: the device
+    # count is fixed when jax starts): the same planted cache and selection as one device, a
+    # third of the cache on each device, and a lower per-device floor.
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    cmd = [sys.executable, "-c", _DEVICES_RUN, str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, three = (
+        {row["method"]: row for row in json.loads((tmp_path / f"d{n}.json").read_text())["rows"]}
+        for n in (1, 3)
+    )
+    assert json.loads((tmp_path / "d3.json").read_text())["meta"]["devices"] == 3
+    for m in ("dense", "twilight/quest"):
+        assert three[m]["attended"] == one[m]["attended"], (m, one[m], three[m])
+        assert three[m]["cache_GB"] == pytest.approx(one[m]["cache_GB"] / 3, rel=1e-3)
+        assert three[m]["floor_ms"] < one[m]["floor_ms"], (m, one[m], three[m])
+    assert 0 < three["twilight/quest"]["attended"] < 1.0
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["--points", "8x100"], "--points 8x100: batch must be >= 1, context >= 256"),
+        (
+            ["--devices", "2"],
+            "--devices must divide the KV heads (3) and query heads (9) of --shape smollm2, got 2",
+        ),
+        (["--devices", "3"], "--devices 3: this process has 1 cpu device(s)"),
         (["--points", "eight"], "--points entries must look like 8x32768"),
         (["--layers", "99"], "--layers must be in [1, 30] for --shape smollm2, got 99"),
         (["--methods", "bogus"], "--methods must be among"),

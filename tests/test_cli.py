@@ -164,6 +164,9 @@ def test_generate_help_states_the_sampling_defaults(gen):
         ),
         (["--budget", "abc"], "argument --budget: invalid int value: 'abc'"),
         (["--attention", "sparse"], "argument --attention: invalid choice: 'sparse'"),
+        (["--num-processes", "2"], "--num-processes 2 needs --coordinator host:port"),
+        (["--process-id", "1"], "--process-id 1 does nothing with one process"),
+        (["--devices", "3"], "--devices 3: num_devices must be an int in [1, 1]"),
     ],
 )
 def test_generate_bad_input_is_one_line_naming_the_flag(gen, capsys, args, msg):
@@ -240,6 +243,12 @@ def test_generate_runs_quietly_and_its_rate_matches_its_step_time():
         ),
         (["--port", "70000"], "--port must be in 0..65535, got 70000"),
         (["--selector", "nope"], "argument --selector: invalid choice: 'nope'"),
+        (["--coordinator", "h:1"], "--coordinator h:1 does nothing with one process"),
+        (
+            ["--num-processes", "2", "--coordinator", "h:1", "--process-id", "5"],
+            "--process-id must be in [0, 2) with --num-processes 2, got 5",
+        ),
+        (["--devices", "3"], "--devices 3: num_devices must be an int in [1, 1]"),
     ],
 )
 def test_server_bad_input_is_one_line_naming_the_flag(capsys, args, msg):

@@ -19,14 +19,24 @@ replicated.
     cache = shard_cache(cache_made_elsewhere, mesh)       # the same for any PagedKVCache
 
 Constraints: Hkv and Hq divisible by the device count.
+
+Beyond one process (several hosts, or one process per GPU): every process calls
+``initialize_distributed`` first, then runs the same program. ``jax.devices()`` then lists the
+devices of all processes, ``head_mesh()`` spans them, and each jitted step is one program over
+the whole mesh that every process launches with the same host inputs; XLA's collectives
+(NCCL between GPUs, gloo between CPU processes) carry the per-layer all-reduces. Arrays split
+over several processes are read back with ``to_host``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,19 +58,107 @@ _HEAD_MAJOR = (
 )
 
 
+def initialize_distributed(
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    initialization_timeout: int = 300,
+) -> None:
+    """Joins this process to a job of ``num_processes`` processes (``jax.distributed``).
+
+    Every process calls it with the same ``coordinator_address`` ("host:port" where process 0
+    listens; the other processes connect to it) and its own ``process_id`` in
+    [0, num_processes), before anything uses a device. Afterwards ``jax.devices()`` lists the
+    devices of every process and ``head_mesh()`` spans them. With one process it does nothing.
+    Between CPU processes the collectives are gloo's (TCP). Waits up to
+    ``initialization_timeout`` seconds for the others. Raises ValueError naming a bad argument.
+    """
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if (
+        isinstance(process_id, bool)
+        or not isinstance(process_id, int)
+        or not 0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"process_id must be an int in [0, {num_processes}) (num_processes="
+            f"{num_processes}), got {process_id!r}"
+        )
+    if num_processes == 1:
+        return
+    host, sep, port = str(coordinator_address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"coordinator_address must be host:port (where process 0 listens, e.g. "
+            f"10.0.0.1:1234), got {coordinator_address!r}"
+        )
+    if jax.config.jax_cpu_collectives_implementation is None:
+        # Without it, a program spanning CPU processes fails to compile its collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout,
+        )
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"jax.distributed did not start (process {process_id} of {num_processes}, "
+            f"coordinator {coordinator_address}); it must run before anything uses a "
+            f"device: {e}"
+        ) from e
+    # Every process waits here for all the others, and the collectives connect now: gloo
+    # announces its connections on stdout (fd 1, from C++), which is the answer's stream in
+    # scripts/generate.py, so that line goes to stderr.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        multihost_utils.sync_global_devices("twilight_jax.sharding.initialize_distributed")
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def head_mesh(num_devices: int | None = None, devices=None) -> Mesh:
     """A one-axis ``"heads"`` mesh over ``devices`` (default: the first ``num_devices`` of
-    ``jax.devices()``, all of them when None)."""
+    ``jax.devices()``, all of them when None).
+
+    Under jax.distributed (``initialize_distributed``), ``jax.devices()`` holds every process's
+    devices and the mesh must take them all: each process runs its part of every step.
+    """
     if devices is None:
         available = jax.devices()
         n = len(available) if num_devices is None else num_devices
-        if not isinstance(n, int) or not 1 <= n <= len(available):
+        processes = jax.process_count()
+        where = (
+            f"the devices of this process: {len(available)} x {available[0].platform}"
+            if processes == 1
+            else f"the devices of all {processes} processes"
+        )
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(available):
             raise ValueError(
-                f"num_devices must be an int in [1, {len(available)}] (the devices of this "
-                f"process: {len(available)} x {available[0].platform}), got {num_devices!r}"
+                f"num_devices must be an int in [1, {len(available)}] ({where}), "
+                f"got {num_devices!r}"
+            )
+        if processes > 1 and n != len(available):
+            raise ValueError(
+                f"num_devices must be {len(available)} ({where}) under jax.distributed: every "
+                f"process runs its part of each step, so the mesh holds all their devices; "
+                f"got {n}"
             )
         devices = available[:n]
     return Mesh(np.asarray(devices), (HEADS,))
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether the mesh holds devices of other processes (its programs need all of them)."""
+    return mesh is not None and any(
+        d.process_index != jax.process_index() for d in np.asarray(mesh.devices).flat
+    )
 
 
 def check_heads(mesh: Mesh, num_heads: int, num_kv_heads: int) -> None:
@@ -114,3 +212,12 @@ def shard_attention(fn, mesh: Mesh, cache_spec, *, stats_specs=None):
         # checker requires (jax: "manual_axis_type ... must not be None").
         check_vma=False,
     )
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array as numpy. An array split over devices of several processes
+    (under jax.distributed) is gathered with ``multihost_utils.process_allgather``, a
+    collective: every process must then call this for the same array, in the same order."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

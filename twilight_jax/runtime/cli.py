@@ -1,13 +1,16 @@
 """What scripts/generate.py and the server's command line share: the attention flags and their
-checks, the help layout, one-line errors, and quiet startup."""
+checks, the device and process flags, the help layout, one-line errors, and quiet startup."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+import jax
+
 from twilight_jax.config import SparsityConfig
 from twilight_jax.runtime.generate import DEFAULT_ATTENTION_TEXT, default_attention
+from twilight_jax.sharding import head_mesh, initialize_distributed
 
 # "twilight" is Twilight over every token ("all" + top-p); the other names are base selectors.
 ATTENTION = ("dense", "twilight", "all", "quest", "double_sparsity", "oracle", "streaming")
@@ -181,3 +184,70 @@ def quiet_startup() -> None:
     logger = logging.getLogger("jax._src.xla_bridge")
     if not any(isinstance(f, _NoMissingTpuNotice) for f in logger.filters):
         logger.addFilter(_NoMissingTpuNotice())
+
+
+DEVICES_HELP = (
+    "split the KV heads (and the weights by head) over this many devices (default: 1; with "
+    "--num-processes > 1, every device of every process)"
+)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """--coordinator, --num-processes and --process-id: one program over several processes
+    (hosts) under jax.distributed."""
+    g = parser.add_argument_group(
+        "several processes (jax.distributed: start the same command once per process, "
+        "each with its --process-id; docs/multihost.md)"
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        help="host:port where process 0 listens for the others (the same in every process)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="processes in the job, e.g. one per host (1: no jax.distributed)",
+    )
+    g.add_argument(
+        "--process-id", type=int, default=None, help="this process's rank in [0, --num-processes)"
+    )
+
+
+def distributed_from_flags(args) -> None:
+    """Joins the jax.distributed job the process flags describe (nothing for one process).
+    Run it before anything uses a device. ValueError naming the flag when they are bad."""
+    n, rank, coordinator = args.num_processes, args.process_id, args.coordinator
+    if n < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {n}")
+    if n == 1:
+        for flag, value in (("--coordinator", coordinator), ("--process-id", rank)):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} {value} does nothing with one process: add --num-processes N"
+                )
+        return
+    if coordinator is None:
+        raise ValueError(
+            f"--num-processes {n} needs --coordinator host:port (where process 0 listens)"
+        )
+    if rank is None or not 0 <= rank < n:
+        raise ValueError(f"--process-id must be in [0, {n}) with --num-processes {n}, got {rank}")
+    try:
+        initialize_distributed(coordinator, n, rank)
+    except ValueError as e:
+        raise ValueError(f"--coordinator {coordinator!r}: {e}") from None
+
+
+def mesh_from_flags(devices: int | None):
+    """The "heads" mesh --devices asks for: None for one device; under jax.distributed (and
+    --devices not given) every device of every process. ValueError naming --devices."""
+    if devices is None:
+        devices = 1 if jax.process_count() == 1 else jax.device_count()
+    if devices == 1 and jax.process_count() == 1:
+        return None
+    try:
+        return head_mesh(devices)
+    except ValueError as e:
+        raise ValueError(f"--devices {devices}: {e}") from None

@@ -5,6 +5,11 @@ default attention (``twilight_jax.runtime.generate.default_attention``: dense on
 over all tokens at p = 0.95 on GPU and TPU). ``--model`` takes anything ``models.load`` takes,
 or "tiny-random" (``models.tiny``: a byte-level toy with random weights, for CPU smoke tests
 and benchmarks of the serving machinery itself).
+
+Several processes (hosts): start the same command in each with ``--coordinator host:port
+--num-processes N --process-id i``; the model is split over every process's devices, process 0
+serves HTTP and runs the engine, the others follow its device calls (``Engine.follow``) until
+it stops. docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ from models.tiny import TINY_RANDOM, tiny_random_model
 from twilight_jax.runtime.cli import (
     ATTENTION,
     ATTENTION_FLAG_HELP,
+    DEVICES_HELP,
     ArgumentParser,
     HelpFormatter,
+    add_distributed_flags,
     attention_from_flags,
     attention_help,
     describe_attention,
+    distributed_from_flags,
+    mesh_from_flags,
     quiet_startup,
 )
 from twilight_jax.runtime.serving import Engine, EngineConfig, OpenAIServer, serve
-from twilight_jax.sharding import head_mesh
 
 
 def check_port(host: str, port: int) -> str | None:
@@ -125,12 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU and TPU)",
     )
-    p.add_argument(
-        "--devices",
-        type=int,
-        default=1,
-        help="split KV heads over this many local devices (twilight_jax.sharding)",
-    )
+    p.add_argument("--devices", type=int, default=None, help=DEVICES_HELP)
+    add_distributed_flags(p)
     p.add_argument("--seed", type=int, default=0, help="weights seed of tiny-random")
     p.add_argument(
         "--log-level",
@@ -203,9 +207,7 @@ def build_server(args):
     sparsity = sparsity_from_args(args)  # before loading the model: bad flags fail fast
     name = args.model or models.DEFAULT_MODEL
     dtype = jnp.dtype(args.dtype) if args.dtype else None
-    mesh = None
-    if args.devices != 1:
-        mesh = head_mesh(args.devices)
+    mesh = mesh_from_flags(args.devices)
     if name == TINY_RANDOM:
         model, tokenizer, config = tiny_random_model(args.seed, mesh=mesh)
     else:
@@ -238,17 +240,28 @@ def build_server(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # First, before any output: a taken port is one line, not a model load and a traceback.
-    taken = check_port(args.host, args.port)
+    # (Only process 0 listens.)
+    taken = check_port(args.host, args.port) if not args.process_id else None
     if taken:
         print(f"error: {taken}", file=sys.stderr)
         return 2
     quiet_startup()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     try:
+        distributed_from_flags(args)
         server, engine = build_server(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if engine.follower:
+        print(
+            f"process {args.process_id} of {args.num_processes}: following process 0's engine "
+            f"(attention: {describe_attention(engine.sparsity)})",
+            file=sys.stderr,
+        )
+        calls = engine.follow()
+        print(f"process {args.process_id}: process 0 stopped after {calls} calls", file=sys.stderr)
+        return 0
     print(
         f"serving {server.model_name!r} on http://{args.host}:{args.port} "
         f"(batch {engine.config.max_batch}, context {engine.context_length}, "

@@ -30,10 +30,16 @@ if the failed call had consumed the cache (donated buffers), the cache is rebuil
 other running request is preempted and recomputed. A failed decode step fails the requests in
 it (the cache is rebuilt if it was consumed, the rest recomputed).
 
+Several processes (jax.distributed, the model split over a mesh holding every process's
+devices): every process builds the same engine; process 0 calls ``start`` (and serves HTTP),
+the others ``follow``: they make each device call process 0's engine makes, with the arrays it
+broadcasts (``lockstep``), until it shuts down. The page pool is the smallest any process
+would size.
+
 This module holds the public, thread-safe API and the loop; the engine thread's work is split
 by concern: ``scheduler`` (admission, pages, preemption, request ends, faults), ``stepping``
-(prefill and decode calls, sampling, stop rules, events) and ``sizing`` (EngineConfig, the
-page pool, the buckets).
+(prefill and decode calls, sampling, stop rules, events), ``sizing`` (EngineConfig, the page
+pool, the buckets) and ``lockstep`` (the device calls sent to the other processes).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import jax
 from twilight_jax.cache import PageAllocator
 from twilight_jax.config import SparsityConfig
 from twilight_jax.runtime.model_api import check_model
+from twilight_jax.runtime.serving.lockstep import Lockstep
 from twilight_jax.runtime.serving.metrics import ServingMetrics
 from twilight_jax.runtime.serving.requests import (
     Completion,
@@ -61,9 +68,13 @@ from twilight_jax.runtime.serving.requests import (
     RequestOutput,
     SamplingParams,
 )
-from twilight_jax.runtime.serving.scheduler import Scheduler
+from twilight_jax.runtime.serving.scheduler import Scheduler, log
 from twilight_jax.runtime.serving.sizing import EngineConfig, gib, page_bytes, size_pool
 from twilight_jax.runtime.serving.stepping import Stepper
+from twilight_jax.sharding import spans_processes
+
+# The device calls (``_run_<op>``) process 0 may send to the other processes.
+_OPS = ("prefill", "sample", "decode", "new_cache", "idle")
 
 
 class Engine(Scheduler, Stepper):
@@ -75,8 +86,13 @@ class Engine(Scheduler, Stepper):
     tokenizer: ``decode`` and ``stream_decoder()`` (``models.tokenizer.Tokenizer``).
     sparsity: the attention configuration of every decode step (static).
     memory_stats: a function returning ``memory_stats()`` of each device the cache lives on
-      (default: the model's mesh devices, or the default device); used to size the pool.
+      (default: this process's devices of the model's mesh, or the default device); used to
+      size the pool.
     """
+
+    # Under jax.distributed, process 0 sends a no-op this often while it has nothing to do,
+    # so the other processes never sit in one collective long enough for it to time out.
+    keepalive_s = 10.0
 
     def __init__(
         self,
@@ -125,6 +141,13 @@ class Engine(Scheduler, Stepper):
         self.num_pages, self.pool_note = size_pool(
             config, self.page_bytes, self.max_pages, self.page_size, memory_stats
         )
+        self._lockstep = Lockstep() if spans_processes(model.mesh) else None
+        if self._lockstep is not None:
+            # Every process's cache has the same shape: the pool all of them can hold.
+            agreed = self._lockstep.agree_min(self.num_pages)
+            if agreed != self.num_pages:
+                self.pool_note += f"; {agreed} pages, the smallest pool of the processes"
+            self.num_pages = agreed
         self.cache = self._new_cache()
         self.allocator = PageAllocator(self.num_pages)
 
@@ -147,8 +170,11 @@ class Engine(Scheduler, Stepper):
     # ------------------------------------------------------------------ sizing
     def _device_memory_stats(self) -> list[dict | None]:
         mesh = self.model.mesh
-        devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
-        return [d.memory_stats() for d in devices]
+        if mesh is None:
+            return [jax.devices()[0].memory_stats()]
+        # Under jax.distributed the other processes' devices report to their own process.
+        here = jax.process_index()
+        return [d.memory_stats() for d in mesh.devices.flat if d.process_index == here]
 
     def describe(self) -> str:
         """One line: batch, context and the KV pool."""
@@ -184,8 +210,23 @@ class Engine(Scheduler, Stepper):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    @property
+    def follower(self) -> bool:
+        """Whether this process follows process 0's engine (jax.distributed, process > 0)."""
+        return self._lockstep is not None and not self._lockstep.leader
+
     def start(self) -> Engine:
-        """Starts the engine thread (idempotent)."""
+        """Starts the engine thread (idempotent). Under jax.distributed: process 0 only."""
+        if self.follower:
+            raise RuntimeError(
+                f"process {self._lockstep.process} of {self._lockstep.processes} follows "
+                "process 0's engine: call follow(), not start()"
+            )
+        if self._lockstep is not None and self._lockstep.stopped:
+            raise RuntimeError(
+                "the other processes stopped following when this engine shut down: under "
+                "jax.distributed an engine runs once"
+            )
         with self._lock:
             if self._thread is None:
                 self._stopping = False
@@ -334,9 +375,50 @@ class Engine(Scheduler, Stepper):
             )
         return out
 
-    # ------------------------------------------------------------------ engine thread
-    def _loop(self) -> None:
+    def follow(self) -> int:
+        """Processes other than 0 under jax.distributed: makes every device call process 0's
+        engine makes, in the same order and with the same arrays, until process 0 shuts its
+        engine down. Blocks; returns the number of calls made."""
+        if not self.follower:
+            raise RuntimeError(
+                "follow() is for processes other than 0 of a jax.distributed job whose model "
+                "mesh spans the processes; this engine runs itself: call start()"
+            )
+        calls = 0
         while True:
+            op, args = self._lockstep.receive()
+            if op == "stop":
+                return calls
+            if op not in _OPS:
+                raise RuntimeError(f"process 0 sent an unknown engine call {op!r}")
+            try:
+                getattr(self, "_run_" + op)(**args)
+            except Exception:
+                # Process 0 made the same call; it fails it (and rebuilds the cache if the
+                # call consumed it) and sends what comes next, which this process follows.
+                log.error(
+                    "%s failed on process %d: %s",
+                    op,
+                    self._lockstep.process,
+                    traceback.format_exc(limit=3),
+                )
+            calls += 1
+
+    # ------------------------------------------------------------------ engine thread
+    def _device(self, op: str, **args):
+        """Makes the device call ``_run_<op>(**args)`` (host arrays in and out); under
+        jax.distributed it is first sent to the other processes, which make it too."""
+        if self._lockstep is not None:
+            self._lockstep.send(op, args)
+        return getattr(self, "_run_" + op)(**args)
+
+    def _run_idle(self) -> None:
+        pass
+
+    def _loop(self) -> None:
+        keepalive = None if self._lockstep is None else self.keepalive_s
+        while True:
+            idle = False
             with self._lock:
                 while (
                     not self._stopping
@@ -344,15 +426,22 @@ class Engine(Scheduler, Stepper):
                     and not self._running
                     and not self._outbox
                 ):
-                    self._lock.wait()
+                    if not self._lock.wait(keepalive):
+                        idle = True
+                        break
                 if self._stopping:
                     break
+            if idle:
+                self._device("idle")
+                continue
             try:
                 self._iteration()
             except Exception:  # the loop must survive any fault
                 self._fail_running(f"engine fault: {traceback.format_exc(limit=3)}")
             self._flush()
         self._drain()
+        if self._lockstep is not None:
+            self._lockstep.send("stop", {})
 
     def _iteration(self) -> None:
         self._flush()

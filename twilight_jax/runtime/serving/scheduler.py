@@ -147,13 +147,16 @@ class Scheduler:
             quest_metadata=self._quest_metadata,
         )
 
+    def _run_new_cache(self) -> None:
+        self.cache = None  # the old buffers go before the new ones come
+        self.cache = self._new_cache()
+        self._table_key = None
+
     def _rebuild_cache(self, keep: Sequence[Request] = ()) -> None:
         """After a failed call consumed the cache: a fresh one, and every running request but
         ``keep`` is preempted (its K/V went with the old cache) to be recomputed."""
         log.error("the cache was lost with a failed model call; rebuilding it")
-        self.cache = None  # the old buffers go before the new ones come
-        self.cache = self._new_cache()
-        self._table_key = None
+        self._device("new_cache")
         with self._lock:
             for req in [r for r in self._running if r not in keep]:
                 self._preempt(req)

@@ -2,6 +2,10 @@
 step at its batch and context buckets, sampling, stop rules and the events a request emits.
 A part of ``Engine`` (a mixin): it works on the state ``Engine.__init__`` sets up, taking
 ``self._lock`` around every change of a request.
+
+Every device call is a ``_run_<op>`` method that takes host (numpy) arrays and returns host
+arrays, made through ``Engine._device``: under jax.distributed the other processes make the
+same calls with the same arrays (``lockstep``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twilight_jax.runtime.sampling import sample_tokens
 from twilight_jax.runtime.serving.requests import Request, RequestOutput, State
 from twilight_jax.runtime.serving.scheduler import log
 from twilight_jax.runtime.serving.sizing import bucket, next_pow2
+from twilight_jax.sharding import to_host
 
 
 def stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -49,25 +54,38 @@ class Stepper:
                 lengths[i] = len(ids) if req.state is State.PREFILL else 0
             table = self._table(batch, rows, self.max_pages)
         try:
-            logits = self._prefill_rows(tokens, lengths, table)
+            self._device("prefill", tokens=tokens, lengths=lengths, table=table, start=None)
         except Exception:
             self._prefill_failed(batch, traceback.format_exc(limit=3))
             return
-        self._start_decoding(batch, logits)
+        self._start_decoding(batch)
 
-    def _prefill_rows(self, tokens, lengths, table, start=None):
+    def _run_prefill(self, tokens, lengths, table, start) -> None:
         """model.prefill of [rows, T] tokens on a view of the cache holding those rows' page
-        tables (start: chunk offsets [rows], or None for whole prompts); returns the logits."""
+        tables (start: chunk offsets [rows], or None for whole prompts); the logits stay on
+        the devices (``self._logits``) for ``_run_sample``."""
         rows = tokens.shape[0]
         cached = np.zeros((rows,), np.int32) if start is None else start
         view = dataclasses.replace(
             self.cache, page_table=jnp.asarray(table), lengths=jnp.asarray(cached)
         )
-        logits, view = self.model.prefill(tokens, lengths, view, start=start)
+        self._logits, view = self.model.prefill(tokens, lengths, view, start=start)
         # The donated view's page pool is the only live copy now.
         self.cache = view
         self._table_key = None
-        return logits
+
+    def _run_sample(self, temperature, sample_top_p, top_k, seed) -> np.ndarray:
+        """The first token of each row of the last prefill: [rows] int32."""
+        return np.asarray(
+            sample_tokens(
+                self._logits,
+                jnp.asarray(temperature),
+                jnp.asarray(sample_top_p),
+                jnp.asarray(top_k),
+                jnp.asarray(seed),
+                jnp.zeros(temperature.shape, jnp.int32),
+            )
+        )
 
     def _prefill_chunk(self) -> None:
         """One chunk of the oldest request in chunked prefill (EngineConfig.prefill_chunk);
@@ -86,8 +104,12 @@ class Stepper:
         tokens = np.zeros((1, c), np.int32)
         tokens[0, : len(piece)] = piece
         try:
-            logits = self._prefill_rows(
-                tokens, np.array([len(piece)], np.int32), table, np.array([start], np.int32)
+            self._device(
+                "prefill",
+                tokens=tokens,
+                lengths=np.array([len(piece)], np.int32),
+                table=table,
+                start=np.array([start], np.int32),
             )
         except Exception:
             self._prefill_failed([req], traceback.format_exc(limit=3))
@@ -99,28 +121,26 @@ class Stepper:
             if req.prefilled < len(ids):
                 return
             self._prefilling.popleft()
-        self._start_decoding([req], logits)
+        self._start_decoding([req])
 
-    def _start_decoding(self, batch: list[Request], logits) -> None:
-        """Moves freshly prefilled requests into the decode batch (logits [rows >= len(batch),
-        vocab]). A new request samples its first token from the logits; a recomputed one has
-        all its tokens but the last output cached and goes on from that token with a decode
-        step, as it would have without the preemption (prefill attention is dense, decode
-        attention may be sparse: a token sampled from the prefill could differ)."""
-        n, rows = len(batch), logits.shape[0]
+    def _start_decoding(self, batch: list[Request]) -> None:
+        """Moves freshly prefilled requests into the decode batch (the last prefill's logits:
+        [rows >= len(batch), vocab]). A new request samples its first token from the logits;
+        a recomputed one has all its tokens but the last output cached and goes on from that
+        token with a decode step, as it would have without the preemption (prefill attention
+        is dense, decode attention may be sparse: a token sampled from the prefill could
+        differ)."""
+        n, rows = len(batch), self._logits.shape[0]
         fresh = [not r.output for r in batch]
         first = None
         if any(fresh):
             params = [r.params for r in batch] + [None] * (rows - n)
-            first = np.asarray(
-                sample_tokens(
-                    logits,
-                    jnp.asarray([p.temperature if p else 0.0 for p in params], jnp.float32),
-                    jnp.asarray([p.sample_top_p if p else 1.0 for p in params], jnp.float32),
-                    jnp.asarray([p.top_k if p else 0 for p in params], jnp.int32),
-                    jnp.asarray([r.seed for r in batch] + [0] * (rows - n), jnp.uint32),
-                    jnp.zeros((rows,), jnp.int32),
-                )
+            first = self._device(
+                "sample",
+                temperature=np.array([p.temperature if p else 0.0 for p in params], np.float32),
+                sample_top_p=np.array([p.sample_top_p if p else 1.0 for p in params], np.float32),
+                top_k=np.array([p.top_k if p else 0 for p in params], np.int32),
+                seed=np.array([r.seed for r in batch] + [0] * (rows - n), np.uint32),
             )
         now = time.monotonic()
         events = []
@@ -154,44 +174,35 @@ class Stepper:
             self._publish_state()
 
         def col(values, dtype, pad=0):
-            return jnp.asarray(np.array(list(values) + [pad] * (bb - n), dtype))
+            return np.array(list(values) + [pad] * (bb - n), dtype)
 
         lengths = np.array([r.cached for r in rows] + [0] * (bb - n), np.int32)
-        active = np.arange(bb) < n
-        # The cache is donated to each step, so an unchanged table is the copy the last step
-        # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
-        page_table = self.cache.page_table if table is None else jnp.asarray(table)
-        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
         default_p = self.sparsity.top_p or 1.0
         top_p = (
             default_p if r.params.sparsity_top_p is None else r.params.sparsity_top_p for r in rows
         )
         t0 = time.monotonic()
         try:
-            logits, self.cache, info = self.model.decode_step(
-                col((r.output[-1] for r in rows), np.int32),
-                cache,
-                self.sparsity,
-                jnp.asarray(active),
+            new, counts = self._device(
+                "decode",
+                tokens=col((r.output[-1] for r in rows), np.int32),
+                table=table,
+                lengths=lengths,
+                active=np.arange(bb) < n,
                 top_p=col(top_p, np.float32, 1.0),
+                temperature=col((r.params.temperature for r in rows), np.float32),
+                sample_top_p=col((r.params.sample_top_p for r in rows), np.float32, 1.0),
+                top_k=col(
+                    (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
+                ),
+                seed=col((r.seed for r in rows), np.uint32),
+                step=col((len(r.output) for r in rows), np.int32),
             )
             self._table_key = key
-            new = np.asarray(
-                sample_tokens(
-                    logits,
-                    col((r.params.temperature for r in rows), np.float32),
-                    col((r.params.sample_top_p for r in rows), np.float32, 1.0),
-                    col(
-                        (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
-                    ),
-                    col((r.seed for r in rows), np.uint32),
-                    col((len(r.output) for r in rows), np.int32),
-                )
-            )
         except Exception:
             self._decode_failed(rows, traceback.format_exc(limit=3))
             return
-        self._record_attention(info, n, lengths[:n] + 1, t0)
+        self._record_attention(counts, n, lengths[:n] + 1, t0)
         events = []
         with self._lock:
             for i, req in enumerate(rows):
@@ -202,9 +213,36 @@ class Stepper:
             self._publish_state()
         self._send(events)
 
-    def _record_attention(self, info, n: int, context: np.ndarray, t0: float) -> None:
+    def _run_decode(
+        self, tokens, table, lengths, active, top_p, temperature, sample_top_p, top_k, seed, step
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step over [bb] rows and the sampling of their next tokens.
+
+        table: [bb, width] int32, or None to keep the page table of the cache the last step
+        returned. Returns (tokens [bb] int32, attention counts [L, bb, rows] int32).
+        """
+        # The cache is donated to each step, so an unchanged table is the copy the last step
+        # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
+        page_table = self.cache.page_table if table is None else jnp.asarray(table)
+        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
+        logits, self.cache, info = self.model.decode_step(
+            jnp.asarray(tokens), cache, self.sparsity, jnp.asarray(active), top_p=jnp.asarray(top_p)
+        )
+        new = np.asarray(
+            sample_tokens(
+                logits,
+                jnp.asarray(temperature),
+                jnp.asarray(sample_top_p),
+                jnp.asarray(top_k),
+                jnp.asarray(seed),
+                jnp.asarray(step),
+            )
+        )
+        return new, to_host(info.counts)
+
+    def _record_attention(self, counts, n: int, context: np.ndarray, t0: float) -> None:
         attended = ctx = float(context.mean())
-        sparse = np.asarray(info.counts)[self.sparsity.dense_layers :, :n]  # [Ls, n, rows]
+        sparse = counts[self.sparsity.dense_layers :, :n]  # [Ls, n, rows]
         if sparse.shape[0]:
             attended = float(sparse.mean())
         self.metrics.record_step(t0, n, attended, ctx)
