@@ -48,14 +48,12 @@ _KV_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float16)
 # ---------------------------------------------------------------------------------------------
 
 # Tuned defaults, one config per kernel (H200, batch 64, 32K context, bf16, 32 query / 8 KV
-# heads, head_dim 128, page 16; docs/results/kernels-sweep-h200.md, kernels-sweep2-h200.md):
-#   GPU dense  (DENSE_GPU_CONFIG):  64-token tiles, 3 stages: 2004 us (2 stages 2077-2078;
-#       32-token tiles 2453; 128-token tiles, 8 warps, 3 stages, 2048 programs 2008-2011;
-#       4 stages with 4096 programs 2023).
-#   GPU sparse (SPARSE_GPU_CONFIG, the class defaults): 32-token tiles, 2 stages: 8192-token
-#       lists 539 us (64-token tiles 3 stages 542, 128-token 561), 512-token lists 66 us
-#       (64-token tiles 78-94, 128-token 69).
-#   Both: 4 warps (8 warps 2258 / 675 us), 1024 target programs, at most 32 splits.
+# heads, head_dim 128, page 16; the alternatives and their times: docs/results/
+# kernels-sweep-h200.md, kernels-sweep2-h200.md):
+#   GPU dense  (DENSE_GPU_CONFIG): 64-token tiles, 3 stages: 2004 us.
+#   GPU sparse (SPARSE_GPU_CONFIG, the class defaults): 32-token tiles, 2 stages: 539 us for
+#       8192-token lists, 66 us for 512-token lists.
+#   Both: 4 warps, 1024 target programs, at most 32 splits.
 #   TPU block_tokens 128: not measured.
 
 

@@ -66,14 +66,10 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 
 
 # Tuned defaults (H200, batch 64, 32K context = 2048 pages of 16, bf16, 8 KV heads x 4 query
-# heads, head_dim 128; four sweeps, docs/results/kernels-sweep{2,3,5,6}-h200.*):
-#   GPU pages_per_block 32, num_warps 4, one tile per program: 234-239 us. 1024-2048 programs
-#       each looping over several tiles with 2-3 pipeline stages: 256-277 us (245-263 us with
-#       the next tile's page-table lookup carried in the loop); 16-page tiles 299 us; 8 warps
-#       241 us.
-#   A loop over the rows' columns in chunks of 16-64 (fewer live registers), 1-3 pipeline
-#       stages, 16-128-page tiles: 253-402 us bf16, 224-264 us INT8, against 257 / 222 us for
-#       the defaults in the same run (docs/results/kernels-sweep9-quest-dim-chunks-h200.md).
+# heads, head_dim 128; the alternatives and their times: docs/results/
+# kernels-sweep{2,3,5,6,9}-h200.*):
+#   GPU pages_per_block 32, num_warps 4, one tile per program: 234-257 us with bf16 min / max,
+#       217-222 us with INT8.
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 

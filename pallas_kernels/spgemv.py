@@ -42,13 +42,10 @@ _INDEX_DTYPES = (np.int32,)
 
 
 # Tuned defaults (H200, batch 64, 32K context, 8192 candidate tokens = 512 pages of 16 per
-# (sequence, KV head), head_dim 128, bf16 q; docs/results/kernels-sweep{,2,3,4,6,8}-h200.*):
+# (sequence, KV head), head_dim 128, bf16 q; the alternatives and their times: docs/results/
+# kernels-sweep{,2,3,4,6,8}-h200.*):
 #   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, num_stages 2,
-#       next tile's lookups carried in the loop, 4-byte words: 227-236 us (sweeps 4, 6, 8).
-#       Around it: 3 stages 228, 1 stage 233, 8192 programs 229, 1024 programs 248-256,
-#       64-token tiles 294, no carried lookup 258-261, page-run gathers 247-250 us. One tile
-#       per program (sweep 3): 1-, 2- and 4-byte words 238, 252, 248 us. Tiles computed
-#       token-major ([T, Gp], the nibbles as the MMA's M operand; sweeps 1, 2): 266-337 us.
+#       next tile's lookups carried in the loop, 4-byte words: 227-236 us.
 #   TPU: no knobs (one candidate block per grid step); not measured.
 
 

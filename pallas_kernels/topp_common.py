@@ -29,15 +29,13 @@ EXACT_ITERS = 30
 
 
 # Tuned defaults (H200, batch 64, 32K context: 512 rows of 4 heads x 8192 candidates, p = 0.85,
-# capacity 2048; docs/results/kernels-sweep{,2,4,6}-h200.*):
-#   iters 16: 197-204 us, against 233-241 us for the exact 30 and 169-197 us for 12 (a wider
-#       unresolved band); conservative, and exact unless two or more weights fall in the
-#       final band.
+# capacity 2048; the alternatives and their times: docs/results/kernels-sweep{,2,4,6}-h200.*):
+#   iters 16: 197-204 us; conservative, and exact unless two or more weights fall in the final
+#       band (the exact 30 steps cost about 15% more).
 #   capacity_iters 30: exact; the capacity bisection runs only for rows that overflow.
-#   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16] (8 warps for one
-#       head of 8192 columns, 16 for the union of 4): 202 us; 16 warps 218, 4 warps 321.
-#   GPU max_cols 32768: rows must fit on chip; at 131072 columns the Triton compile alone
-#       took 4 minutes.
+#   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
+#   GPU max_cols 32768: rows must fit on chip (at 131072 columns the Triton compile alone takes
+#       minutes).
 #   TPU: the same iters; block_rows 8 not measured.
 
 
