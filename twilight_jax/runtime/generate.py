@@ -363,38 +363,31 @@ def generate(
     # that samples EOS at step k runs once more, inactive-to-be, in step k + 1, whose output is
     # dropped (the cache keeps max_new_tokens of room, so the extra write always fits); rows
     # that reach max_new_tokens at step k are known in advance and left out of step k + 1.
+    sent = [None, None]  # the last step's mask, host and device: re-sent only when it changes
+
     def dispatch(tokens, cache, seen, totals, run, k):
-        logits, cache, info = model.decode_step(tokens, cache, step_sparsity, run, top_p=attn_p)
+        """Step k over the rows of ``run`` (None when there are none)."""
+        nonlocal n_rows
+        if not run.any():
+            return None
+        if sent[0] is None or not np.array_equal(sent[0], run):
+            sent[:] = [run.copy(), jnp.asarray(run)]
+        n_rows += int(run.sum())
+        logits, cache, info = model.decode_step(tokens, cache, step_sparsity, sent[1], top_p=attn_p)
         tokens, seen = _sample(logits, seen, sampler, jnp.int32(k))
-        totals = _add_stats(totals, info, cache.lengths, run, first_sparse)
+        totals = _add_stats(totals, info, cache.lengths, sent[1], first_sparse)
         return tokens, cache, seen, totals
-
-    run_cache = {}
-
-    def on_device(mask):  # the [B] mask of a step; re-sent only when it changes
-        key = mask.tobytes()
-        if key not in run_cache:
-            run_cache.clear()
-            run_cache[key] = jnp.asarray(mask)
-        return run_cache[key]
 
     k = 1
     run = ~done
-    in_flight = None
     t1 = time.perf_counter()
-    if run.any():
-        in_flight = dispatch(nxt, cache, seen, totals, on_device(run), k)
-        n_rows += int(run.sum())
+    in_flight = dispatch(nxt, cache, seen, totals, run, k)
     while in_flight is not None:
         nxt, cache, seen, totals = in_flight
         sampled = int((run & ~done).sum())  # rows whose token of this step is kept
-        lengths_out = np.array([len(o) for o in out])
-        run = ~done & (lengths_out + 1 < max_new_tokens)
-        in_flight = None
-        if run.any():
-            k += 1
-            in_flight = dispatch(nxt, cache, seen, totals, on_device(run), k)
-            n_rows += int(run.sum())
+        run = ~done & (np.array([len(o) for o in out]) + 1 < max_new_tokens)
+        k += 1
+        in_flight = dispatch(nxt, cache, seen, totals, run, k)
         accept(np.asarray(nxt))
         t2 = time.perf_counter()
         step_times.append(t2 - t1)
