@@ -126,7 +126,6 @@ class Engine(Scheduler, Stepper):
         self._prefill_cap = min(self.max_pages * self.page_size, limit)
         self.eos_ids = frozenset(int(i) for i in mc.eos_token_ids)
         self._ds_channels = sparsity.ds_channels if sparsity.selector == "double_sparsity" else 0
-        self._quest_metadata = sparsity.quest_metadata
         self.page_bytes = page_bytes(
             num_layers=mc.num_layers,
             num_kv_heads=mc.num_kv_heads,
@@ -134,7 +133,7 @@ class Engine(Scheduler, Stepper):
             page_size=self.page_size,
             dtype=model.dtype,
             ds_channels=self._ds_channels,
-            quest_metadata=self._quest_metadata,
+            quest_metadata=self.sparsity.quest_metadata,
         )
         if memory_stats is None:
             memory_stats = self._device_memory_stats

@@ -144,7 +144,7 @@ class Scheduler:
             page_size=self.page_size,
             num_pages=self.num_pages,
             ds_channels=self._ds_channels,
-            quest_metadata=self._quest_metadata,
+            quest_metadata=self.sparsity.quest_metadata,
         )
 
     def _run_new_cache(self) -> None:
