@@ -90,7 +90,7 @@ class GenerationStats:
             f"prompt tokens: {sum(self.prompt_tokens)} ({self.batch} sequence"
             f"{'s' if self.batch != 1 else ''}), generated: {sum(self.new_tokens)}",
             f"prefill: {self.prefill_s:.3f} s (incl. compilation on first use)",
-            f"decode: {self.time_per_token_s * 1e3:.2f} ms per step, "
+            f"decode: {self.time_per_token_s * 1e3:.3f} ms per step, "
             f"{self.tokens_per_s:.1f} tokens/s (first step {self.first_step_s:.3f} s)",
         ]
         if self.sparsity.selector != "dense":
