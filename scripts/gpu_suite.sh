@@ -3,7 +3,7 @@
 # a short table printed last. Usage (from the repo root, on the device):
 #   STEPS="tests kernels attention generate" bash scripts/gpu_suite.sh
 # Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first.
-# Steps: stage tests kernels sweep ptxas profile ncu attention decode generate serving eval
+# Steps: stage tests kernels sweep ptxas profile ncu attention decode generate engine serving eval
 # multigpu scaling (any order; the last two want several GPUs: docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
@@ -75,6 +75,9 @@ for step in $STEPS; do
           [ "${PIPESTATUS[0]}" = 0 ] || rc=1
         done
       done ;;
+    engine)
+      python3 scripts/bench_engine.py --out "$OUT/engine" ${ENGINE_ARGS:-} 2>&1 | tee "$OUT/engine.log" | tail -20
+      rc=${PIPESTATUS[0]} ;;
     serving)
       python3 scripts/bench_serving.py --out "$OUT/serving" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -40
       rc=${PIPESTATUS[0]} ;;

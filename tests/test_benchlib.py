@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import bench_attention  # noqa: E402
 import bench_decode_step  # noqa: E402
+import bench_engine  # noqa: E402
 import benchlib  # noqa: E402
 
 
@@ -219,3 +220,33 @@ def test_bench_decode_step_bad_flags_are_one_line_and_exit_2(argv, message):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_bench_engine_runs_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "engine"
+    argv = ["--model", "tiny-random", "--concurrency", "1", "3", "--prompt-tokens", "20"]
+    argv += ["--new-tokens", "6", "--short-tokens", "2", "--repeats", "1", "--out", str(out)]
+    assert bench_engine.main([*argv, "--methods", "dense", "twilight/all p=0.95"]) == 0
+    data = json.loads(Path(f"{out}.json").read_text())
+    rows = [(r["method"], r["concurrency"]) for r in data["rows"]]
+    assert rows == [(m, c) for m in ("dense", "twilight/all p=0.95") for c in (1, 3)]
+    for r in data["rows"]:
+        assert r["ms/step"] > 0 and r["tokens/s"] == pytest.approx(
+            r["concurrency"] / r["ms/step"] * 1e3
+        )
+    assert data["meta"]["command"].startswith("python scripts/bench_engine.py")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--concurrency", "0"], "--concurrency must be >= 1"),
+        (["--short-tokens", "64"], "need 1 <= --short-tokens < --new-tokens"),
+        (["--methods", "bogus"], "argument --methods: invalid choice"),
+    ],
+)
+def test_bench_engine_bad_flags_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_engine.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

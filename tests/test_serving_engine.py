@@ -928,3 +928,109 @@ def test_memory_fraction_is_validated():
     for bad in (0.0, 1.5, True, "0.9"):
         with pytest.raises(ValueError, match="EngineConfig.memory_fraction"):
             EngineConfig(memory_fraction=bad)
+
+
+# ---------------------------------------------------------------------- one step ahead
+
+
+def test_pack_step_round_trips_through_the_step_inputs():
+    from twilight_jax.runtime.serving.stepping import STEP_FIELDS, _step_inputs, pack_step
+
+    cols = dict(
+        src=np.array([1, -1, 0], np.int32),
+        token=np.array([0, 77, 0], np.int32),
+        length=np.array([5, 9, 0], np.int32),
+        active=np.array([1, 1, 0], np.int32),
+        top_p=np.array([0.5, 1.0, 0.25], np.float32),
+        temperature=np.array([0.0, 0.7, 1.5], np.float32),
+        sample_top_p=np.array([1.0, 0.9, 0.1], np.float32),
+        top_k=np.array([0, 3, 7], np.int32),
+        seed=np.array([0, 2**32 - 1, 12345], np.uint32),
+        step=np.array([3, 0, 11], np.int32),
+    )
+    packed = pack_step(**cols)
+    assert packed.shape == (len(STEP_FIELDS), 3) and packed.dtype == np.int32
+    prev = jnp.asarray([40, 41], jnp.int32)  # the step before had two rows
+    got = jax.device_get(_step_inputs(jnp.asarray(packed), prev))
+    # Rows with src >= 0 take the token the step before sampled in that slot.
+    np.testing.assert_array_equal(got["token"], [41, 77, 40])
+    for name in STEP_FIELDS[2:]:
+        np.testing.assert_array_equal(got[name], cols[name], err_msg=name)
+        assert got[name].dtype == cols[name].dtype, name
+    with pytest.raises(ValueError, match="pack_step needs exactly"):
+        pack_step(**{k: v for k, v in cols.items() if k != "seed"})
+
+
+class _OpLog:
+    """Records an engine's device calls (op name, arguments) in order."""
+
+    def __init__(self, eng):
+        self.ops = []
+        inner = eng._device
+
+        def device(op, **args):
+            self.ops.append((op, args))
+            return inner(op, **args)
+
+        eng._device = device
+
+
+def test_decode_runs_one_step_ahead_with_one_upload_a_step(engine):
+    eng = make_engine().start()
+    try:
+        log = _OpLog(eng)
+        sp = SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY)
+        got = eng.generate([[5, 6, 7]], sp)[0]
+        ops = [op for op, _ in log.ops]
+        # prefill, first token, then every decode step is dispatched before the one before it
+        # is read back; the step that brings the request to max_tokens is the last one.
+        assert ops == ["prefill", "sample", "decode"] + ["decode", "fetch"] * 6 + ["fetch"]
+        decodes = [args for op, args in log.ops if op == "decode"]
+        # The page table goes up once (3 + 7 tokens fit one page); the rest is one packed array
+        # whose rows after the first take their token from the step before, on the device.
+        assert [a["table"] is not None for a in decodes] == [True] + [False] * 6
+        assert set(decodes[0]) == {"packed", "table"}
+        src = [int(a["packed"][0, 0]) for a in decodes]
+        assert src == [-1] + [0] * 6
+        assert got.token_ids == engine.generate([[5, 6, 7]], sp)[0].token_ids
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_engine_tokens_equal_generate(engine):
+    from twilight_jax import generate
+
+    model, tok, _ = tiny()
+    texts = ["the engine and generate", "agree on every token", "x"]
+    kw = dict(max_new_tokens=9, sparsity=SPARSITY, chat=False, stop_on_eos=False)
+    want = [generate(model, tok, [t], **kw) for t in texts]
+    prompts = [w.prompt_token_ids[0] for w in want]
+    got = engine.generate(prompts, SamplingParams(max_tokens=9, ignore_eos=True, **GREEDY))
+    assert [list(c.token_ids) for c in got] == [w.token_ids[0] for w in want]
+
+
+def test_a_stop_token_ends_the_request_although_the_next_step_was_dispatched(engine):
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY)
+    # A prompt whose greedy output has a token first seen after a few steps: it is the stop.
+    for prompt in _prompts(43, 20):
+        free = engine.generate([prompt], sp)[0].token_ids
+        at = [k for k in range(2, 11) if free[k] not in free[:k]]
+        if at:
+            break
+    assert at, "no prompt with a fresh token to stop on"
+    stop, k = free[at[0]], at[0]
+    ends = SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(stop,), **GREEDY)
+    eng = make_engine().start()
+    try:
+        log = _OpLog(eng)
+        got = eng.generate([prompt], ends)[0]
+        assert got.finish_reason == "stop"
+        assert got.token_ids == free[: k + 1]
+        ops = [op for op, _ in log.ops]
+        # Token k came from decode step k (token 0 from the prefill); step k + 1 had been
+        # dispatched before token k was read back: it is read back too and its token dropped.
+        assert ops.count("decode") == ops.count("fetch") == k + 1
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()

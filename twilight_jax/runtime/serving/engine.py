@@ -15,8 +15,12 @@ Each iteration of the loop:
    request while the pool is short (its pages return to the pool; it waits at the head of the
    queue and is recomputed later: its prompt and output but the last token are prefilled
    again, and it goes on decoding from that token with the same sampling keys);
-3. runs one decode step over the decoding requests, samples one token each and applies stop
-   tokens, stop strings and max_tokens.
+3. dispatches one decode step over the decoding requests (sampling one token each), then
+   reads back the step dispatched in the iteration before and applies its tokens: stop tokens,
+   stop strings and max_tokens. The loop runs one step ahead: the devices compute step k + 1
+   while the host handles step k's tokens. Step k + 1 takes each continuing row's input token
+   from step k's output on the device; all other per-row inputs travel as one packed array,
+   and the page table only when the rows or their pages change.
 
 The decode step runs at a power-of-two batch bucket covering the decoding requests and a
 power-of-two page-table width covering the longest of them (both capped by the engine's
@@ -74,7 +78,7 @@ from twilight_jax.runtime.serving.stepping import Stepper
 from twilight_jax.sharding import spans_processes
 
 # The device calls (``_run_<op>``) process 0 may send to the other processes.
-_OPS = ("prefill", "sample", "decode", "new_cache", "idle")
+_OPS = ("prefill", "sample", "decode", "fetch", "new_cache", "idle")
 
 
 class Engine(Scheduler, Stepper):
@@ -158,6 +162,12 @@ class Engine(Scheduler, Stepper):
         self._outbox: list[Request] = []  # finished, final event not sent yet
         self._version = 0  # bumped by every change of a running request's pages
         self._table_key = None  # what the page table of self.cache holds (decode layout)
+        self._inflight = None  # the decode step dispatched and not read back yet
+        # Device side of the steps (every process): the results not read back yet, oldest
+        # first, and the last step's tokens (the next step's inputs).
+        self._unread: collections.deque = collections.deque()
+        self._last_tokens = None
+        self._last_step_end = 0.0
         self._seq = itertools.count()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -424,6 +434,7 @@ class Engine(Scheduler, Stepper):
                     and not self._waiting
                     and not self._running
                     and not self._outbox
+                    and self._inflight is None
                 ):
                     if not self._lock.wait(keepalive):
                         idle = True

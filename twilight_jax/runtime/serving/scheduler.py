@@ -73,12 +73,14 @@ class Scheduler:
             table[i] = self.allocator.table_row(req.request_id, width)
         return table
 
-    def _grow(self) -> None:
+    def _grow(self, ahead=frozenset()) -> None:
         """Under the lock: gives every decoding request, oldest first, the pages its next token
-        needs; while the pool is short, preempts the newest running request (the one asking,
+        needs (one token further for those whose seq is in ``ahead``: a step in flight adds
+        one); while the pool is short, preempts the newest running request (the one asking,
         if it is the newest)."""
         for req in sorted((r for r in self._running if r.state is State.DECODE), key=_seq):
-            need = self._pages_for(req.cached + 1) - len(self.allocator.pages(req.request_id))
+            tokens = req.cached + 1 + (req.seq in ahead)
+            need = self._pages_for(tokens) - len(self.allocator.pages(req.request_id))
             if need <= 0 or req.state is not State.DECODE:
                 continue
             while self.allocator.num_free < need:
@@ -149,6 +151,8 @@ class Scheduler:
 
     def _run_new_cache(self) -> None:
         self.cache = None  # the old buffers go before the new ones come
+        self._unread.clear()
+        self._last_tokens = None
         self.cache = self._new_cache()
         self._table_key = None
 
@@ -156,6 +160,7 @@ class Scheduler:
         """After a failed call consumed the cache: a fresh one, and every running request but
         ``keep`` is preempted (its K/V went with the old cache) to be recomputed."""
         log.error("the cache was lost with a failed model call; rebuilding it")
+        self._inflight = None  # its K/V went with the old cache; its rows are recomputed
         self._device("new_cache")
         with self._lock:
             for req in [r for r in self._running if r not in keep]:

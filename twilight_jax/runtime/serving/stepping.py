@@ -11,10 +11,12 @@ same calls with the same arrays (``lockstep``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,6 +25,84 @@ from twilight_jax.runtime.serving.requests import Request, RequestOutput, State
 from twilight_jax.runtime.serving.scheduler import log
 from twilight_jax.runtime.serving.sizing import bucket, next_pow2
 from twilight_jax.sharding import to_host
+
+# The per-row inputs of a decode step, packed as rows of one int32 array so that a step costs
+# one host-to-device copy (floats and uint32 travel as their bits). src: the row's slot in the
+# step before, whose sampled token is its input (-1: ``token`` is).
+STEP_FIELDS = (
+    "src",
+    "token",
+    "length",
+    "active",
+    "top_p",
+    "temperature",
+    "sample_top_p",
+    "top_k",
+    "seed",
+    "step",
+)
+_FLOAT_FIELDS = frozenset({"top_p", "temperature", "sample_top_p"})
+_NO_TOKENS = np.zeros((1,), np.int32)
+
+
+def pack_step(**cols: np.ndarray) -> np.ndarray:
+    """[len(STEP_FIELDS), bb] int32 from one [bb] array per field (float32 / uint32 fields
+    by their bits)."""
+    if set(cols) != set(STEP_FIELDS):
+        raise ValueError(f"pack_step needs exactly {STEP_FIELDS}, got {sorted(cols)}")
+    rows = []
+    for name in STEP_FIELDS:
+        x = np.asarray(cols[name])
+        if name in _FLOAT_FIELDS:
+            x = x.astype(np.float32).view(np.int32)
+        elif x.dtype == np.uint32:
+            x = x.view(np.int32)
+        rows.append(x.astype(np.int32))
+    return np.stack(rows)
+
+
+@jax.jit
+def _step_inputs(packed, prev_tokens):
+    """The per-row arrays of ``pack_step``'s packing, each [bb], with the input tokens taken
+    from ``prev_tokens`` (the last step's samples, on the device) where src >= 0."""
+    x = dict(zip(STEP_FIELDS, packed))
+    for name in _FLOAT_FIELDS:
+        x[name] = jax.lax.bitcast_convert_type(x[name], jnp.float32)
+    x["seed"] = jax.lax.bitcast_convert_type(x["seed"], jnp.uint32)
+    src = x["src"]
+    chained = prev_tokens[jnp.clip(src, 0, prev_tokens.shape[0] - 1)]
+    x["token"] = jnp.where(src >= 0, chained, x["token"])
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("dense_layers",))
+def _sample_step(logits, counts, temperature, sample_top_p, top_k, seed, step, *, dense_layers):
+    """The step's next tokens [B] and each row's attended tokens [B] f32, averaged over the
+    sparse layers and the heads of counts [L, B, H] (NaN without sparse layers)."""
+    new = sample_tokens(logits, temperature, sample_top_p, top_k, seed, step)
+    sparse = counts[dense_layers:].astype(jnp.float32)
+    return new, jnp.mean(sparse, axis=(0, 2))
+
+
+@dataclasses.dataclass
+class _Step:
+    """A decode step dispatched and not read back yet."""
+
+    rows: list[Request]
+    epochs: list[int]  # each row's preemption count at dispatch: a later one voids its token
+    key: tuple  # the decode layout its page table holds (Engine._table_key)
+    table: np.ndarray | None
+    packed: np.ndarray
+    context: np.ndarray  # [n] cached tokens of each row after the step
+    t0: float
+
+    def live(self) -> list[Request]:
+        """Rows still decoding, as at the dispatch (not ended or preempted since)."""
+        return [
+            r
+            for r, e in zip(self.rows, self.epochs)
+            if r.state is State.DECODE and r.preemptions == e
+        ]
 
 
 def stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -159,93 +239,164 @@ class Stepper:
         self._send(events)
 
     def _decode(self) -> None:
+        """Dispatches the next decode step, then reads back the one before it: the devices run
+        step k + 1 while the host applies the tokens of step k. A row of step k + 1 takes its
+        input token from step k's output on the device. A request that step k ends with a stop
+        token or string still rides in step k + 1, whose token for it is dropped; one that step
+        k brings to max_tokens does not."""
+        prev, self._inflight = self._inflight, None
+        step, error = self._plan_step(prev), None
+        if step is not None:
+            try:
+                self._device("decode", packed=step.packed, table=step.table)
+                self._table_key = step.key
+            except Exception:
+                error = traceback.format_exc(limit=3)
+        if prev is not None and not self._finish_step(prev) and step is not None:
+            if error is None:
+                # Step k + 1 ran on step k's tokens: drop it and recompute its rows (unless
+                # the cache went, with its results, in the failure).
+                if self._unread:
+                    self._discard_step()
+                with self._lock:
+                    for req in step.live():
+                        self._preempt(req)
+            return
+        if step is None:
+            return
+        if error is not None:
+            self._decode_failed(step.rows, error)
+        else:
+            self._inflight = step
+
+    def _plan_step(self, prev: _Step | None) -> _Step | None:
+        """The rows and host arrays of the next decode step, its pages granted (None: no row
+        decodes). ``prev``: the step in flight, whose tokens are not read back yet."""
         with self._lock:
+            slot = {} if prev is None else {r.seq: j for j, r in enumerate(prev.live())}
             if not any(r.state is State.DECODE for r in self._running):
-                return
-            self._grow()
-            rows = [r for r in self._running if r.state is State.DECODE]
+                return None
+            self._grow(ahead=slot)
+            rows = [
+                r
+                for r in self._running
+                if r.state is State.DECODE and len(r.output) + (r.seq in slot) < r.params.max_tokens
+            ]
             if not rows:
-                return
+                return None
             n = len(rows)
             bb = bucket(n, self.config.max_batch)
-            width = bucket(self._pages_for(max(r.cached for r in rows) + 1), self.max_pages)
+            ahead = np.array([r.seq in slot for r in rows], np.int32)
+            cached = np.array([r.cached for r in rows], np.int32) + ahead
+            width = bucket(self._pages_for(int(cached.max()) + 1), self.max_pages)
             key = (bb, width, self._version, tuple(r.seq for r in rows))
             table = None if key == self._table_key else self._table(rows, bb, width)
+            # Rows in the step in flight take their input token from it on the device.
+            src = [slot.get(r.seq, -1) for r in rows]
+            token = [0 if j >= 0 else r.output[-1] for r, j in zip(rows, src)]
+            steps = np.array([len(r.output) for r in rows], np.int32) + ahead
+            epochs = [r.preemptions for r in rows]
             self._publish_state()
 
         def col(values, dtype, pad=0):
             return np.array(list(values) + [pad] * (bb - n), dtype)
 
-        lengths = np.array([r.cached for r in rows] + [0] * (bb - n), np.int32)
         default_p = self.sparsity.top_p or 1.0
-        top_p = (
-            default_p if r.params.sparsity_top_p is None else r.params.sparsity_top_p for r in rows
-        )
-        t0 = time.monotonic()
-        try:
-            new, counts = self._device(
-                "decode",
-                tokens=col((r.output[-1] for r in rows), np.int32),
-                table=table,
-                lengths=lengths,
-                active=np.arange(bb) < n,
-                top_p=col(top_p, np.float32, 1.0),
-                temperature=col((r.params.temperature for r in rows), np.float32),
-                sample_top_p=col((r.params.sample_top_p for r in rows), np.float32, 1.0),
-                top_k=col(
-                    (min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32
+        packed = pack_step(
+            src=col(src, np.int32, -1),
+            token=col(token, np.int32),
+            length=col(cached, np.int32),
+            active=col([1] * n, np.int32),
+            top_p=col(
+                (
+                    (default_p if r.params.sparsity_top_p is None else r.params.sparsity_top_p)
+                    for r in rows
                 ),
-                seed=col((r.seed for r in rows), np.uint32),
-                step=col((len(r.output) for r in rows), np.int32),
-            )
-            self._table_key = key
+                np.float32,
+                1.0,
+            ),
+            temperature=col((r.params.temperature for r in rows), np.float32),
+            sample_top_p=col((r.params.sample_top_p for r in rows), np.float32, 1.0),
+            top_k=col((min(r.params.top_k, self.model.config.vocab_size) for r in rows), np.int32),
+            seed=col((r.seed for r in rows), np.uint32),
+            step=col(steps, np.int32),
+        )
+        return _Step(rows, epochs, key, table, packed, cached + 1, time.monotonic())
+
+    def _finish_step(self, step: _Step) -> bool:
+        """Reads a dispatched step's tokens back and applies them; False when it failed (its
+        requests are failed)."""
+        try:
+            new, attended = self._device("fetch")
         except Exception:
-            self._decode_failed(rows, traceback.format_exc(limit=3))
-            return
-        self._record_attention(counts, n, lengths[:n] + 1, t0)
+            self._decode_failed(step.rows, traceback.format_exc(limit=3))
+            return False
+        n = len(step.rows)
+        self._record_attention(attended[:n], step.context, step.t0)
         events = []
         with self._lock:
-            for i, req in enumerate(rows):
-                if req.state is not State.DECODE:
-                    continue  # cancelled during the step
+            for i, req in enumerate(step.rows):
+                if req.state is not State.DECODE or req.preemptions != step.epochs[i]:
+                    continue  # cancelled, ended or preempted since the dispatch
                 req.cached += 1
                 self._accept_token(req, int(new[i]), events)
             self._publish_state()
         self._send(events)
+        return True
 
-    def _run_decode(
-        self, tokens, table, lengths, active, top_p, temperature, sample_top_p, top_k, seed, step
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One decode step over [bb] rows and the sampling of their next tokens.
+    def _discard_step(self) -> None:
+        """Reads back and drops the oldest dispatched step (so every process's queue of
+        unread steps stays in step with process 0's)."""
+        try:
+            self._device("fetch")
+        except Exception:
+            pass  # it is dropped either way
 
+    def _run_decode(self, packed, table) -> None:
+        """Dispatches one decode step over [bb] rows and the sampling of their next tokens,
+        without waiting for it; ``_run_fetch`` reads the results back, oldest step first.
+
+        packed: ``pack_step``'s [len(STEP_FIELDS), bb] int32 (one host-to-device copy).
         table: [bb, width] int32, or None to keep the page table of the cache the last step
-        returned. Returns (tokens [bb] int32, attention counts [L, bb, rows] int32).
+        returned.
         """
+        prev = self._last_tokens if self._last_tokens is not None else _NO_TOKENS
+        x = _step_inputs(jnp.asarray(packed), prev)
         # The cache is donated to each step, so an unchanged table is the copy the last step
         # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
         page_table = self.cache.page_table if table is None else jnp.asarray(table)
-        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=jnp.asarray(lengths))
+        cache = dataclasses.replace(self.cache, page_table=page_table, lengths=x["length"])
         logits, self.cache, info = self.model.decode_step(
-            jnp.asarray(tokens), cache, self.sparsity, jnp.asarray(active), top_p=jnp.asarray(top_p)
+            x["token"], cache, self.sparsity, x["active"] != 0, top_p=x["top_p"]
         )
-        new = np.asarray(
-            sample_tokens(
-                logits,
-                jnp.asarray(temperature),
-                jnp.asarray(sample_top_p),
-                jnp.asarray(top_k),
-                jnp.asarray(seed),
-                jnp.asarray(step),
-            )
+        new, attended = _sample_step(
+            logits,
+            info.counts,
+            x["temperature"],
+            x["sample_top_p"],
+            x["top_k"],
+            x["seed"],
+            x["step"],
+            dense_layers=self.sparsity.dense_layers,
         )
-        return new, to_host(info.counts)
+        self._last_tokens = new
+        self._unread.append((new, attended))
 
-    def _record_attention(self, counts, n: int, context: np.ndarray, t0: float) -> None:
-        attended = ctx = float(context.mean())
-        sparse = counts[self.sparsity.dense_layers :, :n]  # [Ls, n, rows]
-        if sparse.shape[0]:
-            attended = float(sparse.mean())
-        self.metrics.record_step(t0, n, attended, ctx)
+    def _run_fetch(self) -> tuple[np.ndarray, np.ndarray]:
+        """The oldest unread step's tokens [bb] int32 and attended tokens per row [bb] f32
+        (averaged over sparse layers and heads; NaN when every layer is dense)."""
+        if not self._unread:
+            raise RuntimeError("no decode step to read back")
+        new, attended = self._unread.popleft()
+        return np.asarray(new), to_host(attended)
+
+    def _record_attention(self, attended: np.ndarray, context: np.ndarray, t0: float) -> None:
+        ctx = float(context.mean())
+        sparse = self.sparsity.dense_layers < self.model.config.num_layers
+        # Steps overlap (one ahead): a step's time starts where the last one's ended.
+        t0 = max(t0, self._last_step_end)
+        self.metrics.record_step(t0, len(context), float(attended.mean()) if sparse else ctx, ctx)
+        self._last_step_end = time.monotonic()
 
     def _accept_token(self, req: Request, token: int, events: list) -> None:
         """Under the lock: appends a sampled token, applies the stop rules, and queues an
