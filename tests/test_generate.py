@@ -214,6 +214,7 @@ def test_tokens_per_s_is_the_inverse_of_the_step_time(tiny):
     assert two.tokens_per_s == pytest.approx(2.0 / two.time_per_token_s, rel=1e-9)
     line = next(ln for ln in one.summary().splitlines() if "tokens/s" in ln)
     ms_s, rate_s = re.findall(r"([\d.]+) (?:ms per step|tokens/s)", line)
+
     # Both numbers are rounded for print: the inverse must hold within what the rounding allows.
     def half_ulp(s):
         return 0.5 * 10.0 ** -(len(s.split(".")[1]) if "." in s else 0)
