@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 import models
 from models.tiny import TINY_RANDOM, tiny_random_model
+from twilight_jax.config import QUEST_METADATA
 from twilight_jax.runtime.cli import (
     ATTENTION,
     ATTENTION_FLAG_HELP,
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=ATTENTION_FLAG_HELP[flag],
         )
+    att.add_argument(
+        "--quest-metadata",
+        default=None,
+        choices=QUEST_METADATA,
+        help=ATTENTION_FLAG_HELP["quest_metadata"],
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -244,6 +251,7 @@ def sparsity_config(args):
             max_budget=args.max_budget,
             page_size=args.page_size,
             dense_layers=args.dense_layers,
+            quest_metadata=args.quest_metadata,
         )
     except ValueError as e:
         raise UsageError(str(e)) from e

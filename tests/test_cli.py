@@ -76,7 +76,17 @@ def test_both_tools_default_to_the_platform_attention(gen, monkeypatch, platform
 def test_attention_flags(gen, args, selector, top_p):
     cfg = gen.sparsity_config(gen.build_parser().parse_args(args))
     assert (cfg.selector, cfg.top_p) == (selector, top_p)
+    assert cfg.quest_metadata == "int8"
     # The server spells --attention --selector and takes the same values.
+    server_args = [a.replace("--attention", "--selector") for a in args]
+    assert serve.sparsity_from_args(serve.build_parser().parse_args(server_args)) == cfg
+
+
+@pytest.mark.parametrize("form", ["int8", "native"])
+def test_quest_metadata_flag(gen, form):
+    args = ["--attention", "quest", "--top-p", "0.9", "--quest-metadata", form]
+    cfg = gen.sparsity_config(gen.build_parser().parse_args(args))
+    assert (cfg.selector, cfg.quest_metadata) == ("quest", form)
     server_args = [a.replace("--attention", "--selector") for a in args]
     assert serve.sparsity_from_args(serve.build_parser().parse_args(server_args)) == cfg
 
@@ -135,6 +145,11 @@ def test_generate_help_states_the_sampling_defaults(gen):
         (["--budget", "64"], "--budget 64 does nothing with dense attention (this platform's"),
         (["--attention", "all", "--budget", "64"], "--budget 64 does nothing with --attention all"),
         (["--attention", "quest", "--max-budget", "64"], "--max-budget 64 does nothing"),
+        (
+            ["--attention", "twilight", "--quest-metadata", "native"],
+            "--quest-metadata native does nothing with --attention twilight",
+        ),
+        (["--quest-metadata", "fp8"], "argument --quest-metadata: invalid choice: 'fp8'"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
         (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
         (["--attention", "quest", "--budget", "0"], "--budget must be >= 1, got 0"),
@@ -243,6 +258,10 @@ def test_generate_runs_quietly_and_its_rate_matches_its_step_time():
         ),
         (["--port", "70000"], "--port must be in 0..65535, got 70000"),
         (["--selector", "nope"], "argument --selector: invalid choice: 'nope'"),
+        (
+            ["--selector", "dense", "--quest-metadata", "int8"],
+            "--quest-metadata int8 does nothing with --selector dense",
+        ),
         (["--coordinator", "h:1"], "--coordinator h:1 does nothing with one process"),
         (
             ["--num-processes", "2", "--coordinator", "h:1", "--process-id", "5"],
@@ -353,3 +372,5 @@ def test_describe_attention():
         == "Twilight over all, p = 0.95"
     )
     assert cli.describe_attention(SparsityConfig(selector="quest", budget=64)) == "quest, B0 = 64"
+    native = SparsityConfig(selector="quest", budget=64, quest_metadata="native")
+    assert cli.describe_attention(native) == "quest, B0 = 64, native page bounds"

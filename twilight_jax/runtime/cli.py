@@ -44,6 +44,9 @@ ATTENTION_FLAG_HELP = {
     "two (default: 16)",
     "dense_layers": "the first N layers attend densely whatever the attention (default: 2; not "
     "with dense)",
+    "quest_metadata": "form of the per-page K bounds the quest selector reads: int8 (codes and "
+    "a scale per page and KV head; half the bytes, bounds a little looser) or native (the cache "
+    "dtype) (default: int8; quest only)",
 }
 
 
@@ -55,6 +58,7 @@ def attention_from_flags(
     max_budget: int | None = None,
     page_size: int | None = None,
     dense_layers: int | None = None,
+    quest_metadata: str | None = None,
     attention_flag: str = "--attention",
     platform: str | None = None,
 ):
@@ -62,7 +66,8 @@ def attention_from_flags(
 
     No attention and no --top-p: ``default_attention(platform)``. A flag the chosen attention
     would ignore (--top-p with dense, --budget without a top-k selector, --max-budget without
-    pruning, --dense-layers with dense) is an error rather than silently dropped.
+    pruning, --dense-layers with dense, --quest-metadata without quest) is an error rather than
+    silently dropped.
     Raises ValueError naming the flag, the value and what was expected.
     """
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -115,7 +120,13 @@ def attention_from_flags(
             f"--max-budget {max_budget} does nothing with {given} and no --top-p: it caps what "
             "top-p pruning keeps (without pruning the selector attends to its --budget)"
         )
+    if quest_metadata is not None and selector != "quest":
+        raise ValueError(
+            f"--quest-metadata {quest_metadata} does nothing with {given}: it is the form of the "
+            f"page bounds the quest selector reads ({attention_flag} quest)"
+        )
     fields = {
+        "quest_metadata": quest_metadata,
         "budget": budget,
         "max_budget": max_budget,
         "page_size": page_size,
@@ -139,6 +150,8 @@ def describe_attention(sparsity) -> str:
         words += f", B0 = {sparsity.budget}"
     if sparsity.top_p is not None:
         words += f", p = {sparsity.top_p}"
+    if sparsity.selector == "quest" and sparsity.quest_metadata != "int8":
+        words += f", {sparsity.quest_metadata} page bounds"
     return words
 
 

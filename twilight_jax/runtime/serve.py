@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import models
 from models.tiny import TINY_RANDOM, tiny_random_model
+from twilight_jax.config import QUEST_METADATA
 from twilight_jax.runtime.cli import (
     ATTENTION,
     ATTENTION_FLAG_HELP,
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + flag.replace("_", "-"), type=int, default=None, help=ATTENTION_FLAG_HELP[flag]
         )
     p.add_argument(
+        "--quest-metadata",
+        default=None,
+        choices=QUEST_METADATA,
+        help=ATTENTION_FLAG_HELP["quest_metadata"],
+    )
+    p.add_argument(
         "--dtype",
         default=None,
         help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU and TPU)",
@@ -197,6 +204,7 @@ def sparsity_from_args(args):
         max_budget=args.max_budget,
         page_size=args.page_size,
         dense_layers=args.dense_layers,
+        quest_metadata=args.quest_metadata,
         attention_flag="--selector",
     )
 
