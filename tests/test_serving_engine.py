@@ -337,6 +337,57 @@ def test_decode_fault_fails_running_requests_and_recovers(faulty):
     _assert_all_pages_free(eng)
 
 
+class _FailAt(FaultyModel):
+    """Raises at the n-th decode call (1-based), when a step is already in flight."""
+
+    def __init__(self, inner, n):
+        super().__init__(inner)
+        self.calls, self.n = 0, n
+
+    def decode_step(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("injected decode fault (step in flight)")
+        return super().decode_step(*args, **kwargs)
+
+
+def _assert_prefixes(out, want):
+    """Failed requests emitted only correct tokens (a prefix of the fault-free output)."""
+    for c, w in zip(out, want):
+        assert c.token_ids == w.token_ids[: len(c.token_ids)], (c, w)
+
+
+@pytest.mark.parametrize("where", ["dispatch", "read-back"])
+def test_a_fault_with_a_step_in_flight_fails_its_rows_and_recovers(engine, where):
+    prompts = _prompts(44, 3)
+    sp = SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY)
+    want = engine.generate(prompts, sp)
+    model = _FailAt(tiny()[0], 4 if where == "dispatch" else 0)
+    eng = make_engine(model).start()
+    try:
+        if where == "read-back":
+            fetch, reads = eng._run_fetch, []
+
+            def failing_fetch():
+                reads.append(1)
+                out = fetch()  # the step is read back (and dropped), then the read fails
+                if len(reads) == 3:
+                    raise RuntimeError("injected read-back fault")
+                return out
+
+            eng._run_fetch = failing_fetch
+        out = eng.generate(prompts, sp)
+        assert any(c.finish_reason == "error" and "injected" in c.error for c in out), out
+        _assert_prefixes(out, want)
+        _assert_all_pages_free(eng)
+        assert not eng._unread  # no dispatched step left unread
+        again = eng.generate(prompts, sp)
+        assert [c.token_ids for c in again] == [c.token_ids for c in want]
+        _assert_all_pages_free(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_prefill_fault_fails_the_request_and_recovers(faulty):
     eng, model = faulty
     model.fail_prefill = 1
