@@ -56,12 +56,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import _common
+from pallas_kernels import _common, quest_mgpu
 from pallas_kernels.int4 import exact_divide
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
 _INDEX_DTYPES = (np.int32,)
 DEFAULT_PAGE_SIZE = 16
+GPU_LOWERINGS = ("triton", "mosaic")
 CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max |bound|
 
 
@@ -80,14 +81,25 @@ class QuestGpuConfig:
     pages_per_block: pages one program scores (its tile), a power of two; 32 pages x 128
       dims x 2 arrays is 16 KB of bf16, about one K+V step of the sparse attention kernel.
     num_warps: a power of two. (One tile per program, no loop: no pipeline stages to set.)
+    lowering: "triton" (Pallas Triton: masked vector gathers) or "mosaic" (Pallas Mosaic GPU,
+      Hopper and later: each page row by TMA, pallas_kernels.quest_mgpu; pages_per_block a
+      multiple of 64; num_warps does not apply, a program is one warpgroup). Not measured on
+      a GPU yet, so not the default.
     """
 
     pages_per_block: int = 32
     num_warps: int = 4
+    lowering: str = "triton"
 
     def __post_init__(self):
         _common.check_pow2("QuestGpuConfig", "pages_per_block", self.pages_per_block)
         _common.check_pow2("QuestGpuConfig", "num_warps", self.num_warps)
+        if self.lowering not in GPU_LOWERINGS:
+            raise ValueError(
+                f"QuestGpuConfig.lowering must be one of {GPU_LOWERINGS}, got {self.lowering!r}"
+            )
+        if self.lowering == "mosaic":
+            quest_mgpu.check_pages_per_block(self.pages_per_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,8 +330,26 @@ def quest_page_scores_gpu(
     interpret: bool = False,
     config: QuestGpuConfig = DEFAULT_GPU_CONFIG,
 ):
-    """Pallas Triton page scores; arguments and result as `quest_page_scores` (checked by the
-    caller). Grid (B, Hkv, tiles of pages_per_block pages)."""
+    """Pallas GPU page scores; arguments and result as `quest_page_scores` (checked by the
+    caller). Triton: grid (B, Hkv, tiles of pages_per_block pages). ``config.lowering ==
+    "mosaic"``: pallas_kernels.quest_mgpu, which has no interpret mode."""
+    if config.lowering == "mosaic":
+        if interpret:
+            raise ValueError(
+                "QuestGpuConfig(lowering='mosaic') runs only on a GPU (Mosaic GPU kernels have "
+                "no interpret mode here); check its lowering with jax.export(..., "
+                "platforms=['cuda'])"
+            )
+        return quest_mgpu.quest_page_scores_mgpu(
+            q,
+            k_min,
+            k_max,
+            page_table,
+            lengths,
+            scale,
+            page_size=page_size,
+            pages_per_block=config.pages_per_block,
+        )
     batch, hq, d = q.shape
     hkv = k_min.shape[0]
     max_pages = page_table.shape[1]

@@ -10,6 +10,7 @@ wrong page shows. Both interpreters fill fresh outputs with NaN, so an unwritten
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -256,6 +257,51 @@ def test_export_cuda(case):
     # 1-page tiles: a grid of one program per page.
     cfg = quest.QuestGpuConfig(pages_per_block=1)
     export_cuda(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=cfg), *scores)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("form", ["int8", "native"])
+def test_export_cuda_mosaic(case, form):
+    # Mosaic GPU has no interpreter for this kernel: its lowering is what a CPU can check.
+    q, k_min, k_max, table, lengths = _export_args(case)
+    scale = None
+    if form == "int8":
+        k_min, k_max, scale = quest.quantize_page_bounds(k_min, k_max)
+    cfg = quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic")
+    s = case.page_size
+    export = jax.export.export(
+        jax.jit(lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=cfg)),
+        platforms=["cuda"],
+    )
+    args = (q, k_min, k_max, table, lengths, scale)
+    if case.head_dim * k_min.dtype.itemsize % 128:  # int8 rows of 64 dims: 64 bytes
+        with pytest.raises(ValueError, match="a metadata row of a multiple of 128 bytes"):
+            export(*args)
+        return
+    text = export(*args).mlir_module()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "__gpu$xla.gpu.triton" not in text
+
+
+def test_mosaic_lowering_limits_are_clear_errors():
+    with pytest.raises(ValueError, match="QuestGpuConfig.lowering must be one of"):
+        quest.QuestGpuConfig(lowering="cuda")
+    with pytest.raises(ValueError, match="multiple of 64 with lowering='mosaic', got 32"):
+        quest.QuestGpuConfig(pages_per_block=32, lowering="mosaic")
+    cfg = quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic")
+    with pytest.raises(ValueError, match="runs only on a GPU"):
+        quest.quest_page_scores(*_SCORES, backend="pallas_gpu", config=cfg)
+    q, k_min, k_max, table, lengths = _SCORES
+    d = 4  # int8 rows of 4 bytes: below what one TMA copy moves
+    small = (q[..., :d], k_min[..., :d].astype(jnp.int8), k_max[..., :d].astype(jnp.int8))
+    scale = jnp.ones(k_min.shape[:2], jnp.float32)
+    with pytest.raises(ValueError, match="head_dim a multiple of 32"):
+        jax.eval_shape(
+            lambda *a: quest.quest_page_scores_gpu(*a, page_size=1, config=cfg),
+            *small,
+            table,
+            lengths,
+            scale,
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
