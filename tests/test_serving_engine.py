@@ -368,9 +368,9 @@ def test_a_fault_with_a_step_in_flight_fails_its_rows_and_recovers(engine, where
         if where == "read-back":
             fetch, reads = eng._run_fetch, []
 
-            def failing_fetch():
+            def failing_fetch(tag):
                 reads.append(1)
-                out = fetch()  # the step is read back (and dropped), then the read fails
+                out = fetch(tag)  # the step is read back (and dropped), then the read fails
                 if len(reads) == 3:
                     raise RuntimeError("injected read-back fault")
                 return out
@@ -1040,7 +1040,10 @@ def test_decode_runs_one_step_ahead_with_one_upload_a_step(engine):
         # The page table goes up once (3 + 7 tokens fit one page); the rest is one packed array
         # whose rows after the first take their token from the step before, on the device.
         assert [a["table"] is not None for a in decodes] == [True] + [False] * 6
-        assert set(decodes[0]) == {"packed", "table"}
+        assert set(decodes[0]) == {"packed", "table", "tag"}
+        # Each read-back names the step it reads: the one dispatched before the last.
+        tags = [int(args["tag"]) for op, args in log.ops if op in ("decode", "fetch")]
+        assert tags == [1] + [t for k in range(2, 8) for t in (k, k - 1)] + [7]
         src = [int(a["packed"][0, 0]) for a in decodes]
         assert src == [-1] + [0] * 6
         assert got.token_ids == engine.generate([[5, 6, 7]], sp)[0].token_ids
@@ -1085,3 +1088,17 @@ def test_a_stop_token_ends_the_request_although_the_next_step_was_dispatched(eng
         _assert_all_pages_free(eng)
     finally:
         eng.shutdown()
+
+
+def test_read_back_names_its_step_and_drops_older_unread_ones():
+    # Under jax.distributed a step that failed on process 0 alone stays unread on the others:
+    # the next read-back, naming a later step, drops it instead of returning it.
+    eng = make_engine()
+    one, two = np.array([1, 2], np.int32), np.array([3, 4], np.int32)
+    att = np.zeros(2, np.float32)
+    eng._unread.extend([(1, one, att), (3, two, att)])
+    new, _ = eng._run_fetch(np.array(3))
+    np.testing.assert_array_equal(new, two)
+    assert not eng._unread
+    with pytest.raises(RuntimeError, match="decode step 4 was not dispatched here"):
+        eng._run_fetch(np.array(4))

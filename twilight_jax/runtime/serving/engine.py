@@ -164,10 +164,11 @@ class Engine(Scheduler, Stepper):
         self._table_key = None  # what the page table of self.cache holds (decode layout)
         self._inflight = None  # the decode step dispatched and not read back yet
         # Device side of the steps (every process): the results not read back yet, oldest
-        # first, and the last step's tokens (the next step's inputs).
+        # first, by step number, and the last step's tokens (the next step's inputs).
         self._unread: collections.deque = collections.deque()
         self._last_tokens = None
         self._last_step_end = 0.0
+        self._steps_made = 0  # decode steps planned by this process (process 0 numbers them)
         self._seq = itertools.count()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None

@@ -95,6 +95,7 @@ class _Step:
     packed: np.ndarray
     context: np.ndarray  # [n] cached tokens of each row after the step
     t0: float
+    tag: np.ndarray  # its number (0-d int64), which the read-back names
 
     def live(self) -> list[Request]:
         """Rows still decoding, as at the dispatch (not ended or preempted since)."""
@@ -248,7 +249,7 @@ class Stepper:
         step, error = self._plan_step(prev), None
         if step is not None:
             try:
-                self._device("decode", packed=step.packed, table=step.table)
+                self._device("decode", packed=step.packed, table=step.table, tag=step.tag)
                 self._table_key = step.key
             except Exception:
                 error = traceback.format_exc(limit=3)
@@ -257,7 +258,7 @@ class Stepper:
                 # Step k + 1 ran on step k's tokens: drop it and recompute its rows (unless
                 # the cache went, with its results, in the failure).
                 if self._unread:
-                    self._discard_step()
+                    self._discard_step(step)
                 with self._lock:
                     for req in step.live():
                         self._preempt(req)
@@ -321,13 +322,15 @@ class Stepper:
             seed=col((r.seed for r in rows), np.uint32),
             step=col(steps, np.int32),
         )
-        return _Step(rows, epochs, key, table, packed, cached + 1, time.monotonic())
+        self._steps_made += 1
+        tag = np.array(self._steps_made, np.int64)
+        return _Step(rows, epochs, key, table, packed, cached + 1, time.monotonic(), tag)
 
     def _finish_step(self, step: _Step) -> bool:
         """Reads a dispatched step's tokens back and applies them; False when it failed (its
         requests are failed)."""
         try:
-            new, attended = self._device("fetch")
+            new, attended = self._device("fetch", tag=step.tag)
         except Exception:
             self._decode_failed(step.rows, traceback.format_exc(limit=3))
             return False
@@ -344,21 +347,20 @@ class Stepper:
         self._send(events)
         return True
 
-    def _discard_step(self) -> None:
-        """Reads back and drops the oldest dispatched step (so every process's queue of
-        unread steps stays in step with process 0's)."""
+    def _discard_step(self, step: _Step) -> None:
+        """Reads back and drops a dispatched step (so that no process keeps it unread)."""
         try:
-            self._device("fetch")
+            self._device("fetch", tag=step.tag)
         except Exception:
             pass  # it is dropped either way
 
-    def _run_decode(self, packed, table) -> None:
+    def _run_decode(self, packed, table, tag) -> None:
         """Dispatches one decode step over [bb] rows and the sampling of their next tokens,
         without waiting for it; ``_run_fetch`` reads the results back, oldest step first.
 
         packed: ``pack_step``'s [len(STEP_FIELDS), bb] int32 (one host-to-device copy).
         table: [bb, width] int32, or None to keep the page table of the cache the last step
-        returned.
+        returned. tag: the step's number, which ``_run_fetch`` asks for.
         """
         prev = self._last_tokens if self._last_tokens is not None else _NO_TOKENS
         x = _step_inputs(jnp.asarray(packed), prev)
@@ -380,14 +382,19 @@ class Stepper:
             dense_layers=self.sparsity.dense_layers,
         )
         self._last_tokens = new
-        self._unread.append((new, attended))
+        self._unread.append((int(tag), new, attended))
 
-    def _run_fetch(self) -> tuple[np.ndarray, np.ndarray]:
-        """The oldest unread step's tokens [bb] int32 and attended tokens per row [bb] f32
-        (averaged over sparse layers and heads; NaN when every layer is dense)."""
-        if not self._unread:
-            raise RuntimeError("no decode step to read back")
-        new, attended = self._unread.popleft()
+    def _run_fetch(self, tag) -> tuple[np.ndarray, np.ndarray]:
+        """Step ``tag``'s tokens [bb] int32 and attended tokens per row [bb] f32 (averaged over
+        sparse layers and heads; NaN when every layer is dense). Unread steps older than it
+        are dropped: under jax.distributed a step that failed on process 0 alone is never read
+        back here."""
+        tag = int(tag)
+        while self._unread and self._unread[0][0] < tag:
+            self._unread.popleft()
+        if not self._unread or self._unread[0][0] != tag:
+            raise RuntimeError(f"decode step {tag} was not dispatched here")
+        _, new, attended = self._unread.popleft()
         return np.asarray(new), to_host(attended)
 
     def _record_attention(self, attended: np.ndarray, context: np.ndarray, t0: float) -> None:
