@@ -4,8 +4,9 @@ A part of ``Engine`` (a mixin): it works on the state ``Engine.__init__`` sets u
 ``self._lock`` around every change of a request.
 
 Every device call is a ``_run_<op>`` method that takes host (numpy) arrays and returns host
-arrays, made through ``Engine._device``: under jax.distributed the other processes make the
-same calls with the same arrays (``lockstep``).
+arrays or nothing, made through ``Engine._device``: under jax.distributed the other processes
+make the same calls with the same arrays (``lockstep``). The decode step is two calls: "decode"
+dispatches it and keeps its results on the devices, "fetch" reads them back, one step later.
 """
 
 from __future__ import annotations
