@@ -345,9 +345,8 @@ def quest_page_scores_gpu(
             k_min,
             k_max,
             page_table,
-            lengths,
+            _num_pages(lengths, page_size),
             scale,
-            page_size=page_size,
             pages_per_block=config.pages_per_block,
         )
     batch, hq, d = q.shape

@@ -21,10 +21,9 @@ TMA cannot do (a copy here moves a multiple of 128 bytes).
 
 Requirements (checked): head_dim a multiple of 32 whose row of metadata is a multiple of 128
 bytes (a copy moves a byte per thread of the warpgroup at a time); pages_per_block a multiple
-of 64 (the WGMMA register layout's row tile). The
-kernel runs only on a GPU: Mosaic GPU has no CPU interpreter for it (jax's GPU interpreter runs
-one block without block specs or barriers), so on a CPU only its lowering is checked
-(``jax.export`` for "cuda").
+of 64 (the WGMMA register layout's row tile). The kernel runs only on a GPU: Mosaic GPU has no
+CPU interpreter for it (jax's GPU interpreter runs one block without block specs or barriers),
+so on a CPU only its lowering is checked (``jax.export`` for "cuda").
 """
 
 from __future__ import annotations
@@ -128,12 +127,13 @@ def _kernel(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "pages_per_block"))
+@functools.partial(jax.jit, static_argnames=("pages_per_block",))
 def quest_page_scores_mgpu(
-    q, k_min, k_max, page_table, lengths, scale=None, *, page_size: int, pages_per_block: int
+    q, k_min, k_max, page_table, live_pages, scale=None, *, pages_per_block: int
 ):
     """Mosaic GPU page scores; arguments and result as `quest_page_scores` (checked by the
-    caller; the kernel's own limits here)."""
+    caller; the kernel's own limits here), but with live_pages [B] int32, the logical pages of
+    each sequence that hold tokens, in place of lengths and page_size."""
     batch, hq, d = q.shape
     hkv, _, _ = k_min.shape
     max_pages = page_table.shape[1]
@@ -145,8 +145,7 @@ def quest_page_scores_mgpu(
     t = pages_per_block
     padded = pl.cdiv(max_pages, t) * t
     pt = jnp.pad(page_table, ((0, 0), (0, padded - max_pages)))
-    live = jnp.arange(padded) < ((jnp.maximum(lengths, 0) + page_size - 1) // page_size)[:, None]
-    live = live & (jnp.arange(padded) < max_pages)
+    live = jnp.arange(padded) < jnp.minimum(live_pages, max_pages)[:, None]
     if scale is None:
         factor = jnp.ones((batch, hkv, padded), jnp.float32)
     else:

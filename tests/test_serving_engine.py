@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from _tiny_serving import ENGINE, SPARSITY, FaultyModel, make_engine, tiny
 
+from twilight_jax import generate
 from twilight_jax.runtime.model_api import DecodeModel
 from twilight_jax.runtime.sampling import sample_tokens, sample_tokens_reference
 from twilight_jax.runtime.serving import (
@@ -23,7 +24,12 @@ from twilight_jax.runtime.serving import (
     SamplingParams,
     ServingMetrics,
 )
-from twilight_jax.runtime.serving.stepping import stop_holdback
+from twilight_jax.runtime.serving.stepping import (
+    STEP_FIELDS,
+    _step_inputs,
+    pack_step,
+    stop_holdback,
+)
 
 GREEDY = dict(temperature=0.0)
 # jax.monitoring event recorded once per XLA compilation (jax/_src/dispatch.py).
@@ -985,8 +991,6 @@ def test_memory_fraction_is_validated():
 
 
 def test_pack_step_round_trips_through_the_step_inputs():
-    from twilight_jax.runtime.serving.stepping import STEP_FIELDS, _step_inputs, pack_step
-
     cols = dict(
         src=np.array([1, -1, 0], np.int32),
         token=np.array([0, 77, 0], np.int32),
@@ -1005,9 +1009,10 @@ def test_pack_step_round_trips_through_the_step_inputs():
     got = jax.device_get(_step_inputs(jnp.asarray(packed), prev))
     # Rows with src >= 0 take the token the step before sampled in that slot.
     np.testing.assert_array_equal(got["token"], [41, 77, 40])
+    want = dict(cols, active=cols["active"] != 0)  # the device gets the row mask as bool
     for name in STEP_FIELDS[2:]:
-        np.testing.assert_array_equal(got[name], cols[name], err_msg=name)
-        assert got[name].dtype == cols[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        assert got[name].dtype == want[name].dtype, name
     with pytest.raises(ValueError, match="pack_step needs exactly"):
         pack_step(**{k: v for k, v in cols.items() if k != "seed"})
 
@@ -1053,8 +1058,6 @@ def test_decode_runs_one_step_ahead_with_one_upload_a_step(engine):
 
 
 def test_engine_tokens_equal_generate(engine):
-    from twilight_jax import generate
-
     model, tok, _ = tiny()
     texts = ["the engine and generate", "agree on every token", "x"]
     kw = dict(max_new_tokens=9, sparsity=SPARSITY, chat=False, stop_on_eos=False)

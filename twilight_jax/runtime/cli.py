@@ -150,7 +150,7 @@ def describe_attention(sparsity) -> str:
         words += f", B0 = {sparsity.budget}"
     if sparsity.top_p is not None:
         words += f", p = {sparsity.top_p}"
-    if sparsity.selector == "quest" and sparsity.quest_metadata != "int8":
+    if sparsity.selector == "quest" and sparsity.quest_metadata != SparsityConfig.quest_metadata:
         words += f", {sparsity.quest_metadata} page bounds"
     return words
 

@@ -64,12 +64,14 @@ def pack_step(**cols: np.ndarray) -> np.ndarray:
 
 @jax.jit
 def _step_inputs(packed, prev_tokens):
-    """The per-row arrays of ``pack_step``'s packing, each [bb], with the input tokens taken
-    from ``prev_tokens`` (the last step's samples, on the device) where src >= 0."""
+    """The per-row arrays of ``pack_step``'s packing, each [bb] (``active`` as bool), with the
+    input tokens taken from ``prev_tokens`` (the last step's samples, on the device) where
+    src >= 0."""
     x = dict(zip(STEP_FIELDS, packed))
     for name in _FLOAT_FIELDS:
         x[name] = jax.lax.bitcast_convert_type(x[name], jnp.float32)
     x["seed"] = jax.lax.bitcast_convert_type(x["seed"], jnp.uint32)
+    x["active"] = x["active"] != 0
     src = x["src"]
     chained = prev_tokens[jnp.clip(src, 0, prev_tokens.shape[0] - 1)]
     x["token"] = jnp.where(src >= 0, chained, x["token"])
@@ -98,13 +100,13 @@ class _Step:
     t0: float
     tag: np.ndarray  # its number (0-d int64), which the read-back names
 
+    def alive(self, i: int) -> bool:
+        """Whether row i still decodes as at the dispatch (not ended or preempted since)."""
+        req = self.rows[i]
+        return req.state is State.DECODE and req.preemptions == self.epochs[i]
+
     def live(self) -> list[Request]:
-        """Rows still decoding, as at the dispatch (not ended or preempted since)."""
-        return [
-            r
-            for r, e in zip(self.rows, self.epochs)
-            if r.state is State.DECODE and r.preemptions == e
-        ]
+        return [r for i, r in enumerate(self.rows) if self.alive(i)]
 
 
 def stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -340,7 +342,7 @@ class Stepper:
         events = []
         with self._lock:
             for i, req in enumerate(step.rows):
-                if req.state is not State.DECODE or req.preemptions != step.epochs[i]:
+                if not step.alive(i):
                     continue  # cancelled, ended or preempted since the dispatch
                 req.cached += 1
                 self._accept_token(req, int(new[i]), events)
@@ -370,7 +372,7 @@ class Stepper:
         page_table = self.cache.page_table if table is None else jnp.asarray(table)
         cache = dataclasses.replace(self.cache, page_table=page_table, lengths=x["length"])
         logits, self.cache, info = self.model.decode_step(
-            x["token"], cache, self.sparsity, x["active"] != 0, top_p=x["top_p"]
+            x["token"], cache, self.sparsity, x["active"], top_p=x["top_p"]
         )
         new, attended = _sample_step(
             logits,
