@@ -29,6 +29,7 @@ so on a CPU only its lowering is checked (``jax.export`` for "cuda").
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 _ROW_TILE = 64  # rows of the WGMMA register layout
 # Pallas Mosaic GPU copies move a multiple of one byte per thread of the warpgroup.
 _COPY_BYTES = 128
+_GRID_NAMES = ("b", "g", "t")
+# plgpu.kernel's output-type argument: out_shape in jax 0.10, out_type (keyword only) in 0.11.
+_OUT_KW = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
 
 
 def check_pages_per_block(pages_per_block: int) -> None:
@@ -66,65 +70,70 @@ def _kernel(
     mn_hbm,  # [Hkv, P, D] metadata (int8 codes or float)
     mx_hbm,  # [Hkv, P, D]
     o_hbm,  # [B, Hkv, G, MP] f32
-    pt,  # SMEM [T] int32
-    fac,  # SMEM [T] f32
-    q,  # SMEM [G, D] f32
-    mins,  # SMEM [T, D]
-    maxs,  # SMEM [T, D]
-    out,  # SMEM [G, T] f32
     *,
     pages: int,
     group: int,
 ):
-    b, g, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    d = q_hbm.shape[-1]
+    pl.run_scoped(
+        functools.partial(_tile, pt_hbm, fac_hbm, q_hbm, mn_hbm, mx_hbm, o_hbm, pages, group),
+        plgpu.SMEM((pages,), jnp.int32),  # page-table entries of the tile
+        plgpu.SMEM((pages,), jnp.float32),  # page factors
+        plgpu.SMEM((group, d), jnp.float32),  # the group's queries
+        plgpu.SMEM((pages, d), mn_hbm.dtype),  # min rows
+        plgpu.SMEM((pages, d), mn_hbm.dtype),  # max rows
+        plgpu.SMEM((group, pages), jnp.float32),  # scores, staged for the TMA out
+        plgpu.Barrier(num_arrivals=3),
+        plgpu.Barrier(num_arrivals=2 * pages),
+    )
+
+
+def _tile(
+    pt_hbm, fac_hbm, q_hbm, mn_hbm, mx_hbm, o_hbm, pages, group,
+    pt, fac, q, mins, maxs, out, head_bar, rows_bar,
+):  # fmt: skip
+    b, g, t = (jax.lax.axis_index(n) for n in _GRID_NAMES)
     tile = pl.ds(t * pages, pages)
     rows = plgpu.Layout.WGMMA
     per_page = rows.reduce(1)  # a [T] vector along the rows of a [T, D] tile
     per_dim = rows.reduce(0)  # a [D] vector along its columns
 
-    def body(head_bar, rows_bar):
-        plgpu.copy_gmem_to_smem(pt_hbm.at[b, tile], pt, head_bar)
-        plgpu.copy_gmem_to_smem(fac_hbm.at[b, g, tile], fac, head_bar)
-        plgpu.copy_gmem_to_smem(q_hbm.at[b, g], q, head_bar)
-        plgpu.barrier_wait(head_bar)
-        # Live pages come first in a sequence's page table: a dead first page means a dead tile.
-        live = fac[0] > -jnp.inf
+    plgpu.copy_gmem_to_smem(pt_hbm.at[b, tile], pt, head_bar)
+    plgpu.copy_gmem_to_smem(fac_hbm.at[b, g, tile], fac, head_bar)
+    plgpu.copy_gmem_to_smem(q_hbm.at[b, g], q, head_bar)
+    plgpu.barrier_wait(head_bar)
+    # Live pages come first in a sequence's page table: a dead first page means a dead tile.
+    live = fac[0] > -jnp.inf
 
-        @pl.when(live)
-        def _score():
-            for i in range(pages):
-                page = pl.ds(pt[i], 1)
-                plgpu.copy_gmem_to_smem(mn_hbm.at[g, page], mins.at[pl.ds(i, 1)], rows_bar)
-                plgpu.copy_gmem_to_smem(mx_hbm.at[g, page], maxs.at[pl.ds(i, 1)], rows_bar)
-            plgpu.barrier_wait(rows_bar)
-            # optimized=False: a row-major [T, D] buffer filled row by row by TMA has no
-            # swizzle, so the bank-conflict-free transfer plan does not apply.
-            mn = plgpu.load(mins, (), layout=rows, optimized=False).astype(jnp.float32)
-            mx = plgpu.load(maxs, (), layout=rows, optimized=False).astype(jnp.float32)
-            factor = plgpu.load(fac, (), layout=per_page)
-            for h in range(group):
-                qh = plgpu.load(q, (h,), layout=per_dim)
-                pos = jax.lax.broadcast_in_dim(jnp.maximum(qh, 0.0), mn.shape, (1,))
-                neg = jax.lax.broadcast_in_dim(jnp.minimum(qh, 0.0), mn.shape, (1,))
-                score = jnp.sum(pos * mx + neg * mn, axis=1)
-                # Dead pages inside a live tile: their factor is -inf.
-                out[h, :] = jnp.where(factor > -jnp.inf, score * factor, factor)
+    @pl.when(live)
+    def _score():
+        for i in range(pages):
+            page = pl.ds(pt[i], 1)
+            plgpu.copy_gmem_to_smem(mn_hbm.at[g, page], mins.at[pl.ds(i, 1)], rows_bar)
+            plgpu.copy_gmem_to_smem(mx_hbm.at[g, page], maxs.at[pl.ds(i, 1)], rows_bar)
+        plgpu.barrier_wait(rows_bar)
+        # optimized=False: a row-major [T, D] buffer filled row by row by TMA has no
+        # swizzle, so the bank-conflict-free transfer plan does not apply.
+        mn = plgpu.load(mins, (), layout=rows, optimized=False).astype(jnp.float32)
+        mx = plgpu.load(maxs, (), layout=rows, optimized=False).astype(jnp.float32)
+        factor = plgpu.load(fac, (), layout=per_page)
+        for h in range(group):
+            qh = plgpu.load(q, (h,), layout=per_dim)
+            pos = jax.lax.broadcast_in_dim(jnp.maximum(qh, 0.0), mn.shape, (1,))
+            neg = jax.lax.broadcast_in_dim(jnp.minimum(qh, 0.0), mn.shape, (1,))
+            score = jnp.sum(pos * mx + neg * mn, axis=1)
+            # Dead pages inside a live tile: their factor is -inf.
+            out[h, :] = jnp.where(factor > -jnp.inf, score * factor, factor)
 
-        @pl.when(jnp.logical_not(live))
-        def _dead():
-            dead = plgpu.load(fac, (), layout=per_page)  # all -inf
-            for h in range(group):
-                out[h, :] = dead
+    @pl.when(jnp.logical_not(live))
+    def _dead():
+        dead = plgpu.load(fac, (), layout=per_page)  # all -inf
+        for h in range(group):
+            out[h, :] = dead
 
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out, o_hbm.at[b, g, :, tile])
-        plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(
-        body,
-        plgpu.Barrier(num_arrivals=3),
-        plgpu.Barrier(num_arrivals=2 * pages),
-    )
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out, o_hbm.at[b, g, :, tile])
+    plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("pages_per_block",))
@@ -151,22 +160,13 @@ def quest_page_scores_mgpu(
     else:
         factor = scale[:, pt].transpose(1, 0, 2)  # [B, Hkv, MP]
     factor = jnp.where(live[:, None, :], factor, -jnp.inf)
-    out = pl.pallas_call(
+    # plgpu.kernel, not pl.pallas_call: jax 0.11 lowers Mosaic GPU kernels only through it.
+    out = plgpu.kernel(
         functools.partial(_kernel, pages=t, group=group),
+        **{_OUT_KW: jax.ShapeDtypeStruct((batch, hkv, group, padded), jnp.float32)},
         grid=(batch, hkv, padded // t),
-        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * 5,
-        out_specs=pl.BlockSpec(memory_space=plgpu.GMEM),
-        out_shape=jax.ShapeDtypeStruct((batch, hkv, group, padded), jnp.float32),
-        scratch_shapes=[
-            plgpu.SMEM((t,), jnp.int32),
-            plgpu.SMEM((t,), jnp.float32),
-            plgpu.SMEM((group, d), jnp.float32),
-            plgpu.SMEM((t, d), k_min.dtype),
-            plgpu.SMEM((t, d), k_min.dtype),
-            plgpu.SMEM((group, t), jnp.float32),
-        ],
+        grid_names=_GRID_NAMES,
         compiler_params=plgpu.CompilerParams(),
-        name="quest_page_scores_mgpu",
     )(
         pt,
         factor,

@@ -38,6 +38,12 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--ncu-once", action="store_true", help="run each call twice, no trace")
+    ap.add_argument(
+        "--output-only",
+        action="store_true",
+        help="profile the attention output alone, as bench_attention.py times it (the "
+        "SelectionInfo's reductions are then compiled away)",
+    )
     ap.add_argument("--out", default="/tmp/profile_attention")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
@@ -50,7 +56,10 @@ def main():
     results = {}
     for name in args.methods:
         cfg = configs[name]
-        fn = jax.jit(lambda q, cache, cfg=cfg: decode_attention(q, cache, cfg))
+        if args.output_only:
+            fn = jax.jit(lambda q, cache, cfg=cfg: decode_attention(q, cache, cfg)[0])
+        else:
+            fn = jax.jit(lambda q, cache, cfg=cfg: decode_attention(q, cache, cfg))
         out = fn(q, cache)
         jax.block_until_ready(out)
         if args.ncu_once:

@@ -92,7 +92,8 @@ def _compact(pos, ok):
     entry's destination is its rank among the kept (a cumulative sum), then one scatter.
     """
     m = pos.shape[-1]
-    dest = jnp.where(ok, jnp.cumsum(ok, axis=-1) - 1, m)  # m = out of range: dropped
+    rank = jnp.cumsum(ok, axis=-1, dtype=jnp.int32)
+    dest = jnp.where(ok, rank - 1, m)  # m = out of range: dropped
     flat_pos = pos.reshape(-1, m)
     flat_dest = dest.reshape(-1, m)
     out = (
@@ -100,7 +101,10 @@ def _compact(pos, ok):
         .at[jnp.arange(flat_pos.shape[0])[:, None], flat_dest]
         .set(flat_pos, mode="drop")
     )
-    return out.reshape(pos.shape).astype(jnp.int32), ok.sum(-1).astype(jnp.int32)
+    # The count is the running count's last entry: a separate sum would be one more pass (and,
+    # with few rows, one slow row reduction on the GPU).
+    count = rank[..., -1] if m else jnp.zeros(pos.shape[:-1], jnp.int32)
+    return out.reshape(pos.shape).astype(jnp.int32), count
 
 
 def add_forced_tokens(kept_pos, kept_ok, lengths, sink: int, recent: int):
