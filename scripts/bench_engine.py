@@ -14,6 +14,7 @@ pairs is reported, with tokens/s = c / step.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     if args.out:
         meta = benchlib.device_meta()
         meta["model"] = args.model
-        meta["command"] = "python scripts/bench_engine.py " + " ".join(sys.argv[1:])
+        meta["command"] = "python scripts/bench_engine.py " + shlex.join(sys.argv[1:])
         table.save(args.out, meta)
     return 0
 

@@ -2,7 +2,10 @@
 # One call on the GPU machine: the GPU test subset and the benchmarks, results under $OUT,
 # a short table printed last. Usage (from the repo root, on the device):
 #   STEPS="tests kernels attention generate" bash scripts/gpu_suite.sh
-# Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first.
+# Carried wheels in .whl/ (packages the device image lacks) are installed to /tmp/site first:
+# gguf for the embedded model; for the engine and serving steps (which import the HTTP server)
+# the server's pure-Python dependencies: uvicorn, starlette, httpx, httpcore, h11, anyio,
+# sniffio, click, idna, certifi (the jax 0.11.2 image had no uvicorn, 2026-12-04).
 # Steps: stage tests kernels sweep ptxas profile ncu attention decode generate engine serving eval
 # multigpu scaling (any order; the last two want several GPUs: docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
@@ -76,7 +79,9 @@ for step in $STEPS; do
         done
       done ;;
     engine)
-      python3 scripts/bench_engine.py --out "$OUT/engine" ${ENGINE_ARGS:-} 2>&1 | tee "$OUT/engine.log" | tail -20
+      # eval: method names hold spaces, e.g. ENGINE_ARGS="--methods dense 'twilight/all p=0.95'".
+      eval "python3 scripts/bench_engine.py --out \"\$OUT/engine\" ${ENGINE_ARGS:-}" 2>&1 \
+        | tee "$OUT/engine.log" | tail -20
       rc=${PIPESTATUS[0]} ;;
     serving)
       python3 scripts/bench_serving.py --out "$OUT/serving" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -40
