@@ -19,6 +19,10 @@ The page factor [B, Hkv, max_pages] comes from XLA outside the kernel: the page'
 the size of the output), so the kernel needs neither the lengths nor a 4-byte gather, which
 TMA cannot do (a copy here moves a multiple of 128 bytes).
 
+Measured on an H200 (docs/kernels.md): correct, but 1.2-1.5x slower than the Triton kernel.
+The row copies alone would beat it; the elementwise scoring on the CUDA cores does not overlap
+them. Scoring by WGMMA is what would let the copies set the pace.
+
 Requirements (checked): head_dim a multiple of 32 whose row of metadata is a multiple of 128
 bytes (a copy moves a byte per thread of the warpgroup at a time); pages_per_block a multiple
 of 64 (the WGMMA register layout's row tile). The kernel runs only on a GPU: Mosaic GPU has no

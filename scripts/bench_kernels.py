@@ -41,7 +41,8 @@ SPGEMV_SWEEP = [
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=64),
     quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
-    # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py), not measured yet.
+    # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py); slower than Triton so
+    # far (docs/kernels.md).
     quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic"),
     quest.QuestGpuConfig(pages_per_block=128, lowering="mosaic"),
 ]
