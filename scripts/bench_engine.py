@@ -9,11 +9,15 @@ pairs is reported, with tokens/s = c / step.
 
     python scripts/bench_engine.py --out docs/results/engine          # embedded SmolLM2
     python scripts/bench_engine.py --model tiny-random --concurrency 1 4 --prompt-tokens 200
+
+With --profile DIR (GPU/TPU) each point also gets the device-busy time of a step from a
+profiler trace, so a step's wall time can be split into device work and host-bound gaps.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -46,6 +50,13 @@ def parse_args(argv=None):
     ap.add_argument("--short-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="path stem of the table: STEM.md and STEM.json")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also trace one run of each length under the JAX profiler (traces under DIR) and "
+        "report the device-busy time of a step next to its wall time (GPU/TPU; NaN on CPU)",
+    )
     args = ap.parse_args(argv)
     if min(args.concurrency) < 1:
         ap.error(f"--concurrency must be >= 1, got {args.concurrency}")
@@ -79,6 +90,23 @@ def step_time(engine, prompts, long: int, short: int, repeats: int) -> float:
     return statistics.median((run(long) - run(short)) / (long - short) for _ in range(repeats))
 
 
+def device_step_time(engine, prompts, long: int, short: int, log_dir: str) -> float:
+    """Device-busy seconds per decode step: one traced run of each length, the difference of
+    their busy times over the difference in tokens. NaN when the trace has no device events."""
+    busy = {}
+    for n in (long, short):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        trace = benchlib.profile(
+            lambda params=params: engine.generate(prompts, params),
+            os.path.join(log_dir, f"tokens_{n}"),
+            runs=1,
+        )
+        busy[n] = benchlib.kernel_breakdown(trace, 1)["busy_us"] * 1e-6
+    if busy[long] == 0.0:
+        return float("nan")
+    return (busy[long] - busy[short]) / (long - short)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model == "tiny-random":
@@ -91,7 +119,8 @@ def main(argv=None) -> int:
     lo, hi = min(300, config.vocab_size // 4), config.vocab_size - 8
     max_batch = max(args.concurrency)
     seq = args.prompt_tokens + args.new_tokens + 1
-    table = benchlib.Table(["method", "concurrency", "prompt_tok", "ms/step", "tokens/s"])
+    columns = ["method", "concurrency", "prompt_tok", "ms/step", "tokens/s"]
+    table = benchlib.Table(columns + (["device_ms/step"] if args.profile else []))
     for name in args.methods:
         engine = Engine(
             jitted,
@@ -111,12 +140,15 @@ def main(argv=None) -> int:
                         file=sys.stderr,
                     )
                     t = float("nan")
-                table.add(
-                    method=name,
-                    concurrency=c,
-                    prompt_tok=args.prompt_tokens,
-                    **{"ms/step": t * 1e3, "tokens/s": c / t},
-                )
+                row = {"ms/step": t * 1e3, "tokens/s": c / t}
+                if args.profile:
+                    slug = name.replace("/", "_").replace(" ", "_").replace("=", "")
+                    log_dir = os.path.join(args.profile, f"{slug}_c{c}")
+                    dt = device_step_time(
+                        engine, prompts, args.new_tokens, args.short_tokens, log_dir
+                    )
+                    row["device_ms/step"] = dt * 1e3
+                table.add(method=name, concurrency=c, prompt_tok=args.prompt_tokens, **row)
         finally:
             engine.shutdown()
     print("\n" + table.text())

@@ -250,6 +250,30 @@ def test_bench_engine_reports_nan_not_a_negative_step(tmp_path, monkeypatch, cap
     assert "the longer run was not slower" in capsys.readouterr().err
 
 
+def test_bench_engine_profile_traces_each_length(tmp_path):
+    # On the CPU the traces hold no device events: the column is there, NaN.
+    out, prof = tmp_path / "engine", tmp_path / "prof"
+    argv = ["--model", "tiny-random", "--concurrency", "1", "--prompt-tokens", "8"]
+    argv += ["--new-tokens", "6", "--short-tokens", "2", "--repeats", "1"]
+    assert bench_engine.main([*argv, "--out", str(out), "--profile", str(prof)]) == 0
+    (row,) = json.loads(Path(f"{out}.json").read_text())["rows"]
+    assert math.isnan(row["device_ms/step"])
+    for n in (6, 2):
+        assert list((prof / "dense_c1" / f"tokens_{n}").glob("plugins/profile/*/*.trace.json.gz"))
+
+
+def test_bench_engine_device_step_time_is_the_busy_difference(monkeypatch, tmp_path):
+    busy_us = {"tokens_10": 5000.0, "tokens_2": 1000.0}
+    monkeypatch.setattr(bench_engine.benchlib, "profile", lambda fn, log_dir, runs: log_dir)
+    monkeypatch.setattr(
+        bench_engine.benchlib,
+        "kernel_breakdown",
+        lambda trace, runs: {"busy_us": busy_us[Path(trace).name]},
+    )
+    t = bench_engine.device_step_time(None, None, 10, 2, str(tmp_path))
+    assert t == pytest.approx((5000 - 1000) * 1e-6 / 8)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
