@@ -83,9 +83,8 @@ class QuestGpuConfig:
     num_warps: a power of two. (One tile per program, no loop: no pipeline stages to set.)
     lowering: "triton" (Pallas Triton: masked vector gathers) or "mosaic" (Pallas Mosaic GPU,
       Hopper and later: each page row by TMA, pallas_kernels.quest_mgpu; pages_per_block a
-      multiple of 64; num_warps does not apply, a program is one warpgroup). Correct on an
-      H200 but slower than Triton (358 vs 243 us at batch 64 / 32K, docs/kernels.md), so not
-      the default.
+      multiple of 64; num_warps does not apply, a program is one warpgroup). Slower than
+      Triton on Hopper (docs/kernels.md), so not the default.
     """
 
     pages_per_block: int = 32

@@ -1,7 +1,7 @@
 """Quest page scores on Hopper GPUs in Pallas Mosaic GPU (semantics: pallas_kernels.quest).
 
 Why a second GPU kernel: the Triton one gathers each page's min/max rows with masked vector
-loads, and is bound by their latency (about a third of the copy bandwidth, docs/kernels.md).
+loads, and is bound by their latency (docs/kernels.md).
 Here every row moves by TMA, a bulk copy at a dynamic offset that the issuing thread does not
 wait on, so a program puts all its pages' rows in flight at once and waits on one barrier.
 
@@ -19,9 +19,8 @@ The page factor [B, Hkv, max_pages] comes from XLA outside the kernel: the page'
 the size of the output), so the kernel needs neither the lengths nor a 4-byte gather, which
 TMA cannot do (a copy here moves a multiple of 128 bytes).
 
-Measured on an H200 (docs/kernels.md): correct, but 1.2-1.5x slower than the Triton kernel.
-The row copies alone would beat it; the elementwise scoring on the CUDA cores does not overlap
-them. Scoring by WGMMA is what would let the copies set the pace.
+Slower than the Triton kernel (docs/kernels.md): the elementwise scoring on the CUDA cores
+does not overlap the row copies; scoring by WGMMA would let the copies set the pace.
 
 Requirements (checked): head_dim a multiple of 32 whose row of metadata is a multiple of 128
 bytes (a copy moves a byte per thread of the warpgroup at a time); pages_per_block a multiple

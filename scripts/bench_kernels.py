@@ -41,10 +41,8 @@ SPGEMV_SWEEP = [
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=64),
     quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
-    # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py); slower than Triton so
-    # far (docs/kernels.md).
+    # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py), opt-in.
     quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic"),
-    quest.QuestGpuConfig(pages_per_block=128, lowering="mosaic"),
 ]
 ATTN_SWEEP = [
     attention.AttentionGpuConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),

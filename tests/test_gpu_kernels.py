@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _quant_rule import halves_rows, int4_rule, page_bounds_rule
+
+from pallas_kernels import append, attention, int4, quest, spgemv, topp
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,8 +22,6 @@ HQ, HKV, D, S = 16, 4, 128, 16
 
 
 def _cache(seed, batch, max_len, dtype=jnp.bfloat16):
-    from pallas_kernels import int4
-
     rng = np.random.default_rng(seed)
     pages_per_seq = -(-max_len // S)
     num_pages = batch * pages_per_seq + 1
@@ -53,8 +54,6 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("batch,max_len", [(3, 1000), (2, 8192)])
 def test_dense_attention(batch, max_len):
-    from pallas_kernels import attention
-
     c = _cache(batch, batch, max_len)
     q = jnp.asarray(c["rng"].standard_normal((batch, HQ, D)), jnp.bfloat16)
     args = (q, c["k"], c["v"], c["page_table"], c["lengths"])
@@ -66,8 +65,6 @@ def test_dense_attention(batch, max_len):
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_sparse_attention(per_head):
-    from pallas_kernels import attention
-
     batch, max_len, cap = 3, 4096, 1024
     c = _cache(7, batch, max_len)
     rng = c["rng"]
@@ -88,8 +85,6 @@ def test_sparse_attention(per_head):
 
 
 def test_block_spgemv():
-    from pallas_kernels import spgemv
-
     batch, max_len, n_cand = 3, 4096, 160
     c = _cache(11, batch, max_len)
     rng = c["rng"]
@@ -111,8 +106,6 @@ def test_block_spgemv():
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_topp(groups):
-    from pallas_kernels import topp
-
     rng = np.random.default_rng(groups)
     rows, n, cap = 64, 8192, 1024
     logits = rng.standard_normal((rows, groups, n)).astype(np.float32) * 3
@@ -138,8 +131,6 @@ def test_topp(groups):
 
 
 def test_quest_scores():
-    from pallas_kernels import quest
-
     batch, max_len = 3, 2048
     c = _cache(5, batch, max_len)
     rng = c["rng"]
@@ -160,9 +151,6 @@ def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
     halves (tests/_quant_rule.py). XLA's float32 division on a GPU is not correctly rounded
     (about 0.3% of these nibbles move by one), so the jnp reference and the 8-bit XLA path are
     held to the rule on the CPU only (tests/test_int4.py); the GPU paths use the kernels."""
-    from _quant_rule import halves_rows, int4_rule
-
-    from pallas_kernels import int4
 
     x = halves_rows(np.random.default_rng(70), 4096, D)
     want = int4_rule(x)
@@ -176,9 +164,6 @@ def test_cache_append_decode_is_the_reference_bit_for_bit():
     """The decode append kernel natively: pages and Quest min/max equal the XLA reference
     exactly, INT4 codes, scales and zeros the rule in numpy (fresh pages, mid-page writes,
     skipped sequences)."""
-    from _quant_rule import int4_rule
-
-    from pallas_kernels import append
 
     rng = np.random.default_rng(11)
     batch, num_pages = 48, 200
@@ -215,7 +200,6 @@ def test_quest_scores_int8():
     (float32 sums of the same products in another order, times the same page scale), and an
     upper bound of the native kernel's scores on the exact bf16 metadata, at most
     s * sum_d |q_d| above them."""
-    from pallas_kernels import quest
 
     batch, max_len = 3, 2048
     c = _cache(6, batch, max_len)
@@ -243,7 +227,6 @@ def test_quest_scores_int8():
 def test_quest_scores_mosaic(form):
     """The Mosaic GPU page scores (TMA row copies) against the jnp reference, both metadata
     forms; 2048 / 16 = 128 pages a sequence: two 64-page tiles, ragged lengths, dead tiles."""
-    from pallas_kernels import quest
 
     batch, max_len = 3, 2048
     c = _cache(7, batch, max_len)
@@ -268,9 +251,6 @@ def test_cache_append_decode_int8_is_the_rule_bit_for_bit():
     """The decode append kernel with INT8 Quest metadata natively: pages as the XLA reference,
     min / max codes and page scales the rule in numpy (tests/_quant_rule.page_bounds_rule;
     the kernel divides with div.rn.f32, XLA's GPU division is not correctly rounded)."""
-    from _quant_rule import page_bounds_rule
-
-    from pallas_kernels import append, quest
 
     rng = np.random.default_rng(12)
     batch, num_pages = 48, 200
