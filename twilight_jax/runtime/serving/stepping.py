@@ -366,7 +366,7 @@ class Stepper:
         returned. tag: the step's number, which ``_run_fetch`` asks for.
         """
         prev = self._last_tokens if self._last_tokens is not None else _NO_TOKENS
-        x = _step_inputs(packed, prev)  # numpy in: jit's own transfer, no separate dispatch
+        x = _step_inputs(jnp.asarray(packed), prev)
         # The cache is donated to each step, so an unchanged table is the copy the last step
         # returned; uploading [B, max_pages] every step would cost megabytes at long contexts.
         page_table = self.cache.page_table if table is None else jnp.asarray(table)
