@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -196,3 +197,28 @@ def check_static_p(p) -> None:
     """Checks a Python-number p; traced or array p is checked only for shape by callers."""
     if isinstance(p, (int, float)) and not (0.0 < float(p) <= 1.0):
         raise ValueError(f"p must be in (0, 1], got {p}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-core dots in Triton kernels
+
+
+def bf16_terms(x, split_f32: bool):
+    """x [M, K] in the input's dtype -> bf16 terms whose sum is x (to ~2^-17 for f32).
+
+    bf16 x is one exact term. f32 x is split as hi + lo (lo carries the next 8 mantissa bits):
+    two tensor-core dots instead of an IEEE f32 dot on CUDA cores.
+    """
+    hi = x.astype(jnp.bfloat16)
+    if not split_f32:
+        return [hi]
+    return [hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
+
+
+def add_all(xs):
+    return functools.reduce(operator.add, xs)
+
+
+def dot_nt(a, b):
+    """a [M, K] . b [N, K]^T with float32 accumulation (pl.dot is gone in jax >= 0.11)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -31,11 +31,17 @@ append) and quantizes prefill pages once.
 
 GPU (Triton): grid (sequence, KV head, tile of pages_per_block pages), one tile per program. A
 program holding live pages gathers their min/max rows through the page table with masked
-vector loads (each row read once and used for all G query heads of the group: the op moves
-2 * D * itemsize bytes per page and KV head, 2 * D + 4 with INT8 metadata, and is bandwidth
-bound); INT8 rows are converted to float32 in registers and each page's sum is multiplied by
-its scale at the end. A program past the last live page writes -inf. A head_dim that is not a
-power of two (Triton's block rule) is padded and masked.
+vector loads (each row read once and used for all G query heads of the group: 2 * D * itemsize
+bytes per page and KV head, 2 * D + 4 with INT8 metadata). With bf16 or INT8 metadata it scores
+by two tensor-core dots, relu(q) . max^T + min(q, 0) . min^T over [G padded to 16, D] x [D,
+pages]: bf16 rows and INT8 codes are exact in bf16, and float32 q enters as two bf16 terms
+(hi + lo, about 16 bits). Scoring on CUDA cores (a multiply-add per element, query head and
+page, then a cross-lane sum) made the kernel compute-bound: the same time for INT8 as for bf16
+rows, and for a contiguous page table as for a scattered one; the dots took 257 -> 144 us
+(INT8) at batch 64 / 32K. float32 metadata (and tiles under 16 pages, where Triton's dot does
+not apply) keep those float32 multiply-adds, which are exact. INT8 scores are multiplied by
+the page's scale at the end. A program past the last live page writes -inf. A head_dim that is
+not a power of two (Triton's block rule) is padded and masked.
 
 TPU (Mosaic): a one-page block of k_min ([1, D] out of a [P, D] plane) is not a legal Mosaic
 block, so the min/max rows of a chunk of pages move by DMA (memory_space ANY) at the page
@@ -66,11 +72,12 @@ GPU_LOWERINGS = ("triton", "mosaic")
 CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max |bound|
 
 
-# Tuned defaults (H200, batch 64, 32K context = 2048 pages of 16, bf16, 8 KV heads x 4 query
-# heads, head_dim 128; the alternatives and their times: docs/results/
-# kernels-sweep{2,3,5,6,9}-h200.*):
-#   GPU pages_per_block 32, num_warps 4, one tile per program: 234-257 us with bf16 min / max,
-#       217-222 us with INT8.
+# Tuned defaults (H200, batch 64, 32K context = 2048 pages of 16, 8 KV heads x 4 query heads,
+# head_dim 128; the alternatives and their times: docs/results/kernels-sweep{2,3,5,6,9}-h200.*
+# and docs/results/session-2026-12-04d/quest-dots-probe.md):
+#   GPU pages_per_block 64, num_warps 4, one tile per program, scores by tensor-core dots:
+#       144 us with INT8 min / max, 183 us with bf16 (the float32 multiply-adds the kernel
+#       used before: 257 / 238 us; 16-page tiles 352-364 us, 32: 158-190, 128: 150-213).
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 
@@ -78,8 +85,9 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 class QuestGpuConfig:
     """Triton knobs of the page scores.
 
-    pages_per_block: pages one program scores (its tile), a power of two; 32 pages x 128
-      dims x 2 arrays is 16 KB of bf16, about one K+V step of the sparse attention kernel.
+    pages_per_block: pages one program scores (its tile), a power of two; 64 pages x 128
+      dims x 2 arrays is 16 KB of INT8 codes. Tiles of 16 pages or more score by tensor-core
+      dots (bf16 or INT8 metadata), smaller ones by float32 multiply-adds.
     num_warps: a power of two. (One tile per program, no loop: no pipeline stages to set.)
     lowering: "triton" (Pallas Triton: masked vector gathers) or "mosaic" (Pallas Mosaic GPU,
       Hopper and later: each page row by TMA, pallas_kernels.quest_mgpu; pages_per_block a
@@ -87,7 +95,7 @@ class QuestGpuConfig:
       Triton on Hopper (docs/kernels.md), so not the default.
     """
 
-    pages_per_block: int = 32
+    pages_per_block: int = 64
     num_warps: int = 4
     lowering: str = "triton"
 
@@ -272,7 +280,10 @@ def _scores_gpu_kernel(
     group: int,
     pages_per_block: int,
     page_size: int,
+    dots: bool,
 ):
+    """One tile of pages of one (sequence, KV head). dots: score by tensor-core dots (see
+    _uses_dots); else by float32 multiply-adds per query head."""
     sc_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
@@ -283,9 +294,18 @@ def _scores_gpu_kernel(
     lpage = t * ppb + jnp.arange(ppb)
     # The last tile overhangs the page table unless ppb divides it.
     in_table = lpage < max_pages if max_pages % ppb else None
+    # The dots want M >= 16: their G query heads are padded (masked on load and store).
+    group_pad = max(16, pl.next_power_of_2(group))
+    heads = jnp.arange(group_pad)
+    head_ok = heads < group
 
-    def store(g, scores):
-        plt.store(o_ref.at[b, h * group + g, lpage], scores, mask=in_table)
+    def store(scores, head=None):
+        """scores [group_pad, ppb] of every head, or [ppb] of query head `head` of the group."""
+        if head is not None:
+            plt.store(o_ref.at[b, h * group + head, lpage], scores, mask=in_table)
+            return
+        mask = _common.and_mask(head_ok[:, None], None if in_table is None else in_table[None])
+        plt.store(o_ref.at[b, h * group + heads[:, None], lpage[None, :]], scores, mask=mask)
 
     @pl.when(t * ppb < live_pages)
     def _live():
@@ -294,12 +314,29 @@ def _scores_gpu_kernel(
         phys = plt.load(pt_ref.at[b, lpage], mask=ok, other=0)
         p2, c2 = phys[:, None], col[None, :]
         ok2 = _common.and_mask(ok[:, None], None if col_ok is None else col_ok[None, :])
-        # One read of the group's min/max rows serves its G query heads.
-        mn = plt.load(mn_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
-        mx = plt.load(mx_ref.at[h, p2, c2], mask=ok2, other=0).astype(jnp.float32)
+        # One read of the group's min/max rows serves its G query heads; padded columns load
+        # 0 on both sides, so they add nothing.
+        mn = plt.load(mn_ref.at[h, p2, c2], mask=ok2, other=0)
+        mx = plt.load(mx_ref.at[h, p2, c2], mask=ok2, other=0)
         page_scale = None
         if sc_ref is not None:
             page_scale = plt.load(sc_ref.at[h, phys], mask=ok, other=0)
+        if dots:
+            # bf16 rows (INT8 codes convert exactly) against q's signed parts as bf16 terms.
+            q_ok = _common.and_mask(head_ok[:, None], None if col_ok is None else col_ok[None])
+            qg = plt.load(q_ref.at[b, h * group + heads[:, None], c2], mask=q_ok, other=0)
+            qg = qg.astype(jnp.float32)
+            split = q_ref.dtype == jnp.float32
+            mn, mx = mn.astype(jnp.bfloat16), mx.astype(jnp.bfloat16)
+            score = _common.add_all(
+                [_common.dot_nt(x, mx) for x in _common.bf16_terms(jnp.maximum(qg, 0.0), split)]
+                + [_common.dot_nt(x, mn) for x in _common.bf16_terms(jnp.minimum(qg, 0.0), split)]
+            )  # [group_pad, ppb]
+            if page_scale is not None:
+                score = score * page_scale[None, :]
+            store(jnp.where(ok[None, :], score, -jnp.inf))
+            return
+        mn, mx = mn.astype(jnp.float32), mx.astype(jnp.float32)
         for g in range(group):
             if col_ok is None:
                 qh = q_ref[b, h * group + g, :]
@@ -309,12 +346,22 @@ def _scores_gpu_kernel(
             score = jnp.sum(jnp.maximum(qh, 0.0) * mx + jnp.minimum(qh, 0.0) * mn, axis=1)
             if page_scale is not None:
                 score = score * page_scale
-            store(g, jnp.where(ok, score, -jnp.inf))
+            store(jnp.where(ok, score, -jnp.inf), g)
 
     @pl.when(t * ppb >= live_pages)
     def _past_the_end():
-        for g in range(group):
-            store(g, jnp.full((ppb,), -jnp.inf, jnp.float32))
+        store(jnp.full((group_pad, ppb), -jnp.inf, jnp.float32))
+
+
+def _uses_dots(meta_dtype, head_dim: int, pages: int) -> bool:
+    """Whether the Triton kernel scores by tensor-core dots: bf16 or INT8 metadata (exact in
+    bf16) and tiles Triton's dot takes (>= 16 pages, padded head_dim >= 16). float32 metadata
+    keeps the exact float32 multiply-adds."""
+    return (
+        jnp.dtype(meta_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
+        and pages >= 16
+        and pl.next_power_of_2(head_dim) >= 16
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config"))
@@ -358,7 +405,11 @@ def quest_page_scores_gpu(
     inputs = (q, k_min, k_max, page_table, lengths) + (() if scale is None else (scale,))
     return pl.pallas_call(
         functools.partial(
-            _scores_gpu_kernel, group=hq // hkv, pages_per_block=pages, page_size=page_size
+            _scores_gpu_kernel,
+            group=hq // hkv,
+            pages_per_block=pages,
+            page_size=page_size,
+            dots=_uses_dots(k_min.dtype, d, pages),
         ),
         grid=(batch, hkv, pl.cdiv(max_pages, pages)),
         in_specs=[pl.no_block_spec] * len(inputs),

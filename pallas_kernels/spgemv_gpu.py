@@ -19,12 +19,13 @@ offset into the zero term (see _unpack_nibbles).
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _common
 
 # Gather word width in bytes -> the unsigned dtype the packed rows are bitcast to.
 _WORD_DTYPES = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -74,27 +75,6 @@ def _q_columns(half: int, word_bytes: int):
     matching the nibble blocks of _unpack_nibbles."""
     w = jnp.arange(half // word_bytes) * word_bytes
     return [(w + k, w + k + half) for k in range(word_bytes)]
-
-
-def _q_terms(q_half, split_f32: bool):
-    """q_half [Gp, D/2] in q's dtype -> bf16 terms whose sum is q_half (to ~2^-17 for f32).
-
-    bf16 q is one exact term. f32 q is split as hi + lo (lo carries the next 8 mantissa
-    bits): two tensor-core dots instead of an IEEE f32 dot on CUDA cores.
-    """
-    hi = q_half.astype(jnp.bfloat16)
-    if not split_f32:
-        return [hi]
-    return [hi, (q_half.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
-
-
-def _add_all(xs):
-    return functools.reduce(operator.add, xs)
-
-
-def _dot_nt(a, b):
-    """a [M, K] . b [N, K]^T with float32 accumulation (pl.dot is gone in jax >= 0.11)."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _gpu_kernel(
@@ -188,10 +168,10 @@ def _gpu_kernel(
     q_terms = []  # (bf16 term [Gp, Dw], index of its nibble block)
     for i, col in enumerate(c for pair in _q_columns(half, word_bytes) for c in pair):
         q_cols = plt.load(q_ref.at[q_idx, col[None, :]], mask=q_mask, other=0)  # [Gp, Dw]
-        q_terms += [(t, i) for t in _q_terms(q_cols, split_f32)]
+        q_terms += [(t, i) for t in _common.bf16_terms(q_cols, split_f32)]
     # dot = q . (128 + n) summed over both halves; q_sum from the same bf16 terms so the
     # offset cancels exactly: s * (q . n) + z * sum(q) = s * dot + (z - 128 s) * sum(q).
-    q_sum = _add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
+    q_sum = _common.add_all([jnp.sum(t.astype(jnp.float32), axis=1) for t, _ in q_terms])  # [Gp]
 
     def logits_of(rows):
         tok_ok = rows >= 0
@@ -202,7 +182,8 @@ def _gpu_kernel(
         k_z = plt.load(kz_ref.at[safe], mask=tok_ok, other=0.0)
         # 2 W blocks of [T, Dw] bf16 (128 + nibble), in the order of _q_columns' pairs.
         nibbles = [n for pair in _unpack_nibbles(words, word_bytes) for n in pair]
-        dot = _add_all([_dot_nt(t, nibbles[i]) for t, i in q_terms])  # [Gp, K] . [T, K]^T
+        # [Gp, K] . [T, K]^T
+        dot = _common.add_all([_common.dot_nt(t, nibbles[i]) for t, i in q_terms])
         zero_term = per_token(k_z - _NIBBLE_OFFSET * k_s) * per_head(q_sum)
         logits = attn_scale * (per_token(k_s) * dot + zero_term)
         return jnp.where(per_token(tok_ok), logits, -jnp.inf)

@@ -39,8 +39,8 @@ SPGEMV_SWEEP = [
     spgemv.SpGEMVGpuConfig(tokens_per_chunk=256, target_programs=1024),
 ]
 QUEST_SWEEP = [
-    quest.QuestGpuConfig(pages_per_block=64),
-    quest.QuestGpuConfig(pages_per_block=64, num_warps=8),
+    quest.QuestGpuConfig(pages_per_block=32),
+    quest.QuestGpuConfig(pages_per_block=128, num_warps=8),
     # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py), opt-in.
     quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic"),
 ]

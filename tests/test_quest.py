@@ -202,6 +202,58 @@ def test_gpu_scores_tiles(config):
     _assert_scores_close(got, want)
 
 
+DOT_CONFIGS = [quest.QuestGpuConfig(pages_per_block=16), quest.QuestGpuConfig()]
+
+
+@pytest.mark.parametrize("config", DOT_CONFIGS, ids=str)
+@pytest.mark.parametrize("form", ["bf16", "int8"])
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16], ids=["qf32", "qbf16"])
+@pytest.mark.parametrize("d", [64, 96])
+def test_gpu_scores_dots(config, form, q_dtype, d):
+    """The Triton kernel's tensor-core path (bf16 or INT8 metadata, tiles of >= 16 pages)
+    against the reference: the tile-edge lengths of test_gpu_scores_tiles over 16-page tiles
+    (two tiles, the second past the table) and one tile wider than the table; float32 q as two
+    bf16 terms; head_dim 96 padded to 128."""
+    rng = np.random.default_rng(80 + d)
+    s, group = 4, 4
+    batch = len(TILE_LIVE)
+    num_pages = batch * TILE_PAGES + 1
+    k_min = jnp.asarray(rng.standard_normal((HKV, num_pages, d)) - 1, jnp.bfloat16)
+    k_max = jnp.asarray(np.asarray(k_min, np.float32) + rng.random((HKV, num_pages, d)) * 3)
+    k_max = k_max.astype(jnp.bfloat16)
+    scale = None
+    if form == "int8":
+        k_min, k_max, scale = quest.quantize_page_bounds(k_min, k_max)
+    pages = min(config.pages_per_block, 32)  # the kernel's tile: the table has 23 pages
+    assert quest._uses_dots(k_min.dtype, d, pages)
+    table = rng.permutation(num_pages - 1).reshape(batch, TILE_PAGES) + 1
+    table = jnp.asarray(table, jnp.int32)
+    lengths = jnp.asarray([max(0, n * s - (n % 2)) for n in TILE_LIVE], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, group * HKV, d)), q_dtype)
+    args = (q, k_min, k_max, table, lengths)
+    got = quest.quest_page_scores(
+        *args, scale=scale, page_size=s, backend="pallas", config=config
+    )
+    want = quest.quest_page_scores_reference(*args, scale, page_size=s)
+    _assert_scores_close(got, want)
+    if d == 96 and q_dtype == jnp.float32:  # and the same path lowers for CUDA
+        export_cuda(
+            lambda *a: quest.quest_page_scores_gpu(*a, page_size=s, config=config),
+            *args,
+            scale,
+        )
+
+
+def test_gpu_scores_paths():
+    """Which Triton path scores: dots for bf16 / INT8 metadata in tiles Triton's dot takes,
+    float32 multiply-adds otherwise (float32 metadata stays exact)."""
+    assert quest._uses_dots(jnp.bfloat16, 128, 64)
+    assert quest._uses_dots(jnp.int8, 96, 16)
+    assert not quest._uses_dots(jnp.float32, 128, 64)
+    assert not quest._uses_dots(jnp.bfloat16, 128, 8)
+    assert not quest._uses_dots(jnp.int8, 8, 64)
+
+
 def test_tpu_scores_several_page_chunks():
     """max_pages > 128: the TPU kernel's page axis spans two blocks, the second partial."""
     case = Case(jnp.float32, 64, 1)
