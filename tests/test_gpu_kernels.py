@@ -84,7 +84,10 @@ def test_sparse_attention(per_head):
     _close(out, ref, 5e-3)
 
 
-def test_block_spgemv():
+@pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
+def test_block_spgemv(q_dtype):
+    """Native SpGEMV (head_dim 128: 4-byte words, unpacked in inline PTX) against the
+    reference, bf16 q and float32 q (two bf16 terms)."""
     batch, max_len, n_cand = 3, 4096, 160
     c = _cache(11, batch, max_len)
     rng = c["rng"]
@@ -92,15 +95,15 @@ def test_block_spgemv():
     cand = np.stack([rng.choice(pages, n_cand, replace=False) for _ in range(batch * HKV)])
     cand = jnp.asarray(cand.reshape(batch, HKV, n_cand), jnp.int32)
     count = jnp.asarray(rng.integers(0, n_cand + 1, (batch, HKV)), jnp.int32)
-    q = jnp.asarray(rng.standard_normal((batch, HQ, D)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((batch, HQ, D)), q_dtype)
     args = (q, c["k_int4"], c["k_scale"], c["k_zero"], c["page_table"], c["lengths"], cand, count)
     out = spgemv.block_spgemv(*args, block_size=S, backend="pallas")
     ref = spgemv.block_spgemv(*args, block_size=S, backend="reference")
     out, ref = np.asarray(out), np.asarray(ref)
     np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
     fin = np.isfinite(ref)
-    # bf16 q split into two bf16 terms (16 mantissa bits) against the f32 reference, f32
-    # accumulation in another order: |logit| ~ 1, sum of |terms| ~ 20.
+    # bf16 q exact, float32 q as two bf16 terms (16 mantissa bits), against the f32
+    # reference, f32 accumulation in another order: |logit| ~ 1, sum of |terms| ~ 20.
     np.testing.assert_allclose(out[fin], ref[fin], rtol=1e-4, atol=5e-4)
 
 

@@ -231,9 +231,7 @@ def test_gpu_scores_dots(config, form, q_dtype, d):
     lengths = jnp.asarray([max(0, n * s - (n % 2)) for n in TILE_LIVE], jnp.int32)
     q = jnp.asarray(rng.standard_normal((batch, group * HKV, d)), q_dtype)
     args = (q, k_min, k_max, table, lengths)
-    got = quest.quest_page_scores(
-        *args, scale=scale, page_size=s, backend="pallas", config=config
-    )
+    got = quest.quest_page_scores(*args, scale=scale, page_size=s, backend="pallas", config=config)
     want = quest.quest_page_scores_reference(*args, scale, page_size=s)
     _assert_scores_close(got, want)
     if d == 96 and q_dtype == jnp.float32:  # and the same path lowers for CUDA

@@ -338,6 +338,16 @@ def test_export_cuda_word_widths(head_dim, q_dtype):
     cfg = spgemv.SpGEMVGpuConfig(tokens_per_chunk=16, target_programs=8)
     exp = export_cuda(lambda *a: spgemv.block_spgemv_gpu(*a, block_size=1, config=cfg), *args)
     assert "block_spgemv_gpu" in exp.mlir_module()
+    # 4-byte words unpack in inline PTX natively (its values: tests/test_gpu_kernels.py).
+    assert ("prmt.b32" in exp.mlir_module()) == (spgemv_gpu._word_bytes(head_dim) == 4)
+
+
+def test_asm_unpack_selectors():
+    """prmt selectors of the inline-PTX unpack: byte k of the first word to byte 0 and of the
+    second word (prmt bytes 4-7) to byte 2."""
+    for k in range(4):
+        sel = spgemv_gpu._prmt_selector(k)
+        assert sel & 0xF == k and (sel >> 8) & 0xF == 4 + k
 
 
 @pytest.mark.parametrize("block_size", [16, 1])
