@@ -13,7 +13,10 @@ in the current step (carried in the loop), so a tile's row gather does not wait 
 dependent loads. Then the program writes -inf over its share of the tiles past the count.
 
 The kernel turns a nibble into the bf16 value 128 + n with bit operations only and folds the
-offset into the zero term (see _unpack_nibbles).
+offset into the zero term (see _unpack_nibbles). On the GPU, 4-byte words unpack in inline PTX
+(_unpack_nibbles_asm, two words a 32-bit register): the jnp unpack's four instructions a
+nibble cost more issue slots than the dots (docs/kernels.md); interpret mode runs the jnp form,
+which computes the same values.
 """
 
 from __future__ import annotations
