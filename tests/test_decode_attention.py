@@ -216,6 +216,24 @@ def test_pipeline_matches_reference(selector, gqa):
     assert (np.asarray(tiny.counts) <= 5 + g_rows).all()
 
 
+@pytest.mark.parametrize("selector,gqa", [("quest", "group_union"), ("all", "per_head")])
+def test_pruned_list_without_forced_tokens(selector, gqa):
+    """No sink or recent tokens: the pruner's compacted list is attended as it is (no second
+    compaction). Same selection, outputs and statistics as the reference; the token list holds
+    each position once, ascending below counts, zeros after."""
+    q, k, v, cache = _case()
+    cfg = _cfg(selector, top_p=0.7, gqa=gqa, sink_tokens=0, recent_tokens=0)
+    p = jnp.asarray([0.7, 0.9, 0.5, 0.3], jnp.float32)
+    _, info = _check_vs_reference(q, cache, cfg, p, 1e-5)
+    pos, counts = np.asarray(info.token_pos), np.asarray(info.counts)
+    assert counts.max() > 1
+    for b in range(pos.shape[0]):
+        for r in range(pos.shape[1]):
+            kept = pos[b, r, : counts[b, r]]
+            assert (np.diff(kept) > 0).all()
+            assert (pos[b, r, counts[b, r] :] == 0).all()
+
+
 def test_eight_bit_estimates_match_reference():
     q, k, v, cache = _case()
     _check_vs_reference(q, cache, _cfg("all", top_p=0.8, estimate_bits=8), None, 1e-5)

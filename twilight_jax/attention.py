@@ -186,9 +186,14 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
         # The pruner works on candidate columns; attention wants token positions.
         kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
         kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
-    token_pos, counts = pruner.add_forced_tokens(
-        kept_pos, kept_ok, cache.lengths, sparsity.sink_tokens, sparsity.recent_tokens
-    )
+    if top_p is not None and sparsity.sink_tokens + sparsity.recent_tokens == 0:
+        # The pruner's list is compacted already (its first `counts` entries) and nothing joins
+        # it: a second compaction would be a cumsum and a scatter that change nothing.
+        token_pos = jnp.where(kept_ok, kept_pos, 0)
+    else:
+        token_pos, counts = pruner.add_forced_tokens(
+            kept_pos, kept_ok, cache.lengths, sparsity.sink_tokens, sparsity.recent_tokens
+        )
     out = sparse_decode_attention(
         q, k_pages, v_pages, view.page_table, token_pos, counts, backend=backend
     )
