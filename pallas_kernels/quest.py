@@ -35,11 +35,10 @@ vector loads (each row read once and used for all G query heads of the group: 2 
 bytes per page and KV head, 2 * D + 4 with INT8 metadata). With bf16 or INT8 metadata it scores
 by two tensor-core dots, relu(q) . max^T + min(q, 0) . min^T over [G padded to 16, D] x [D,
 pages]: bf16 rows and INT8 codes are exact in bf16, and float32 q enters as two bf16 terms
-(hi + lo, about 16 bits). Scoring on CUDA cores (a multiply-add per element, query head and
-page, then a cross-lane sum) made the kernel compute-bound: the same time for INT8 as for bf16
-rows, and for a contiguous page table as for a scattered one; the dots took 257 -> 144 us
-(INT8) at batch 64 / 32K. float32 metadata (and tiles under 16 pages, where Triton's dot does
-not apply) keep those float32 multiply-adds, which are exact. INT8 scores are multiplied by
+(hi + lo, about 16 bits). Why dots: scored on the CUDA cores (a multiply-add per element, query
+head and page, then a cross-lane sum) the kernel is bound by its instructions, not its bytes
+(docs/kernels.md). float32 metadata (and tiles under 16 pages, where Triton's dot does not
+apply) is scored by those float32 multiply-adds, which are exact. INT8 scores are multiplied by
 the page's scale at the end. A program past the last live page writes -inf. A head_dim that is
 not a power of two (Triton's block rule) is padded and masked.
 
@@ -76,8 +75,8 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 # head_dim 128; the alternatives and their times: docs/results/kernels-sweep{2,3,5,6,9}-h200.*
 # and docs/results/session-2026-12-04d/quest-dots-probe.md):
 #   GPU pages_per_block 64, num_warps 4, one tile per program, scores by tensor-core dots:
-#       144 us with INT8 min / max, 183 us with bf16 (the float32 multiply-adds the kernel
-#       used before: 257 / 238 us; 16-page tiles 352-364 us, 32: 158-190, 128: 150-213).
+#       144 us with INT8 min / max, 183 us with bf16 (16-page tiles 352-364 us, 32: 158-190,
+#       128: 150-213).
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 

@@ -19,8 +19,9 @@ The page factor [B, Hkv, max_pages] comes from XLA outside the kernel: the page'
 the size of the output), so the kernel needs neither the lengths nor a 4-byte gather, which
 TMA cannot do (a copy here moves a multiple of 128 bytes).
 
-Slower than the Triton kernel (docs/kernels.md): the elementwise scoring on the CUDA cores
-does not overlap the row copies; scoring by WGMMA would let the copies set the pace.
+Slower than the Triton kernel (docs/kernels.md): its per-row copies alone take longer than
+the whole Triton kernel, whose scores run on the tensor cores, and its own elementwise scoring
+on the CUDA cores does not overlap them.
 
 Requirements (checked): head_dim a multiple of 32 whose row of metadata is a multiple of 128
 bytes (a copy moves a byte per thread of the warpgroup at a time); pages_per_block a multiple

@@ -83,9 +83,9 @@ def _unpack_nibbles_asm(words):
     """_unpack_nibbles for 4-byte words (uint32 [T, Dw]) in inline PTX, two words per 32-bit
     result register: prmt gathers byte k of both words into the two 16-bit halves, one lop3
     masks the nibble and ORs in the bf16 exponent of 128 (0x4300), shr first for the high
-    nibble. About 1.25 instructions a nibble against about 4 for the jnp form (shift, mask,
-    truncation to 16 bits, OR), which costs the kernel more issue slots than its dots.
-    Native GPU only: the interpreter cannot run inline assembly."""
+    nibble: about 1.25 instructions a nibble where the jnp form takes about 4, and the unpack
+    is the kernel's largest instruction cost. Same values as _unpack_nibbles. Native GPU only:
+    the interpreter cannot run inline assembly."""
     out_type = [jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)]
     mask_or = "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;"  # (t & mask) | 0x4300 pairs
     out = []

@@ -15,7 +15,7 @@ import pytest
 from _export import export_cuda, export_tpu, pallas_kernels_called
 
 from pallas_kernels import assume_platform
-from twilight_jax import PagedKVCache, SparsityConfig, decode_attention
+from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner
 from twilight_jax.attention import _decode_attention
 from twilight_jax.reference import decode_attention_reference
 
@@ -232,6 +232,21 @@ def test_pruned_list_without_forced_tokens(selector, gqa):
             kept = pos[b, r, : counts[b, r]]
             assert (np.diff(kept) > 0).all()
             assert (pos[b, r, counts[b, r] :] == 0).all()
+
+
+def test_compacted_kept_lists_skip_the_compaction():
+    """add_forced_tokens with kept_count (lists compacted already) and no forced tokens returns
+    what the compaction returns on the same lists: entries below the count, zeros after."""
+    rng = np.random.default_rng(3)
+    counts = jnp.asarray(rng.integers(0, 7, (3, 2)), jnp.int32)
+    pos = jnp.asarray(rng.integers(1, 100, (3, 2, 6)), jnp.int32)
+    ok = jnp.arange(6) < counts[..., None]
+    lengths = jnp.full((3,), 100, jnp.int32)
+    want = pruner.add_forced_tokens(pos, ok, lengths, 0, 0)
+    got = pruner.add_forced_tokens(pos, ok, lengths, 0, 0, kept_count=counts)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert g.dtype == w.dtype
 
 
 def test_eight_bit_estimates_match_reference():

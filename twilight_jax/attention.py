@@ -177,23 +177,24 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
     cand = selectors.select_candidates(q, cache, sparsity, layer, backend)
     positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
     if top_p is None:  # the base selector alone: attend to every candidate
-        kept_pos, kept_ok = positions, cand.valid
+        kept_pos, kept_ok, kept_count = positions, cand.valid, None  # not compacted
         mass = jnp.ones((b, hq), jnp.float32)
         saturated = jnp.zeros((b, rows), bool)
     else:
         logits = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend)
-        cols, counts, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
-        # The pruner works on candidate columns; attention wants token positions.
+        cols, kept_count, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
+        # The pruner works on candidate columns; attention wants token positions. Its lists
+        # are compacted: their first kept_count entries.
         kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
-        kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
-    if top_p is not None and sparsity.sink_tokens + sparsity.recent_tokens == 0:
-        # The pruner's list is compacted already (its first `counts` entries) and nothing joins
-        # it: a second compaction would be a cumsum and a scatter that change nothing.
-        token_pos = jnp.where(kept_ok, kept_pos, 0)
-    else:
-        token_pos, counts = pruner.add_forced_tokens(
-            kept_pos, kept_ok, cache.lengths, sparsity.sink_tokens, sparsity.recent_tokens
-        )
+        kept_ok = jnp.arange(cols.shape[-1]) < kept_count[..., None]
+    token_pos, counts = pruner.add_forced_tokens(
+        kept_pos,
+        kept_ok,
+        cache.lengths,
+        sparsity.sink_tokens,
+        sparsity.recent_tokens,
+        kept_count=kept_count,
+    )
     out = sparse_decode_attention(
         q, k_pages, v_pages, view.page_table, token_pos, counts, backend=backend
     )

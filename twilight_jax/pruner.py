@@ -107,14 +107,19 @@ def _compact(pos, ok):
     return out.reshape(pos.shape).astype(jnp.int32), count
 
 
-def add_forced_tokens(kept_pos, kept_ok, lengths, sink: int, recent: int):
+def add_forced_tokens(kept_pos, kept_ok, lengths, sink: int, recent: int, *, kept_count=None):
     """Final token lists: the sink and recent tokens plus the kept tokens not among them.
 
-    kept_pos, kept_ok: [B, rows, K] logical positions and their validity; lengths: [B].
+    kept_pos, kept_ok: [B, rows, K] logical positions and their validity; lengths: [B];
+    kept_count: None, or [B, rows] int32 when the kept lists are compacted already (kept_ok
+    holds their first kept_count entries, as the pruner's lists do): with no sink or recent
+    tokens they are then final as they are, with no cumsum and scatter.
     Returns (token_pos [B, rows, sink + recent + K] int32, counts [B, rows] int32), unique
     positions, padding 0 past counts.
     """
     if sink + recent == 0:
+        if kept_count is not None:
+            return jnp.where(kept_ok, kept_pos, 0).astype(jnp.int32), kept_count
         return _compact(kept_pos, kept_ok)
     b, rows, _ = kept_pos.shape
     ln = lengths[:, None]

@@ -60,12 +60,8 @@ def _pm_kernel(q_ref, mn_ref, mx_ref, pt_ref, len_ref, *refs, group, ppb, page_s
 
     @pl.when(t * ppb >= live_pages)
     def _dead():
-        for h in range(hq_of(hkv, group)):
+        for h in range(hkv * group):
             store(h, jnp.full((ppb,), -jnp.inf, jnp.float32))
-
-
-def hq_of(hkv, group):
-    return hkv * group
 
 
 @functools.partial(jax.jit, static_argnames=("ppb", "warps", "page_size", "interpret"))
@@ -223,54 +219,36 @@ def bench():
                 flush=True,
             )
 
+        def library(q, p, a, b_, c):
+            return quest.quest_page_scores(q, a, b_, p, lengths, scale=c, backend="pallas")
+
         for form in ("bf16", "int8"):
-            t = benchlib.time_fn(
-                lambda q, p, a, b_, c: quest.quest_page_scores(
-                    q, a, b_, p, lengths, scale=c, backend="pallas"
-                ),
-                list(zip(qs, tables)),
-                hm[form],
-            )
-            rec("head-major (default)", form, t)
-            t = benchlib.time_fn(
-                lambda q, p, a, b_, c: quest.quest_page_scores(
-                    q, a, b_, p, lengths, scale=c, backend="pallas"
-                ),
-                list(zip(qs, ident)),
-                hm[form],
-            )
-            rec("head-major, identity table", form, t)
+            for label, table_set in (("head-major (default)", tables), ("identity table", ident)):
+                t = benchlib.time_fn(library, list(zip(qs, table_set)), hm[form])
+                rec(label, form, t)
             ref = quest.quest_page_scores(
                 qs[0], *hm[form][:2], tables[0], lengths, scale=hm[form][2], backend="pallas"
             )
-            for ppb in (8, 16, 32):
-                for warps in (4, 8):
-                    out = scores_pm(
-                        qs[0], *pm[form][:2], tables[0], lengths, pm[form][2], ppb=ppb, warps=warps
-                    )
-                    err = float(jnp.max(jnp.abs(out - ref)))
-                    t = benchlib.time_fn(
-                        lambda q, p, a, b_, c, ppb=ppb, warps=warps: scores_pm(
-                            q, a, b_, p, lengths, c, ppb=ppb, warps=warps
-                        ),
-                        list(zip(qs, tables)),
-                        pm[form],
-                    )
-                    rec(f"page-major ppb={ppb} w={warps} err={err:.1e}", form, t)
-            for ppb in (16, 32, 64, 128):
-                for warps in (4, 8):
-                    out = scores_dot(
-                        qs[0], *hm[form][:2], tables[0], lengths, hm[form][2], ppb=ppb, warps=warps
-                    )
-                    err = float(jnp.max(jnp.abs(out - ref)))
-                    t = benchlib.time_fn(
-                        lambda q, p, a, b_, c, ppb=ppb, warps=warps: scores_dot(
-                            q, a, b_, p, lengths, c, ppb=ppb, warps=warps
-                        ),
-                        list(zip(qs, tables)),
-                        hm[form],
-                    )
-                    rec(f"dot ppb={ppb} w={warps} err={err:.1e}", form, t)
+            # (label, kernel, its metadata layout, tile sizes)
+            variants = [
+                ("page-major", scores_pm, pm[form], (8, 16, 32)),
+                ("dot", scores_dot, hm[form], (16, 32, 64, 128)),
+            ]
+            for label, kernel, meta, tiles in variants:
+                for ppb in tiles:
+                    for warps in (4, 8):
+                        out = kernel(
+                            qs[0], *meta[:2], tables[0], lengths, meta[2], ppb=ppb, warps=warps
+                        )
+                        err = float(jnp.max(jnp.abs(out - ref)))
+                        t = benchlib.time_fn(
+                            lambda q, p, a, b_, c, k=kernel, ppb=ppb, warps=warps: k(
+                                q, a, b_, p, lengths, c, ppb=ppb, warps=warps
+                            ),
+                            list(zip(qs, tables)),
+                            meta,
+                        )
+                        rec(f"{label} ppb={ppb} w={warps} err={err:.1e}", form, t)
         del kmin, kmax, mq, xq, sc, pm, hm
 
 

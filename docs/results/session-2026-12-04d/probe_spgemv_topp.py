@@ -24,11 +24,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 sys.path.insert(0, "scripts")
 import bench_kernels  # noqa: E402
 import benchlib  # noqa: E402
-from pallas_kernels import _common, spgemv_gpu, topp_common, topp_gpu  # noqa: E402
+from pallas_kernels import _common, spgemv_gpu, topp, topp_common, topp_gpu  # noqa: E402
 from pallas_kernels.topp_common import TopPGpuConfig  # noqa: E402
 
 
@@ -77,9 +79,6 @@ def weights_exp2(x, valid, m, z):
 
 
 def select_store_no_compaction(w, kept, out_refs, num_heads, capacity, config):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-
     indices_ref, count_ref, saturated_ref, mass_ref = out_refs
     gp, np_ = w.shape
     union = jnp.max(kept.astype(jnp.int32), axis=0) > 0
@@ -150,12 +149,10 @@ class _Topp:
     """bench_kernels' view of pallas_kernels.topp with a fixed config."""
 
     def __init__(self, config):
-        from pallas_kernels import topp
-
-        self._topp, self._config = topp, config
+        self._config = config
 
     def topp_select_grouped(self, *a, config=None, **kw):
-        return self._topp.topp_select_grouped(*a, config=self._config, **kw)
+        return topp.topp_select_grouped(*a, config=self._config, **kw)
 
 
 if __name__ == "__main__":
