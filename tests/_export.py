@@ -1,12 +1,16 @@
 """Lowering checks that need no accelerator.
 
 ``export_tpu`` runs Mosaic TPU lowering (rejects bad block shapes). ``export_cuda`` runs the
-Pallas Triton lowering to Triton IR (catches unsupported ops); the PTX compile still needs a GPU.
+Pallas Triton lowering to Triton IR (catches unsupported ops) and runs the MLIR verifier over
+each Triton module (catches ill-typed IR, e.g. loop bounds of two integer types, which the GPU
+backend would reject only when it parses the module); the PTX compile still needs a GPU.
 """
 
+import contextlib
 import re
 
 import jax
+from jax._src.pallas.triton import pallas_call_registration as _triton_registration
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"
 # The pallas_call name in the backend config of a Triton call (after its IR) and of a Mosaic
@@ -18,12 +22,36 @@ def export_tpu(fn, *args, **kwargs):
     return jax.export.export(jax.jit(fn, **kwargs), platforms=["tpu"])(*args)
 
 
+@contextlib.contextmanager
+def _verified_triton_modules():
+    """Runs the MLIR verifier on every Triton module lowered inside the block (a private hook
+    of jax's Pallas Triton lowering: where it is missing, modules go unverified)."""
+    lowering = getattr(_triton_registration, "lowering", None)
+    lower = getattr(lowering, "lower_jaxpr_to_triton_module", None)
+    if lower is None:
+        yield
+        return
+
+    def verified(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        with result.module.context:
+            result.module.operation.verify()
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = verified
+    try:
+        yield
+    finally:
+        lowering.lower_jaxpr_to_triton_module = lower
+
+
 def export_cuda(fn, *args, **kwargs):
-    return jax.export.export(
-        jax.jit(fn, **kwargs),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
-    )(*args)
+    with _verified_triton_modules():
+        return jax.export.export(
+            jax.jit(fn, **kwargs),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
+        )(*args)
 
 
 def pallas_kernels_called(module_text: str) -> list[str]:
