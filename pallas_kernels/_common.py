@@ -215,6 +215,26 @@ def bf16_terms(x, split_f32: bool):
     return [hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
 
 
+def f16_terms(x, split: bool):
+    """x [M, K] float32 with |x| < 2 (the caller scales it by a power of two) -> float16 terms
+    whose sum is x to within max(2^-22 |x|, 2^-25) per element.
+
+    hi = f16(x) holds 11 significant bits and lo = f16(x - hi) the next 11 (x - hi is exact in
+    float32); what is left is under half an ulp of lo, or under half of f16's smallest
+    subnormal 2^-24 where lo (or hi, for |x| < 2^-14) is subnormal. Products of f16 terms with
+    codes of up to 8 bits are exact in a float32 accumulator.
+
+    split=False returns [hi] alone, for x holding bfloat16 values (8 significant bits): such an
+    x is exact in f16 when |x| >= 2^-17 (its last bit is >= 2^-24), and otherwise hi is off by
+    at most 2^-25, which lo would not recover (f16(r) = 0 for |r| <= 2^-25, ties to even): one
+    term is as precise as two.
+    """
+    hi = x.astype(jnp.float16)
+    if not split:
+        return [hi]
+    return [hi, (x - hi.astype(jnp.float32)).astype(jnp.float16)]
+
+
 def add_all(xs):
     return functools.reduce(operator.add, xs)
 
@@ -222,3 +242,13 @@ def add_all(xs):
 def dot_nt(a, b):
     """a [M, K] . b [N, K]^T with float32 accumulation (pl.dot is gone in jax >= 0.11)."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Inline PTX on packed words
+
+
+def prmt_selector(k: int) -> int:
+    """prmt.b32 selector that puts byte k of the first word in byte 0 and byte k of the second
+    word in byte 2 (bytes 1 and 3 repeat them; they are masked off)."""
+    return k | (k << 4) | ((4 + k) << 8) | ((4 + k) << 12)

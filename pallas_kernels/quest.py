@@ -33,14 +33,33 @@ GPU (Triton): grid (sequence, KV head, tile of pages_per_block pages), one tile 
 program holding live pages gathers their min/max rows through the page table with masked
 vector loads (each row read once and used for all G query heads of the group: 2 * D * itemsize
 bytes per page and KV head, 2 * D + 4 with INT8 metadata). With bf16 or INT8 metadata it scores
-by two tensor-core dots, relu(q) . max^T + min(q, 0) . min^T over [G padded to 16, D] x [D,
-pages]: bf16 rows and INT8 codes are exact in bf16, and float32 q enters as two bf16 terms
-(hi + lo, about 16 bits). Why dots: scored on the CUDA cores (a multiply-add per element, query
+by tensor-core dots, relu(q) . max^T + min(q, 0) . min^T over [G padded to 16, D] x [D, pages]
+with float32 accumulation. Why dots: scored on the CUDA cores (a multiply-add per element, query
 head and page, then a cross-lane sum) the kernel is bound by its instructions, not its bytes
 (docs/kernels.md). float32 metadata (and tiles under 16 pages, where Triton's dot does not
-apply) is scored by those float32 multiply-adds, which are exact. INT8 scores are multiplied by
-the page's scale at the end. A program past the last live page writes -inf. A head_dim that is
-not a power of two (Triton's block rule) is padded and masked.
+apply) is scored by those float32 multiply-adds, which are exact. A program past the last live
+page writes -inf. A head_dim that is not a power of two (Triton's block rule) is padded and
+masked.
+
+  bf16 metadata: the rows enter the dots as they are, and float32 q as two bf16 terms (hi +
+  lo, about 16 bits of each entry; bf16 q is one exact term).
+
+  INT8 metadata (head_dim a multiple of 4 and D / 4 padded to >= 16, _uses_int8_words;
+  QuestGpuConfig.int8_asm): the wrapper bitcasts the rows to uint32 words of four codes, so a
+  program gathers one load element per four codes, and inline PTX turns them into float16
+  with integer operations (prmt, lop3 and one sub.f16x2 per two codes, _int8_codes_f16_asm;
+  the codes are exact in f16). Triton's int8 -> bf16 cast instead extracts and converts each
+  code on its own, and with it the INT8 kernel moved half the bytes of the bf16 one in 79% of
+  its time: its instructions, not its bytes, bound it. Block k of the converted codes holds
+  dims {4 w + k}, so q is gathered in that column order, once per program. f16 has 5 exponent
+  bits, so each query head is scaled by the power of two that brings its largest |q| into
+  [1, 2) (exact), then split into f16 terms: float32 q as hi + lo (within max(2^-22 |x|,
+  2^-25) of each scaled entry x: about 22 bits of the head's largest entry), bfloat16 q as one
+  term (exact but for entries under 2^-17 of the largest, off by at most 2^-25 scaled;
+  _common.f16_terms). Products of f16 terms and codes are exact in the float32 accumulator;
+  the sum is scaled back by the power of two and by the page's scale at the end. Other INT8
+  tiles and int8_asm=False cast the codes to bf16 and take q as bf16 terms, as for bf16
+  metadata, then apply the page scale.
 
 TPU (Mosaic): a one-page block of k_min ([1, D] out of a [P, D] plane) is not a legal Mosaic
 block, so the min/max rows of a chunk of pages move by DMA (memory_space ANY) at the page
@@ -75,8 +94,9 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 # head_dim 128; the alternatives and their times: docs/results/kernels-sweep{2,3,5,6,9}-h200.*
 # and docs/results/session-2026-12-04d/quest-dots-probe.md):
 #   GPU pages_per_block 64, num_warps 4, one tile per program, scores by tensor-core dots:
-#       144 us with INT8 min / max, 183 us with bf16 (16-page tiles 352-364 us, 32: 158-190,
-#       128: 150-213).
+#       141 us with INT8 min / max as words converted by inline PTX, 185 us on the bf16-cast
+#       path (int8_asm=False), same run (docs/results/session-2026-12-04e/sweep-quest-topp.md);
+#       183-196 us with bf16 (16-page tiles 352-364 us, 32: 158-190, 128: 150-213).
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 
@@ -92,11 +112,17 @@ class QuestGpuConfig:
       Hopper and later: each page row by TMA, pallas_kernels.quest_mgpu; pages_per_block a
       multiple of 64; num_warps does not apply, a program is one warpgroup). Slower than
       Triton on Hopper (docs/kernels.md), so not the default.
+    int8_asm: INT8 metadata on the dots path with head_dim a multiple of 4 (and D / 4 padded
+      >= 16; see _uses_int8_words) is gathered as uint32 words of four codes and converted to
+      float16 by inline PTX (interpret mode: the same arithmetic in jnp), against q as f16
+      terms. False keeps the bf16-cast INT8 path (int8 rows cast to bf16 by Triton, q as bf16
+      terms), to time one against the other. Triton lowering only.
     """
 
     pages_per_block: int = 64
     num_warps: int = 4
     lowering: str = "triton"
+    int8_asm: bool = True
 
     def __post_init__(self):
         _common.check_pow2("QuestGpuConfig", "pages_per_block", self.pages_per_block)
@@ -269,10 +295,73 @@ def quest_page_scores_reference(
 # GPU (Pallas Triton)
 
 
+# INT8 codes to float16 with integer ops only. In a 16-bit half holding a code's byte u (two's
+# complement), (u & 0xFF) ^ 0x6480 is the f16 bit pattern 0x6400 | (u ^ 0x80): u ^ 0x80 is
+# code + 128 in [1, 255], and f16's 10 mantissa bits count in units of 1 in [1024, 2048), so
+# the value is 1024 + 128 + code; subtracting 1152 (0x6480) leaves the code, exactly.
+_F16_1152 = 0x6480
+_F16_1152_X2 = 0x64806480
+_BYTES_0_2 = 0x00FF00FF
+# lop3 truth table of (a & b) ^ c over the PTX operand tables a = 0xF0, b = 0xCC, c = 0xAA.
+_LUT_AND_XOR = (0xF0 & 0xCC) ^ 0xAA  # 0x6A
+_INT8_WORD = 4  # codes per uint32 word
+
+
+def _int8_codes_f16(words):
+    """words uint32 [T, Dw] (four little-endian INT8 codes each) -> 4 float16 [T, Dw], block k
+    holding byte k of every word (dims {4 w + k} of the row), exactly the codes. The bit
+    arithmetic of _int8_codes_f16_asm in jnp, which the interpreter can run."""
+    out = []
+    for k in range(_INT8_WORD):
+        x = words >> (8 * k) if k else words
+        bits = ((x & 0xFF) ^ _F16_1152).astype(jnp.uint16)
+        out.append(jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152))
+    return out
+
+
+def _int8_codes_f16_asm(words):
+    """_int8_codes_f16 in inline PTX, two words per 32-bit result register: prmt gathers byte
+    k of both words into the two 16-bit halves, one lop3 masks and flips them into the f16
+    patterns 1152 + code, one sub.f16x2 removes the 1152: three instructions per two codes
+    (and a move of the constant, which does not depend on the words), where Triton's int8 ->
+    bf16 cast extracts and converts each code on its own. Native GPU only: the interpreter
+    cannot run inline assembly."""
+    out_type = [jax.ShapeDtypeStruct(words.shape, jnp.float16)]
+    out = []
+    for k in range(_INT8_WORD):
+        [x] = plt.elementwise_inline_asm(
+            _int8_asm(k), args=[words], constraints="=r,r,r", pack=2, result_shape_dtypes=out_type
+        )
+        out.append(x)
+    return out
+
+
+def _int8_asm(k: int) -> str:
+    """The PTX of _int8_codes_f16_asm for byte k: $1, $2 two words, $0 two f16 codes."""
+    return (
+        "{ .reg .b32 t, c; "
+        f"prmt.b32 t, $1, $2, {_common.prmt_selector(k):#06x}; "
+        f"lop3.b32 t, t, {_BYTES_0_2:#010x}, {_F16_1152_X2:#010x}, {_LUT_AND_XOR:#04x}; "
+        f"mov.b32 c, {_F16_1152_X2:#010x}; "  # ptxas rejects an immediate f16x2 operand
+        "sub.f16x2 $0, t, c; }"
+    )
+
+
+def _pow2_scale(top):
+    """top [M] float32 >= 0 -> (2^-e, 2^e) [M] float32 with e = floor(log2(top)), so that
+    top * 2^-e lies in [1, 2): exact powers of two made from top's exponent bits (no log2 /
+    exp2, whose approximations could miss). e is clamped to [-126, 126], so both factors are
+    normal floats: top 0 or subnormal gets 2^126 (its row stays under 1, and is 0 for a zero
+    row), top >= 2^127 gets 2^-126 (under 4)."""
+    biased = jnp.clip(jax.lax.bitcast_convert_type(top, jnp.int32) >> 23, 1, 253)
+    scale = jax.lax.bitcast_convert_type((254 - biased) << 23, jnp.float32)
+    return scale, jax.lax.bitcast_convert_type(biased << 23, jnp.float32)
+
+
 def _scores_gpu_kernel(
     q_ref,  # [B, Hq, D] (whole array)
-    mn_ref,  # [Hkv, P, D]
-    mx_ref,  # [Hkv, P, D]
+    mn_ref,  # [Hkv, P, D], or [Hkv, P, D / 4] uint32 words of INT8 codes (int8_words)
+    mx_ref,  # as mn_ref
     pt_ref,  # [B, max_pages] int32
     len_ref,  # [B] int32
     *refs,  # (scale [Hkv, P] f32 with INT8 min/max,) then o [B, Hq, max_pages] f32
@@ -280,9 +369,13 @@ def _scores_gpu_kernel(
     pages_per_block: int,
     page_size: int,
     dots: bool,
+    int8_words: bool,
+    asm: bool,
 ):
     """One tile of pages of one (sequence, KV head). dots: score by tensor-core dots (see
-    _uses_dots); else by float32 multiply-adds per query head."""
+    _uses_dots); else by float32 multiply-adds per query head. int8_words: the min/max rows are
+    uint32 words of four INT8 codes, converted to float16 (by inline PTX when asm, else by its
+    jnp twin) and scored by f16 dots (see _uses_int8_words)."""
     sc_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
@@ -297,6 +390,8 @@ def _scores_gpu_kernel(
     group_pad = max(16, pl.next_power_of_2(group))
     heads = jnp.arange(group_pad)
     head_ok = heads < group
+    q_rows = h * group + heads[:, None]
+    split = q_ref.dtype == jnp.float32
 
     def store(scores, head=None):
         """scores [group_pad, ppb] of every head, or [ppb] of query head `head` of the group."""
@@ -304,11 +399,37 @@ def _scores_gpu_kernel(
             plt.store(o_ref.at[b, h * group + head, lpage], scores, mask=in_table)
             return
         mask = _common.and_mask(head_ok[:, None], None if in_table is None else in_table[None])
-        plt.store(o_ref.at[b, h * group + heads[:, None], lpage[None, :]], scores, mask=mask)
+        plt.store(o_ref.at[b, q_rows, lpage[None, :]], scores, mask=mask)
+
+    def word_scores(mn, mx, c2, q_ok):
+        """[group_pad, ppb] scores from min/max words [ppb, Dw] (c2 [1, Dw] word ids), before
+        the page scale. Block k of the codes holds dims {4 w + k}, so q is gathered in the same
+        order (q is read once per program, the codes once per page: permuting q is the cheap
+        side). Each query head is scaled by the power of two that brings its largest |q| into
+        [1, 2), so its f16 terms neither overflow nor lose their small entries to f16's narrow
+        exponent range; the scores are scaled back (exactly) at the end."""
+        convert = _int8_codes_f16_asm if asm else _int8_codes_f16
+        mn_k, mx_k = convert(mn), convert(mx)
+        q_k = [
+            plt.load(q_ref.at[b, q_rows, _INT8_WORD * c2 + k], mask=q_ok, other=0)
+            for k in range(_INT8_WORD)
+        ]
+        q_k = [x.astype(jnp.float32) for x in q_k]
+        top = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in q_k])
+        up, down = _pow2_scale(top)  # [group_pad]
+        products = []
+        for x, mn_c, mx_c in zip(q_k, mn_k, mx_k):
+            x = x * up[:, None]
+            pos = _common.f16_terms(jnp.maximum(x, 0.0), split)
+            neg = _common.f16_terms(jnp.minimum(x, 0.0), split)
+            products += [_common.dot_nt(y, mx_c) for y in pos]
+            products += [_common.dot_nt(y, mn_c) for y in neg]
+        return _common.add_all(products) * down[:, None]  # [group_pad, ppb]
 
     @pl.when(t * ppb < live_pages)
     def _live():
-        col, col_ok = _common.padded_iota(q_ref.shape[2])
+        # Row columns: dims, or words of four codes.
+        col, col_ok = _common.padded_iota(mn_ref.shape[2])
         ok = lpage < live_pages
         phys = plt.load(pt_ref.at[b, lpage], mask=ok, other=0)
         p2, c2 = phys[:, None], col[None, :]
@@ -321,16 +442,19 @@ def _scores_gpu_kernel(
         if sc_ref is not None:
             page_scale = plt.load(sc_ref.at[h, phys], mask=ok, other=0)
         if dots:
-            # bf16 rows (INT8 codes convert exactly) against q's signed parts as bf16 terms.
             q_ok = _common.and_mask(head_ok[:, None], None if col_ok is None else col_ok[None])
-            qg = plt.load(q_ref.at[b, h * group + heads[:, None], c2], mask=q_ok, other=0)
-            qg = qg.astype(jnp.float32)
-            split = q_ref.dtype == jnp.float32
-            mn, mx = mn.astype(jnp.bfloat16), mx.astype(jnp.bfloat16)
-            score = _common.add_all(
-                [_common.dot_nt(x, mx) for x in _common.bf16_terms(jnp.maximum(qg, 0.0), split)]
-                + [_common.dot_nt(x, mn) for x in _common.bf16_terms(jnp.minimum(qg, 0.0), split)]
-            )  # [group_pad, ppb]
+            if int8_words:
+                score = word_scores(mn, mx, c2, q_ok)
+            else:
+                # bf16 rows (INT8 codes convert exactly) against q's signed parts as bf16 terms.
+                qg = plt.load(q_ref.at[b, q_rows, c2], mask=q_ok, other=0)
+                qg = qg.astype(jnp.float32)
+                mn, mx = mn.astype(jnp.bfloat16), mx.astype(jnp.bfloat16)
+                pos = _common.bf16_terms(jnp.maximum(qg, 0.0), split)
+                neg = _common.bf16_terms(jnp.minimum(qg, 0.0), split)
+                score = _common.add_all(
+                    [_common.dot_nt(x, mx) for x in pos] + [_common.dot_nt(x, mn) for x in neg]
+                )  # [group_pad, ppb]
             if page_scale is not None:
                 score = score * page_scale[None, :]
             store(jnp.where(ok[None, :], score, -jnp.inf))
@@ -354,12 +478,28 @@ def _scores_gpu_kernel(
 
 def _uses_dots(meta_dtype, head_dim: int, pages: int) -> bool:
     """Whether the Triton kernel scores by tensor-core dots: bf16 or INT8 metadata (exact in
-    bf16) and tiles Triton's dot takes (>= 16 pages, padded head_dim >= 16). float32 metadata
-    keeps the exact float32 multiply-adds."""
+    bf16 and in f16) and tiles Triton's dot takes (>= 16 pages, padded head_dim >= 16). float32
+    metadata keeps the exact float32 multiply-adds."""
     return (
         jnp.dtype(meta_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
         and pages >= 16
         and pl.next_power_of_2(head_dim) >= 16
+    )
+
+
+def _uses_int8_words(meta_dtype, head_dim: int, pages: int, num_warps: int) -> bool:
+    """Whether INT8 codes can enter the dots as uint32 words of four (QuestGpuConfig.int8_asm):
+    the dots path, head_dim a multiple of 4, the dots' contraction over the words (D / 4
+    padded to a power of two) >= 16 (Triton's dot), and a tile of words that gives every
+    thread at least two (the inline PTX takes words in pairs, pack=2, and Triton requires a
+    thread's elements to split into whole packs)."""
+    words = pl.next_power_of_2(head_dim // _INT8_WORD)
+    return (
+        jnp.dtype(meta_dtype) == jnp.dtype(jnp.int8)
+        and _uses_dots(meta_dtype, head_dim, pages)
+        and head_dim % _INT8_WORD == 0
+        and words >= 16
+        and pages * words >= 2 * 32 * num_warps
     )
 
 
@@ -401,6 +541,17 @@ def quest_page_scores_gpu(
     if batch == 0 or max_pages == 0:
         return jnp.zeros((batch, hq, max_pages), jnp.float32)
     pages = min(config.pages_per_block, pl.next_power_of_2(max_pages))
+    dots = _uses_dots(k_min.dtype, d, pages)
+    int8_words = config.int8_asm and _uses_int8_words(k_min.dtype, d, pages, config.num_warps)
+    if int8_words:
+        # Free in XLA: a row's D codes viewed as D / 4 little-endian words (byte k of word w is
+        # dim 4 w + k), so the kernel gathers four codes per loaded element.
+        k_min, k_max = (
+            jax.lax.bitcast_convert_type(
+                x.reshape(hkv, x.shape[1], d // _INT8_WORD, _INT8_WORD), jnp.uint32
+            )
+            for x in (k_min, k_max)
+        )
     inputs = (q, k_min, k_max, page_table, lengths) + (() if scale is None else (scale,))
     return pl.pallas_call(
         functools.partial(
@@ -408,7 +559,10 @@ def quest_page_scores_gpu(
             group=hq // hkv,
             pages_per_block=pages,
             page_size=page_size,
-            dots=_uses_dots(k_min.dtype, d, pages),
+            dots=dots,
+            int8_words=int8_words,
+            # Inline PTX needs a GPU; the interpreter runs the same arithmetic in jnp.
+            asm=int8_words and not interpret,
         ),
         grid=(batch, hkv, pl.cdiv(max_pages, pages)),
         in_specs=[pl.no_block_spec] * len(inputs),

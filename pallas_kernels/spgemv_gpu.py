@@ -73,12 +73,6 @@ def _unpack_nibbles(words, word_bytes: int):
     return out
 
 
-def _prmt_selector(k: int) -> int:
-    """prmt.b32 selector that puts byte k of the first word in byte 0 and byte k of the second
-    word in byte 2 (bytes 1 and 3 repeat them; they are masked off)."""
-    return k | (k << 4) | ((4 + k) << 8) | ((4 + k) << 12)
-
-
 def _unpack_nibbles_asm(words):
     """_unpack_nibbles for 4-byte words (uint32 [T, Dw]) in inline PTX, two words per 32-bit
     result register: prmt gathers byte k of both words into the two 16-bit halves, one lop3
@@ -90,7 +84,7 @@ def _unpack_nibbles_asm(words):
     mask_or = "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;"  # (t & mask) | 0x4300 pairs
     out = []
     for k in range(4):
-        gather = f"prmt.b32 t, $1, $2, {_prmt_selector(k):#06x};"
+        gather = f"prmt.b32 t, $1, $2, {_common.prmt_selector(k):#06x};"
         pair = []
         for shift in ("", "shr.b32 t, t, 4;"):
             asm = "{ .reg .b32 t; " + gather + " " + shift + " " + mask_or + " }"

@@ -9,15 +9,16 @@ wrong page shows. Both interpreters fill fresh outputs with NaN, so an unwritten
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _export import export_cuda, export_tpu
+from _export import export_cuda, export_tpu, pallas_kernels_called
 from _quant_rule import page_bounds_rule
 
-from pallas_kernels import quest
+from pallas_kernels import assume_platform, quest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,12 +245,178 @@ def test_gpu_scores_dots(config, form, q_dtype, d):
 
 def test_gpu_scores_paths():
     """Which Triton path scores: dots for bf16 / INT8 metadata in tiles Triton's dot takes,
-    float32 multiply-adds otherwise (float32 metadata stays exact)."""
+    float32 multiply-adds otherwise (float32 metadata stays exact); INT8 codes as words of
+    four where head_dim is a multiple of 4 and its words (padded) fill a dot's K of 16."""
     assert quest._uses_dots(jnp.bfloat16, 128, 64)
     assert quest._uses_dots(jnp.int8, 96, 16)
     assert not quest._uses_dots(jnp.float32, 128, 64)
     assert not quest._uses_dots(jnp.bfloat16, 128, 8)
     assert not quest._uses_dots(jnp.int8, 8, 64)
+    for d in (64, 96, 128, 256):
+        assert quest._uses_int8_words(jnp.int8, d, 16, 4)
+    assert not quest._uses_int8_words(jnp.int8, 32, 64, 4)  # 8 words: below a dot's K
+    assert not quest._uses_int8_words(jnp.int8, 66, 64, 4)  # not whole words
+    assert not quest._uses_int8_words(jnp.int8, 128, 8, 4)  # no dots
+    assert not quest._uses_int8_words(jnp.bfloat16, 128, 64, 4)
+    # 16 pages x 16 words over 256 threads: one word a thread, no pair for the PTX.
+    assert not quest._uses_int8_words(jnp.int8, 64, 16, 8)
+    assert quest._uses_int8_words(jnp.int8, 64, 32, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 codes as words of four (QuestGpuConfig.int8_asm): conversion, scores, lowering
+
+
+def _words(codes):
+    """int8 [..., 4 n] -> uint32 [..., n], as quest_page_scores_gpu views the rows."""
+    codes = jnp.asarray(codes, jnp.int8)
+    return jax.lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 4), jnp.uint32)
+
+
+def _emulate_int8_asm(asm: str, first, second):
+    """The PTX of quest._int8_asm on two uint32 words, in numpy: prmt (default mode, selector
+    nibbles < 8 pick bytes of {second:first}), lop3 by its truth table, sub.f16x2 on the
+    halves. Returns the two f16 results (of the first word, of the second)."""
+    pattern = (
+        r"\{ \.reg \.b32 t, c; prmt\.b32 t, \$1, \$2, (0x[0-9a-f]+); "
+        r"lop3\.b32 t, t, (0x[0-9a-f]+), (0x[0-9a-f]+), (0x[0-9a-f]+); "
+        r"mov\.b32 c, (0x[0-9a-f]+); sub\.f16x2 \$0, t, c; \}"
+    )
+    sel, mask, xor, lut, const = (int(x, 16) for x in re.fullmatch(pattern, asm).groups())
+    both = (second.astype(np.uint64) << np.uint64(32)) | first.astype(np.uint64)
+    t = np.zeros_like(first)
+    for i in range(4):
+        pick = (sel >> (4 * i)) & 0xF
+        assert pick < 8
+        t |= ((both >> np.uint64(8 * pick)) & np.uint64(0xFF)).astype(np.uint32) << np.uint32(8 * i)
+    a, b, c = t, np.uint32(mask), np.uint32(xor)
+    t = np.zeros_like(t)
+    for i in range(8):  # minterm i: bits (a, b, c) = (i >> 2, i >> 1, i) & 1
+        if lut >> i & 1:
+            t |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+    halves = t.view(np.uint16).reshape(-1, 2).view(np.float16)
+    consts = np.full(2, const, np.uint32).view(np.uint16).reshape(-1, 2).view(np.float16)
+    diff = halves - consts[:1]
+    return diff[:, 0], diff[:, 1]
+
+
+def test_int8_codes_f16_are_the_codes():
+    """Every INT8 byte value (the codes -127..127 and -128) at every byte position of a word:
+    the jnp conversion and a numpy model of the inline PTX both give the code exactly, in
+    block k = byte k."""
+    rng = np.random.default_rng(100)
+    codes = np.arange(-128, 128, dtype=np.int8)
+    rows = np.stack([rng.permutation(codes) for _ in range(4)], axis=-1).reshape(1, -1)
+    words = _words(rows)  # [1, 256]: byte k of word w is rows[0, 4 w + k]
+    blocks = quest._int8_codes_f16(words)
+    wn = np.asarray(words)[0]
+    for k, block in enumerate(blocks):
+        assert block.dtype == jnp.float16
+        want = rows[0, k::4].astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(block, np.float32)[0], want)
+        lo, hi = _emulate_int8_asm(quest._int8_asm(k), wn[0::2], wn[1::2])
+        np.testing.assert_array_equal(lo.astype(np.float32), want[0::2])
+        np.testing.assert_array_equal(hi.astype(np.float32), want[1::2])
+
+
+def test_pow2_scale():
+    """Exact powers of two with the largest |q| scaled into [1, 2); zero and extreme rows."""
+    top = jnp.asarray([1.0, 1.5, 2.0, 1e-3, 1e3, 3e38, 0.0, 1.2e-38], jnp.float32)
+    up, down = (np.asarray(x) for x in quest._pow2_scale(top))
+    scaled = np.asarray(top) * up
+    assert ((scaled[:5] >= 1) & (scaled[:5] < 2)).all()
+    assert 2 <= scaled[5] < 4  # e clamped at 126
+    assert (up * down == 1).all() and (np.frexp(np.concatenate([up, down]))[0] == 0.5).all()
+
+
+# q magnitudes per query head of a group of 4: ordinary, large, tiny and mixed (entries
+# spread over 1e-3..1e3 within the head), then 1e6 (f16 overflows at 65504) and 1e-6 (f16
+# subnormals) without the power-of-two scaling, a zero head, and an ordinary one.
+_Q_MAGNITUDES = ("1", "1e3", "1e-3", "mixed", "1e6", "1e-6", "0", "1")
+
+
+def _q_of_magnitudes(rng, batch, d, dtype):
+    q = rng.standard_normal((batch, len(_Q_MAGNITUDES), d))
+    for h, m in enumerate(_Q_MAGNITUDES):
+        if m == "mixed":
+            q[:, h] *= 10.0 ** rng.uniform(-3, 3, (batch, d))
+        else:
+            q[:, h] *= float(m)
+    return jnp.asarray(q, dtype)
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16], ids=["qf32", "qbf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_scores_int8_words(d, q_dtype):
+    """The INT8 word path (jnp conversion, f16 q terms, power-of-two scaling, one dot per code
+    block and term) against the reference on q of very different magnitudes, and against the
+    bf16-cast path. Tolerance: float32 rounding of sums of D products, relative 2e-6 of the
+    terms' magnitude sum_d |q_d| s max(|min_q_d|, |max_q_d|) (the f16 terms keep about 22 bits
+    of a head's largest |q|)."""
+    rng = np.random.default_rng(110 + d)
+    s, group = 4, 4
+    batch = len(TILE_LIVE)
+    num_pages = batch * TILE_PAGES + 1
+    k_min = jnp.asarray(rng.standard_normal((HKV, num_pages, d)) - 1, jnp.float32)
+    k_max = k_min + jnp.asarray(rng.random((HKV, num_pages, d)) * 3, jnp.float32)
+    lo, hi, scale = quest.quantize_page_bounds(k_min, k_max)
+    table = rng.permutation(num_pages - 1).reshape(batch, TILE_PAGES) + 1
+    table = jnp.asarray(table, jnp.int32)
+    lengths = jnp.asarray([max(0, n * s - (n % 2)) for n in TILE_LIVE], jnp.int32)
+    q = _q_of_magnitudes(rng, batch, d, q_dtype)
+    assert q.shape[1] == group * HKV
+    args = (q, lo, hi, table, lengths, scale)
+    config = quest.QuestGpuConfig(pages_per_block=16)
+    assert quest._uses_int8_words(lo.dtype, d, config.pages_per_block, config.num_warps)
+    got = quest.quest_page_scores_gpu(*args, page_size=s, interpret=True, config=config)
+    want = quest.quest_page_scores_reference(*args, page_size=s)
+    got, want = np.asarray(got), np.asarray(want)
+    assert not np.isnan(got).any()
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    live = np.isfinite(want)
+    tbl = np.asarray(table)
+    code_mag = np.maximum(np.abs(np.asarray(lo, np.float32)), np.abs(np.asarray(hi, np.float32)))
+    code_mag = code_mag * np.asarray(scale)[..., None]  # [Hkv, P, D]
+    qa = np.abs(np.asarray(q, np.float32)).reshape(batch, HKV, group, d)
+    terms = np.einsum("bhgd,hbjd->bhgj", qa, code_mag[:, tbl]).reshape(want.shape)
+    tol = 2e-6 * terms[live]
+    assert (np.abs(got[live] - want[live]) <= tol).all()
+    zero = _Q_MAGNITUDES.index("0")
+    assert (got[:, zero][live[:, zero]] == 0).all()
+    old = quest.QuestGpuConfig(pages_per_block=16, int8_asm=False)
+    cast = np.asarray(quest.quest_page_scores_gpu(*args, page_size=s, interpret=True, config=old))
+    assert (np.abs(cast[live] - want[live]) <= 1e-5 * terms[live]).all()
+
+
+@pytest.mark.parametrize("d", [32, 96, 128])
+def test_int8_words_export_cuda(d):
+    """The Triton kernel the public entry lowers for CUDA converts INT8 codes by the inline PTX
+    where the word path applies (head_dim 96: 24 words padded to 32; 128), and not for
+    head_dim 32 (8 words), with int8_asm=False, or for bf16 metadata."""
+    rng = np.random.default_rng(120)
+    num_pages = 2 * TILE_PAGES + 1
+    k_min = jnp.asarray(rng.standard_normal((HKV, num_pages, d)), jnp.bfloat16)
+    k_max = k_min + 1
+    lo, hi, scale = quest.quantize_page_bounds(k_min, k_max)
+    table = jnp.asarray(rng.permutation(num_pages - 1).reshape(2, TILE_PAGES) + 1, jnp.int32)
+    lengths = jnp.asarray([TILE_PAGES * 4, 9], jnp.int32)
+    asm_ops = ("prmt.b32", "lop3.b32", "sub.f16x2")
+    forms = [((lo, hi, scale), True), ((lo, hi, scale), False), ((k_min, k_max, None), True)]
+    for q_dtype in (jnp.float32, jnp.bfloat16):
+        q = jnp.asarray(rng.standard_normal((2, 4 * HKV, d)), q_dtype)
+        for (mn, mx, sc), int8_asm in forms:
+            cfg = quest.QuestGpuConfig(pages_per_block=16, int8_asm=int8_asm)
+
+            def scores(q, mn, mx, sc, cfg=cfg):
+                return quest.quest_page_scores(
+                    q, mn, mx, table, lengths, scale=sc, page_size=4, backend="pallas", config=cfg
+                )
+
+            with assume_platform("gpu"):
+                text = export_cuda(scores, q, mn, mx, sc).mlir_module()
+            assert pallas_kernels_called(text) == ["quest_page_scores_gpu"]
+            words = int8_asm and sc is not None and d != 32
+            assert [text.count(op) for op in asm_ops] == [4 * words] * 3
 
 
 def test_tpu_scores_several_page_chunks():

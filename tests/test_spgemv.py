@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _export import export_cuda, export_tpu
 
-from pallas_kernels import spgemv, spgemv_gpu
+from pallas_kernels import _common, spgemv, spgemv_gpu
 
 TOL = {jnp.float32: dict(rtol=1e-4, atol=1e-4), jnp.bfloat16: dict(rtol=2e-4, atol=2e-4)}
 
@@ -346,7 +346,7 @@ def test_asm_unpack_selectors():
     """prmt selectors of the inline-PTX unpack: byte k of the first word to byte 0 and of the
     second word (prmt bytes 4-7) to byte 2."""
     for k in range(4):
-        sel = spgemv_gpu._prmt_selector(k)
+        sel = _common.prmt_selector(k)
         assert sel & 0xF == k and (sel >> 8) & 0xF == 4 + k
 
 
