@@ -30,7 +30,8 @@ bisection, counting instead of summing, finds the priority cut. Indices are writ
 column order; slots past ``counts`` hold 0.
 
 Modules: this one holds the public entries, the references and the argument checks;
-topp_gpu the Pallas Triton kernels (and XLA ops for rows longer than TopPGpuConfig.max_cols);
+topp_gpu the Pallas Triton kernels (and XLA ops for thresholds of rows longer than
+TopPGpuConfig.max_cols);
 topp_tpu the Pallas Mosaic kernel; topp_common their configs (one table of tuned defaults) and
 the search they share.
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _common
+
 # Bit pattern of 1.0f: weights never exceed 1, so [0, _ONE_BITS] brackets every threshold and
 # 30 halvings of that interval are exact.
 _ONE_BITS = 0x3F800000
@@ -34,8 +36,13 @@ EXACT_ITERS = 30
 #       band (the exact 30 steps cost about 15% more).
 #   capacity_iters 30: exact; the capacity bisection runs only for rows that overflow.
 #   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
-#   GPU max_cols 32768: rows must fit on chip (at 131072 columns the Triton compile alone takes
-#       minutes).
+#   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
+#       Triton compile alone takes minutes); longer rows take the compacting kernel.
+#   GPU compact_min_rows 512, chunk_cols 1024 (docs/results/session-2026-12-04e): the
+#       compacting kernel against the row-resident pair, us, kernel benchmark / in the op:
+#       512 rows of 4 x 8192 203 / 139 vs 198-208 / 151; 128 rows 102 vs 63; 8 rows 87 vs 45
+#       (chunk_cols 512: 112, 2048: 66); Twilight over all, 512 rows of 4 x 32768, in the op:
+#       1166 vs about 1600. Few rows leave its loop of dependent loads exposed.
 #   TPU: the same iters; block_rows 8 not measured.
 
 
@@ -71,12 +78,22 @@ class TopPGpuConfig(_Search):
     iters, capacity_iters: see ``_Search``.
     num_warps: warps per program; None picks about 32 row elements per thread, clamped to
       [4, 16], so the resident row fits in registers.
-    max_cols: rows with more columns than this skip the Pallas kernels and run the same
-      bisections as XLA ops (about one pass over the logits per bisection step).
+    max_cols: the longest row the row-resident kernels take. Longer rows: selections run the
+      compacting kernel, thresholds (topp_threshold) the same bisections as XLA ops (about one
+      pass over the logits per bisection step).
+    compact_min_rows: selections of at least this many rows run the compacting kernel (one
+      program a row looping over tiles, searching only the entries that can matter; topp_gpu)
+      whatever their length; fewer rows of at most max_cols run the row-resident pair (a
+      threshold kernel a (row, head), then a union kernel a row), whose programs take less
+      time each: the compacting kernel's loop of dependent loads wins only once enough rows
+      hide its latency.
+    chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
+    compact_min_rows: int = 512
+    chunk_cols: int = 1024
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +106,8 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         if self.max_cols < 1:
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
+        _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
+        _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -152,7 +171,7 @@ def upper_bits(z):
     return jnp.where(z > 0, jax.lax.bitcast_convert_type(1.0 / z, jnp.int32) + 1, 1)
 
 
-def _lower_bits(p, hi, num_cols: int):
+def lower_bits(p, hi, num_cols: int):
     """A bit pattern known to reach p, so the search can start above 0.
 
     The entries below the exact threshold t sum to more than 1 - p, and there are fewer than
@@ -160,7 +179,8 @@ def _lower_bits(p, hi, num_cols: int):
     (1 + p) / 2, a margin of (1 - p) / 2 over p. That margin dwarfs the float error of the sum
     only while 1 - p is not tiny, hence the cut-off; above it the search starts at 0. Starting
     near t skips most of the exponent range: 30 steps still end exact, and fewer steps resolve
-    more mantissa bits.
+    more mantissa bits. No step of the search or of the snap looks at a weight below this
+    bound, so the entries under it can be dropped before the search.
     """
     # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
     bound = jnp.broadcast_to((1.0 - p) * (0.5 / num_cols), hi.shape)
@@ -181,41 +201,59 @@ def _bisect(passes, lo, hi, iters):
     def step(_, carry):
         lo, hi = carry
         mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
-        ok = passes(jax.lax.bitcast_convert_type(mid, jnp.float32))
+        ok = passes(as_float(mid))
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
     lo, hi = jax.lax.fori_loop(0, iters, step, (lo, hi))
-    return _as_float(lo), _as_float(hi)
+    return as_float(lo), as_float(hi)
 
 
-def _as_float(bits):
+def as_float(bits):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _mass_reaches(w, t, target, axes):
-    """sum_{w >= t} w >= target, per threshold (t [H, 1...] against w [H or 1, *row])."""
-    return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) >= target
+def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
+    """Per-head top-p threshold [H, 1...] from two reductions over the weights, so the same
+    search runs over a resident block or a loop over chunks.
 
+    mass_at_least(t): sum of the weights >= t, per head; band_top(lo, hi): the largest weight
+    in [lo, hi) per head, -1 if none. lo, hi: int32 bit patterns, lower_bits and upper_bits.
+    p >= 1 leaves t = 0 (every valid entry).
 
-def _snap(w, lo, hi, target, axes):
-    """Tightens a bracket [lo, hi) of the threshold (passes(lo), not passes(hi)).
-
-    The exact threshold is a weight in [lo, hi). If the heaviest weight there, b, still
-    reaches p, nothing lies between b and hi, so b is the exact threshold; otherwise lo stays
-    (conservative). After an exact bisection this returns lo; after a short one it is exact
-    whenever the band holds a single weight.
+    The bisection ends with a bracket [lo, hi) of the threshold (lo reaches p, hi does not).
+    The snap: the exact threshold is a weight in [lo, hi); if the heaviest weight there, b,
+    still reaches p, nothing lies between b and hi, so b is the exact threshold; otherwise lo
+    stays (conservative). After an exact bisection this returns lo; after a short one it is
+    exact whenever the band holds a single weight.
     """
-    band = jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
-    ok = (band >= lo) & _mass_reaches(w, band, target, axes)
+    target = jnp.where(p >= 1.0, jnp.inf, p)
+    lo, hi = _bisect(lambda t: mass_at_least(t) >= target, lo, hi, iters)
+    band = band_top(lo, hi)
+    ok = (band >= lo) & (mass_at_least(band) >= target)
     return jnp.where(ok, band, lo)
 
 
 def head_thresholds(w, hi, p, axes, iters, num_cols):
-    """Per-head top-p threshold [H, 1...]; p >= 1 leaves t = 0 (every valid entry)."""
-    target = jnp.where(p >= 1.0, jnp.inf, p)
-    lo = _lower_bits(p, hi, num_cols)
-    lo, hi = _bisect(lambda t: _mass_reaches(w, t, target, axes), lo, hi, iters)
-    return _snap(w, lo, hi, target, axes)
+    """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]."""
+
+    def mass_at_least(t):
+        return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True)
+
+    def band_top(lo, hi):
+        return jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
+
+    lo = lower_bits(p, hi, num_cols)
+    return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
+
+
+def capacity_cut(count_at_least, capacity, iters, shape):
+    """Bracket [lo, hi) of the priority cut: fewer than ``capacity`` priorities are >= hi and
+    at least ``capacity`` are >= lo (exact after 30 steps: only priority == lo in the band).
+    count_at_least(t) counts the priorities >= t; shape: one bracket per reduced slice; iters
+    may be traced (0 leaves the whole range)."""
+    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
+    hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
+    return _bisect(lambda t: count_at_least(t) >= capacity, jnp.zeros_like(hi), hi, iters)
 
 
 def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
@@ -225,11 +263,9 @@ def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
     running count in column order. Called only when the union holds more than `capacity`.
     """
     ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
-    # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there. One
-    # bracket per reduced slice: (1,...) in the kernels (one row), [R, 1] on the XLA path.
+    # One bracket per reduced slice: (1,...) in the kernels (one row), [R, 1] on the XLA path.
     shape = tuple(1 if i in axes else d for i, d in enumerate(union.shape))
-    hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
-    lo, hi = _bisect(lambda t: ones(priority >= t) >= capacity, jnp.zeros_like(hi), hi, iters)
+    lo, hi = capacity_cut(lambda t: ones(priority >= t), capacity, iters, shape)
     # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken
     # in column order. Exact bisection leaves only priority == lo in the band (ties).
     above = priority >= hi

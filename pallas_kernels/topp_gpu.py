@@ -1,15 +1,20 @@
-"""Top-p on GPU: Pallas Triton kernels, and the same search as XLA ops for rows too long.
+"""Top-p on GPU: Pallas Triton kernels (and, for thresholds of rows too long, XLA ops).
 
-Semantics: pallas_kernels.topp. A (row, head) grid finds each head's threshold (its [N]
-logits resident in registers, padded to a power of two with masked loads; the bisection is
-masked sums over the resident block); for selection, a row grid then re-reads the row's [G, N]
-logits (mostly from L2), recomputes the weights from the first kernel's row max and softmax
-sum, forms the union and compacts it: an on-chip cumsum gives each kept column its output
-slot, then one masked scatter store. The capacity bisection runs only for rows that overflow.
+Semantics: pallas_kernels.topp. Two forms of selection, chosen by TopPGpuConfig:
 
-Rows longer than TopPGpuConfig.max_cols skip the kernels (a row must fit on chip) and run the
-same math as plain XLA ops over [R, G, N] (one fused pass over the logits per bisection step),
-with the kernels' results.
+Row-resident pair (few rows, rows of at most max_cols): a (row, head) grid finds each head's
+threshold (its [N] logits resident in registers, padded to a power of two with masked loads;
+the bisection is masked sums over the resident block); a row grid then re-reads the row's
+[G, N] logits (mostly from L2), recomputes the weights from the first kernel's row max and
+softmax sum, forms the union and compacts it: an on-chip cumsum gives each kept column its
+output slot, then one masked scatter store. The capacity bisection runs only for rows that
+overflow.
+
+Compacting kernel (many rows, or longer rows): one program a row, looping over [G, chunk]
+tiles, so no row has to fit on chip; see _compact_call.
+
+Thresholds alone (topp_threshold) of rows longer than max_cols run the same math as plain XLA
+ops over [R, N] (one fused pass over the logits per bisection step).
 """
 
 from __future__ import annotations
@@ -142,6 +147,162 @@ def _gpu_union_kernel(
     _gpu_select_store(w, w >= t, out_refs, num_heads, capacity, config)
 
 
+def _gpu_compact_kernel(
+    x_ref,  # [G, N] f32 logits of one row (group)
+    valid_ref,  # [N] bool
+    p_ref,  # [1] f32
+    indices_ref,  # [capacity] i32
+    count_ref,  # [1] i32
+    saturated_ref,  # [1] i32
+    mass_ref,  # [G] f32
+    wbuf_ref,  # [G, N] f32 scratch: the weights of the entries that can matter, compacted
+    cbuf_ref,  # [N] i32 scratch: their columns
+    *,
+    num_heads: int,
+    num_cols: int,
+    capacity: int,
+    chunk: int,
+    config: TopPGpuConfig,
+    interpret: bool,
+):
+    """Select in one kernel a row, looping over [Gp, chunk] tiles (see _compact_call)."""
+    gp = pl.next_power_of_2(num_heads)
+    heads = jnp.arange(gp, dtype=jnp.int32)[:, None]
+    head_ok = heads < num_heads
+    lane = jnp.arange(chunk, dtype=jnp.int32)
+    num_chunks = pl.cdiv(num_cols, chunk)
+
+    def fold(n, body, init):
+        return jax.lax.fori_loop(0, n, body, init)
+
+    def row_sum(x, dtype=None):
+        return jnp.sum(x, axis=1, keepdims=True, dtype=dtype)
+
+    def col_any(mask):
+        return jnp.max(mask.astype(jnp.int32), axis=0) > 0
+
+    def cumsum(mask):
+        return jnp.cumsum(mask.astype(jnp.int32), axis=0)
+
+    def logits_tile(c):
+        """[Gp, chunk] logits of columns c * chunk + lane (-inf off the row) and their validity
+        (a valid entry with logit -inf counts as invalid)."""
+        col = c * chunk + lane
+        in_row = col < num_cols
+        x = plt.load(x_ref.at[heads, col[None, :]], mask=head_ok & in_row[None, :], other=-jnp.inf)
+        valid = plt.load(valid_ref.at[col], mask=in_row, other=False)[None, :]
+        return x, valid & (x > -jnp.inf), col
+
+    # 1. Softmax statistics, online over the tiles: max m and sum z of exp(x - m) per head.
+    def stats(c, carry):
+        m, z = carry
+        x, valid, _ = logits_tile(c)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(valid, x, -jnp.inf), axis=1, keepdims=True))
+        base = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+        z = z * jnp.exp(m - base) + row_sum(jnp.where(valid, jnp.exp(x - base), 0.0))
+        return m_new, z
+
+    m, z = fold(num_chunks, stats, (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1))))
+    m = jnp.where(m > -jnp.inf, m, 0.0)
+    hi = tc.upper_bits(z)
+    p = p_ref[0]
+    lo = tc.lower_bits(p, hi, num_cols)
+    floor = tc.as_float(lo)
+
+    # 2. Compaction: the columns where some head's weight reaches its search floor (no step of
+    # the search looks below it), their weights written in column order to the scratch row.
+    def compact(c, n_live):
+        x, valid, col = logits_tile(c)
+        w = tc.weights_from(x, valid, m, z)
+        live = col_any(w >= floor)
+        # The others get distinct slots past the row (masked on the GPU; interpret mode drops
+        # out-of-range scatter indices, and distinct ones keep its gather-then-scatter
+        # emulation from colliding with the kept slots).
+        slot = jnp.where(live, n_live + cumsum(live) - 1, num_cols + lane)
+        plt.store(wbuf_ref.at[heads, slot[None, :]], w, mask=head_ok & live[None, :])
+        plt.store(cbuf_ref.at[slot], col, mask=live)
+        return n_live + jnp.sum(live, dtype=jnp.int32)
+
+    n_live = fold(num_chunks, compact, jnp.int32(0))
+    if not interpret:  # the scratch row is read back by other threads of the program
+        plt.debug_barrier()
+    live_chunks = jax.lax.div(n_live + chunk - 1, chunk)
+
+    def weights_tile(c):
+        """[Gp, chunk] compacted weights (-1 past the live entries) and their slots."""
+        slot = c * chunk + lane
+        ok = slot < n_live
+        w = plt.load(wbuf_ref.at[heads, slot[None, :]], mask=head_ok & ok[None, :], other=-1.0)
+        return w, slot, ok
+
+    def over_live(reduce, init):
+        return fold(live_chunks, lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
+
+    # 3. The thresholds, searched over the compacted weights only.
+    def mass_at_least(t):
+        return over_live(lambda acc, w: acc + row_sum(jnp.where(w >= t, w, 0.0)), jnp.zeros_like(t))
+
+    def band_top(lo, hi):
+        def top(acc, w):
+            band = jnp.where((w >= lo) & (w < hi), w, -1.0)
+            return jnp.maximum(acc, jnp.max(band, axis=1, keepdims=True))
+
+        return over_live(top, jnp.full_like(lo, -1.0))
+
+    t = tc.search_threshold(mass_at_least, band_top, lo, hi, p, config.iters)
+
+    def union_of(w):
+        union = col_any(w >= t)
+        return union, jnp.where(union, jnp.max(w, axis=0), -1.0)
+
+    # 4. The union; over capacity, the cut of its priorities max_g w (tc.limit_to_capacity).
+    n_union = over_live(lambda acc, w: acc + jnp.sum(union_of(w)[0], dtype=jnp.int32), jnp.int32(0))
+    over = n_union > capacity
+
+    # No cut (the common case) runs no step: the bracket stays [0, 1 + ulp), nothing is
+    # "above", the band is the whole union and the room all of capacity. (Trip counts, not a
+    # lax.cond: Triton's verifier rejects the scalar results of such a cond.)
+    cut_chunks = jnp.where(over, live_chunks, 0)
+
+    def count_at_least(th):
+        def count(c, acc):
+            return acc + jnp.sum(union_of(weights_tile(c)[0])[1] >= th, dtype=jnp.int32)
+
+        return fold(cut_chunks, count, jnp.zeros(th.shape, jnp.int32))
+
+    steps = over.astype(jnp.int32) * config.capacity_iters  # int32, as the loop's other bounds
+    cut_lo, cut_hi = tc.capacity_cut(count_at_least, capacity, steps, ())
+    room = capacity - count_at_least(cut_hi)
+
+    # 5. The final selection in column order: each kept column's output slot is its running
+    # count; mass per head over the kept entries.
+    def emit(c, carry):
+        n_out, n_band, mass = carry
+        w, slot, ok = weights_tile(c)
+        union, priority = union_of(w)
+        above = priority >= cut_hi
+        band = union & (priority >= cut_lo) & ~above
+        final = above | (band & (n_band + cumsum(band) <= room))
+        col = plt.load(cbuf_ref.at[slot], mask=ok, other=0)
+        out = jnp.where(final, n_out + cumsum(final) - 1, capacity + lane)  # as in compact
+        plt.store(indices_ref.at[out], col, mask=final & (out < capacity))
+        mass = mass + row_sum(jnp.where(final[None, :], jnp.maximum(w, 0.0), 0.0))
+        n_out = n_out + jnp.sum(final, dtype=jnp.int32)
+        return n_out, n_band + jnp.sum(band, dtype=jnp.int32), mass
+
+    count, _, mass = fold(live_chunks, emit, (jnp.int32(0), jnp.int32(0), jnp.zeros((gp, 1))))
+
+    def pad(c, carry):
+        out = c * chunk + lane
+        plt.store(indices_ref.at[out], jnp.zeros_like(out), mask=(out >= count) & (out < capacity))
+        return carry
+
+    fold(pl.cdiv(capacity, chunk), pad, 0)
+    count_ref[0] = count
+    saturated_ref[0] = over.astype(jnp.int32)
+    plt.store(mass_ref.at[heads[:, 0]], mass[:, 0], mask=head_ok[:, 0])
+
+
 def _gpu_select_outputs(r, g, capacity):
     """(out_shape, out_specs) of the per-row select outputs, grid (R,)."""
     out_shape = [
@@ -216,50 +377,79 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
     )(logits, valid, *head_out)
 
 
-def _xla_call(logits, valid, p, capacity, config):
-    """The GPU kernels' math as XLA ops over whole [R, G, N] arrays, for rows too long to
-    hold on chip; same contract and outputs as ``_kernels_call``. Every bisection step is a
-    masked sum over N per (row, head), which XLA fuses into one pass over the logits."""
+def _compact_call(logits, valid, p, capacity, config, interpret):
+    """Select outputs from one kernel a row (_gpu_compact_kernel), any row length.
+
+    The search's lower bound (topp_common.lower_bits) is known once the row's softmax sum is:
+    no step of the search, nor the union, looks at a weight below it. Peaked rows have few
+    entries above it (the planted 1.5% of a row and the upper tail of the noise), so the
+    kernel compacts those once, to a scratch row, and runs the 16 search steps, the union and
+    the capacity cut over the compacted entries, a tile at a time: the work of a step follows
+    the entries that can matter instead of the row length, and no tile is held across steps,
+    so registers stay few and programs many. The row is read twice (softmax statistics, then
+    the compaction); a flat row keeps every entry and costs about what a whole-row search does.
+    """
     r, g, n = logits.shape
-    valid, m, z = tc.softmax_stats(logits, valid[:, None, :], axes=(2,))
-    w = tc.weights_from(logits, valid, m, z)  # [R, G, N], -1 off valid
-    t = tc.head_thresholds(w, tc.upper_bits(z), p[:, None, None], (2,), config.iters, n)
-    kept = w >= t  # [R, G, N]
-    if capacity is None:
-        count = jnp.sum(kept, axis=2, dtype=jnp.int32)
-        mass = jnp.sum(jnp.where(kept, w, 0.0), axis=2)
-        return t[..., 0], count, mass
-    union = jnp.any(kept, axis=1)  # [R, N]
-    priority = jnp.where(union, jnp.max(w, axis=1), -1.0)
-    n_union = jnp.sum(union, axis=1, dtype=jnp.int32)
-    over = n_union > capacity
-
-    def cumsum(mask):
-        return jnp.cumsum(mask.astype(jnp.int32), axis=1)
-
-    def limit(union):
-        cut = tc.limit_to_capacity(union, priority, capacity, (1,), config.capacity_iters, cumsum)
-        return jnp.where(over[:, None], cut, union)
-
-    # Most batches have no row over capacity: skip the second bisection for them.
-    final = jax.lax.cond(jnp.any(over), limit, lambda u: u, union)
-    count = jnp.sum(final, axis=1, dtype=jnp.int32)
-    col = jnp.arange(n, dtype=jnp.int32)
-    slot = jnp.where(final, cumsum(final) - 1, capacity)  # capacity: out of range, dropped
-    rows = jnp.arange(r, dtype=jnp.int32)[:, None]
-    indices = (
-        jnp.zeros((r, capacity), jnp.int32)
-        .at[rows, slot]
-        .set(jnp.broadcast_to(col, (r, n)), mode="drop")
+    chunk = min(config.chunk_cols, max(16, pl.next_power_of_2(n)))
+    out_shape, out_specs = _gpu_select_outputs(r, g, capacity)
+    scratch_shape = [
+        jax.ShapeDtypeStruct((r, g, n), jnp.float32),
+        jax.ShapeDtypeStruct((r, n), jnp.int32),
+    ]
+    scratch_specs = [
+        pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
+        pl.BlockSpec((None, n), lambda i: (i, 0)),
+    ]
+    kernel = functools.partial(
+        _gpu_compact_kernel,
+        num_heads=g,
+        num_cols=n,
+        capacity=capacity,
+        chunk=chunk,
+        config=config,
+        interpret=interpret,
     )
-    mass = jnp.sum(jnp.where(final[:, None, :], w, 0.0), axis=2)
-    return indices, count, over.astype(jnp.int32), mass
+    out = pl.pallas_call(
+        kernel,
+        grid=(r,),
+        in_specs=[
+            pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, n), lambda i: (i, 0)),
+            pl.BlockSpec((1,), lambda i: (i,)),
+        ],
+        out_specs=out_specs + scratch_specs,
+        out_shape=out_shape + scratch_shape,
+        compiler_params=plt.CompilerParams(
+            num_warps=config.warps_for(pl.next_power_of_2(g) * chunk), num_stages=1
+        ),
+        interpret=interpret,
+        name="topp_compact_select_gpu",
+    )(logits, valid, p)
+    return out[:4]
+
+
+def _xla_threshold_call(logits, valid, p, config):
+    """The threshold kernel's math as XLA ops over whole [R, 1, N] arrays, for rows too long to
+    hold on chip; outputs as ``_kernels_call``'s threshold. Every bisection step is a masked sum
+    over N per row, which XLA fuses into one pass over the logits."""
+    n = logits.shape[-1]
+    valid, m, z = tc.softmax_stats(logits, valid[:, None, :], axes=(2,))
+    w = tc.weights_from(logits, valid, m, z)  # [R, 1, N], -1 off valid
+    t = tc.head_thresholds(w, tc.upper_bits(z), p[:, None, None], (2,), config.iters, n)
+    kept = w >= t
+    count = jnp.sum(kept, axis=2, dtype=jnp.int32)
+    mass = jnp.sum(jnp.where(kept, w, 0.0), axis=2)
+    return t[..., 0], count, mass
 
 
 def _call(logits, valid, p, capacity, config, interpret):
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:1])
-    if logits.shape[-1] > config.max_cols:
-        return _xla_call(logits, valid, p, capacity, config)
+    r, _, n = logits.shape
+    if capacity is None:
+        if n > config.max_cols:
+            return _xla_threshold_call(logits, valid, p, config)
+    elif n > config.max_cols or r >= config.compact_min_rows:
+        return _compact_call(logits, valid, p, capacity, config, interpret)
     return _kernels_call(logits, valid, p, capacity, config, interpret)
 
 

@@ -44,6 +44,12 @@ def main():
         help="profile the attention output alone, as bench_attention.py times it (the "
         "SelectionInfo's reductions are then compiled away)",
     )
+    ap.add_argument(
+        "--quest-metadata",
+        choices=["int8", "native"],
+        default="int8",
+        help="the cache's Quest min / max form (int8: the cache default)",
+    )
     ap.add_argument("--out", default="/tmp/profile_attention")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
@@ -53,6 +59,7 @@ def main():
     if unknown:
         sys.exit(f"unknown methods {unknown}; choose from {sorted(configs)}")
     q, cache = planted_problem(jax.random.key(0), args.batch, args.ctx, 0.015, 7.0)
+    cache = cache.with_quest_metadata(args.quest_metadata)
     results = {}
     for name in args.methods:
         cfg = configs[name]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _export import export_cuda, export_tpu
+from _export import export_cuda, export_tpu, pallas_kernels_called
 
 from pallas_kernels import topp
 from pallas_kernels.topp import EXACT_ITERS, TopPGpuConfig, TopPTpuConfig
@@ -24,6 +24,16 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 BACKENDS = ("pallas", "pallas_tpu")  # on CPU: GPU kernel and TPU kernel, both interpreted
 # The exact search, for each backend's kernel.
 EXACT = {"pallas": TopPGpuConfig(iters=EXACT_ITERS), "pallas_tpu": TopPTpuConfig(iters=EXACT_ITERS)}
+# Every selection kernel with the exact search: the GPU's two forms (a threshold kernel a head,
+# then a union kernel a row; or one compacting kernel a row, over one tile or over several)
+# and the TPU kernel.
+COMPACT = dict(compact_min_rows=1)
+SELECT_KERNELS = [
+    ("pallas", TopPGpuConfig(iters=EXACT_ITERS)),
+    ("pallas", TopPGpuConfig(iters=EXACT_ITERS, **COMPACT)),
+    ("pallas", TopPGpuConfig(iters=EXACT_ITERS, chunk_cols=64, **COMPACT)),
+    ("pallas_tpu", EXACT["pallas_tpu"]),
+]
 
 
 def _mixed_batch(seed, rows, heads=None, n=N):
@@ -204,12 +214,12 @@ def test_threshold_fewer_iters_is_conservative():
     assert np.all(np.asarray(mass)[has_valid] >= np.minimum(p_np, 1.0)[has_valid] - 1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_select_kernel_matches_reference(backend):
+@pytest.mark.parametrize("backend,config", SELECT_KERNELS)
+def test_select_kernel_matches_reference(backend, config):
     # Capacity 24 < N: the p = 1.0 rows and the flat rows saturate, tiny-p rows do not.
     logits, valid, p = _mixed_batch(21, rows=16)
     cap = 24
-    got = topp.topp_select(logits, valid, p, cap, backend=backend, config=EXACT[backend])
+    got = topp.topp_select(logits, valid, p, cap, backend=backend, config=config)
     want = topp.topp_select(logits, valid, p, cap, backend="reference")
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
@@ -253,12 +263,13 @@ def test_select_fewer_capacity_iters_still_fills_capacity():
         assert top_p_set[idx[r, :c]].all(), r
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("heads,rows,cap", [(4, 16, 40), (8, 5, 256)])
-def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
-    # (8, 5, 256): capacity above N (never saturates), R not a multiple of the TPU row block.
+@pytest.mark.parametrize("backend,config", SELECT_KERNELS)
+@pytest.mark.parametrize("heads,rows,cap", [(4, 16, 40), (8, 5, 256), (3, 6, 40)])
+def test_grouped_kernel_matches_reference(backend, config, heads, rows, cap):
+    # (8, 5, 256): capacity above N (never saturates), R not a multiple of the TPU row block;
+    # (3, ...): G not a power of two (the GPU kernels pad the heads).
     logits, valid, p = _mixed_batch(31 + heads, rows=rows, heads=heads)
-    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=EXACT[backend])
+    got = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=config)
     want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
     for a, b in zip(got[:3], want[:3]):
         np.testing.assert_array_equal(a, b)
@@ -282,9 +293,9 @@ def test_grouped_kernel_matches_reference(backend, heads, rows, cap):
 
 
 def test_gpu_long_row_path_matches_reference():
-    # Rows longer than max_cols take the XLA path: exact at 30 steps, with and without
-    # saturation.
-    config = TopPGpuConfig(iters=EXACT_ITERS, max_cols=64)
+    # Rows longer than max_cols: selections take the compacting kernel, thresholds the XLA
+    # path; exact at 30 steps, with and without saturation.
+    config = TopPGpuConfig(iters=EXACT_ITERS, max_cols=64, chunk_cols=64)
     logits, valid, p = _mixed_batch(41, rows=10, heads=4)
     cap = 40
     got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=config)
@@ -356,38 +367,54 @@ def test_exports(r, g, n, cap):
     x2 = jax.ShapeDtypeStruct((r, n), jnp.float32)
     v = jax.ShapeDtypeStruct((r, n), jnp.bool_)
     p = jax.ShapeDtypeStruct((r,), jnp.float32)
-    export_cuda(functools.partial(topp.topp_select_grouped_gpu, capacity=cap), x3, v, p)
+    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT)):
+        export_cuda(
+            functools.partial(topp.topp_select_grouped_gpu, capacity=cap, config=cfg), x3, v, p
+        )
     export_tpu(functools.partial(topp.topp_select_grouped_tpu, capacity=cap), x3, v, p)
     export_cuda(topp.topp_threshold_gpu, x2, v, p)
     export_tpu(topp.topp_threshold_tpu, x2, v, p)
 
 
-def test_long_rows_default_iters_equal_the_kernels():
-    # At the default (conservative) 16 steps the XLA path for long rows keeps exactly what the
-    # kernels keep: the same bisection, the same weights.
+@pytest.mark.parametrize("chunk_cols", [1024, 64])
+def test_default_iters_agree_across_forms(chunk_cols):
+    # At the default (conservative) 16 steps the row-resident pair and the compacting kernel
+    # (by row count or by row length; one tile or several) keep exactly the same entries: the
+    # same bisection over the same weights (the compaction drops only entries no step looks
+    # at).
     logits, valid, p = _mixed_batch(43, rows=10, heads=4)
     cap = 40
-    kern = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas")
-    xla = topp.topp_select_grouped(
-        logits, valid, p, cap, backend="pallas", config=TopPGpuConfig(max_cols=N - 1)
-    )
-    for a, b in zip(kern[:3], xla[:3]):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(kern[3], xla[3], **TOL)
+    forms = [
+        TopPGpuConfig(),
+        TopPGpuConfig(chunk_cols=chunk_cols, **COMPACT),
+        TopPGpuConfig(chunk_cols=chunk_cols, max_cols=N - 1),
+    ]
+    outs = [
+        topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=c) for c in forms
+    ]
+    for other in outs[1:]:
+        for a, b in zip(outs[0][:3], other[:3]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(outs[0][3], other[3], **TOL)
 
 
-def test_long_rows_export_without_triton():
-    # 131072 columns: the XLA path, so the CUDA export holds no Triton call (and compiles in
-    # seconds, where the row-resident kernel took minutes); 32768 still takes the kernels.
+def test_long_rows_export():
+    # 131072 columns: selections take the compacting kernel, which loops over tiles (its
+    # kernel name); thresholds take the XLA path (no Triton call: the row-resident kernel took
+    # minutes to compile at that length). 32768 columns and few rows: the row-resident pair.
     v = jax.ShapeDtypeStruct((64, 131072), jnp.bool_)
     p = jax.ShapeDtypeStruct((64,), jnp.float32)
     x3 = jax.ShapeDtypeStruct((64, 4, 131072), jnp.float32)
     select = functools.partial(topp.topp_select_grouped_gpu, capacity=4096)
-    call = "custom_call @__gpu$xla.gpu.triton"  # (plain "triton" is in this test's name)
-    assert call not in export_cuda(select, x3, v, p).mlir_module()
+    names = pallas_kernels_called(export_cuda(select, x3, v, p).mlir_module())
+    assert names == ["topp_compact_select_gpu"]
+    x2 = jax.ShapeDtypeStruct((64, 131072), jnp.float32)
+    threshold = export_cuda(topp.topp_threshold_gpu, x2, v, p).mlir_module()
+    assert pallas_kernels_called(threshold) == []
     x3 = jax.ShapeDtypeStruct((64, 4, 32768), jnp.float32)
     v = jax.ShapeDtypeStruct((64, 32768), jnp.bool_)
-    assert call in export_cuda(select, x3, v, p).mlir_module()
+    names = pallas_kernels_called(export_cuda(select, x3, v, p).mlir_module())
+    assert names == ["topp_head_threshold_gpu", "topp_select_gpu"]
 
 
 # ------------------------------------------------------------------------------------------
