@@ -44,8 +44,11 @@ _INDEX_DTYPES = (np.int32,)
 # Tuned defaults (H200, batch 64, 32K context, 8192 candidate tokens = 512 pages of 16 per
 # (sequence, KV head), head_dim 128, bf16 q; the alternatives and their times: docs/results/
 # kernels-sweep{,2,3,4,6,8}-h200.*):
-#   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, num_stages 2,
-#       next tile's lookups carried in the loop, 4-byte words: 227-236 us.
+#   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, next tile's
+#       lookups carried in the loop, 4-byte words.
+#   GPU num_stages 3 (docs/results/session-2026-12-04e/spgemv-configs.md, with the inline-PTX
+#       unpack; each config twice, in rotation): 158-164 us vs 191-193 for 2 and 174-177 for
+#       1 at batch 64; 97-100 vs 114 at batch 32; 45 vs 50-52 at batch 8.
 #   TPU: no knobs (one candidate block per grid step); not measured.
 
 
@@ -67,7 +70,7 @@ class SpGEMVGpuConfig:
     target_programs: int = 4096
     max_splits: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         _common.check_pow2("SpGEMVGpuConfig", "tokens_per_chunk", self.tokens_per_chunk, 16)

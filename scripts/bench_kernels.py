@@ -35,8 +35,13 @@ N_ROT = 4  # input sets rotated through inside one timing loop
 # kernels-sweep*-h200.md); these ask what small batches (4-8 sequences: 32-64 (sequence, KV
 # head) rows) want: larger tiles and fewer, longer-looping programs.
 SPGEMV_SWEEP = [
+    spgemv.SpGEMVGpuConfig(num_stages=1),
+    spgemv.SpGEMVGpuConfig(num_stages=3),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=64, target_programs=8192),
     spgemv.SpGEMVGpuConfig(tokens_per_chunk=256),
-    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256, target_programs=1024),
+    spgemv.SpGEMVGpuConfig(tokens_per_chunk=256, num_warps=8),
+    spgemv.SpGEMVGpuConfig(target_programs=2048),
+    spgemv.SpGEMVGpuConfig(target_programs=16384),
 ]
 QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=32),
