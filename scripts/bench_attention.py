@@ -338,7 +338,7 @@ def main():
         type=int,
         default=131072,
         help="skip Twilight over all above this context (its top-p rows hold every token; "
-        "above TopPGpuConfig.max_cols = 32768 they take the XLA path, not the kernel)",
+        "above TopPGpuConfig.max_cols = 32768 they take the compacting top-p kernel)",
     )
     ap.add_argument(
         "--quest-metadata",
