@@ -88,15 +88,12 @@ class TopPGpuConfig(_Search):
       time each: the compacting kernel's loop of dependent loads wins only once enough rows
       hide its latency.
     chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
-    floor_levels: higher floors the compacting kernel tries, in one extra pass over the row,
-      before it compacts (0: none, the search's own lower bound only; see topp_gpu).
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
     compact_min_rows: int = 512
     chunk_cols: int = 1024
-    floor_levels: int = 3
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,14 +108,6 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
         _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
-        if isinstance(self.floor_levels, bool) or not isinstance(self.floor_levels, int):
-            raise ValueError(
-                f"TopPGpuConfig.floor_levels must be an int in [0, 8], got {self.floor_levels!r}"
-            )
-        if not 0 <= self.floor_levels <= 8:
-            raise ValueError(
-                f"TopPGpuConfig.floor_levels must be an int in [0, 8], got {self.floor_levels!r}"
-            )
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""

@@ -30,12 +30,6 @@ from pallas_kernels import topp_common as tc
 from pallas_kernels.topp_common import TopPGpuConfig
 
 DEFAULT_CONFIG = TopPGpuConfig()
-# The compacting kernel's trial floors: the search's lower bound times 16, 256, ... (one
-# compare-select-add per level and entry in one extra pass over the row), and the relative
-# margin by which a level's summed mass must clear p: f32 sums of <= 2**20 weights of total 1
-# agree to well under 2**-12 whatever their order.
-_LEVEL_RATIO = 16
-_LEVEL_MARGIN = 2.0**-8
 
 
 def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
@@ -215,26 +209,8 @@ def _gpu_compact_kernel(
     lo = tc.lower_bits(p, hi, num_cols)
     floor = tc.as_float(lo)
 
-    # 2. A higher floor where one is known to be safe: any level L whose weights >= L already
-    # reach p is at most the threshold (the largest such level), so no entry under it can be
-    # kept; and every search step below it still passes on the entries >= L alone, as it does
-    # on the whole row. So the same search runs on fewer entries. The margin covers the
-    # rounding of two float sums of the same weights in different orders.
-    if config.floor_levels:
-        levels = [floor * float(_LEVEL_RATIO**j) for j in range(1, config.floor_levels + 1)]
-        target = jnp.where(p >= 1.0, jnp.inf, p) * (1.0 + _LEVEL_MARGIN)
-
-        def level_mass(c, acc):
-            x, valid, _ = logits_tile(c)
-            w = tc.weights_from(x, valid, m, z)
-            return tuple(a + row_sum(jnp.where(w >= v, w, 0.0)) for a, v in zip(acc, levels))
-
-        masses = fold(num_chunks, level_mass, tuple(jnp.zeros((gp, 1)) for _ in levels))
-        for v, mass_v in zip(levels, masses):  # increasing levels: the last that reaches p
-            floor = jnp.where(mass_v >= target, v, floor)
-
-    # 3. Compaction: the columns where some head's weight reaches its floor (no step of the
-    # search looks below it), their weights written in column order to the scratch row.
+    # 2. Compaction: the columns where some head's weight reaches its search floor (no step of
+    # the search looks below it), their weights written in column order to the scratch row.
     def compact(c, n_live):
         x, valid, col = logits_tile(c)
         w = tc.weights_from(x, valid, m, z)
@@ -262,7 +238,7 @@ def _gpu_compact_kernel(
     def over_live(reduce, init):
         return fold(live_chunks, lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
 
-    # 4. The thresholds, searched over the compacted weights only.
+    # 3. The thresholds, searched over the compacted weights only.
     def mass_at_least(t):
         return over_live(lambda acc, w: acc + row_sum(jnp.where(w >= t, w, 0.0)), jnp.zeros_like(t))
 
@@ -279,7 +255,7 @@ def _gpu_compact_kernel(
         union = col_any(w >= t)
         return union, jnp.where(union, jnp.max(w, axis=0), -1.0)
 
-    # 5. The union; over capacity, the cut of its priorities max_g w (tc.limit_to_capacity).
+    # 4. The union; over capacity, the cut of its priorities max_g w (tc.limit_to_capacity).
     n_union = over_live(lambda acc, w: acc + jnp.sum(union_of(w)[0], dtype=jnp.int32), jnp.int32(0))
     over = n_union > capacity
 
@@ -298,7 +274,7 @@ def _gpu_compact_kernel(
     cut_lo, cut_hi = tc.capacity_cut(count_at_least, capacity, steps, ())
     room = capacity - count_at_least(cut_hi)
 
-    # 6. The final selection in column order: each kept column's output slot is its running
+    # 5. The final selection in column order: each kept column's output slot is its running
     # count; mass per head over the kept entries.
     def emit(c, carry):
         n_out, n_band, mass = carry

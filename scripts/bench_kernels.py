@@ -56,7 +56,6 @@ ATTN_SWEEP = [
 ]
 TOPP_SWEEP = [
     topp.TopPGpuConfig(compact_min_rows=1),  # the compacting kernel at any row count
-    topp.TopPGpuConfig(compact_min_rows=1, floor_levels=0),  # ... with no trial floors
     topp.TopPGpuConfig(compact_min_rows=1 << 30),  # the row-resident pair
 ]
 

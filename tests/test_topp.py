@@ -398,36 +398,6 @@ def test_default_iters_agree_across_forms(chunk_cols):
         np.testing.assert_allclose(outs[0][3], other[3], **TOL)
 
 
-@pytest.mark.parametrize("iters", [EXACT_ITERS, 16])
-def test_compacting_floor_levels_change_nothing(iters):
-    # Planted rows where the trial floors matter: for most rows some level above the search's
-    # lower bound already holds mass p (checked below from float64 weights, so the test data
-    # exercises the levels). With or without the levels, the compacting kernel (several tiles)
-    # keeps exactly what the row-resident pair keeps.
-    rng = np.random.default_rng(5)
-    rows, heads, n, cap = 12, 4, 1000, 300
-    x = rng.standard_normal((rows, heads, n)).astype(np.float32)
-    for r in range(rows):
-        x[r][..., rng.choice(n, 10 + r, replace=False)] += 6.0 + 0.25 * r
-    valid = rng.random((rows, n)) < 0.95
-    p = rng.uniform(0.5, 0.97, rows).astype(np.float32)
-    args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(p), cap)
-    forms = [
-        TopPGpuConfig(iters=iters),
-        TopPGpuConfig(iters=iters, chunk_cols=128, floor_levels=0, **COMPACT),
-        TopPGpuConfig(iters=iters, chunk_cols=128, floor_levels=3, **COMPACT),
-    ]
-    outs = [topp.topp_select_grouped(*args, backend="pallas", config=c) for c in forms]
-    for other in outs[1:]:
-        for a, b in zip(outs[0][:3], other[:3]):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(outs[0][3], other[3], **TOL)
-    w, v = _weights64(jnp.asarray(x).reshape(rows * heads, n), jnp.repeat(valid, heads, 0))
-    floor = (1.0 - np.repeat(p, heads).astype(np.float64)) * 0.5 / n
-    level_mass = np.where(v & (w >= 16 * floor[:, None]), w, 0.0).sum(-1)
-    assert (level_mass >= np.repeat(p, heads) * (1 + 2.0**-8)).mean() > 0.5
-
-
 def test_long_rows_export():
     # 131072 columns: selections take the compacting kernel, which loops over tiles (its
     # kernel name); thresholds take the XLA path (no Triton call: the row-resident kernel took
