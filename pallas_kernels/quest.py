@@ -49,9 +49,9 @@ masked.
   program gathers one load element per four codes, and inline PTX turns them into float16
   with integer operations (prmt, lop3 and one sub.f16x2 per two codes, _int8_codes_f16_asm;
   the codes are exact in f16). Triton's int8 -> bf16 cast instead extracts and converts each
-  code on its own, and with it the INT8 kernel moved half the bytes of the bf16 one in 79% of
-  its time: its instructions, not its bytes, bound it. Block k of the converted codes holds
-  dims {4 w + k}, so q is gathered in that column order, once per program. f16 has 5 exponent
+  code on its own: those instructions, not the bytes, bound the kernel (docs/kernels.md).
+  Block k of the converted codes holds dims {4 w + k}, so q is gathered in that column order,
+  once per program. f16 has 5 exponent
   bits, so each query head is scaled by the power of two that brings its largest |q| into
   [1, 2) (exact), then split into f16 terms: float32 q as hi + lo (within max(2^-22 |x|,
   2^-25) of each scaled entry x: about 22 bits of the head's largest entry), bfloat16 q as one
@@ -115,8 +115,9 @@ class QuestGpuConfig:
     int8_asm: INT8 metadata on the dots path with head_dim a multiple of 4 (and D / 4 padded
       >= 16; see _uses_int8_words) is gathered as uint32 words of four codes and converted to
       float16 by inline PTX (interpret mode: the same arithmetic in jnp), against q as f16
-      terms. False keeps the bf16-cast INT8 path (int8 rows cast to bf16 by Triton, q as bf16
-      terms), to time one against the other. Triton lowering only.
+      terms. False takes the bf16-cast INT8 path (int8 rows cast to bf16 by Triton, q as bf16
+      terms) for every tile, the path tiles the words do not fit take anyway; the tests run
+      both paths on the same inputs with it. Triton lowering only.
     """
 
     pages_per_block: int = 64

@@ -246,6 +246,13 @@ def head_thresholds(w, hi, p, axes, iters, num_cols):
     return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
 
 
+def kept_mass(w, final, axes):
+    """Each head's weight on the final selection: w (-1 off valid) summed where final holds.
+    A column another head keeps can be invalid for this one (its logit -inf): it adds 0, not
+    the -1 that marks it."""
+    return jnp.sum(jnp.where(final, jnp.maximum(w, 0.0), 0.0), axis=axes, keepdims=True)
+
+
 def capacity_cut(count_at_least, capacity, iters, shape):
     """Bracket [lo, hi) of the priority cut: fewer than ``capacity`` priorities are >= hi and
     at least ``capacity`` are >= lo (exact after 30 steps: only priority == lo in the band).
@@ -263,7 +270,7 @@ def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):
     running count in column order. Called only when the union holds more than `capacity`.
     """
     ones = functools.partial(jnp.sum, axis=axes, keepdims=True, dtype=jnp.int32)
-    # One bracket per reduced slice: (1,...) in the kernels (one row), [R, 1] on the XLA path.
+    # One bracket per reduced slice: (1,...) for a row.
     shape = tuple(1 if i in axes else d for i, d in enumerate(union.shape))
     lo, hi = capacity_cut(lambda t: ones(priority >= t), capacity, iters, shape)
     # >= hi: fewer than `capacity` entries, all kept; [lo, hi): enough to fill the rest, taken

@@ -84,7 +84,7 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
     )
     count_ref[0] = count
     saturated_ref[0] = (n_union > capacity).astype(jnp.int32)
-    mass = jnp.sum(jnp.where(final[None, :], w, 0.0), axis=1)
+    mass = tc.kept_mass(w, final[None, :], (1,))[:, 0]
     head = jnp.arange(gp, dtype=jnp.int32)
     plt.store(mass_ref.at[pl.ds(0, gp)], mass, mask=head < num_heads)
 
@@ -175,8 +175,8 @@ def _gpu_compact_kernel(
     def fold(n, body, init):
         return jax.lax.fori_loop(0, n, body, init)
 
-    def row_sum(x, dtype=None):
-        return jnp.sum(x, axis=1, keepdims=True, dtype=dtype)
+    def row_sum(x):
+        return jnp.sum(x, axis=1, keepdims=True)
 
     def col_any(mask):
         return jnp.max(mask.astype(jnp.int32), axis=0) > 0
@@ -286,7 +286,7 @@ def _gpu_compact_kernel(
         col = plt.load(cbuf_ref.at[slot], mask=ok, other=0)
         out = jnp.where(final, n_out + cumsum(final) - 1, capacity + lane)  # as in compact
         plt.store(indices_ref.at[out], col, mask=final & (out < capacity))
-        mass = mass + row_sum(jnp.where(final[None, :], jnp.maximum(w, 0.0), 0.0))
+        mass = mass + tc.kept_mass(w, final[None, :], (1,))
         n_out = n_out + jnp.sum(final, dtype=jnp.int32)
         return n_out, n_band + jnp.sum(band, dtype=jnp.int32), mass
 

@@ -115,7 +115,7 @@ def _tpu_kernel(
         indices_ref[r] = _tpu_compact(final, indices_ref.shape[-1])
         count_ref[r] = jnp.sum(final.astype(jnp.int32), keepdims=True)
         saturated_ref[r] = saturated.astype(jnp.int32)
-        mass_ref[r] = jnp.sum(jnp.where(final[None], w, 0.0), axis=axes, keepdims=True)
+        mass_ref[r] = tc.kept_mass(w, final[None], axes)
         return carry
 
     jax.lax.fori_loop(0, block_rows, one_row, 0)

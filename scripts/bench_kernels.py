@@ -48,8 +48,6 @@ QUEST_SWEEP = [
     quest.QuestGpuConfig(pages_per_block=128, num_warps=8),
     # Pallas Mosaic GPU: page rows by TMA (pallas_kernels/quest_mgpu.py), opt-in.
     quest.QuestGpuConfig(pages_per_block=64, lowering="mosaic"),
-    # INT8 codes cast to bf16 by Triton instead of converted from words by inline PTX.
-    quest.QuestGpuConfig(int8_asm=False),
 ]
 ATTN_SWEEP = [
     attention.AttentionGpuConfig(block_tokens=128, num_warps=8, num_stages=3, target_programs=2048),

@@ -491,3 +491,26 @@ def test_bad_config_and_backend():
         topp.topp_select(logits, valid, 0.9, 4, backend="pallas_tpu", config=TopPGpuConfig())
     with pytest.raises(ValueError, match="backend must be"):
         topp.topp_select(logits, valid, 0.9, 4, backend="cuda")
+
+
+@pytest.mark.parametrize("backend,config", SELECT_KERNELS)
+def test_mass_of_a_head_whose_logit_is_minus_inf_on_a_kept_column(backend, config):
+    # Head 1's logit is -inf on columns the other heads keep: those columns count as invalid
+    # for head 1 (weight 0), so its mass on the final selection is over its own valid entries
+    # only, as in the reference; it is never pulled down by the -1 that marks invalid entries.
+    rng = np.random.default_rng(12)
+    rows, heads, n = 4, 3, N
+    x = rng.standard_normal((rows, heads, n)).astype(np.float32)
+    x[:, 0, :5] += 9.0  # head 0 keeps columns 0-4
+    x[:, 1, :5] = -np.inf
+    valid = np.ones((rows, n), bool)
+    p = np.full((rows,), 0.9, np.float32)
+    args = (jnp.asarray(x), jnp.asarray(valid), jnp.asarray(p), 64)
+    got = topp.topp_select_grouped(*args, backend=backend, config=config)
+    want = topp.topp_select_grouped(*args, backend="reference")
+    kept = _kept_from_indices(got[0], got[1], n)
+    assert kept[:, :5].all()
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got[3], want[3], **TOL)
+    assert np.all(np.asarray(got[3]) >= 0.0)
