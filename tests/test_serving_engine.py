@@ -1093,6 +1093,47 @@ def test_a_stop_token_ends_the_request_although_the_next_step_was_dispatched(eng
         eng.shutdown()
 
 
+@pytest.mark.parametrize("end", ["cancel", "stop_token"])
+def test_a_row_ending_with_the_next_step_in_flight_leaves_its_neighbours_tokens(engine, end):
+    # The step in flight still holds the ended row; the rows after it must take their input
+    # tokens from their own rows of its output, not from the row before.
+    sp = SamplingParams(max_tokens=14, ignore_eos=True, **GREEDY)
+    prompts = _prompts(44, 3)
+    alone = [engine.generate([p], sp)[0].token_ids for p in prompts]
+    first = alone[0]
+    k = next((j for j in range(2, 10) if first[j] not in first[:j]), None)
+    assert k is not None, "no fresh token in the first output to stop on"
+    ends = SamplingParams(
+        max_tokens=14,
+        ignore_eos=True,
+        stop_token_ids=(first[k],) if end == "stop_token" else (),
+        **GREEDY,
+    )
+    done = threading.Semaphore(0)
+    tokens: dict[str, list[int]] = {}
+    finals: dict[str, str] = {}
+
+    def on_event(ev):
+        got = tokens.setdefault(ev.request_id, [])
+        got.extend(ev.token_ids)
+        if end == "cancel" and ev.request_id == ids[0] and len(got) == k and not ev.finished:
+            engine.cancel(ev.request_id)  # from the engine thread: the next step is in flight
+        if ev.finished:
+            finals[ev.request_id] = ev.finish_reason
+            done.release()
+
+    ids: list[str] = []
+    with engine._lock:  # all three are admitted in one iteration, the ending one first
+        ids.append(engine.submit(prompts[0], ends, on_event))
+        ids += [engine.submit(p, sp, on_event) for p in prompts[1:]]
+    for _ in ids:
+        assert done.acquire(timeout=60)
+    assert finals[ids[0]] == ("cancelled" if end == "cancel" else "stop")
+    assert len(tokens[ids[0]]) < len(first)
+    assert [tokens[r] for r in ids[1:]] == [list(a) for a in alone[1:]]
+    _assert_all_pages_free(engine)
+
+
 def test_read_back_names_its_step_and_drops_older_unread_ones():
     # Under jax.distributed a step that failed on process 0 alone stays unread on the others:
     # the next read-back, naming a later step, drops it instead of returning it.

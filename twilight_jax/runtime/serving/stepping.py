@@ -105,8 +105,12 @@ class _Step:
         req = self.rows[i]
         return req.state is State.DECODE and req.preemptions == self.epochs[i]
 
+    def alive_rows(self) -> list[tuple[int, Request]]:
+        """(row index at dispatch, request) of the rows still alive."""
+        return [(i, r) for i, r in enumerate(self.rows) if self.alive(i)]
+
     def live(self) -> list[Request]:
-        return [r for i, r in enumerate(self.rows) if self.alive(i)]
+        return [r for _, r in self.alive_rows()]
 
 
 def stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -277,7 +281,9 @@ class Stepper:
         """The rows and host arrays of the next decode step, its pages granted (None: no row
         decodes). ``prev``: the step in flight, whose tokens are not read back yet."""
         with self._lock:
-            slot = {} if prev is None else {r.seq: j for j, r in enumerate(prev.live())}
+            # A row's slot is its index among the rows the step was dispatched with (its row
+            # of the step's output), not among those still alive.
+            slot = {} if prev is None else {r.seq: j for j, r in prev.alive_rows()}
             if not any(r.state is State.DECODE for r in self._running):
                 return None
             self._grow(ahead=slot)
