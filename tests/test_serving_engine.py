@@ -842,6 +842,77 @@ def test_tight_pool_preempts_and_recomputes_without_changing_outputs(engine, chu
         tight.shutdown()
 
 
+def _random_request(rng: np.random.Generator) -> tuple[list[int], SamplingParams, int | None]:
+    """(prompt, params, cancel after this many tokens or None) of mixed traffic."""
+    prompt = rng.integers(0, 256, rng.integers(1, 60)).tolist()
+    greedy = rng.random() < 0.5
+    kw = dict(
+        max_tokens=int(rng.integers(1, 128 - len(prompt) + 1)) if rng.random() < 0.2 else 30,
+        temperature=0.0 if greedy else float(rng.choice([0.5, 1.0, 1.5])),
+        seed=int(rng.integers(1 << 30)),
+        ignore_eos=bool(rng.random() < 0.6),
+    )
+    kw["max_tokens"] = min(kw["max_tokens"], 128 - len(prompt))
+    if not greedy:
+        kw["sample_top_p"] = float(rng.choice([1.0, 0.9, 0.5]))
+        kw["top_k"] = int(rng.choice([0, 5, 50]))
+    if rng.random() < 0.3:
+        kw["sparsity_top_p"] = float(rng.choice([0.3, 0.6, 1.0]))
+    if rng.random() < 0.25:
+        kw["stop_token_ids"] = (int(rng.integers(256)),)
+    if rng.random() < 0.25:
+        kw["stop"] = (str(rng.choice(["a", "e", " ", "th"])),)
+    cancel = int(rng.integers(1, 10)) if rng.random() < 0.2 else None
+    return prompt, SamplingParams(**kw), cancel
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_traffic_gives_every_request_what_it_gets_alone(engine, seed):
+    # Greedy and seeded requests with every ending (length, stop token, stop string, eos,
+    # cancel from the callback), arriving while others decode, in a pool tight enough to
+    # preempt, with chunked prefill: each must produce exactly what it produces alone.
+    rng = np.random.default_rng(seed)
+    traffic = [_random_request(rng) for _ in range(24)]
+    arrivals = np.sort(rng.random(len(traffic)) * 0.3)
+    want = [engine.generate([p], sp)[0] for p, sp, _ in traffic]
+    mixed = make_engine(num_pages=1 + 12, prefill_chunk=16).start()
+    got: dict[int, tuple] = {}
+    done = threading.Semaphore(0)
+
+    def submit(i):
+        prompt, sp, cancel = traffic[i]
+        toks, text = [], []
+
+        def on_event(ev):
+            toks.extend(ev.token_ids)
+            text.append(ev.text)
+            if cancel is not None and len(toks) >= cancel and not ev.finished:
+                mixed.cancel(ev.request_id)
+            if ev.finished:
+                got[i] = (toks, "".join(text), ev.finish_reason)
+                done.release()
+
+        mixed.submit(prompt, sp, on_event)
+
+    try:
+        t0 = time.monotonic()
+        for i, at in enumerate(arrivals):
+            time.sleep(max(0.0, at - (time.monotonic() - t0)))
+            submit(i)
+        for _ in traffic:
+            assert done.acquire(timeout=120)
+        _assert_all_pages_free(mixed)
+    finally:
+        mixed.shutdown()
+    for i, w in enumerate(want):
+        toks, text, reason = got[i]
+        if reason == "cancelled":
+            assert toks == list(w.token_ids[: len(toks)]), i
+        else:
+            assert (toks, text, reason) == (list(w.token_ids), w.text, w.finish_reason), i
+    assert sum(r == "cancelled" for _, _, r in got.values()) < len(traffic)
+
+
 def test_recomputed_request_resumes_with_a_decode_step(engine):
     # Prefill attends densely, decode steps through Twilight: at p = 0.1 their logits differ,
     # so a preempted request must take its next token from a decode step again, as it would
