@@ -192,6 +192,22 @@ SELECTOR_CASES = [
 ]
 
 
+def _compiles(fn):
+    """(fn()'s result, the XLA compilations it ran)."""
+    seen = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, len(seen)
+
+
 @pytest.mark.parametrize("selector,gqa", SELECTOR_CASES)
 def test_pipeline_matches_reference(selector, gqa):
     q, k, v, cache = _case()
@@ -205,11 +221,18 @@ def test_pipeline_matches_reference(selector, gqa):
     np.testing.assert_array_equal(info.counts[2], 0)
     np.testing.assert_array_equal(out[2], 0)
     np.testing.assert_array_equal(info.counts[1], 1)
-    # A scalar p is broadcast: the same compiled step, the same selection where p agrees.
-    before = _decode_attention._cache_size()
-    _, scalar = decode_attention(q, cache, cfg, top_p=0.7, backend="reference")
-    assert _decode_attention._cache_size() == before
+    # A scalar p is broadcast: the same compiled step, the same selection where p agrees;
+    # python and numpy forms of p and the layer compile nothing new either.
+    scalar, compiles = _compiles(
+        lambda: decode_attention(q, cache, cfg, top_p=0.7, backend="reference")[1]
+    )
+    assert compiles == 0
     np.testing.assert_array_equal(_mask(scalar)[0], mask[0])
+    for layer, top_p in ((np.int64(0), np.float64(0.7)), (0, np.full(4, 0.7)), (0, 1)):
+        _, compiles = _compiles(
+            lambda: decode_attention(q, cache, cfg, layer=layer, top_p=top_p, backend="reference")
+        )
+        assert compiles == 0, (type(layer), type(top_p))
     # A tiny p keeps each head's heaviest candidate(s) besides the forced tokens.
     _, tiny = _check_vs_reference(q, cache, cfg, jnp.full((4,), 1e-4, jnp.float32), 1e-5)
     g_rows = q.shape[1] // tiny.counts.shape[1]

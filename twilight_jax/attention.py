@@ -151,9 +151,28 @@ def decode_attention(
     _validate(q, cache, sparsity, layer, top_p, backend)
     if top_p is None and sparsity.top_p is not None:
         top_p = sparsity.top_p
-    if top_p is not None:
-        top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (q.shape[0],))
-    return _decode_attention(q, cache, jnp.asarray(layer, jnp.int32), top_p, sparsity, backend)
+    return _decode_attention(
+        q, cache, _as_int32(layer), _per_sequence(top_p, q.shape[0]), sparsity, backend
+    )
+
+
+# The jitted step's scalar arguments are made int32 / [B] float32 here, on the host, so that
+# every form a caller may pass reaches one compiled program: jnp conversions would be eager
+# device ops of their own, each costing more host time than the call's dispatch.
+def _as_int32(x):
+    if isinstance(x, jax.Array) and x.dtype == jnp.int32:
+        return x
+    return np.int32(x) if isinstance(x, (int, np.integer)) else jnp.asarray(x, jnp.int32)
+
+
+def _per_sequence(top_p, b: int):
+    if top_p is None:
+        return None
+    if isinstance(top_p, jax.Array):
+        if top_p.shape == (b,) and top_p.dtype == jnp.float32:
+            return top_p
+        return jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+    return np.broadcast_to(np.asarray(top_p, np.float32), (b,))
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "backend"))
