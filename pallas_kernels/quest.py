@@ -273,9 +273,17 @@ def _num_pages(lengths, page_size: int):
     return (jnp.maximum(lengths, 0) + page_size - 1) // page_size
 
 
-@functools.partial(jax.jit, static_argnames=("page_size",))
+@functools.partial(jax.jit, static_argnames=("page_size", "group_sum"))
 def quest_page_scores_reference(
-    q, k_min, k_max, page_table, lengths, scale=None, *, page_size: int = DEFAULT_PAGE_SIZE
+    q,
+    k_min,
+    k_max,
+    page_table,
+    lengths,
+    scale=None,
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    group_sum: bool = False,
 ):
     """Arguments and result as `quest_page_scores`."""
     batch, hq, d = q.shape
@@ -289,7 +297,7 @@ def quest_page_scores_reference(
         s = s * scale[:, page_table].transpose(1, 0, 2)[:, :, None]
     live = jnp.arange(max_pages) < _num_pages(lengths, page_size)[:, None]
     s = jnp.where(live[:, None, None, :], s, -jnp.inf)
-    return s.reshape(batch, hq, max_pages)
+    return s.sum(axis=2) if group_sum else s.reshape(batch, hq, max_pages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,11 +380,13 @@ def _scores_gpu_kernel(
     dots: bool,
     int8_words: bool,
     asm: bool,
+    group_sum: bool,
 ):
     """One tile of pages of one (sequence, KV head). dots: score by tensor-core dots (see
     _uses_dots); else by float32 multiply-adds per query head. int8_words: the min/max rows are
     uint32 words of four INT8 codes, converted to float16 (by inline PTX when asm, else by its
-    jnp twin) and scored by f16 dots (see _uses_int8_words)."""
+    jnp twin) and scored by f16 dots (see _uses_int8_words). group_sum: o is [B, Hkv,
+    max_pages], the sum of the group's heads, written once per tile."""
     sc_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     b, h, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = pt_ref.shape[1]
@@ -395,7 +405,13 @@ def _scores_gpu_kernel(
     split = q_ref.dtype == jnp.float32
 
     def store(scores, head=None):
-        """scores [group_pad, ppb] of every head, or [ppb] of query head `head` of the group."""
+        """scores [group_pad, ppb] of every head (padded heads 0 or -inf), or [ppb] of query
+        head `head` of the group, or with group_sum [ppb] of the group's sum."""
+        if group_sum:
+            if scores.ndim == 2:
+                scores = jnp.sum(scores, axis=0)
+            plt.store(o_ref.at[b, h, lpage], scores, mask=in_table)
+            return
         if head is not None:
             plt.store(o_ref.at[b, h * group + head, lpage], scores, mask=in_table)
             return
@@ -461,6 +477,7 @@ def _scores_gpu_kernel(
             store(jnp.where(ok[None, :], score, -jnp.inf))
             return
         mn, mx = mn.astype(jnp.float32), mx.astype(jnp.float32)
+        total = None
         for g in range(group):
             if col_ok is None:
                 qh = q_ref[b, h * group + g, :]
@@ -470,11 +487,22 @@ def _scores_gpu_kernel(
             score = jnp.sum(jnp.maximum(qh, 0.0) * mx + jnp.minimum(qh, 0.0) * mn, axis=1)
             if page_scale is not None:
                 score = score * page_scale
-            store(jnp.where(ok, score, -jnp.inf), g)
+            if group_sum:
+                total = score if total is None else total + score
+            else:
+                store(jnp.where(ok, score, -jnp.inf), g)
+        if group_sum:
+            store(jnp.where(ok, total, -jnp.inf))
 
     @pl.when(t * ppb >= live_pages)
     def _past_the_end():
-        store(jnp.full((group_pad, ppb), -jnp.inf, jnp.float32))
+        store(jnp.full((ppb,) if group_sum else (group_pad, ppb), -jnp.inf, jnp.float32))
+
+
+def _sum_groups(scores, hkv: int):
+    """[B, Hq, P] -> [B, Hkv, P], summed over each KV head's query heads."""
+    b, hq, p = scores.shape
+    return scores.reshape(b, hkv, hq // hkv, p).sum(axis=2)
 
 
 def _uses_dots(meta_dtype, head_dim: int, pages: int) -> bool:
@@ -504,7 +532,7 @@ def _uses_int8_words(meta_dtype, head_dim: int, pages: int, num_warps: int) -> b
     )
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config", "group_sum"))
 def quest_page_scores_gpu(
     q,
     k_min,
@@ -516,6 +544,7 @@ def quest_page_scores_gpu(
     page_size: int = DEFAULT_PAGE_SIZE,
     interpret: bool = False,
     config: QuestGpuConfig = DEFAULT_GPU_CONFIG,
+    group_sum: bool = False,
 ):
     """Pallas GPU page scores; arguments and result as `quest_page_scores` (checked by the
     caller). Triton: grid (B, Hkv, tiles of pages_per_block pages). ``config.lowering ==
@@ -527,7 +556,7 @@ def quest_page_scores_gpu(
                 "no interpret mode here); check its lowering with jax.export(..., "
                 "platforms=['cuda'])"
             )
-        return quest_mgpu.quest_page_scores_mgpu(
+        s = quest_mgpu.quest_page_scores_mgpu(
             q,
             k_min,
             k_max,
@@ -536,11 +565,12 @@ def quest_page_scores_gpu(
             scale,
             pages_per_block=config.pages_per_block,
         )
+        return _sum_groups(s, k_min.shape[0]) if group_sum else s
     batch, hq, d = q.shape
     hkv = k_min.shape[0]
     max_pages = page_table.shape[1]
     if batch == 0 or max_pages == 0:
-        return jnp.zeros((batch, hq, max_pages), jnp.float32)
+        return jnp.zeros((batch, hkv if group_sum else hq, max_pages), jnp.float32)
     pages = min(config.pages_per_block, pl.next_power_of_2(max_pages))
     dots = _uses_dots(k_min.dtype, d, pages)
     int8_words = config.int8_asm and _uses_int8_words(k_min.dtype, d, pages, config.num_warps)
@@ -564,11 +594,12 @@ def quest_page_scores_gpu(
             int8_words=int8_words,
             # Inline PTX needs a GPU; the interpreter runs the same arithmetic in jnp.
             asm=int8_words and not interpret,
+            group_sum=group_sum,
         ),
         grid=(batch, hkv, pl.cdiv(max_pages, pages)),
         in_specs=[pl.no_block_spec] * len(inputs),
         out_specs=pl.no_block_spec,
-        out_shape=jax.ShapeDtypeStruct((batch, hq, max_pages), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, hkv if group_sum else hq, max_pages), jnp.float32),
         compiler_params=plt.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
         name="quest_page_scores_gpu",
@@ -643,11 +674,13 @@ def _scores_tpu_kernel(
     s = dot(jnp.maximum(q, zero), mx_buf[...]) + dot(jnp.minimum(q, zero), mn_buf[...])
     if sc_ref is not None:
         s = s * sc_ref[...]
+    if o_ref.shape[0] != s.shape[0]:  # group_sum: one row, the group's sum
+        s = jnp.sum(s, axis=0, keepdims=True)
     lane = first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     o_ref[...] = jnp.where(lane < live_pages, s, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("page_size", "interpret", "config", "group_sum"))
 def quest_page_scores_tpu(
     q,
     k_min,
@@ -659,19 +692,22 @@ def quest_page_scores_tpu(
     page_size: int = DEFAULT_PAGE_SIZE,
     interpret: bool = False,
     config: QuestTpuConfig = DEFAULT_TPU_CONFIG,
+    group_sum: bool = False,
 ):
     """Pallas Mosaic TPU page scores; arguments and result as `quest_page_scores`.
 
     Grid (B, Hkv, chunks of pages): a step DMAs the chunk's min/max rows (one row per page,
     at the scalar-prefetched physical id) into VMEM and scores all G heads with two MXU dots.
-    The output leaves as [B, Hkv, G, max_pages] (G is then a full block dim) and is reshaped.
+    The output leaves as [B, Hkv, G, max_pages] (G is then a full block dim; 1 with
+    group_sum, the sum of the G rows) and is reshaped.
     """
     batch, hq, d = q.shape
     hkv = k_min.shape[0]
     max_pages = page_table.shape[1]
     group = hq // hkv
+    rows = 1 if group_sum else group
     if batch == 0 or max_pages == 0:
-        return jnp.zeros((batch, hq, max_pages), jnp.float32)
+        return jnp.zeros((batch, hkv if group_sum else hq, max_pages), jnp.float32)
     pages = max_pages if max_pages <= config.pages_per_block else config.pages_per_block
     # Pad the page table so the chunk overhanging max_pages reads in-bounds SMEM entries.
     padded = pl.cdiv(max_pages, pages) * pages
@@ -694,21 +730,21 @@ def quest_page_scores_tpu(
                 any_spec,
                 *extra_specs,
             ],
-            out_specs=pl.BlockSpec((None, None, group, pages), lambda b, h, c, *_: (b, h, 0, c)),
+            out_specs=pl.BlockSpec((None, None, rows, pages), lambda b, h, c, *_: (b, h, 0, c)),
             scratch_shapes=[
                 pltpu.VMEM((pages, d), k_min.dtype),
                 pltpu.VMEM((pages, d), k_min.dtype),
                 pltpu.SemaphoreType.DMA,
             ],
         ),
-        out_shape=jax.ShapeDtypeStruct((batch, hkv, group, max_pages), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, hkv, rows, max_pages), jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=_common.tpu_interpret(interpret),
         name="quest_page_scores_tpu",
     )(table, lengths, q.reshape(batch, hkv, group, d), k_min, k_max, *extra)
-    return out.reshape(batch, hq, max_pages)
+    return out.reshape(batch, hkv * rows, max_pages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,6 +762,7 @@ def quest_page_scores(
     page_size: int = DEFAULT_PAGE_SIZE,
     backend: str = "auto",
     config: QuestGpuConfig | QuestTpuConfig | None = None,
+    group_sum: bool = False,
 ):
     """Quest upper-bound scores of every logical page for every query head.
 
@@ -742,17 +779,23 @@ def quest_page_scores(
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
         (docs/kernel_api.md).
       config: QuestGpuConfig or QuestTpuConfig for the kernel that runs; None: the defaults.
+      group_sum: static; return each KV head's sum over its query heads (the group's page
+        score, which selection by KV group ranks by), summed inside the kernels: a quarter of
+        the output at four query heads a group, and no separate reduction.
 
     Returns:
       [batch, num_q_heads, max_pages] float32: sum_d max(q_d * min_d, q_d * max_d) over the
       metadata of physical page page_table[b, j] (INT8: min_d = min_q_d * scale, etc.); -inf
-      for j >= ceil(lengths[b] / page_size).
+      for j >= ceil(lengths[b] / page_size). With group_sum: [batch, num_kv_heads,
+      max_pages], the sum over each KV head's query heads (-inf at the same pages).
     """
     _check_args(q, k_min, k_max, page_table, lengths, page_size, scale)
+    if not isinstance(group_sum, bool):
+        raise ValueError(f"group_sum must be a static bool, got {group_sum!r}")
     return _common.implementation(
         backend,
         config,
         reference=quest_page_scores_reference,
         gpu=(quest_page_scores_gpu, DEFAULT_GPU_CONFIG),
         tpu=(quest_page_scores_tpu, DEFAULT_TPU_CONFIG),
-    )(q, k_min, k_max, page_table, lengths, scale, page_size=int(page_size))
+    )(q, k_min, k_max, page_table, lengths, scale, page_size=int(page_size), group_sum=group_sum)

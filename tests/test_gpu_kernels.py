@@ -228,6 +228,14 @@ def test_quest_scores_int8(q_dtype, int8_asm):
     # and its two terms keep ~22 bits of float32 q (the bf16 terms ~16), so it adds rounding
     # far below 1e-3; a tighter tolerance would be a guess until the native sums are measured.
     np.testing.assert_allclose(s[live], r[live], rtol=1e-5, atol=1e-3)
+    # Summed over each group's heads in the kernel: four such sums.
+    summed = quest.quest_page_scores(
+        *args, scale=scale, backend="pallas", config=cfg, group_sum=True
+    )
+    r_sum = r.reshape(batch, HKV, HQ // HKV, -1).sum(axis=2)
+    np.testing.assert_array_equal(np.isfinite(summed), np.isfinite(r_sum))
+    live_sum = np.isfinite(r_sum)
+    np.testing.assert_allclose(np.asarray(summed)[live_sum], r_sum[live_sum], rtol=1e-5, atol=4e-3)
     exact = np.asarray(quest.quest_page_scores(q, kmin, kmax, table, lengths, backend="pallas"))
     qa = np.abs(np.asarray(q, np.float32))
     page_scale = np.repeat(np.asarray(scale)[:, np.asarray(table)], HQ // HKV, axis=0)

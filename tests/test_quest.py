@@ -419,6 +419,67 @@ def test_int8_words_export_cuda(d):
             assert [text.count(op) for op in asm_ops] == [4 * words] * 3
 
 
+GROUP_SUM_FORMS = {
+    # (metadata, GPU config): the Triton kernel's float32 multiply-add path, its bf16 dots,
+    # its INT8 words, and (TPU) the Mosaic kernel's MXU dots.
+    "f32-fma": (jnp.float32, quest.QuestGpuConfig(pages_per_block=4)),
+    "bf16-dots": (jnp.bfloat16, quest.QuestGpuConfig(pages_per_block=16)),
+    "int8-words": ("int8", quest.QuestGpuConfig(pages_per_block=16)),
+}
+
+
+@pytest.mark.parametrize("form", GROUP_SUM_FORMS)
+def test_group_sum_is_the_sum_of_the_groups_heads(form):
+    """group_sum=True returns [B, Hkv, P], each KV head's sum over its query heads, summed in
+    the kernels; -inf at the same pages, and tiles wholly past the length written too."""
+    meta, config = GROUP_SUM_FORMS[form]
+    rng = np.random.default_rng(130 + list(GROUP_SUM_FORMS).index(form))
+    s, group, d = 4, 4, 128
+    batch = len(TILE_LIVE)
+    num_pages = batch * TILE_PAGES + 1
+    k_min = jnp.asarray(rng.standard_normal((HKV, num_pages, d)) - 1, jnp.float32)
+    k_max = k_min + jnp.asarray(rng.random((HKV, num_pages, d)) * 3, jnp.float32)
+    scale = None
+    if meta == "int8":
+        k_min, k_max, scale = quest.quantize_page_bounds(k_min, k_max)
+    else:
+        k_min, k_max = k_min.astype(meta), k_max.astype(meta)
+    table = jnp.asarray(rng.permutation(num_pages - 1).reshape(batch, TILE_PAGES) + 1, jnp.int32)
+    lengths = jnp.asarray([max(0, n * s - (n % 2)) for n in TILE_LIVE], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, group * HKV, d)), jnp.float32)
+    args = (q, k_min, k_max, table, lengths)
+    per_head = quest.quest_page_scores_reference(*args, scale, page_size=s)
+    want = np.asarray(per_head).reshape(batch, HKV, group, TILE_PAGES).sum(axis=2)
+    ref = quest.quest_page_scores(*args, scale=scale, page_size=s, group_sum=True)
+    _assert_scores_close(ref, want)
+    for backend, cfg in (("pallas", config), ("pallas_tpu", None)):
+        got = quest.quest_page_scores(
+            *args, scale=scale, page_size=s, backend=backend, config=cfg, group_sum=True
+        )
+        _assert_scores_close(got, want)
+    if form == "int8-words":  # the summing kernel lowers for CUDA, asm included
+        with assume_platform("gpu"):
+            text = export_cuda(
+                lambda q, mn, mx, table, lengths, scale: quest.quest_page_scores(
+                    *(q, mn, mx, table, lengths),
+                    scale=scale,
+                    page_size=s,
+                    backend="pallas",
+                    config=config,
+                    group_sum=True,
+                ),
+                *args,
+                scale,
+            ).mlir_module()
+        assert pallas_kernels_called(text) == ["quest_page_scores_gpu"]
+        assert text.count("prmt.b32") == 4
+        export_tpu(
+            lambda *a: quest.quest_page_scores_tpu(*a, page_size=s, group_sum=True), *args, scale
+        )
+    with pytest.raises(ValueError, match="group_sum must be a static bool"):
+        quest.quest_page_scores(*args, scale=scale, page_size=s, group_sum=1)
+
+
 def test_tpu_scores_several_page_chunks():
     """max_pages > 128: the TPU kernel's page axis spans two blocks, the second partial."""
     case = Case(jnp.float32, 64, 1)

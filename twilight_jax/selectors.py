@@ -126,8 +126,8 @@ def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
         scale=view.k_mm_scale,
         page_size=s,
         backend=backend,
-    )  # [B, Hq, max_pages], -inf past the length
-    scores = _group_sum(scores, sparsity, hkv)
+        group_sum=sparsity.gqa == "group_union",
+    )  # [B, rows, max_pages], -inf past the length
     k = min(sparsity.budget // s, cache.max_pages)
     # The set of the k best pages, in ascending page order (no sort of the scores on the GPU).
     ids = topk_ids(scores, k, backend=backend)
