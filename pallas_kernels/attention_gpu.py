@@ -4,7 +4,8 @@ Grid (batch, Hi, splits): the count of each list row is cut into ``splits`` equa
 (rounded to whole tiles), so short and long lists both spread over many programs. Each program
 runs an online softmax over its range in tiles of ``block_tokens`` rows gathered through the
 page table with masked loads, and writes a partial (acc, max, sum); a jnp step merges the
-splits. The query rows are padded to 16, Triton's smallest dot.
+splits. The query rows are padded to 16, Triton's smallest dot, inside the kernel (masked
+loads of q, masked stores of the partials): only the real rows travel.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ _MIN_DOT_ROWS = 16
 
 def _gpu_kernel(
     count_ref,  # [1] tokens in this list row (dense: lengths[b])
-    q_ref,  # [Rp, D] query rows of this list row, zero padded to Rp
+    q_ref,  # [B, Hi, R, D] query rows (whole array; R per list row, padded to Rp on load)
     pt_ref,  # [max_pages] page table of sequence b
     k_ref,  # [num_pages * page_size, D] K rows of this KV head
     v_ref,  # [num_pages * page_size, D] V rows of this KV head
-    *refs,  # sparse: pos_ref [capacity]; then o_ref [Rp, D], m_ref [Rp], den_ref [Rp]
+    *refs,  # sparse: pos_ref [capacity]; then (whole arrays) o_ref [B, Hi, S, R, D],
+    # m_ref [B, Hi, S, R], den_ref [B, Hi, S, R]
+    rp: int,
     sparse: bool,
     num_splits: int,
     block_tokens: int,
@@ -45,18 +48,23 @@ def _gpu_kernel(
         pos_ref, o_ref, m_ref, den_ref = refs
     else:
         o_ref, m_ref, den_ref = refs
-    rp, head_dim = q_ref.shape
+    head_dim = q_ref.shape[-1]
+    b, i, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_rows = jnp.arange(rp, dtype=jnp.int32)
+    row_ok = q_rows < q_ref.shape[2]
     max_tokens = pt_ref.shape[0] * page_size
     num_pages = k_ref.shape[0] // page_size
 
     count = jnp.minimum(count_ref[0], capacity)
     per_split = pl.cdiv(pl.cdiv(count, num_splits), block_tokens) * block_tokens
-    start = pl.program_id(2) * per_split
+    start = split * per_split
     end = jnp.minimum(start + per_split, count)
     num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_tokens)
 
-    q = q_ref[...]
     cols = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
+    # Rows past R load 0: their logits are 0 and their partials are never stored.
+    q = plt.load(q_ref.at[b, i, q_rows[:, None], cols], mask=row_ok[:, None], other=0)
+    q = q.astype(k_ref.dtype)
 
     def body(t, carry):
         acc, m, den = carry
@@ -104,14 +112,13 @@ def _gpu_kernel(
         jnp.zeros((rp,), jnp.float32),
     )
     acc, m, den = lax.fori_loop(0, num_tiles, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m
-    den_ref[...] = den
+    plt.store(o_ref.at[b, i, split, q_rows[:, None], cols], acc, mask=row_ok[:, None])
+    plt.store(m_ref.at[b, i, split, q_rows], m, mask=row_ok)
+    plt.store(den_ref.at[b, i, split, q_rows], den, mask=row_ok)
 
 
-def _combine_splits(acc, m, den, rows_used: int):
-    """Merges per-split partials: acc [B, Hi, S, Rp, D], m/den [B, Hi, S, Rp] (base-2 max)."""
-    acc, m, den = acc[..., :rows_used, :], m[..., :rows_used], den[..., :rows_used]
+def _combine_splits(acc, m, den):
+    """Merges per-split partials: acc [B, Hi, S, R, D], m/den [B, Hi, S, R] (base-2 max)."""
     w = jnp.exp2(m - jnp.max(m, axis=2, keepdims=True))  # empty splits: den = 0, acc = 0
     total = jnp.sum(w * den, axis=2)
     out = jnp.sum(w[..., None] * acc, axis=2)
@@ -134,8 +141,7 @@ def decode_attention_gpu(
     splits = config.num_splits(batch, rows, capacity)
     rp = max(_MIN_DOT_ROWS, pl.next_power_of_2(per_row))
 
-    qg = q.astype(k_pages.dtype).reshape(batch, rows, per_row, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rp - per_row), (0, 0)))
+    qg = q.reshape(batch, rows, per_row, head_dim)  # free; cast in the kernel
     # Free reshapes: pages are contiguous, so row page*page_size + slot addresses a token.
     k_rows = k_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
     v_rows = v_pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
@@ -146,7 +152,7 @@ def decode_attention_gpu(
     )
     in_specs = [
         pl.BlockSpec((1,), (lambda b, i, s: (b * rows + i,)) if sparse else (lambda b, i, s: (b,))),
-        pl.BlockSpec((None, None, rp, head_dim), lambda b, i, s: (b, i, 0, 0)),
+        pl.no_block_spec,
         pl.BlockSpec((None, page_table.shape[1]), lambda b, i, s: (b, 0)),
         kv_spec,
         kv_spec,
@@ -159,6 +165,7 @@ def decode_attention_gpu(
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     kernel = functools.partial(
         _gpu_kernel,
+        rp=rp,
         sparse=sparse,
         num_splits=splits,
         block_tokens=config.block_tokens,
@@ -171,15 +178,11 @@ def decode_attention_gpu(
         kernel,
         grid=(batch, rows, splits),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, rp, head_dim), lambda b, i, s: (b, i, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rp), lambda b, i, s: (b, i, s, 0)),
-            pl.BlockSpec((None, None, None, rp), lambda b, i, s: (b, i, s, 0)),
-        ],
+        out_specs=[pl.no_block_spec] * 3,
         out_shape=[
-            jax.ShapeDtypeStruct((batch, rows, splits, rp, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, rows, splits, rp), jnp.float32),
-            jax.ShapeDtypeStruct((batch, rows, splits, rp), jnp.float32),
+            jax.ShapeDtypeStruct((batch, rows, splits, per_row, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, rows, splits, per_row), jnp.float32),
+            jax.ShapeDtypeStruct((batch, rows, splits, per_row), jnp.float32),
         ],
         compiler_params=plt.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
@@ -187,5 +190,5 @@ def decode_attention_gpu(
         interpret=interpret,
         name="sparse_decode_attention" if sparse else "paged_decode_attention",
     )(*args)
-    out = _combine_splits(acc, m, den, per_row)
+    out = _combine_splits(acc, m, den)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

@@ -194,6 +194,18 @@ def test_kernels(impl, group, head_dim, page_size, dtype):
         _close(out, attention.sparse_decode_attention_reference(*cache, *lists), dtype)
 
 
+def test_gpu_kernel_group_of_three():
+    """G = 3 query heads a KV head (LLaMA-3.2-3B's 24 / 8): the GPU kernel pads them to its
+    16-row dot inside the kernel; the partials of the real rows alone are stored and merged."""
+    a, _, rng = _cache(61, lengths=LENGTHS, group=3, head_dim=64, page_size=16, dtype=jnp.float32)
+    cache = (a["q"], a["k_pages"], a["v_pages"], a["page_table"])
+    out = DENSE["gpu"](*cache, a["lengths"], config=GPU_SMALL, interpret=True)
+    _close(out, attention.paged_decode_attention_reference(*cache, a["lengths"]), jnp.float32)
+    lists = _lists(rng, LENGTHS, NUM_KV_HEADS, CAPACITY)
+    out = SPARSE["gpu"](*cache, *lists, config=GPU_SMALL, interpret=True)
+    _close(out, attention.sparse_decode_attention_reference(*cache, *lists), jnp.float32)
+
+
 def test_dispatch_default_config_scale_mixed_dtype():
     """Public entries on every backend with the shipped tile sizes (one split, tiles longer
     than the lists), a custom scale, and a float32 query on a bfloat16 cache."""
