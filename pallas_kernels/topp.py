@@ -35,8 +35,9 @@ TopPGpuConfig.max_cols);
 topp_tpu the Pallas Mosaic kernel; topp_common their configs (one table of tuned defaults) and
 the search they share.
 
-Inputs: ``logits [R, N]`` (or ``[R, G, N]``) float32, ``valid [R, N]`` bool, ``p`` a Python float
-or a ``[R]`` float array (may be traced), ``capacity`` a static int.
+Inputs: ``logits [R, N]`` (or ``[R, G, N]``) float32, ``valid [R, N]`` bool or None (every
+entry), ``p`` a Python float or a ``[R]`` float array (may be traced), ``capacity`` a static
+int.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ __all__ = [
 
 def _softmax_reference(logits, valid):
     """Weights over valid entries; 0 elsewhere. logits [..., N] f32, valid [..., N] bool."""
-    valid = valid & (logits > -jnp.inf)
+    valid = jnp.broadcast_to(valid, logits.shape) & (logits > -jnp.inf)
     m = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=-1, keepdims=True)
     e = jnp.where(valid, jnp.exp(logits - jnp.where(valid.any(-1, keepdims=True), m, 0.0)), 0.0)
     z = jnp.sum(e, axis=-1, keepdims=True)
@@ -102,7 +103,7 @@ def topp_threshold_reference(logits, valid, p):
     """Reference of ``topp_threshold``: (threshold f32 [R], count i32 [R], mass f32 [R])."""
     logits = jnp.asarray(logits, jnp.float32)
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:-1])
-    w, valid = _softmax_reference(logits, valid)
+    w, valid = _softmax_reference(logits, True if valid is None else valid)
     t = _threshold_reference(w, valid, p)
     kept = valid & (w >= t[..., None])
     return t, jnp.sum(kept, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(kept, w, 0.0), axis=-1)
@@ -114,7 +115,7 @@ def topp_select_grouped_reference(logits, valid, p, capacity):
     logits = jnp.asarray(logits, jnp.float32)
     r, g, n = logits.shape
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (r,))
-    w, valid_g = _softmax_reference(logits, jnp.broadcast_to(valid[:, None, :], logits.shape))
+    w, valid_g = _softmax_reference(logits, True if valid is None else valid[:, None, :])
     t = _threshold_reference(w, valid_g, jnp.broadcast_to(p[:, None], (r, g)))
     union = jnp.any(valid_g & (w >= t[..., None]), axis=1)  # [R, N]
     priority = jnp.where(union, jnp.max(w, axis=1), -1.0)
@@ -171,10 +172,11 @@ def _check_common(logits, valid, p, capacity, layout: str) -> None:
     r, n = np.shape(logits)[0], np.shape(logits)[-1]
     if r == 0 or n == 0 or (rank == 3 and np.shape(logits)[1] == 0):
         raise ValueError(f"logits must be non-empty, got shape {tuple(np.shape(logits))}")
-    _common.check_rank("valid", valid, 2, "[R, N]")
-    _common.check_dtype("valid", valid, (jnp.bool_,))
-    _common.check_dim("valid", valid, 0, r, "rows R of logits")
-    _common.check_dim("valid", valid, 1, n, "columns N of logits")
+    if valid is not None:
+        _common.check_rank("valid", valid, 2, "[R, N]")
+        _common.check_dtype("valid", valid, (jnp.bool_,))
+        _common.check_dim("valid", valid, 0, r, "rows R of logits")
+        _common.check_dim("valid", valid, 1, n, "columns N of logits")
     _check_p(p, r)
     if capacity is not None and (
         isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1
@@ -192,7 +194,8 @@ def topp_threshold(logits, valid, p, *, backend="auto", config=None):
 
     Args:
       logits: [R, N] float32 estimated logits.
-      valid: [R, N] bool; weights are a softmax over the valid entries only.
+      valid: [R, N] bool; weights are a softmax over the valid entries only. None: every
+        entry (the kernels then read no mask); a -inf logit is never valid either way.
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
         (docs/kernel_api.md).
@@ -221,7 +224,7 @@ def topp_select_grouped(logits, valid, p, capacity, *, backend="auto", config=No
 
     Args:
       logits: [R, G, N] float32; G heads (e.g. the query heads of a KV group) per row.
-      valid: [R, N] bool, shared by the G heads.
+      valid: [R, N] bool, shared by the G heads, or None (as ``topp_threshold``).
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
       capacity: static int >= 1, the selection capacity.
       backend, config: as ``topp_threshold``.
@@ -248,7 +251,7 @@ def topp_select(logits, valid, p, capacity, *, backend="auto", config=None):
 
     Args:
       logits: [R, N] float32.
-      valid: [R, N] bool.
+      valid: [R, N] bool, or None (as ``topp_threshold``).
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
       capacity: static int >= 1.
       backend, config: as ``topp_threshold``.

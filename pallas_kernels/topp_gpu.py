@@ -32,9 +32,18 @@ from pallas_kernels.topp_common import TopPGpuConfig
 DEFAULT_CONFIG = TopPGpuConfig()
 
 
+def _without_valid(kernel, valid):
+    """The kernel as pallas_call calls it: without a valid operand when valid is None (every
+    column of the row valid), the kernel then getting None for it."""
+    if valid is not None:
+        return kernel
+    return lambda x_ref, *refs: kernel(x_ref, None, *refs)
+
+
 def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
     """Loads one row padded to powers of two (Triton blocks must be): x [Gp, Np] with -inf
-    padding, valid [1, Np] with False padding (so padding is invalid)."""
+    padding, valid [1, Np] with False padding (so padding is invalid); valid_ref None: every
+    column of the row."""
     gp, np_ = pl.next_power_of_2(num_heads), pl.next_power_of_2(num_cols)
     head = jnp.arange(gp, dtype=jnp.int32)
     col = jnp.arange(np_, dtype=jnp.int32)
@@ -43,6 +52,8 @@ def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
         mask=(head[:, None] < num_heads) & (col[None, :] < num_cols),
         other=-jnp.inf,
     )
+    if valid_ref is None:
+        return x, (col < num_cols)[None, :]
     valid = plt.load(valid_ref.at[pl.ds(0, np_)], mask=col < num_cols, other=False)
     return x, valid[None, :]
 
@@ -91,7 +102,7 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
 
 def _gpu_head_kernel(
     x_ref,  # [1, N] f32 logits of one head of one row
-    valid_ref,  # [N] bool
+    valid_ref,  # [N] bool, or None: every column
     p_ref,  # [1] f32
     *out_refs,
     # threshold only: threshold [1] f32, count [1] i32, mass [1] f32
@@ -120,7 +131,7 @@ def _gpu_head_kernel(
 
 def _gpu_union_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
-    valid_ref,  # [N] bool
+    valid_ref,  # [N] bool, or None: every column
     t_ref,  # [G] f32 thresholds from _gpu_head_kernel
     m_ref,  # [G] f32 row maxima from _gpu_head_kernel
     z_ref,  # [G] f32 softmax sums from _gpu_head_kernel
@@ -149,7 +160,7 @@ def _gpu_union_kernel(
 
 def _gpu_compact_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
-    valid_ref,  # [N] bool
+    valid_ref,  # [N] bool, or None: every column
     p_ref,  # [1] f32
     indices_ref,  # [capacity] i32
     count_ref,  # [1] i32
@@ -190,7 +201,10 @@ def _gpu_compact_kernel(
         col = c * chunk + lane
         in_row = col < num_cols
         x = plt.load(x_ref.at[heads, col[None, :]], mask=head_ok & in_row[None, :], other=-jnp.inf)
-        valid = plt.load(valid_ref.at[col], mask=in_row, other=False)[None, :]
+        if valid_ref is None:
+            valid = in_row[None, :]
+        else:
+            valid = plt.load(valid_ref.at[col], mask=in_row, other=False)[None, :]
         return x, valid & (x > -jnp.inf), col
 
     # 1. Softmax statistics, online over the tiles: max m and sum z of exp(x - m) per head.
@@ -320,9 +334,15 @@ def _gpu_select_outputs(r, g, capacity):
     return out_shape, out_specs
 
 
+def _valid_operand(valid, spec):
+    """(operands, in_specs) of valid: none when it is None."""
+    return ((), []) if valid is None else ((valid,), [spec])
+
+
 def _kernels_call(logits, valid, p, capacity, config, interpret):
-    """logits [R, G, N] f32, valid [R, N] bool, p [R] f32 -> per-row outputs: a (row, head)
-    grid for the thresholds, then (for select) a row grid for the union and compaction.
+    """logits [R, G, N] f32, valid [R, N] bool or None (every column), p [R] f32 -> per-row
+    outputs: a (row, head) grid for the thresholds, then (for select) a row grid for the union
+    and compaction.
 
     threshold (capacity None): threshold, count, mass, each [R, G].
     select: indices [R, capacity] i32, count [R] i32, saturated [R] i32, mass [R, G] f32.
@@ -335,12 +355,13 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
     else:
         head_shapes = [per_head] * 3  # threshold, m, z
     head_kernel = functools.partial(_gpu_head_kernel, num_cols=n, capacity=capacity, config=config)
+    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i, j: (i, 0)))
     head_out = pl.pallas_call(
-        head_kernel,
+        _without_valid(head_kernel, valid),
         grid=(r, g),
         in_specs=[
             pl.BlockSpec((None, 1, n), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, n), lambda i, j: (i, 0)),
+            *v_specs,
             pl.BlockSpec((1,), lambda i, j: (i,)),
         ],
         out_specs=[pl.BlockSpec((None, 1), lambda i, j: (i, j))] * 3,
@@ -348,7 +369,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
         compiler_params=plt.CompilerParams(num_warps=config.warps_for(np_), num_stages=1),
         interpret=interpret,
         name="topp_threshold_gpu" if capacity is None else "topp_head_threshold_gpu",
-    )(logits, valid, p)
+    )(logits, *v_args, p)
     if capacity is None:
         return head_out
 
@@ -357,12 +378,13 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
         _gpu_union_kernel, num_heads=g, num_cols=n, capacity=capacity, config=config
     )
     per_row = pl.BlockSpec((None, g), lambda i: (i, 0))
+    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
     return pl.pallas_call(
-        union_kernel,
+        _without_valid(union_kernel, valid),
         grid=(r,),
         in_specs=[
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
-            pl.BlockSpec((None, n), lambda i: (i, 0)),
+            *v_specs,
             per_row,
             per_row,
             per_row,
@@ -374,7 +396,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
         ),
         interpret=interpret,
         name="topp_select_gpu",
-    )(logits, valid, *head_out)
+    )(logits, *v_args, *head_out)
 
 
 def _compact_call(logits, valid, p, capacity, config, interpret):
@@ -409,12 +431,13 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         config=config,
         interpret=interpret,
     )
+    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
     out = pl.pallas_call(
-        kernel,
+        _without_valid(kernel, valid),
         grid=(r,),
         in_specs=[
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
-            pl.BlockSpec((None, n), lambda i: (i, 0)),
+            *v_specs,
             pl.BlockSpec((1,), lambda i: (i,)),
         ],
         out_specs=out_specs + scratch_specs,
@@ -424,7 +447,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         ),
         interpret=interpret,
         name="topp_compact_select_gpu",
-    )(logits, valid, p)
+    )(logits, *v_args, p)
     return out[:4]
 
 
@@ -433,7 +456,8 @@ def _xla_threshold_call(logits, valid, p, config):
     hold on chip; outputs as ``_kernels_call``'s threshold. Every bisection step is a masked sum
     over N per row, which XLA fuses into one pass over the logits."""
     n = logits.shape[-1]
-    valid, m, z = tc.softmax_stats(logits, valid[:, None, :], axes=(2,))
+    valid = jnp.ones(logits.shape, bool) if valid is None else valid[:, None, :]
+    valid, m, z = tc.softmax_stats(logits, valid, axes=(2,))
     w = tc.weights_from(logits, valid, m, z)  # [R, 1, N], -1 off valid
     t = tc.head_thresholds(w, tc.upper_bits(z), p[:, None, None], (2,), config.iters, n)
     kept = w >= t
@@ -459,14 +483,16 @@ def _call(logits, valid, p, capacity, config, interpret):
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def topp_threshold_gpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=False):
-    """Pallas GPU ``topp_threshold``. logits [R, N] f32, valid [R, N] bool, p [R] or scalar."""
+    """Pallas GPU ``topp_threshold``. logits [R, N] f32, valid [R, N] bool or None, p [R] or
+    scalar."""
     t, count, mass = _call(logits[:, None, :], valid, p, None, config, interpret)
     return t[:, 0], count[:, 0], mass[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
 def topp_select_grouped_gpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
-    """Pallas GPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool, p [R]."""
+    """Pallas GPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool or None,
+    p [R]."""
     indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
     return indices, count, saturated != 0, mass
 

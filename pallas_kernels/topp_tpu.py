@@ -123,6 +123,8 @@ def _tpu_kernel(
 
 def _call(logits, valid, p, capacity, config, interpret):
     """logits [R, G, N] f32, valid [R, N] bool, p [R] or scalar -> per-row outputs (see kernel)."""
+    if valid is None:  # every column (the kernel takes the mask as lanes of int32 anyway)
+        valid = jnp.ones((logits.shape[0], logits.shape[2]), bool)
     r, g, n = logits.shape
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (r,))
     nc = pl.cdiv(n, _LANES)

@@ -208,6 +208,36 @@ def _compiles(fn):
     return out, len(seen)
 
 
+@pytest.mark.parametrize(
+    "selector,gqa,bits,reads_mask",
+    [
+        ("all", "group_union", 4, False),
+        ("quest", "group_union", 4, False),
+        ("double_sparsity", "group_union", 4, False),
+        ("quest", "per_head", 4, True),  # each head's own segment of the shared list
+        ("streaming", "group_union", 4, True),  # recent tokens inside the sinks dropped
+        ("quest", "group_union", 8, True),  # jnp estimates: no -inf off the candidates
+    ],
+)
+def test_top_p_reads_a_mask_only_where_the_estimates_lack_it(
+    monkeypatch, selector, gqa, bits, reads_mask
+):
+    seen = []
+    select = pruner.topp_select_grouped
+
+    def spy(logits, valid, *args, **kw):
+        seen.append(valid is not None)
+        return select(logits, valid, *args, **kw)
+
+    monkeypatch.setattr(pruner, "topp_select_grouped", spy)
+    _decode_attention.clear_cache()  # traced anew, so the spy sees the call
+    q, _, _, cache = _case()
+    cfg = _cfg(selector, top_p=0.7, gqa=gqa, estimate_bits=bits)
+    p = jnp.asarray([0.7, 0.9, 0.5, 0.3], jnp.float32)
+    _check_vs_reference(q, cache, cfg, p, 1e-5)
+    assert seen == [reads_mask]
+
+
 @pytest.mark.parametrize("selector,gqa", SELECTOR_CASES)
 def test_pipeline_matches_reference(selector, gqa):
     q, k, v, cache = _case()

@@ -292,6 +292,28 @@ def test_grouped_kernel_matches_reference(backend, config, heads, rows, cap):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend,config", SELECT_KERNELS)
+def test_no_mask_is_the_mask_of_the_finite_logits(backend, config):
+    """valid=None: the kernels read no mask; with the invalid entries at -inf (what the INT4
+    estimates give off the candidates) the results equal those with the mask, on every form
+    and for the thresholds too (the long-row XLA path included)."""
+    logits, valid, p = _mixed_batch(47, rows=10, heads=4)
+    logits = jnp.where(valid[:, None, :], logits, -jnp.inf)
+    cap = 40
+    want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+    for kind in (backend, "reference"):
+        got = topp.topp_select_grouped(logits, None, p, cap, backend=kind, config=config)
+        for a, b in zip(got[:3], want[:3]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(got[3], want[3], **TOL)
+    configs = [config] + ([TopPGpuConfig(iters=EXACT_ITERS, max_cols=64)] * (backend == "pallas"))
+    for cfg in configs:
+        got = topp.topp_threshold(logits[:, 0], None, p, backend=backend, config=cfg)
+        ref = topp.topp_threshold(logits[:, 0], valid, p, backend="reference")
+        np.testing.assert_allclose(got[0], ref[0], **TOL)
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
 def test_gpu_long_row_path_matches_reference():
     # Rows longer than max_cols: selections take the compacting kernel, thresholds the XLA
     # path; exact at 30 steps, with and without saturation.
@@ -374,6 +396,11 @@ def test_exports(r, g, n, cap):
     export_tpu(functools.partial(topp.topp_select_grouped_tpu, capacity=cap), x3, v, p)
     export_cuda(topp.topp_threshold_gpu, x2, v, p)
     export_tpu(topp.topp_threshold_tpu, x2, v, p)
+    # Without a mask: one operand fewer for every kernel.
+    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT)):
+        export_cuda(
+            lambda x, p, cfg=cfg: topp.topp_select_grouped_gpu(x, None, p, cap, config=cfg), x3, p
+        )
 
 
 @pytest.mark.parametrize("chunk_cols", [1024, 64])

@@ -70,9 +70,12 @@ def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
     width = min(sparsity.max_budget - sparsity.forced_tokens, n)
+    # INT4 estimates are -inf off the candidates when the mask is the count and length alone,
+    # and top-p never keeps a -inf entry: the kernels then need no mask to read.
+    mask_in_logits = sparsity.estimate_bits == 4 and cand.by_count
     cols, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
-        cand.valid.reshape(b * rows, n),
+        None if mask_in_logits else cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),
         width,
         backend=backend,

@@ -26,12 +26,15 @@ from twilight_jax.config import SparsityConfig
 class Candidates:
     """blocks: [B, Hkv, C] int32 logical block ids; count: [B, Hkv] int32 entries block_spgemv
     reads; valid: [B, rows, C * block_size] bool candidate tokens of each row (position below
-    the length included); block_size: static."""
+    the length included); block_size: static. by_count (static): valid is exactly "entry
+    below count and position below the length", the columns block_spgemv gives -inf outside,
+    so its estimates carry the mask themselves."""
 
     blocks: jax.Array
     count: jax.Array
     valid: jax.Array
     block_size: int
+    by_count: bool = False
 
     @property
     def positions(self) -> jax.Array:
@@ -60,7 +63,7 @@ def _shared(blocks, count, lengths, block_size, rows):
     entry_ok = jnp.arange(c) < count[..., None]  # [B, Hkv, C]
     ok = jnp.repeat(entry_ok, block_size, -1) & (cand.positions < lengths[:, None, None])
     ok = jnp.repeat(ok, rows // hkv, axis=1)
-    return dataclasses.replace(cand, valid=ok)
+    return dataclasses.replace(cand, valid=ok, by_count=True)
 
 
 def _from_topk(ids, n_valid, lengths, block_size, hkv):
@@ -74,7 +77,7 @@ def _from_topk(ids, n_valid, lengths, block_size, hkv):
     col = jnp.arange(g * k * block_size) // block_size  # entry of each column
     own = (col // k)[None, None, :] == (jnp.arange(rows) % g)[None, :, None]
     live = (col % k)[None, None, :] < n_valid[..., None]
-    return dataclasses.replace(cand, valid=cand.valid & own & live)
+    return dataclasses.replace(cand, valid=cand.valid & own & live, by_count=False)
 
 
 def _gather_tokens(pages, page_table, num_tokens: int):
@@ -108,7 +111,7 @@ def select_streaming(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> C
     ok = (j < sink) | (pos >= sink)  # recent entries that fall in the sinks are dropped
     blocks = jnp.broadcast_to(jnp.where(ok, pos, 0)[:, None], (b, hkv, c))
     cand = _shared(blocks, jnp.full((b, hkv), c), lengths, 1, _rows(sparsity, hkv, g))
-    return dataclasses.replace(cand, valid=cand.valid & ok[:, None])
+    return dataclasses.replace(cand, valid=cand.valid & ok[:, None], by_count=False)
 
 
 def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
