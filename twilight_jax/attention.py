@@ -203,8 +203,9 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
         logits = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend)
         cols, kept_count, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
         # The pruner works on candidate columns; attention wants token positions. Its lists
-        # are compacted: their first kept_count entries.
-        kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
+        # are compacted: their first kept_count entries. Its columns (padding 0 included) lie
+        # in [0, N): "clip" is XLA's own gather, without the bounds test and fill of the default.
+        kept_pos = jnp.take_along_axis(positions, cols, axis=-1, mode="clip")
         kept_ok = jnp.arange(cols.shape[-1]) < kept_count[..., None]
     token_pos, counts = pruner.add_forced_tokens(
         kept_pos,
