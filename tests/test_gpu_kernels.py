@@ -133,6 +133,11 @@ def test_topp(groups, compact_min_rows):
         same += a == b
     assert same >= 0.95 * rows
     np.testing.assert_allclose(np.asarray(mass), np.asarray(rmass), rtol=1e-3, atol=1e-3)
+    # Without a mask, the invalid entries at -inf instead: the same selection, bit for bit.
+    masked = jnp.where(jnp.asarray(valid)[:, None, :], jnp.asarray(logits), -jnp.inf)
+    nomask = topp.topp_select_grouped(masked, None, *args[2:], backend="pallas", config=cfg)
+    for a, b in zip(nomask, (idx, cnt, sat, mass)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_quest_scores():
