@@ -88,12 +88,16 @@ class TopPGpuConfig(_Search):
       time each: the compacting kernel's loop of dependent loads wins only once enough rows
       hide its latency.
     chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
+    search_steps_per_pass: bisection steps the compacting kernel takes per pass over its
+      compacted weights, in [1, 4]: k steps test the 2**k - 1 midpoints they could need in
+      one pass (the same thresholds as one step a pass; fewer passes, more sums in each).
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
     compact_min_rows: int = 512
     chunk_cols: int = 1024
+    search_steps_per_pass: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,6 +112,11 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
         _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
+        k = self.search_steps_per_pass
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4:
+            raise ValueError(
+                f"TopPGpuConfig.search_steps_per_pass must be an int in [1, 4], got {k!r}"
+            )
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -188,37 +197,76 @@ def lower_bits(p, hi, num_cols: int):
     return jnp.clip(lo, 0, hi - 1)
 
 
-def _bisect(passes, lo, hi, iters):
+def _bisect(passes, lo, hi, iters, steps_per_pass=1):
     """Brackets the largest float t >= 0 with passes(t), per head, by its bit pattern.
 
     lo, hi: int32 [H, 1...], bit patterns known to pass (lo: assumed, never evaluated) and to
-    fail (or the end of the range). passes maps an f32 [H, 1...] threshold to a bool of the same
-    shape and must be monotone (true up to the answer, false above). Returns (lo, hi) as
-    floats: passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a
-    range within [0, 2**30) they are adjacent floats, so lo is the answer.
+    fail (or the end of the range). passes maps a list of f32 [H, 1...] thresholds to a list of
+    bools of the same shape (one evaluation of them all, e.g. one pass over the weights) and
+    must be monotone in each (true up to the answer, false above). Returns (lo, hi) as floats:
+    passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a range
+    within [0, 2**30) they are adjacent floats, so lo is the answer.
+
+    steps_per_pass k > 1 evaluates, at once, every midpoint the next k halvings could test
+    (2**k - 1 of them, the tree of both outcomes of each step) and then takes the k steps:
+    the same brackets as k single steps, for 1 evaluation instead of k (and 2**k - 1
+    thresholds in it instead of k).
     """
 
-    def step(_, carry):
-        lo, hi = carry
-        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
-        ok = passes(as_float(mid))
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    def halve(lo, hi, ok):
+        return jnp.where(ok, lo + jax.lax.shift_right_logical(hi - lo, 1), lo), jnp.where(
+            ok, hi, lo + jax.lax.shift_right_logical(hi - lo, 1)
+        )
 
-    lo, hi = jax.lax.fori_loop(0, iters, step, (lo, hi))
+    def steps(k, lo, hi):
+        """k halvings from one evaluation: the tree of midpoints, breadth first."""
+        mids, brackets = [], [(lo, hi)]
+        for _ in range(k):
+            level = []
+            for a, b in brackets:
+                mid = a + jax.lax.shift_right_logical(b - a, 1)
+                mids.append(mid)
+                level += [(a, mid), (mid, b)]  # the bracket if mid fails, if it passes
+            brackets = level
+        oks = passes([as_float(m) for m in mids])
+        ok = oks[0]
+        node = None  # index of the tested midpoint in the tree (heap order), past the root
+        for level in range(k):
+            if level:
+                ok = _pick(oks, node)
+            lo, hi = halve(lo, hi, ok)
+            node = (0 if node is None else 2 * node) + 1 + ok.astype(jnp.int32)
+        return lo, hi
+
+    whole, rest = divmod(iters, steps_per_pass) if isinstance(iters, int) else (iters, 0)
+    k = steps_per_pass if isinstance(iters, int) else 1
+    lo, hi = jax.lax.fori_loop(0, whole, lambda _, c: steps(k, *c), (lo, hi))
+    if rest:
+        lo, hi = steps(rest, lo, hi)
     return as_float(lo), as_float(hi)
+
+
+def _pick(values, node):
+    """values[node] per head, node an int32 [H, 1...] index into the list (a select chain)."""
+    out = values[0]
+    for i, v in enumerate(values[1:], start=1):
+        out = jnp.where(node == i, v, out)
+    return out
 
 
 def as_float(bits):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
+def search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass=1):
     """Per-head top-p threshold [H, 1...] from two reductions over the weights, so the same
     search runs over a resident block or a loop over chunks.
 
-    mass_at_least(t): sum of the weights >= t, per head; band_top(lo, hi): the largest weight
-    in [lo, hi) per head, -1 if none. lo, hi: int32 bit patterns, lower_bits and upper_bits.
-    p >= 1 leaves t = 0 (every valid entry).
+    mass_at_least(ts): for a list of thresholds, the sums of the weights >= each, per head (one
+    pass over the weights for them all); band_top(lo, hi): the largest weight in [lo, hi) per
+    head, -1 if none. lo, hi: int32 bit patterns, lower_bits and upper_bits. p >= 1 leaves
+    t = 0 (every valid entry). steps_per_pass: bisection steps per evaluation (_bisect); the
+    result does not depend on it.
 
     The bisection ends with a bracket [lo, hi) of the threshold (lo reaches p, hi does not).
     The snap: the exact threshold is a weight in [lo, hi); if the heaviest weight there, b,
@@ -227,17 +275,21 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
     exact whenever the band holds a single weight.
     """
     target = jnp.where(p >= 1.0, jnp.inf, p)
-    lo, hi = _bisect(lambda t: mass_at_least(t) >= target, lo, hi, iters)
+
+    def passes(ts):
+        return [m >= target for m in mass_at_least(ts)]
+
+    lo, hi = _bisect(passes, lo, hi, iters, steps_per_pass)
     band = band_top(lo, hi)
-    ok = (band >= lo) & (mass_at_least(band) >= target)
+    ok = (band >= lo) & (mass_at_least([band])[0] >= target)
     return jnp.where(ok, band, lo)
 
 
 def head_thresholds(w, hi, p, axes, iters, num_cols):
     """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]."""
 
-    def mass_at_least(t):
-        return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True)
+    def mass_at_least(ts):
+        return [jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) for t in ts]
 
     def band_top(lo, hi):
         return jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
@@ -260,7 +312,9 @@ def capacity_cut(count_at_least, capacity, iters, shape):
     may be traced (0 leaves the whole range)."""
     # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
     hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
-    return _bisect(lambda t: count_at_least(t) >= capacity, jnp.zeros_like(hi), hi, iters)
+    return _bisect(
+        lambda ts: [count_at_least(t) >= capacity for t in ts], jnp.zeros_like(hi), hi, iters
+    )
 
 
 def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):

@@ -252,9 +252,13 @@ def _gpu_compact_kernel(
     def over_live(reduce, init):
         return fold(live_chunks, lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
 
-    # 3. The thresholds, searched over the compacted weights only.
-    def mass_at_least(t):
-        return over_live(lambda acc, w: acc + row_sum(jnp.where(w >= t, w, 0.0)), jnp.zeros_like(t))
+    # 3. The thresholds, searched over the compacted weights only; each pass over them sums
+    # the weights above every threshold the search asks about at once.
+    def mass_at_least(ts):
+        def add(acc, w):
+            return tuple(a + row_sum(jnp.where(w >= t, w, 0.0)) for a, t in zip(acc, ts))
+
+        return list(over_live(add, tuple(jnp.zeros_like(t) for t in ts)))
 
     def band_top(lo, hi):
         def top(acc, w):
@@ -263,7 +267,9 @@ def _gpu_compact_kernel(
 
         return over_live(top, jnp.full_like(lo, -1.0))
 
-    t = tc.search_threshold(mass_at_least, band_top, lo, hi, p, config.iters)
+    t = tc.search_threshold(
+        mass_at_least, band_top, lo, hi, p, config.iters, config.search_steps_per_pass
+    )
 
     def union_of(w):
         union = col_any(w >= t)

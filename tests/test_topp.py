@@ -314,6 +314,33 @@ def test_no_mask_is_the_mask_of_the_finite_logits(backend, config):
         np.testing.assert_array_equal(got[1], ref[1])
 
 
+@pytest.mark.parametrize("iters", [16, EXACT_ITERS])
+def test_compact_search_steps_per_pass_change_nothing(iters):
+    """The compacting kernel taking 2, 3 or 4 bisection steps per pass over its compacted
+    weights (all the midpoints they could test, in one pass) keeps exactly what one step a pass
+    keeps, with and without a remainder of steps (16 and 30 by 3 and 4)."""
+    logits, valid, p = _mixed_batch(53, rows=10, heads=4)
+    cap = 40
+    base = TopPGpuConfig(iters=iters, chunk_cols=64, **COMPACT)
+    want = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=base)
+    for k in (2, 3, 4):
+        cfg = TopPGpuConfig(iters=iters, chunk_cols=64, search_steps_per_pass=k, **COMPACT)
+        got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=cfg)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    if iters == EXACT_ITERS:  # and exact: the reference's selection
+        ref = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+        for a, b in zip(want[:3], ref[:3]):
+            np.testing.assert_array_equal(a, b)
+    x3 = jax.ShapeDtypeStruct((512, 4, 8192), jnp.float32)
+    cfg = TopPGpuConfig(search_steps_per_pass=3)
+    export_cuda(
+        lambda x, p: topp.topp_select_grouped_gpu(x, None, p, 2048, config=cfg),
+        x3,
+        jax.ShapeDtypeStruct((512,), jnp.float32),
+    )
+
+
 def test_gpu_long_row_path_matches_reference():
     # Rows longer than max_cols: selections take the compacting kernel, thresholds the XLA
     # path; exact at 30 steps, with and without saturation.
@@ -512,6 +539,9 @@ def test_bad_config_and_backend():
         TopPGpuConfig(max_cols=0)
     with pytest.raises(ValueError, match=r"TopPTpuConfig.block_rows must be an int >= 1"):
         TopPTpuConfig(block_rows=0)
+    for k in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match=r"search_steps_per_pass must be an int in \[1, 4\]"):
+            TopPGpuConfig(search_steps_per_pass=k)
     with pytest.raises(ValueError, match="config must be None or a TopPGpuConfig or TopPTpuConfig"):
         topp.topp_threshold(logits, valid, 0.9, config=16)
     with pytest.raises(ValueError, match="config is a TopPGpuConfig, but backend='pallas_tpu'"):
