@@ -162,13 +162,12 @@ def _gpu_compact_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
     valid_ref,  # [N] bool, or None: every column
     p_ref,  # [1] f32
-    indices_ref,  # [capacity] i32
-    count_ref,  # [1] i32
-    saturated_ref,  # [1] i32
-    mass_ref,  # [G] f32
-    wbuf_ref,  # [G, N] f32 scratch: the weights of the entries that can matter, compacted
-    cbuf_ref,  # [N] i32 scratch: their columns
-    *,
+    *refs,
+    # (with stats: m_parts, z_parts [G, S] f32, the softmax statistics of the valid entries
+    # in S parts), then indices [capacity] i32, count [1] i32, saturated [1] i32, mass [G]
+    # f32, and the scratch: wbuf [G, N] f32, the weights of the entries that can matter,
+    # compacted, and cbuf [N] i32, their columns
+    num_parts: int,
     num_heads: int,
     num_cols: int,
     capacity: int,
@@ -177,6 +176,8 @@ def _gpu_compact_kernel(
     interpret: bool,
 ):
     """Select in one kernel a row, looping over [Gp, chunk] tiles (see _compact_call)."""
+    parts_refs, refs = refs[: 2 * bool(num_parts)], refs[2 * bool(num_parts) :]
+    indices_ref, count_ref, saturated_ref, mass_ref, wbuf_ref, cbuf_ref = refs
     gp = pl.next_power_of_2(num_heads)
     heads = jnp.arange(gp, dtype=jnp.int32)[:, None]
     head_ok = heads < num_heads
@@ -216,7 +217,18 @@ def _gpu_compact_kernel(
         z = z * jnp.exp(m - base) + row_sum(jnp.where(valid, jnp.exp(x - base), 0.0))
         return m_new, z
 
-    m, z = fold(num_chunks, stats, (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1))))
+    if parts_refs:  # given by the kernel that wrote the logits: merged, no pass over the row
+        part = jnp.arange(pl.next_power_of_2(num_parts))
+        part_ok = head_ok & (part[None, :] < num_parts)
+        m_parts, z_parts = (
+            plt.load(r.at[heads, part[None, :]], mask=part_ok, other=other)
+            for r, other in zip(parts_refs, (-jnp.inf, 0.0))
+        )
+        m = jnp.max(m_parts, axis=1, keepdims=True)
+        base = jnp.where(m > -jnp.inf, m, 0.0)
+        z = row_sum(z_parts * jnp.exp(m_parts - base))
+    else:
+        m, z = fold(num_chunks, stats, (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1))))
     m = jnp.where(m > -jnp.inf, m, 0.0)
     hi = tc.upper_bits(z)
     p = p_ref[0]
@@ -405,7 +417,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
     )(logits, *v_args, *head_out)
 
 
-def _compact_call(logits, valid, p, capacity, config, interpret):
+def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
     """Select outputs from one kernel a row (_gpu_compact_kernel), any row length.
 
     The search's lower bound (topp_common.lower_bits) is known once the row's softmax sum is:
@@ -416,6 +428,8 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
     the entries that can matter instead of the row length, and no tile is held across steps,
     so registers stay few and programs many. The row is read twice (softmax statistics, then
     the compaction); a flat row keeps every entry and costs about what a whole-row search does.
+    With stats ([R, G, S] max and sum parts of the valid entries, from the kernel that wrote the
+    logits) the statistics pass is skipped: the row is read once.
     """
     r, g, n = logits.shape
     chunk = min(config.chunk_cols, max(16, pl.next_power_of_2(n)))
@@ -428,8 +442,10 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
         pl.BlockSpec((None, n), lambda i: (i, 0)),
     ]
+    num_parts = 0 if stats is None else stats[0].shape[2]
     kernel = functools.partial(
         _gpu_compact_kernel,
+        num_parts=num_parts,
         num_heads=g,
         num_cols=n,
         capacity=capacity,
@@ -445,6 +461,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
             *v_specs,
             pl.BlockSpec((1,), lambda i: (i,)),
+            *[pl.BlockSpec((None, g, num_parts), lambda i: (i, 0, 0))] * (2 * bool(num_parts)),
         ],
         out_specs=out_specs + scratch_specs,
         out_shape=out_shape + scratch_shape,
@@ -453,7 +470,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         ),
         interpret=interpret,
         name="topp_compact_select_gpu",
-    )(logits, *v_args, p)
+    )(logits, *v_args, p, *(stats or ()))
     return out[:4]
 
 
@@ -472,14 +489,20 @@ def _xla_threshold_call(logits, valid, p, config):
     return t[..., 0], count, mass
 
 
-def _call(logits, valid, p, capacity, config, interpret):
+def compacts(rows: int, cols: int, config: TopPGpuConfig) -> bool:
+    """Whether a selection of rows x cols runs the compacting kernel (which alone takes
+    precomputed softmax statistics)."""
+    return cols > config.max_cols or rows >= config.compact_min_rows
+
+
+def _call(logits, valid, p, capacity, config, interpret, stats=None):
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:1])
     r, _, n = logits.shape
     if capacity is None:
         if n > config.max_cols:
             return _xla_threshold_call(logits, valid, p, config)
-    elif n > config.max_cols or r >= config.compact_min_rows:
-        return _compact_call(logits, valid, p, capacity, config, interpret)
+    elif compacts(r, n, config):
+        return _compact_call(logits, valid, p, capacity, config, interpret, stats)
     return _kernels_call(logits, valid, p, capacity, config, interpret)
 
 
@@ -496,10 +519,12 @@ def topp_threshold_gpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=Fal
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
-def topp_select_grouped_gpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
+def topp_select_grouped_gpu(
+    logits, valid, p, capacity, stats=None, *, config=DEFAULT_CONFIG, interpret=False
+):
     """Pallas GPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool or None,
-    p [R]."""
-    indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
+    p [R], stats None or (m, z) [R, G, S] (used by the compacting kernel)."""
+    indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret, stats)
     return indices, count, saturated != 0, mass
 
 

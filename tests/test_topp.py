@@ -341,6 +341,58 @@ def test_compact_search_steps_per_pass_change_nothing(iters):
     )
 
 
+def _parts(logits, valid, splits):
+    """Softmax statistics of the valid entries in `splits` parts of contiguous columns."""
+    x = np.where(np.asarray(valid)[:, None, :], np.asarray(logits), -np.inf)
+    ms, zs = [], []
+    for cols in np.array_split(np.arange(x.shape[-1]), splits):
+        part = x[..., cols]
+        m = part.max(-1)
+        base = np.where(np.isfinite(m), m, 0.0)[..., None]
+        ms.append(m)
+        zs.append(np.exp(part - base).sum(-1))
+    return jnp.asarray(np.stack(ms, -1), jnp.float32), jnp.asarray(np.stack(zs, -1), jnp.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_compact_kernel_takes_the_softmax_statistics_given(splits):
+    """stats (as block_spgemv gives them): the compacting kernel merges them instead of reading
+    the row for them, and selects exactly as without; the row-resident pair and the reference
+    ignore them. Shapes are checked."""
+    logits, valid, p = _mixed_batch(59, rows=10, heads=4)
+    cap = 40
+    stats = _parts(logits, valid, splits)
+    want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+    for cfg in (TopPGpuConfig(iters=EXACT_ITERS, **COMPACT), TopPGpuConfig(iters=EXACT_ITERS)):
+        got = topp.topp_select_grouped(
+            logits, valid, p, cap, stats=stats, backend="pallas", config=cfg
+        )
+        for a, b in zip(got[:3], want[:3]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(got[3], want[3], **TOL)
+    if splits > 1:  # and it lowers for CUDA (the op's shapes at batch 64, 64 splits)
+        parts = jax.ShapeDtypeStruct((512, 4, 64), jnp.float32)
+        export_cuda(
+            lambda x, p, m, z: topp.topp_select_grouped_gpu(x, None, p, 2048, (m, z)),
+            jax.ShapeDtypeStruct((512, 4, 8192), jnp.float32),
+            jax.ShapeDtypeStruct((512,), jnp.float32),
+            parts,
+            parts,
+        )
+    assert topp.select_takes_stats(10, N, backend="pallas", config=TopPGpuConfig(**COMPACT))
+    assert not topp.select_takes_stats(10, N, backend="pallas")
+    assert not topp.select_takes_stats(10, N, backend="pallas_tpu")
+    m, z = stats
+    for bad, match in (
+        ((m,), "a pair"),
+        ((m[:, :2], z[:, :2]), "must have shape"),
+        ((m, z[..., :1]) if splits > 1 else (m, z[:, :, :0]), "shape"),
+        ((m.astype(jnp.bfloat16), z), "float32"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            topp.topp_select_grouped(logits, valid, p, cap, stats=bad, backend="reference")
+
+
 def test_gpu_long_row_path_matches_reference():
     # Rows longer than max_cols: selections take the compacting kernel, thresholds the XLA
     # path; exact at 30 steps, with and without saturation.
