@@ -88,9 +88,10 @@ class TopPGpuConfig(_Search):
       time each: the compacting kernel's loop of dependent loads wins only once enough rows
       hide its latency.
     chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
-    search_steps_per_pass: bisection steps the compacting kernel takes per pass over its
-      compacted weights, in [1, 4]: k steps test the 2**k - 1 midpoints they could need in
-      one pass (the same thresholds as one step a pass; fewer passes, more sums in each).
+    search_steps_per_pass: bisection steps taken per pass over the weights (the compacting
+      kernel's compacted tiles, the threshold kernel's resident row), in [1, 4]: k steps test
+      the 2**k - 1 midpoints they could need in one pass, so the thresholds are those of one
+      step a pass, from fewer passes (and block reductions) with more sums in each.
     """
 
     num_warps: int | None = None
@@ -285,17 +286,19 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass=1
     return jnp.where(ok, band, lo)
 
 
-def head_thresholds(w, hi, p, axes, iters, num_cols):
-    """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]."""
+def head_thresholds(w, hi, p, axes, iters, num_cols, steps_per_pass=1):
+    """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]; steps_per_pass as
+    search_threshold."""
 
     def mass_at_least(ts):
+        # Independent reductions (Triton blocks cannot stack 2**k - 1 of them on a new axis).
         return [jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) for t in ts]
 
     def band_top(lo, hi):
         return jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
 
     lo = lower_bits(p, hi, num_cols)
-    return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
+    return search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass)
 
 
 def kept_mass(w, final, axes):

@@ -115,7 +115,9 @@ def _gpu_head_kernel(
     x, valid = _gpu_load_row(x_ref, valid_ref, 1, num_cols)  # [1, Np] each
     valid, m, z = tc.softmax_stats(x, valid, axes=(1,))  # m, z [1, 1]
     w = tc.weights_from(x, valid, m, z)  # [1, Np]
-    t = tc.head_thresholds(w, tc.upper_bits(z), p_ref[0], (1,), config.iters, num_cols)  # [1, 1]
+    t = tc.head_thresholds(
+        w, tc.upper_bits(z), p_ref[0], (1,), config.iters, num_cols, config.search_steps_per_pass
+    )  # [1, 1]
     threshold_ref, *stat_refs = out_refs
     threshold_ref[0] = jnp.max(t)
     if capacity is None:

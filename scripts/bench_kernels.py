@@ -55,9 +55,11 @@ ATTN_SWEEP = [
 TOPP_SWEEP = [
     topp.TopPGpuConfig(compact_min_rows=1),  # the compacting kernel at any row count
     topp.TopPGpuConfig(compact_min_rows=1 << 30),  # the row-resident pair
-    # The compacting kernel's search, 2 and 3 bisection steps a pass over its weights.
+    # The search, 2 and 3 bisection steps a pass over the weights, in both forms.
     topp.TopPGpuConfig(compact_min_rows=1, search_steps_per_pass=2),
     topp.TopPGpuConfig(compact_min_rows=1, search_steps_per_pass=3),
+    topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=2),
+    topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=3),
 ]
 
 

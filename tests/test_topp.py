@@ -315,30 +315,30 @@ def test_no_mask_is_the_mask_of_the_finite_logits(backend, config):
 
 
 @pytest.mark.parametrize("iters", [16, EXACT_ITERS])
-def test_compact_search_steps_per_pass_change_nothing(iters):
-    """The compacting kernel taking 2, 3 or 4 bisection steps per pass over its compacted
-    weights (all the midpoints they could test, in one pass) keeps exactly what one step a pass
-    keeps, with and without a remainder of steps (16 and 30 by 3 and 4)."""
+def test_search_steps_per_pass_change_nothing(iters):
+    """The compacting kernel taking 2 or 4 bisection steps per pass over its compacted weights,
+    and the threshold kernel 3 per pass over its resident row (all the midpoints they could
+    test, in one pass), keep exactly what one step a pass keeps, with and without a remainder
+    of steps (16 by 3, 30 by 4)."""
     logits, valid, p = _mixed_batch(53, rows=10, heads=4)
     cap = 40
-    base = TopPGpuConfig(iters=iters, chunk_cols=64, **COMPACT)
-    want = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=base)
-    for k in (2, 3, 4):
-        cfg = TopPGpuConfig(iters=iters, chunk_cols=64, search_steps_per_pass=k, **COMPACT)
-        got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=cfg)
-        for a, b in zip(got, want):
-            np.testing.assert_array_equal(a, b)
+    for form in (dict(chunk_cols=64, **COMPACT), {}):  # and the row-resident pair's search
+        base = TopPGpuConfig(iters=iters, **form)
+        want = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=base)
+        for k in (2, 4) if form else (3,):
+            cfg = TopPGpuConfig(iters=iters, search_steps_per_pass=k, **form)
+            got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=cfg)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
     if iters == EXACT_ITERS:  # and exact: the reference's selection
         ref = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
         for a, b in zip(want[:3], ref[:3]):
             np.testing.assert_array_equal(a, b)
     x3 = jax.ShapeDtypeStruct((512, 4, 8192), jnp.float32)
-    cfg = TopPGpuConfig(search_steps_per_pass=3)
-    export_cuda(
-        lambda x, p: topp.topp_select_grouped_gpu(x, None, p, 2048, config=cfg),
-        x3,
-        jax.ShapeDtypeStruct((512,), jnp.float32),
-    )
+    p = jax.ShapeDtypeStruct((512,), jnp.float32)
+    for form in (COMPACT, {}):
+        cfg = TopPGpuConfig(search_steps_per_pass=3, **form)
+        export_cuda(lambda x, p: topp.topp_select_grouped_gpu(x, None, p, 2048, config=cfg), x3, p)
 
 
 def _parts(logits, valid, splits):
