@@ -215,9 +215,8 @@ def _bisect(passes, lo, hi, iters, steps_per_pass=1):
     """
 
     def halve(lo, hi, ok):
-        return jnp.where(ok, lo + jax.lax.shift_right_logical(hi - lo, 1), lo), jnp.where(
-            ok, hi, lo + jax.lax.shift_right_logical(hi - lo, 1)
-        )
+        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
     def steps(k, lo, hi):
         """k halvings from one evaluation: the tree of midpoints, breadth first."""
