@@ -66,12 +66,17 @@ class TopKGpuConfig:
 
     max_cols: rows with more columns than this skip the kernel, whose row lives in registers,
       and run the reference (lax.top_k on the same keys: the same ids).
+    search_steps_per_pass: bisection steps of the cut per pass over the row, in [1, 4]: k
+      steps count the entries above all 2**k - 1 midpoints they could test at once (the same
+      cut from fewer block-wide reductions in sequence, with more counts in each).
     """
 
     max_cols: int = 32768
+    search_steps_per_pass: int = 1
 
     def __post_init__(self):
         _common.check_positive("TopKGpuConfig", "max_cols", self.max_cols)
+        _common.check_steps_per_pass("TopKGpuConfig", self.search_steps_per_pass)
 
 
 DEFAULT_GPU_CONFIG = TopKGpuConfig()
@@ -111,7 +116,7 @@ def topk_ids_reference(scores, k: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int):
+def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int, steps_per_pass: int):
     """x_ref [N] f32 (one row), out_ref [k] i32."""
     np_ = pl.next_power_of_2(num_cols)
     col = jnp.arange(np_, dtype=jnp.int32)
@@ -119,22 +124,16 @@ def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int):
     x = plt.load(x_ref.at[pl.ds(0, np_)], mask=in_row, other=0.0)
     key = jnp.where(in_row, _keys(x), _INT32_MIN)
 
-    def count_at_least(c):
-        return jnp.sum((key >= c).astype(jnp.int32))
+    def passes(cuts):
+        return [jnp.sum((key >= c).astype(jnp.int32)) >= k for c in cuts]
 
-    def step(_, carry):
-        # Invariant: count(key >= lo) >= k (lo = INT32_MIN is assumed, never evaluated),
-        # count(key >= hi) < k (no key reaches INT32_MAX: that is a NaN's).
-        lo, hi = carry
-        # hi - lo may wrap in int32; as an unsigned span (< 2**32) its logical half fits, and
-        # lo + half lies in [lo, hi), so the wrapping add is exact.
-        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
-        ok = count_at_least(mid) >= k
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
+    # Invariant: count(key >= lo) >= k (lo = INT32_MIN is assumed, never evaluated),
+    # count(key >= hi) < k (no key reaches INT32_MAX: that is a NaN's). hi - lo may wrap in
+    # int32; as an unsigned span (< 2**32) its logical half fits, and lo + half lies in
+    # [lo, hi), so the wrapping add is exact.
     lo0 = jnp.array(_INT32_MIN, jnp.int32)
     hi0 = jnp.array(_INT32_MAX, jnp.int32)
-    cut, _ = jax.lax.fori_loop(0, _ITERS, step, (lo0, hi0))
+    cut, _ = _common.bisect_bits(passes, lo0, hi0, _ITERS, steps_per_pass)
     # The cut is at least the lowest real key (all N >= k real entries reach it), which is
     # above INT32_MIN: padding is neither above nor in the band.
     above = key > cut  # fewer than k entries
@@ -157,7 +156,9 @@ def topk_ids_gpu(
     r, n = scores.shape
     if n > config.max_cols:
         return topk_ids_reference(scores, k)
-    kernel = functools.partial(_gpu_kernel, num_cols=n, k=k)
+    kernel = functools.partial(
+        _gpu_kernel, num_cols=n, k=k, steps_per_pass=config.search_steps_per_pass
+    )
     return pl.pallas_call(
         kernel,
         grid=(r,),

@@ -113,11 +113,7 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
         _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
-        k = self.search_steps_per_pass
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4:
-            raise ValueError(
-                f"TopPGpuConfig.search_steps_per_pass must be an int in [1, 4], got {k!r}"
-            )
+        _common.check_steps_per_pass("TopPGpuConfig", self.search_steps_per_pass)
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -206,52 +202,13 @@ def _bisect(passes, lo, hi, iters, steps_per_pass=1):
     bools of the same shape (one evaluation of them all, e.g. one pass over the weights) and
     must be monotone in each (true up to the answer, false above). Returns (lo, hi) as floats:
     passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a range
-    within [0, 2**30) they are adjacent floats, so lo is the answer.
-
-    steps_per_pass k > 1 evaluates, at once, every midpoint the next k halvings could test
-    (2**k - 1 of them, the tree of both outcomes of each step) and then takes the k steps:
-    the same brackets as k single steps, for 1 evaluation instead of k (and 2**k - 1
-    thresholds in it instead of k).
+    within [0, 2**30) they are adjacent floats, so lo is the answer. steps_per_pass: as
+    ``_common.bisect_bits``.
     """
-
-    def halve(lo, hi, ok):
-        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    def steps(k, lo, hi):
-        """k halvings from one evaluation: the tree of midpoints, breadth first."""
-        mids, brackets = [], [(lo, hi)]
-        for _ in range(k):
-            level = []
-            for a, b in brackets:
-                mid = a + jax.lax.shift_right_logical(b - a, 1)
-                mids.append(mid)
-                level += [(a, mid), (mid, b)]  # the bracket if mid fails, if it passes
-            brackets = level
-        oks = passes([as_float(m) for m in mids])
-        ok = oks[0]
-        node = None  # index of the tested midpoint in the tree (heap order), past the root
-        for level in range(k):
-            if level:
-                ok = _pick(oks, node)
-            lo, hi = halve(lo, hi, ok)
-            node = (0 if node is None else 2 * node) + 1 + ok.astype(jnp.int32)
-        return lo, hi
-
-    whole, rest = divmod(iters, steps_per_pass) if isinstance(iters, int) else (iters, 0)
-    k = steps_per_pass if isinstance(iters, int) else 1
-    lo, hi = jax.lax.fori_loop(0, whole, lambda _, c: steps(k, *c), (lo, hi))
-    if rest:
-        lo, hi = steps(rest, lo, hi)
+    lo, hi = _common.bisect_bits(
+        lambda bits: passes([as_float(b) for b in bits]), lo, hi, iters, steps_per_pass
+    )
     return as_float(lo), as_float(hi)
-
-
-def _pick(values, node):
-    """values[node] per head, node an int32 [H, 1...] index into the list (a select chain)."""
-    out = values[0]
-    for i, v in enumerate(values[1:], start=1):
-        out = jnp.where(node == i, v, out)
-    return out
 
 
 def as_float(bits):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import benchlib
-from pallas_kernels import attention, quest, spgemv, topp
+from pallas_kernels import attention, quest, spgemv, topk, topp
 
 HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV
@@ -61,6 +61,7 @@ TOPP_SWEEP = [
     topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=2),
     topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=3),
 ]
+TOPK_SWEEP = [topk.TopKGpuConfig(search_steps_per_pass=k) for k in (2, 3)]
 
 
 def make_pool(key, batch, ctx):
@@ -306,6 +307,31 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
         )
         record(name, batch, ctx, f"{pps} pages", t, nbytes, str(config or ""))
 
+    # Quest's page top-k: the B0 / S best of each (sequence, KV head) row of page scores.
+    def page_topk(config=None, name="topk_ids"):
+        k = b0 // S
+        rows = batch * HKV
+        score_sets = [
+            (jax.random.normal(jax.random.fold_in(key, 7 + i), (rows, pps), jnp.float32),)
+            for i in range(N_ROT)
+        ]
+        t = benchlib.time_fn(
+            lambda x: topk.topk_ids(x, k, backend="pallas", config=config), score_sets, ()
+        )
+        record(
+            name,
+            batch,
+            ctx,
+            f"{rows} x {pps} pages, k {k}",
+            t,
+            rows * (pps + k) * 4,
+            str(config or ""),
+        )
+
+    attempt("topk_ids", page_topk)
+    if args.sweep:
+        for cfg in TOPK_SWEEP:
+            attempt("topk_sweep", lambda cfg=cfg: page_topk(cfg, "topk_sweep"))
     attempt("quest_page_scores", qs_scores)
     attempt("quest_page_scores_int8", lambda: qs_scores(name="quest_page_scores_int8", int8=True))
     if args.sweep:
