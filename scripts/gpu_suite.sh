@@ -6,13 +6,17 @@
 # gguf for the embedded model; for the engine and serving steps (which import the HTTP server)
 # the server's pure-Python dependencies: uvicorn, starlette, httpx, httpcore, h11, anyio,
 # sniffio, click, idna, certifi (the jax 0.11.2 image had no uvicorn, 2026-12-04).
-# Steps: stage tests kernels sweep ptxas profile ncu attention decode generate engine serving eval
-# multigpu scaling (any order; the last two want several GPUs: docs/multihost.md).
+# Steps: stage tests kernels sweep ptxas profile ncu attention baseline decode generate engine
+# serving eval multigpu scaling (any order; the last two want several GPUs: docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
 # outside the checkout survive between back-to-back calls while the machine stays warm).
 # The eval sweep lives in /tmp/eval-gpu (resumable across calls); $OUT/eval-gpu.tgz holds it.
+# Step "baseline" runs the profile and attention steps (same PROFILE_ARGS / ATTN_ARGS) from an
+# older tree in the git-ignored .baseline/, made with
+#   mkdir -p .baseline && git archive REV pallas_kernels twilight_jax models scripts | tar -x -C .baseline
+# and carried: the same machine and call as this tree's runs; results under $OUT/baseline-*.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -150,6 +154,18 @@ for step in $STEPS; do
     attention)
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"
       rc=${PIPESTATUS[0]} ;;
+    baseline)
+      if [ ! -d .baseline/pallas_kernels ]; then
+        echo "baseline: no .baseline/ tree (git archive REV | tar -x -C .baseline, and carry it)"
+        rc=2
+      else
+        (cd .baseline && PYTHONPATH="$PWD" python3 scripts/profile_attention.py \
+          --out /tmp/profile_baseline ${PROFILE_ARGS:-} 2>&1 | grep -v Warning \
+          | tee "$OUT/baseline-profile.log"
+          PYTHONPATH="$PWD" python3 scripts/bench_attention.py --out "$OUT/baseline-attention" \
+          ${ATTN_ARGS:-} 2>&1 | tee "$OUT/baseline-attention.log")
+        rc=$?
+      fi ;;
     generate)
       rc=0
       for n in ${GEN_PROMPTS:-4000}; do
