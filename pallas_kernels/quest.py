@@ -93,10 +93,10 @@ CODE_MAX = 127  # INT8 codes lie in [-127, 127]: symmetric, so |code * s| <= max
 # Tuned defaults (H200, batch 64, 32K context = 2048 pages of 16, 8 KV heads x 4 query heads,
 # head_dim 128; the alternatives and their times: docs/results/kernels-sweep{2,3,5,6,9}-h200.*
 # and docs/results/session-2026-12-04d/quest-dots-probe.md):
-#   GPU pages_per_block 64, num_warps 4, one tile per program, scores by tensor-core dots:
-#       141 us with INT8 min / max as words converted by inline PTX, 185 us on the bf16-cast
-#       path (int8_asm=False), same run (docs/results/session-2026-12-04e/sweep-quest-topp.md);
-#       183-196 us with bf16 (16-page tiles 352-364 us, 32: 158-190, 128: 150-213).
+#   GPU pages_per_block 64, num_warps 4, one tile per program, scores by tensor-core dots;
+#       INT8 min / max enter them as words converted by inline PTX (int8_asm), faster than
+#       the bf16-cast path in the same run (docs/results/session-2026-12-04e/
+#       sweep-quest-topp.md).
 #   TPU pages_per_block 128: the pages are the lanes of the output block (not measured).
 
 

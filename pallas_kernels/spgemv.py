@@ -46,9 +46,8 @@ _INDEX_DTYPES = (np.int32,)
 # kernels-sweep{,2,3,4,6,8}-h200.*):
 #   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, next tile's
 #       lookups carried in the loop, 4-byte words.
-#   GPU num_stages 3 (docs/results/session-2026-12-04e/spgemv-configs.md, with the inline-PTX
-#       unpack; each config twice, in rotation): 158-164 us vs 191-193 for 2 and 174-177 for
-#       1 at batch 64; 97-100 vs 114 at batch 32; 45 vs 50-52 at batch 8.
+#   GPU num_stages 3: faster than 1 and 2 at batch 8, 32 and 64, each config timed twice in
+#       rotation (docs/results/session-2026-12-04e/spgemv-configs.md).
 #   TPU: no knobs (one candidate block per grid step); not measured.
 
 
@@ -358,14 +357,23 @@ def block_spgemv(
         empty = jnp.zeros((batch, num_q_heads, 0), jnp.float32)
         return (empty, softmax_parts(empty)) if return_stats else empty
     args = (q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count)
-    if _common.resolve_backend(backend)[0] == "gpu":  # the kernel makes them as it goes
-        return run(*args, block_size=int(block_size), scale=scale, return_stats=return_stats)
-    logits = run(*args, block_size=int(block_size), scale=scale)
-    return (logits, softmax_parts(logits)) if return_stats else logits
+    return run(*args, block_size=int(block_size), scale=scale, return_stats=return_stats)
 
 
-_reference_jit = jax.jit(block_spgemv_reference, static_argnames=("block_size", "scale"))
-_gpu_jit = jax.jit(
-    block_spgemv_gpu, static_argnames=("block_size", "scale", "config", "interpret", "return_stats")
+def _parts_from_logits(fn):
+    """fn with return_stats: the statistics in one part, from the logits it returns (the
+    kernels that do not keep them as they write)."""
+
+    def run(*args, return_stats=False, **kwargs):
+        logits = fn(*args, **kwargs)
+        return (logits, softmax_parts(logits)) if return_stats else logits
+
+    return run
+
+
+_STATIC = ("block_size", "scale", "return_stats")
+_reference_jit = jax.jit(_parts_from_logits(block_spgemv_reference), static_argnames=_STATIC)
+_gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=_STATIC + ("config", "interpret"))
+_tpu_jit = jax.jit(
+    _parts_from_logits(block_spgemv_tpu), static_argnames=_STATIC + ("config", "interpret")
 )
-_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "config", "interpret"))

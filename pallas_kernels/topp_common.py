@@ -38,11 +38,11 @@ EXACT_ITERS = 30
 #   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
 #   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
 #       Triton compile alone takes minutes); longer rows take the compacting kernel.
-#   GPU compact_min_rows 512, chunk_cols 1024 (docs/results/session-2026-12-04e): the
-#       compacting kernel against the row-resident pair, us, kernel benchmark / in the op:
-#       512 rows of 4 x 8192 203 / 139 vs 198-208 / 151; 128 rows 102 vs 63; 8 rows 87 vs 45
-#       (chunk_cols 512: 112, 2048: 66); Twilight over all, 512 rows of 4 x 32768, in the op:
-#       1166 vs about 1600. Few rows leave its loop of dependent loads exposed.
+#   GPU compact_min_rows 512, chunk_cols 1024: the compacting kernel beats the row-resident
+#       pair in the op from 512 rows (and on Twilight over all's 32768-column rows) and loses
+#       below, where few rows leave its loop of dependent loads exposed
+#       (docs/results/session-2026-12-04e/sweep-topp-compact.md, attention-compact.md).
+#   GPU search_steps_per_pass 1: 2 and 3 are in the kernel sweep, not measured yet.
 #   TPU: the same iters; block_rows 8 not measured.
 
 
