@@ -254,65 +254,18 @@ def prmt_selector(k: int) -> int:
     return k | (k << 4) | ((4 + k) << 8) | ((4 + k) << 12)
 
 
-def bisect_bits(passes, lo, hi, iters, steps_per_pass: int = 1):
+def bisect_bits(passes, lo, hi, iters):
     """Halves the int32 interval [lo, hi) ``iters`` times towards the largest value that
-    passes: lo is known (assumed) to pass, hi to fail. passes maps a list of int32 candidates
-    (each shaped like lo) to a list of bools, one evaluation of them all, and must be monotone
-    in each. The midpoint lo + (hi - lo) / 2 uses a logical shift of the difference, so spans
-    up to 2**32 - 1 (wrapping in int32) halve exactly. iters may be traced (then one step an
-    evaluation). Returns (lo, hi).
-
-    steps_per_pass k > 1 evaluates, at once, every midpoint the next k halvings could test
-    (2**k - 1 of them, the tree of both outcomes of each step) and then takes the k steps: the
-    same brackets as k single steps, for 1 evaluation instead of k (and 2**k - 1 candidates in
-    it instead of k).
+    passes: lo is known (assumed) to pass, hi to fail. passes maps an int32 candidate (shaped
+    like lo) to a bool of that shape and must be monotone (true up to the answer, false above).
+    The midpoint lo + (hi - lo) / 2 uses a logical shift of the difference, so spans up to
+    2**32 - 1 (wrapping in int32) halve exactly. iters may be traced. Returns (lo, hi).
     """
 
-    def midpoint(lo, hi):
-        return lo + jax.lax.shift_right_logical(hi - lo, 1)
-
-    def halve(lo, hi, ok):
-        mid = midpoint(lo, hi)
+    def step(_, carry):
+        lo, hi = carry
+        mid = lo + jax.lax.shift_right_logical(hi - lo, 1)
+        ok = passes(mid)
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    def steps(k, lo, hi):
-        """k halvings from one evaluation: the tree of midpoints, breadth first."""
-        mids, brackets = [], [(lo, hi)]
-        for _ in range(k):
-            level = []
-            for a, b in brackets:
-                mid = midpoint(a, b)
-                mids.append(mid)
-                level += [(a, mid), (mid, b)]  # the bracket if mid fails, if it passes
-            brackets = level
-        oks = passes(mids)
-        ok = oks[0]
-        node = None  # index of the tested midpoint in the tree (heap order), past the root
-        for level in range(k):
-            if level:
-                ok = _pick(oks, node)
-            lo, hi = halve(lo, hi, ok)
-            node = (0 if node is None else 2 * node) + 1 + ok.astype(jnp.int32)
-        return lo, hi
-
-    static = isinstance(iters, int)
-    k = steps_per_pass if static else 1
-    whole, rest = divmod(iters, k) if static else (iters, 0)
-    lo, hi = jax.lax.fori_loop(0, whole, lambda _, c: steps(k, *c), (lo, hi))
-    if rest:
-        lo, hi = steps(rest, lo, hi)
-    return lo, hi
-
-
-def _pick(values, node):
-    """values[node] elementwise, node an int32 array of indices into the list (a select
-    chain)."""
-    out = values[0]
-    for i, v in enumerate(values[1:], start=1):
-        out = jnp.where(node == i, v, out)
-    return out
-
-
-def check_steps_per_pass(cls: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
-        raise ValueError(f"{cls}.search_steps_per_pass must be an int in [1, 4], got {value!r}")
+    return jax.lax.fori_loop(0, iters, step, (lo, hi))

@@ -46,8 +46,9 @@ _INDEX_DTYPES = (np.int32,)
 # kernels-sweep{,2,3,4,6,8}-h200.*):
 #   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, next tile's
 #       lookups carried in the loop, 4-byte words.
-#   GPU num_stages 3: faster than 1 and 2 at batch 8, 32 and 64, each config timed twice in
-#       rotation (docs/results/session-2026-12-04e/spgemv-configs.md).
+#   GPU num_stages 3 (docs/results/session-2026-12-04e/spgemv-configs.md, with the inline-PTX
+#       unpack; each config twice, in rotation): 158-164 us vs 191-193 for 2 and 174-177 for
+#       1 at batch 64; 97-100 vs 114 at batch 32; 45 vs 50-52 at batch 8.
 #   TPU: no knobs (one candidate block per grid step); not measured.
 
 
@@ -226,11 +227,9 @@ def block_spgemv_gpu(
     scale: float | None = None,
     config: SpGEMVGpuConfig = DEFAULT_GPU_CONFIG,
     interpret: bool = False,
-    return_stats: bool = False,
 ):
     """Pallas Triton kernel; arguments and result as `block_spgemv` (checked by the caller,
-    but for the Triton kernel's own limits, checked here). Its statistics come in one part
-    per split of the kernel's grid."""
+    but for the Triton kernel's own limits, checked here)."""
     _check_gpu_args(q.shape[2], block_size)
     return spgemv_gpu.launch(
         q,
@@ -245,16 +244,7 @@ def block_spgemv_gpu(
         attn_scale=_attn_scale(scale, q.shape[2]),
         config=config,
         interpret=interpret,
-        stats=return_stats,
     )
-
-
-def softmax_parts(logits):
-    """(m, z), each [..., 1]: the max of the finite logits of each row (-inf if none) and the
-    sum of exp(x - m) over them (0 if none); the statistics in one part."""
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    base = jnp.where(m > -jnp.inf, m, 0.0)
-    return m, jnp.sum(jnp.exp(logits - base), axis=-1, keepdims=True)
 
 
 def block_spgemv_tpu(
@@ -308,7 +298,6 @@ def block_spgemv(
     scale: float | None = None,
     backend: str = "auto",
     config: SpGEMVGpuConfig | SpGEMVTpuConfig | None = None,
-    return_stats: bool = False,
 ):
     """Estimated logits of the candidate blocks from the INT4 K cache (Twilight's SpGEMV).
 
@@ -328,20 +317,12 @@ def block_spgemv(
         (docs/kernel_api.md).
       config: SpGEMVGpuConfig or SpGEMVTpuConfig for the kernel that runs; None: the
         defaults.
-      return_stats: static; also return each query head's softmax statistics of its finite
-        logits, in S parts (the GPU kernel's splits, computed as it writes them; one part
-        elsewhere): what topp_select_grouped's ``stats`` takes.
 
     Returns:
       [batch, num_q_heads, C * block_size] float32. Column c * block_size + i holds the logit
       of position p = cand_blocks[b, g, c] * block_size + i for query head h (g = h // G);
-      -inf where c >= cand_count[b, g] or p is outside [0, lengths[b]). With return_stats,
-      (logits, (m, z)), m and z [batch, num_q_heads, S] float32: part s's largest finite
-      logit (-inf if it has none) and its sum of exp(logit - m) (0 if none); the parts
-      partition each row's columns.
+      -inf where c >= cand_count[b, g] or p is outside [0, lengths[b]).
     """
-    if not isinstance(return_stats, bool):
-        raise ValueError(f"return_stats must be a static bool, got {return_stats!r}")
     _check_args(
         q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count, block_size, scale
     )
@@ -354,26 +335,11 @@ def block_spgemv(
     )
     batch, num_q_heads, _ = q.shape
     if cand_blocks.shape[2] == 0:
-        empty = jnp.zeros((batch, num_q_heads, 0), jnp.float32)
-        return (empty, softmax_parts(empty)) if return_stats else empty
+        return jnp.zeros((batch, num_q_heads, 0), jnp.float32)
     args = (q, k_int4, k_scale, k_zero, page_table, lengths, cand_blocks, cand_count)
-    return run(*args, block_size=int(block_size), scale=scale, return_stats=return_stats)
+    return run(*args, block_size=int(block_size), scale=scale)
 
 
-def _parts_from_logits(fn):
-    """fn with return_stats: the statistics in one part, from the logits it returns (the
-    kernels that do not keep them as they write)."""
-
-    def run(*args, return_stats=False, **kwargs):
-        logits = fn(*args, **kwargs)
-        return (logits, softmax_parts(logits)) if return_stats else logits
-
-    return run
-
-
-_STATIC = ("block_size", "scale", "return_stats")
-_reference_jit = jax.jit(_parts_from_logits(block_spgemv_reference), static_argnames=_STATIC)
-_gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=_STATIC + ("config", "interpret"))
-_tpu_jit = jax.jit(
-    _parts_from_logits(block_spgemv_tpu), static_argnames=_STATIC + ("config", "interpret")
-)
+_reference_jit = jax.jit(block_spgemv_reference, static_argnames=("block_size", "scale"))
+_gpu_jit = jax.jit(block_spgemv_gpu, static_argnames=("block_size", "scale", "config", "interpret"))
+_tpu_jit = jax.jit(block_spgemv_tpu, static_argnames=("block_size", "scale", "config", "interpret"))

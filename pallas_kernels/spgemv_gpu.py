@@ -113,7 +113,7 @@ def _gpu_kernel(
     ks_ref,  # [P * S] f32
     kz_ref,  # [P * S] f32
     o_ref,  # [G, C * bs] f32: the logits row block of (b, g)
-    *stats_refs,  # with stats: m, z [B, Hkv, G, splits] f32 (whole arrays)
+    *,
     group: int,
     group_pad: int,
     block_size: int,
@@ -224,26 +224,7 @@ def _gpu_kernel(
         store(first + t, logits_of(rows))
         return nxt
 
-    if not stats_refs:
-        jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
-    else:
-        # Each head's softmax statistics over this split's finite logits, online over the
-        # tiles (the top-p kernel merges the splits' and need not read the logits for them).
-        def stats_body(t, carry):
-            rows, m, z = carry
-            nxt = rows_of(first + t + 1)
-            logits = logits_of(rows)
-            store(first + t, logits)
-            m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-            base = jnp.where(m_new > -jnp.inf, m_new, 0.0)
-            z = z * jnp.exp(m - base) + jnp.sum(jnp.exp(logits - per_head(base)), axis=1)
-            return nxt, m_new, z
-
-        init = (rows_of(first), jnp.full((group_pad,), -jnp.inf), jnp.zeros((group_pad,)))
-        _, m, z = jax.lax.fori_loop(0, num_live, stats_body, init)
-        m_ref, z_ref = stats_refs
-        plt.store(m_ref.at[b, g, heads, s], m, mask=heads < group)
-        plt.store(z_ref.at[b, g, heads, s], z, mask=heads < group)
+    jax.lax.fori_loop(0, num_live, live_body, rows_of(first))
 
     def dead_body(t, carry):
         store(first_dead + t, jnp.full(tile_shape, -jnp.inf, jnp.float32))
@@ -266,11 +247,9 @@ def launch(
     attn_scale: float,
     config,
     interpret: bool,
-    stats: bool = False,
 ):
     """The Triton kernel; arguments as `block_spgemv` (checked by pallas_kernels.spgemv),
-    attn_scale the logit scale, config a SpGEMVGpuConfig. Result as `block_spgemv`; with stats,
-    (logits, (m, z)), each of m and z [B, Hq, splits] (see block_spgemv's return_stats).
+    attn_scale the logit scale, config a SpGEMVGpuConfig. Result as `block_spgemv`.
 
     Grid (B, Hkv, splits); each split loops over its share of the candidate tiles, then writes
     -inf over its share of the tiles past cand_count.
@@ -312,7 +291,7 @@ def launch(
         asm_unpack=word_bytes == 4 and not interpret,
     )
 
-    outs = pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, splits),
         in_specs=[
@@ -325,14 +304,12 @@ def launch(
             pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
             pl.BlockSpec((None, num_pages * page_size), lambda b, g, s: (g, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, group, num_cand * block_size), lambda b, g, s: (b, g, 0, 0))
-        ]
-        + [pl.no_block_spec] * (2 * stats),
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, group, num_cand * block_size), jnp.float32)
-        ]
-        + [jax.ShapeDtypeStruct((batch, num_kv_heads, group, splits), jnp.float32)] * (2 * stats),
+        out_specs=pl.BlockSpec(
+            (None, None, group, num_cand * block_size), lambda b, g, s: (b, g, 0, 0)
+        ),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, num_kv_heads, group, num_cand * block_size), jnp.float32
+        ),
         compiler_params=plt.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
@@ -348,7 +325,4 @@ def launch(
         k_scale.reshape(num_kv_heads, num_pages * page_size),
         k_zero.reshape(num_kv_heads, num_pages * page_size),
     )
-    logits = outs[0].reshape(batch, num_q_heads, num_cand * block_size)
-    if not stats:
-        return logits
-    return logits, tuple(x.reshape(batch, num_q_heads, splits) for x in outs[1:])
+    return out.reshape(batch, num_q_heads, num_cand * block_size)

@@ -66,17 +66,12 @@ class TopKGpuConfig:
 
     max_cols: rows with more columns than this skip the kernel, whose row lives in registers,
       and run the reference (lax.top_k on the same keys: the same ids).
-    search_steps_per_pass: bisection steps of the cut per pass over the row, in [1, 4]: k
-      steps count the entries above all 2**k - 1 midpoints they could test at once (the same
-      cut from fewer block-wide reductions in sequence, with more counts in each).
     """
 
     max_cols: int = 32768
-    search_steps_per_pass: int = 1
 
     def __post_init__(self):
         _common.check_positive("TopKGpuConfig", "max_cols", self.max_cols)
-        _common.check_steps_per_pass("TopKGpuConfig", self.search_steps_per_pass)
 
 
 DEFAULT_GPU_CONFIG = TopKGpuConfig()
@@ -116,7 +111,7 @@ def topk_ids_reference(scores, k: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int, steps_per_pass: int):
+def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int):
     """x_ref [N] f32 (one row), out_ref [k] i32."""
     np_ = pl.next_power_of_2(num_cols)
     col = jnp.arange(np_, dtype=jnp.int32)
@@ -124,8 +119,8 @@ def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int, steps_per_pass: int):
     x = plt.load(x_ref.at[pl.ds(0, np_)], mask=in_row, other=0.0)
     key = jnp.where(in_row, _keys(x), _INT32_MIN)
 
-    def passes(cuts):
-        return [jnp.sum((key >= c).astype(jnp.int32)) >= k for c in cuts]
+    def passes(cut):
+        return jnp.sum((key >= cut).astype(jnp.int32)) >= k
 
     # Invariant: count(key >= lo) >= k (lo = INT32_MIN is assumed, never evaluated),
     # count(key >= hi) < k (no key reaches INT32_MAX: that is a NaN's). hi - lo may wrap in
@@ -133,7 +128,7 @@ def _gpu_kernel(x_ref, out_ref, *, num_cols: int, k: int, steps_per_pass: int):
     # [lo, hi), so the wrapping add is exact.
     lo0 = jnp.array(_INT32_MIN, jnp.int32)
     hi0 = jnp.array(_INT32_MAX, jnp.int32)
-    cut, _ = _common.bisect_bits(passes, lo0, hi0, _ITERS, steps_per_pass)
+    cut, _ = _common.bisect_bits(passes, lo0, hi0, _ITERS)
     # The cut is at least the lowest real key (all N >= k real entries reach it), which is
     # above INT32_MIN: padding is neither above nor in the band.
     above = key > cut  # fewer than k entries
@@ -156,9 +151,7 @@ def topk_ids_gpu(
     r, n = scores.shape
     if n > config.max_cols:
         return topk_ids_reference(scores, k)
-    kernel = functools.partial(
-        _gpu_kernel, num_cols=n, k=k, steps_per_pass=config.search_steps_per_pass
-    )
+    kernel = functools.partial(_gpu_kernel, num_cols=n, k=k)
     return pl.pallas_call(
         kernel,
         grid=(r,),

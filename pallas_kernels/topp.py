@@ -57,7 +57,6 @@ __all__ = [
     "EXACT_ITERS",
     "TopPGpuConfig",
     "TopPTpuConfig",
-    "select_takes_stats",
     "topp_select",
     "topp_select_gpu",
     "topp_select_grouped",
@@ -111,10 +110,8 @@ def topp_threshold_reference(logits, valid, p):
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",))
-def topp_select_grouped_reference(logits, valid, p, capacity, stats=None):
-    """Reference of ``topp_select_grouped``: (indices, counts, saturated, mass); stats is not
-    used (the reference is defined by the logits alone)."""
-    del stats
+def topp_select_grouped_reference(logits, valid, p, capacity):
+    """Reference of ``topp_select_grouped``: (indices, counts, saturated, mass)."""
     logits = jnp.asarray(logits, jnp.float32)
     r, g, n = logits.shape
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (r,))
@@ -222,7 +219,7 @@ def topp_threshold(logits, valid, p, *, backend="auto", config=None):
     )(logits, valid, p)
 
 
-def topp_select_grouped(logits, valid, p, capacity, *, stats=None, backend="auto", config=None):
+def topp_select_grouped(logits, valid, p, capacity, *, backend="auto", config=None):
     """Union of per-head top-p sets for heads sharing one selection, compacted.
 
     Args:
@@ -230,12 +227,6 @@ def topp_select_grouped(logits, valid, p, capacity, *, stats=None, backend="auto
       valid: [R, N] bool, shared by the G heads, or None (as ``topp_threshold``).
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
       capacity: static int >= 1, the selection capacity.
-      stats: None, or (m, z), each [R, G, S] float32: each head's softmax statistics over its
-        valid entries in S parts (the largest logit of a part, -inf if it has none, and its sum
-        of exp(logit - that), 0 if none), as block_spgemv(return_stats=True) gives them while
-        it writes the logits. The kernel that would otherwise read the row once for them (the
-        GPU compacting kernel, ``select_takes_stats``) merges them instead; others ignore them.
-        They must describe these logits and this mask: they are not checked against them.
       backend, config: as ``topp_threshold``.
 
     Returns:
@@ -246,40 +237,13 @@ def topp_select_grouped(logits, valid, p, capacity, *, stats=None, backend="auto
       mass: [R, G] float32, head g's weight on the final selection.
     """
     _check_common(logits, valid, p, capacity, "[R, G, N]")
-    if stats is not None:
-        _check_stats(stats, np.shape(logits)[:2])
     return _common.implementation(
         backend,
         config,
         reference=topp_select_grouped_reference,
         gpu=(topp_select_grouped_gpu, topp_gpu.DEFAULT_CONFIG),
         tpu=(topp_select_grouped_tpu, topp_tpu.DEFAULT_CONFIG),
-    )(logits, valid, p, int(capacity), stats)
-
-
-def select_takes_stats(rows: int, cols: int, *, backend="auto", config=None) -> bool:
-    """Whether ``topp_select_grouped`` of rows x cols (static) runs a kernel that uses
-    ``stats``: only then is it worth asking the kernel that writes the logits for them."""
-    impl, _ = _common.resolve_backend(backend)
-    if impl != "gpu":
-        return False
-    cfg = topp_gpu.DEFAULT_CONFIG if config is None else config
-    return isinstance(cfg, TopPGpuConfig) and topp_gpu.compacts(rows, cols, cfg)
-
-
-def _check_stats(stats, rows_heads) -> None:
-    if not isinstance(stats, (tuple, list)) or len(stats) != 2:
-        raise ValueError(f"stats must be None or a pair (m, z), got {type(stats).__name__}")
-    shapes = [tuple(np.shape(x)) for x in stats]
-    for name, x, shape in zip(("m", "z"), stats, shapes):
-        _common.check_dtype(f"stats {name}", x, (jnp.float32,))
-        if len(shape) != 3 or shape[:2] != tuple(rows_heads) or shape[2] < 1:
-            raise ValueError(
-                f"stats {name} must have shape [R, G, S] = [{rows_heads[0]}, {rows_heads[1]}, "
-                f"S >= 1], got {shape}"
-            )
-    if shapes[0] != shapes[1]:
-        raise ValueError(f"stats m and z must have the same shape, got {shapes[0]}, {shapes[1]}")
+    )(logits, valid, p, int(capacity))
 
 
 def topp_select(logits, valid, p, capacity, *, backend="auto", config=None):

@@ -42,7 +42,6 @@ EXACT_ITERS = 30
 #       pair in the op from 512 rows (and on Twilight over all's 32768-column rows) and loses
 #       below, where few rows leave its loop of dependent loads exposed
 #       (docs/results/session-2026-12-04e/sweep-topp-compact.md, attention-compact.md).
-#   GPU search_steps_per_pass 1: 2 and 3 are in the kernel sweep, not measured yet.
 #   TPU: the same iters; block_rows 8 not measured.
 
 
@@ -88,17 +87,12 @@ class TopPGpuConfig(_Search):
       time each: the compacting kernel's loop of dependent loads wins only once enough rows
       hide its latency.
     chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
-    search_steps_per_pass: bisection steps taken per pass over the weights (the compacting
-      kernel's compacted tiles, the threshold kernel's resident row), in [1, 4]: k steps test
-      the 2**k - 1 midpoints they could need in one pass, so the thresholds are those of one
-      step a pass, from fewer passes (and block reductions) with more sums in each.
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
     compact_min_rows: int = 512
     chunk_cols: int = 1024
-    search_steps_per_pass: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,7 +107,6 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
         _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
-        _common.check_steps_per_pass("TopPGpuConfig", self.search_steps_per_pass)
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -194,20 +187,16 @@ def lower_bits(p, hi, num_cols: int):
     return jnp.clip(lo, 0, hi - 1)
 
 
-def _bisect(passes, lo, hi, iters, steps_per_pass=1):
+def _bisect(passes, lo, hi, iters):
     """Brackets the largest float t >= 0 with passes(t), per head, by its bit pattern.
 
     lo, hi: int32 [H, 1...], bit patterns known to pass (lo: assumed, never evaluated) and to
-    fail (or the end of the range). passes maps a list of f32 [H, 1...] thresholds to a list of
-    bools of the same shape (one evaluation of them all, e.g. one pass over the weights) and
-    must be monotone in each (true up to the answer, false above). Returns (lo, hi) as floats:
-    passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a range
-    within [0, 2**30) they are adjacent floats, so lo is the answer. steps_per_pass: as
-    ``_common.bisect_bits``.
+    fail (or the end of the range). passes maps an f32 [H, 1...] threshold to a bool of the
+    same shape and must be monotone (true up to the answer, false above). Returns (lo, hi) as
+    floats: passes(lo), not passes(hi) (unless hi is the initial bound); after 30 steps on a
+    range within [0, 2**30) they are adjacent floats, so lo is the answer.
     """
-    lo, hi = _common.bisect_bits(
-        lambda bits: passes([as_float(b) for b in bits]), lo, hi, iters, steps_per_pass
-    )
+    lo, hi = _common.bisect_bits(lambda bits: passes(as_float(bits)), lo, hi, iters)
     return as_float(lo), as_float(hi)
 
 
@@ -215,15 +204,13 @@ def as_float(bits):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass=1):
+def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
     """Per-head top-p threshold [H, 1...] from two reductions over the weights, so the same
     search runs over a resident block or a loop over chunks.
 
-    mass_at_least(ts): for a list of thresholds, the sums of the weights >= each, per head (one
-    pass over the weights for them all); band_top(lo, hi): the largest weight in [lo, hi) per
-    head, -1 if none. lo, hi: int32 bit patterns, lower_bits and upper_bits. p >= 1 leaves
-    t = 0 (every valid entry). steps_per_pass: bisection steps per evaluation (_bisect); the
-    result does not depend on it.
+    mass_at_least(t): the sum of the weights >= t, per head; band_top(lo, hi): the largest
+    weight in [lo, hi) per head, -1 if none. lo, hi: int32 bit patterns, lower_bits and
+    upper_bits. p >= 1 leaves t = 0 (every valid entry).
 
     The bisection ends with a bracket [lo, hi) of the threshold (lo reaches p, hi does not).
     The snap: the exact threshold is a weight in [lo, hi); if the heaviest weight there, b,
@@ -232,29 +219,23 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass=1
     exact whenever the band holds a single weight.
     """
     target = jnp.where(p >= 1.0, jnp.inf, p)
-
-    def passes(ts):
-        return [m >= target for m in mass_at_least(ts)]
-
-    lo, hi = _bisect(passes, lo, hi, iters, steps_per_pass)
+    lo, hi = _bisect(lambda t: mass_at_least(t) >= target, lo, hi, iters)
     band = band_top(lo, hi)
-    ok = (band >= lo) & (mass_at_least([band])[0] >= target)
+    ok = (band >= lo) & (mass_at_least(band) >= target)
     return jnp.where(ok, band, lo)
 
 
-def head_thresholds(w, hi, p, axes, iters, num_cols, steps_per_pass=1):
-    """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]; steps_per_pass as
-    search_threshold."""
+def head_thresholds(w, hi, p, axes, iters, num_cols):
+    """Per-head top-p threshold [H, 1...] of resident weights w [H, *row]."""
 
-    def mass_at_least(ts):
-        # Independent reductions (Triton blocks cannot stack 2**k - 1 of them on a new axis).
-        return [jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True) for t in ts]
+    def mass_at_least(t):
+        return jnp.sum(jnp.where(w >= t, w, 0.0), axis=axes, keepdims=True)
 
     def band_top(lo, hi):
         return jnp.max(jnp.where((w >= lo) & (w < hi), w, -1.0), axis=axes, keepdims=True)
 
     lo = lower_bits(p, hi, num_cols)
-    return search_threshold(mass_at_least, band_top, lo, hi, p, iters, steps_per_pass)
+    return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
 
 
 def kept_mass(w, final, axes):
@@ -271,9 +252,7 @@ def capacity_cut(count_at_least, capacity, iters, shape):
     may be traced (0 leaves the whole range)."""
     # Priorities never exceed 1, so 1.0 + 1 ulp holds none: count < capacity there.
     hi = jnp.full(shape, _ONE_BITS + 1, jnp.int32)
-    return _bisect(
-        lambda ts: [count_at_least(t) >= capacity for t in ts], jnp.zeros_like(hi), hi, iters
-    )
+    return _bisect(lambda t: count_at_least(t) >= capacity, jnp.zeros_like(hi), hi, iters)
 
 
 def limit_to_capacity(union, priority, capacity, axes, iters, inclusive_prefix):

@@ -115,9 +115,7 @@ def _gpu_head_kernel(
     x, valid = _gpu_load_row(x_ref, valid_ref, 1, num_cols)  # [1, Np] each
     valid, m, z = tc.softmax_stats(x, valid, axes=(1,))  # m, z [1, 1]
     w = tc.weights_from(x, valid, m, z)  # [1, Np]
-    t = tc.head_thresholds(
-        w, tc.upper_bits(z), p_ref[0], (1,), config.iters, num_cols, config.search_steps_per_pass
-    )  # [1, 1]
+    t = tc.head_thresholds(w, tc.upper_bits(z), p_ref[0], (1,), config.iters, num_cols)  # [1, 1]
     threshold_ref, *stat_refs = out_refs
     threshold_ref[0] = jnp.max(t)
     if capacity is None:
@@ -164,12 +162,13 @@ def _gpu_compact_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
     valid_ref,  # [N] bool, or None: every column
     p_ref,  # [1] f32
-    *refs,
-    # (with stats: m_parts, z_parts [G, S] f32, the softmax statistics of the valid entries
-    # in S parts), then indices [capacity] i32, count [1] i32, saturated [1] i32, mass [G]
-    # f32, and the scratch: wbuf [G, N] f32, the weights of the entries that can matter,
-    # compacted, and cbuf [N] i32, their columns
-    num_parts: int,
+    indices_ref,  # [capacity] i32
+    count_ref,  # [1] i32
+    saturated_ref,  # [1] i32
+    mass_ref,  # [G] f32
+    wbuf_ref,  # [G, N] f32 scratch: the weights of the entries that can matter, compacted
+    cbuf_ref,  # [N] i32 scratch: their columns
+    *,
     num_heads: int,
     num_cols: int,
     capacity: int,
@@ -178,8 +177,6 @@ def _gpu_compact_kernel(
     interpret: bool,
 ):
     """Select in one kernel a row, looping over [Gp, chunk] tiles (see _compact_call)."""
-    parts_refs, refs = refs[: 2 * bool(num_parts)], refs[2 * bool(num_parts) :]
-    indices_ref, count_ref, saturated_ref, mass_ref, wbuf_ref, cbuf_ref = refs
     gp = pl.next_power_of_2(num_heads)
     heads = jnp.arange(gp, dtype=jnp.int32)[:, None]
     head_ok = heads < num_heads
@@ -219,18 +216,7 @@ def _gpu_compact_kernel(
         z = z * jnp.exp(m - base) + row_sum(jnp.where(valid, jnp.exp(x - base), 0.0))
         return m_new, z
 
-    if parts_refs:  # given by the kernel that wrote the logits: merged, no pass over the row
-        part = jnp.arange(pl.next_power_of_2(num_parts))
-        part_ok = head_ok & (part[None, :] < num_parts)
-        m_parts, z_parts = (
-            plt.load(r.at[heads, part[None, :]], mask=part_ok, other=other)
-            for r, other in zip(parts_refs, (-jnp.inf, 0.0))
-        )
-        m = jnp.max(m_parts, axis=1, keepdims=True)
-        base = jnp.where(m > -jnp.inf, m, 0.0)
-        z = row_sum(z_parts * jnp.exp(m_parts - base))
-    else:
-        m, z = fold(num_chunks, stats, (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1))))
+    m, z = fold(num_chunks, stats, (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1))))
     m = jnp.where(m > -jnp.inf, m, 0.0)
     hi = tc.upper_bits(z)
     p = p_ref[0]
@@ -266,13 +252,9 @@ def _gpu_compact_kernel(
     def over_live(reduce, init):
         return fold(live_chunks, lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
 
-    # 3. The thresholds, searched over the compacted weights only; each pass over them sums
-    # the weights above every threshold the search asks about at once.
-    def mass_at_least(ts):
-        def add(acc, w):
-            return tuple(a + row_sum(jnp.where(w >= t, w, 0.0)) for a, t in zip(acc, ts))
-
-        return list(over_live(add, tuple(jnp.zeros_like(t) for t in ts)))
+    # 3. The thresholds, searched over the compacted weights only.
+    def mass_at_least(t):
+        return over_live(lambda acc, w: acc + row_sum(jnp.where(w >= t, w, 0.0)), jnp.zeros_like(t))
 
     def band_top(lo, hi):
         def top(acc, w):
@@ -281,9 +263,7 @@ def _gpu_compact_kernel(
 
         return over_live(top, jnp.full_like(lo, -1.0))
 
-    t = tc.search_threshold(
-        mass_at_least, band_top, lo, hi, p, config.iters, config.search_steps_per_pass
-    )
+    t = tc.search_threshold(mass_at_least, band_top, lo, hi, p, config.iters)
 
     def union_of(w):
         union = col_any(w >= t)
@@ -419,7 +399,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
     )(logits, *v_args, *head_out)
 
 
-def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
+def _compact_call(logits, valid, p, capacity, config, interpret):
     """Select outputs from one kernel a row (_gpu_compact_kernel), any row length.
 
     The search's lower bound (topp_common.lower_bits) is known once the row's softmax sum is:
@@ -430,8 +410,6 @@ def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
     the entries that can matter instead of the row length, and no tile is held across steps,
     so registers stay few and programs many. The row is read twice (softmax statistics, then
     the compaction); a flat row keeps every entry and costs about what a whole-row search does.
-    With stats ([R, G, S] max and sum parts of the valid entries, from the kernel that wrote the
-    logits) the statistics pass is skipped: the row is read once.
     """
     r, g, n = logits.shape
     chunk = min(config.chunk_cols, max(16, pl.next_power_of_2(n)))
@@ -444,10 +422,8 @@ def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
         pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
         pl.BlockSpec((None, n), lambda i: (i, 0)),
     ]
-    num_parts = 0 if stats is None else stats[0].shape[2]
     kernel = functools.partial(
         _gpu_compact_kernel,
-        num_parts=num_parts,
         num_heads=g,
         num_cols=n,
         capacity=capacity,
@@ -463,7 +439,6 @@ def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
             *v_specs,
             pl.BlockSpec((1,), lambda i: (i,)),
-            *[pl.BlockSpec((None, g, num_parts), lambda i: (i, 0, 0))] * (2 * bool(num_parts)),
         ],
         out_specs=out_specs + scratch_specs,
         out_shape=out_shape + scratch_shape,
@@ -472,7 +447,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret, stats=None):
         ),
         interpret=interpret,
         name="topp_compact_select_gpu",
-    )(logits, *v_args, p, *(stats or ()))
+    )(logits, *v_args, p)
     return out[:4]
 
 
@@ -491,20 +466,14 @@ def _xla_threshold_call(logits, valid, p, config):
     return t[..., 0], count, mass
 
 
-def compacts(rows: int, cols: int, config: TopPGpuConfig) -> bool:
-    """Whether a selection of rows x cols runs the compacting kernel (which alone takes
-    precomputed softmax statistics)."""
-    return cols > config.max_cols or rows >= config.compact_min_rows
-
-
-def _call(logits, valid, p, capacity, config, interpret, stats=None):
+def _call(logits, valid, p, capacity, config, interpret):
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:1])
     r, _, n = logits.shape
     if capacity is None:
         if n > config.max_cols:
             return _xla_threshold_call(logits, valid, p, config)
-    elif compacts(r, n, config):
-        return _compact_call(logits, valid, p, capacity, config, interpret, stats)
+    elif n > config.max_cols or r >= config.compact_min_rows:
+        return _compact_call(logits, valid, p, capacity, config, interpret)
     return _kernels_call(logits, valid, p, capacity, config, interpret)
 
 
@@ -521,12 +490,10 @@ def topp_threshold_gpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=Fal
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
-def topp_select_grouped_gpu(
-    logits, valid, p, capacity, stats=None, *, config=DEFAULT_CONFIG, interpret=False
-):
+def topp_select_grouped_gpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
     """Pallas GPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool or None,
-    p [R], stats None or (m, z) [R, G, S] (used by the compacting kernel)."""
-    indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret, stats)
+    p [R]."""
+    indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
     return indices, count, saturated != 0, mass
 
 

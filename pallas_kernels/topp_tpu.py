@@ -195,12 +195,8 @@ def topp_threshold_tpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=Fal
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
-def topp_select_grouped_tpu(
-    logits, valid, p, capacity, stats=None, *, config=DEFAULT_CONFIG, interpret=False
-):
-    """Pallas TPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool, p [R];
-    stats is not used (the kernel holds its rows and computes them itself)."""
-    del stats
+def topp_select_grouped_tpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
+    """Pallas TPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool, p [R]."""
     indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
     return indices, count, saturated != 0, mass
 

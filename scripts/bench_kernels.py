@@ -55,13 +55,7 @@ ATTN_SWEEP = [
 TOPP_SWEEP = [
     topp.TopPGpuConfig(compact_min_rows=1),  # the compacting kernel at any row count
     topp.TopPGpuConfig(compact_min_rows=1 << 30),  # the row-resident pair
-    # The search, 2 and 3 bisection steps a pass over the weights, in both forms.
-    topp.TopPGpuConfig(compact_min_rows=1, search_steps_per_pass=2),
-    topp.TopPGpuConfig(compact_min_rows=1, search_steps_per_pass=3),
-    topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=2),
-    topp.TopPGpuConfig(compact_min_rows=1 << 30, search_steps_per_pass=3),
 ]
-TOPK_SWEEP = [topk.TopKGpuConfig(search_steps_per_pass=k) for k in (2, 3)]
 
 
 def make_pool(key, batch, ctx):
@@ -308,30 +302,17 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
         record(name, batch, ctx, f"{pps} pages", t, nbytes, str(config or ""))
 
     # Quest's page top-k: the B0 / S best of each (sequence, KV head) row of page scores.
-    def page_topk(config=None, name="topk_ids"):
+    def page_topk():
         k = b0 // S
         rows = batch * HKV
         score_sets = [
             (jax.random.normal(jax.random.fold_in(key, 7 + i), (rows, pps), jnp.float32),)
             for i in range(N_ROT)
         ]
-        t = benchlib.time_fn(
-            lambda x: topk.topk_ids(x, k, backend="pallas", config=config), score_sets, ()
-        )
-        record(
-            name,
-            batch,
-            ctx,
-            f"{rows} x {pps} pages, k {k}",
-            t,
-            rows * (pps + k) * 4,
-            str(config or ""),
-        )
+        t = benchlib.time_fn(lambda x: topk.topk_ids(x, k, backend="pallas"), score_sets, ())
+        record("topk_ids", batch, ctx, f"{rows} x {pps} pages, k {k}", t, rows * (pps + k) * 4, "")
 
     attempt("topk_ids", page_topk)
-    if args.sweep:
-        for cfg in TOPK_SWEEP:
-            attempt("topk_sweep", lambda cfg=cfg: page_topk(cfg, "topk_sweep"))
     attempt("quest_page_scores", qs_scores)
     attempt("quest_page_scores_int8", lambda: qs_scores(name="quest_page_scores_int8", int8=True))
     if args.sweep:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from _export import export_cuda, export_tpu, pallas_kernels_called
 
-from pallas_kernels import assume_platform, topp_gpu
-from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner, selectors
+from pallas_kernels import assume_platform
+from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner
 from twilight_jax.attention import _decode_attention
 from twilight_jax.reference import decode_attention_reference
 
@@ -236,42 +236,6 @@ def test_top_p_reads_a_mask_only_where_the_estimates_lack_it(
     p = jnp.asarray([0.7, 0.9, 0.5, 0.3], jnp.float32)
     _check_vs_reference(q, cache, cfg, p, 1e-5)
     assert seen == [reads_mask]
-
-
-def test_spgemv_statistics_reach_the_compacting_top_p(monkeypatch):
-    """Where the top-p runs the compacting kernel (here at any row count), the pipeline asks
-    the SpGEMV for its softmax statistics and the top-p merges them instead of reading the
-    estimates for them: the same selection and output as without (Pallas kernels, interpreted)."""
-    monkeypatch.setattr(topp_gpu, "DEFAULT_CONFIG", topp_gpu.TopPGpuConfig(compact_min_rows=1))
-    seen = []
-    select = pruner.topp_select_grouped
-
-    def spy(*args, stats=None, **kw):
-        seen.append(stats is not None)
-        return select(*args, stats=stats, **kw)
-
-    monkeypatch.setattr(pruner, "topp_select_grouped", spy)
-    q, _, _, cache = _case(d=32)  # the GPU SpGEMV's smallest head_dim
-    cfg = _cfg("all", top_p=0.7, max_budget=T)
-    p = jnp.asarray([0.7, 0.9, 0.5, 0.3], jnp.float32)
-    runs = []
-    for stats in (True, False):
-        monkeypatch.setattr(pruner, "stats_wanted", lambda *a, s=stats: s)
-        _decode_attention.clear_cache()
-        runs.append(decode_attention(q, cache, cfg, top_p=p, backend="pallas"))
-    assert seen == [True, False]
-    (out, info), (out0, info0) = runs
-    np.testing.assert_array_equal(info.counts, info0.counts)
-    np.testing.assert_array_equal(_mask(info), _mask(info0))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(out0), atol=1e-6)
-    np.testing.assert_allclose(info.estimated_mass, info0.estimated_mass, atol=1e-6)
-    monkeypatch.undo()
-    _decode_attention.clear_cache()
-    b, hq = q.shape[:2]
-    cand = selectors.select_all(cache, cfg, hq // cache.num_kv_heads)
-    # Asked for only where it pays: the GPU compacting kernel, INT4 estimates carrying the mask.
-    assert not pruner.stats_wanted(cand, b, hq, cfg, "reference")
-    assert not pruner.stats_wanted(cand, b, hq, cfg, "pallas")  # 8 rows: the resident pair
 
 
 @pytest.mark.parametrize("selector,gqa", SELECTOR_CASES)

@@ -223,33 +223,6 @@ def test_gpu_tiles_and_splits(case):
     _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
 
 
-@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu", "reference"])
-def test_stats_describe_the_logits_returned(backend):
-    """return_stats: per part (the GPU kernel's splits, else one) the largest finite logit and
-    the sum of exp(logit - it), merged equal the softmax statistics of the logits the same call
-    returns; splits with no live tile (counts 0, 1) give (-inf, 0)."""
-    case = SPLIT_CASES[0]
-    args = _make(case, 57)
-    kw = dict(block_size=case.block_size, scale=case.scale, backend=backend)
-    if backend == "pallas_gpu":
-        kw["config"] = case.config()
-    logits, (m, z) = spgemv.block_spgemv(*args, **kw, return_stats=True)
-    np.testing.assert_array_equal(logits, spgemv.block_spgemv(*args, **kw))
-    parts = m.shape[-1]
-    assert m.shape == z.shape == logits.shape[:2] + (parts,)
-    assert (parts > 1) == (backend == "pallas_gpu")
-    m, z, x = (np.asarray(a, np.float64) for a in (m, z, logits))
-    top = m.max(-1)
-    np.testing.assert_array_equal(top, x.max(-1))
-    base = np.where(np.isfinite(top), top, 0.0)[..., None]
-    merged = (z * np.exp(m - base)).sum(-1)
-    np.testing.assert_allclose(merged, np.exp(x - base).sum(-1), rtol=1e-5)
-    empty = ~np.isfinite(m)
-    assert empty.any() and (z[empty] == 0).all()
-    with pytest.raises(ValueError, match="return_stats must be a static bool"):
-        spgemv.block_spgemv(*args, **kw, return_stats=1)
-
-
 # The gather word width follows head_dim (4 bytes at D = 128, 2 at D = 64, which the cases
 # above run): bytes at D = 32, where wider words would leave Triton's dots fewer than 16 columns.
 BYTE_CASE = Case(4, 32, 16, 1, F32, tokens_per_chunk=16, batch=2, max_len=40, num_cand=24)
@@ -354,12 +327,6 @@ def test_export_cuda(block_size, q_dtype):
         lambda *a: spgemv.block_spgemv_gpu(*a, block_size=block_size, config=cfg), *args
     )
     assert "block_spgemv_gpu" in exp.mlir_module()
-    export_cuda(
-        lambda *a: spgemv.block_spgemv_gpu(
-            *a, block_size=block_size, config=cfg, return_stats=True
-        ),
-        *args,
-    )
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

@@ -161,29 +161,6 @@ def test_random_ties_and_infs(backend):
     _check_invariants(x, got, k)
 
 
-def test_search_steps_per_pass_change_nothing():
-    """2, 3 and 4 bisection steps of the cut per pass over the row (32 steps: remainders 0, 2
-    and 0) keep exactly the ids of one step a pass: the rows of test_random_ties_and_infs."""
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((12, 77)).astype(np.float32)
-    x[0::3] = np.round(x[0::3] * 2)
-    x[1::3, rng.permutation(77)[:50]] = -np.inf
-    x[2, :5] = np.inf
-    want = _want(x, 20)
-    for k in (2, 3, 4):
-        cfg = topk.TopKGpuConfig(search_steps_per_pass=k)
-        got = topk_ids(jnp.asarray(x), 20, backend="pallas_gpu", config=cfg)
-        np.testing.assert_array_equal(got, want)
-    for bad in (0, 5, True, 2.0):
-        with pytest.raises(ValueError, match=r"search_steps_per_pass must be an int in \[1, 4\]"):
-            topk.TopKGpuConfig(search_steps_per_pass=bad)
-    with assume_platform("gpu"):
-        cfg = topk.TopKGpuConfig(search_steps_per_pass=3)
-        s = jax.ShapeDtypeStruct((512, 2048), jnp.float32)
-        exp = export_cuda(lambda s: topk_ids(s, 512, backend="pallas_gpu", config=cfg), s)
-        assert _TRITON_CALL in exp.mlir_module()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_batch_dims(backend):
     rng = np.random.default_rng(6)

@@ -314,85 +314,6 @@ def test_no_mask_is_the_mask_of_the_finite_logits(backend, config):
         np.testing.assert_array_equal(got[1], ref[1])
 
 
-@pytest.mark.parametrize("iters", [16, EXACT_ITERS])
-def test_search_steps_per_pass_change_nothing(iters):
-    """The compacting kernel taking 2 or 4 bisection steps per pass over its compacted weights,
-    and the threshold kernel 3 per pass over its resident row (all the midpoints they could
-    test, in one pass), keep exactly what one step a pass keeps, with and without a remainder
-    of steps (16 by 3, 30 by 4)."""
-    logits, valid, p = _mixed_batch(53, rows=10, heads=4)
-    cap = 40
-    for form in (dict(chunk_cols=64, **COMPACT), {}):  # and the row-resident pair's search
-        base = TopPGpuConfig(iters=iters, **form)
-        want = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=base)
-        for k in (2, 4) if form else (3,):
-            cfg = TopPGpuConfig(iters=iters, search_steps_per_pass=k, **form)
-            got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=cfg)
-            for a, b in zip(got, want):
-                np.testing.assert_array_equal(a, b)
-    if iters == EXACT_ITERS:  # and exact: the reference's selection
-        ref = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
-        for a, b in zip(want[:3], ref[:3]):
-            np.testing.assert_array_equal(a, b)
-    x3 = jax.ShapeDtypeStruct((512, 4, 8192), jnp.float32)
-    p = jax.ShapeDtypeStruct((512,), jnp.float32)
-    for form in (COMPACT, {}):
-        cfg = TopPGpuConfig(search_steps_per_pass=3, **form)
-        export_cuda(lambda x, p: topp.topp_select_grouped_gpu(x, None, p, 2048, config=cfg), x3, p)
-
-
-def _parts(logits, valid, splits):
-    """Softmax statistics of the valid entries in `splits` parts of contiguous columns."""
-    x = np.where(np.asarray(valid)[:, None, :], np.asarray(logits), -np.inf)
-    ms, zs = [], []
-    for cols in np.array_split(np.arange(x.shape[-1]), splits):
-        part = x[..., cols]
-        m = part.max(-1)
-        base = np.where(np.isfinite(m), m, 0.0)[..., None]
-        ms.append(m)
-        zs.append(np.exp(part - base).sum(-1))
-    return jnp.asarray(np.stack(ms, -1), jnp.float32), jnp.asarray(np.stack(zs, -1), jnp.float32)
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-def test_compact_kernel_takes_the_softmax_statistics_given(splits):
-    """stats (as block_spgemv gives them): the compacting kernel merges them instead of reading
-    the row for them, and selects exactly as without; the row-resident pair and the reference
-    ignore them. Shapes are checked."""
-    logits, valid, p = _mixed_batch(59, rows=10, heads=4)
-    cap = 40
-    stats = _parts(logits, valid, splits)
-    want = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
-    for cfg in (TopPGpuConfig(iters=EXACT_ITERS, **COMPACT), TopPGpuConfig(iters=EXACT_ITERS)):
-        got = topp.topp_select_grouped(
-            logits, valid, p, cap, stats=stats, backend="pallas", config=cfg
-        )
-        for a, b in zip(got[:3], want[:3]):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(got[3], want[3], **TOL)
-    if splits > 1:  # and it lowers for CUDA (the op's shapes at batch 64, 64 splits)
-        parts = jax.ShapeDtypeStruct((512, 4, 64), jnp.float32)
-        export_cuda(
-            lambda x, p, m, z: topp.topp_select_grouped_gpu(x, None, p, 2048, (m, z)),
-            jax.ShapeDtypeStruct((512, 4, 8192), jnp.float32),
-            jax.ShapeDtypeStruct((512,), jnp.float32),
-            parts,
-            parts,
-        )
-    assert topp.select_takes_stats(10, N, backend="pallas", config=TopPGpuConfig(**COMPACT))
-    assert not topp.select_takes_stats(10, N, backend="pallas")
-    assert not topp.select_takes_stats(10, N, backend="pallas_tpu")
-    m, z = stats
-    for bad, match in (
-        ((m,), "a pair"),
-        ((m[:, :2], z[:, :2]), "must have shape"),
-        ((m, z[..., :1]) if splits > 1 else (m, z[:, :, :0]), "shape"),
-        ((m.astype(jnp.bfloat16), z), "float32"),
-    ):
-        with pytest.raises(ValueError, match=match):
-            topp.topp_select_grouped(logits, valid, p, cap, stats=bad, backend="reference")
-
-
 def test_gpu_long_row_path_matches_reference():
     # Rows longer than max_cols: selections take the compacting kernel, thresholds the XLA
     # path; exact at 30 steps, with and without saturation.
@@ -591,9 +512,6 @@ def test_bad_config_and_backend():
         TopPGpuConfig(max_cols=0)
     with pytest.raises(ValueError, match=r"TopPTpuConfig.block_rows must be an int >= 1"):
         TopPTpuConfig(block_rows=0)
-    for k in (0, 5, 2.0, True):
-        with pytest.raises(ValueError, match=r"search_steps_per_pass must be an int in \[1, 4\]"):
-            TopPGpuConfig(search_steps_per_pass=k)
     with pytest.raises(ValueError, match="config must be None or a TopPGpuConfig or TopPTpuConfig"):
         topp.topp_threshold(logits, valid, 0.9, config=16)
     with pytest.raises(ValueError, match="config is a TopPGpuConfig, but backend='pallas_tpu'"):

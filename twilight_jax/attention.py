@@ -200,14 +200,8 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
         mass = jnp.ones((b, hq), jnp.float32)
         saturated = jnp.zeros((b, rows), bool)
     else:
-        # The top-p kernel that would read the estimates once for their softmax statistics
-        # takes them from the SpGEMV instead, which has them in registers as it writes them.
-        stats = pruner.stats_wanted(cand, b, hq, sparsity, backend)
-        est = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend, stats)
-        logits, parts = est if stats else (est, None)
-        cols, kept_count, saturated, mass = pruner.prune(
-            logits, cand, top_p, sparsity, backend, parts
-        )
+        logits = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend)
+        cols, kept_count, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
         # The pruner works on candidate columns; attention wants token positions. Its lists
         # are compacted: their first kept_count entries. Its columns (padding 0 included) lie
         # in [0, N): "clip" is XLA's own gather, without the bounds test and fill of the default.

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.spgemv import block_spgemv
-from pallas_kernels.topp import select_takes_stats, topp_select_grouped
+from pallas_kernels.topp import topp_select_grouped
 from twilight_jax.cache import PagedKVCache
 from twilight_jax.config import SparsityConfig
 from twilight_jax.reference import fake_quantize
@@ -22,13 +23,11 @@ from twilight_jax.selectors import Candidates
 
 
 def estimate_scores(
-    q, cache: PagedKVCache, layer, cand: Candidates, bits: int, backend: str, stats: bool = False
-):
+    q, cache: PagedKVCache, layer, cand: Candidates, bits: int, backend: str
+) -> jax.Array:
     """Estimated logits q . K_hat / sqrt(D): [B, Hq, C * block_size] float32.
 
-    Only columns where cand.valid holds are meaningful (others may be -inf or junk). stats
-    (INT4 only): return (logits, their softmax statistics in parts), block_spgemv's
-    return_stats.
+    Only columns where cand.valid holds are meaningful (others may be -inf or junk).
     """
     view = cache.layer_view(layer)
     if bits == 4:
@@ -43,10 +42,7 @@ def estimate_scores(
             cand.count,
             block_size=cand.block_size,
             backend=backend,
-            return_stats=stats,
         )
-    if stats:
-        raise ValueError("estimate_scores: stats come with the INT4 estimates only (bits=4)")
     b, hq, d = q.shape
     hkv, s = cache.num_kv_heads, cache.page_size
     pos = cand.positions  # [B, Hkv, N]
@@ -61,26 +57,10 @@ def estimate_scores(
     return (jnp.einsum("bgjd,bgnd->bgjn", qg, k) / math.sqrt(d)).reshape(b, hq, -1)
 
 
-def stats_wanted(cand: Candidates, b: int, hq: int, sparsity: SparsityConfig, backend: str):
-    """Whether prune's top-p kernel takes the estimates' softmax statistics (see prune)."""
-    rows = cand.valid.shape[1]
-    return _mask_in_logits(cand, sparsity) and select_takes_stats(
-        b * rows, cand.valid.shape[2], backend=backend
-    )
-
-
-def _mask_in_logits(cand: Candidates, sparsity: SparsityConfig) -> bool:
-    # INT4 estimates are -inf off the candidates when the mask is the count and length alone,
-    # and top-p never keeps a -inf entry.
-    return sparsity.estimate_bits == 4 and cand.by_count
-
-
-def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str, stats=None):
+def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
     """Top-p selection of candidate columns.
 
-    logits: [B, Hq, N] estimates; p: [B] float32 (per sequence); stats: None, or the
-    estimates' softmax statistics ([B, Hq, S] max and sum parts, block_spgemv's return_stats)
-    when the candidates' mask is in the logits (``stats_wanted``).
+    logits: [B, Hq, N] estimates; p: [B] float32 (per sequence).
     Returns (columns [B, rows, K] int32 into the N candidate columns, counts [B, rows] int32,
     saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head).
     K, the top-p width, is min(max_budget - forced tokens, N): room for the sink and recent
@@ -90,16 +70,14 @@ def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str, s
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
     width = min(sparsity.max_budget - sparsity.forced_tokens, n)
-    # With the mask in the logits the kernels need none to read.
-    mask_in_logits = _mask_in_logits(cand, sparsity)
-    if stats is not None:
-        stats = tuple(x.reshape(b * rows, g, x.shape[-1]) for x in stats)
+    # INT4 estimates are -inf off the candidates when the mask is the count and length alone,
+    # and top-p never keeps a -inf entry: the kernels then need no mask to read.
+    mask_in_logits = sparsity.estimate_bits == 4 and cand.by_count
     cols, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         None if mask_in_logits else cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),
         width,
-        stats=stats if mask_in_logits else None,
         backend=backend,
     )
     return (
