@@ -6,7 +6,10 @@ attention distributions: in every (sequence, KV group) a fraction `--planted` of
 by about `--lift` (default 7) over unit-variance noise, so that p = 0.85 keeps about 1-3% of
 the tokens, as in peaked real heads. Methods, each through `twilight_jax.decode_attention`
 (one layer, jitted): dense (ours), Quest at B0, Twilight over Quest (B0, p), Twilight over
-all (p); and jax cuDNN `dot_product_attention` on contiguous K/V. For the sparse methods, the
+all (p); and the dense baselines on contiguous K/V: jax cuDNN `dot_product_attention` and,
+where torch with CUDA is importable (``--no-torch`` skips it), torch SDPA with its flash and
+cuDNN backends, timed with CUDA events. ``vs_best_dense`` divides the fastest dense time of
+the same (batch, context), ours included, by each method's. For the sparse methods, the
 time of each stage (select, estimate, threshold, attend) is measured on its own with the
 previous stage's real outputs, and the average attended tokens per (sequence, KV head) is
 reported. The Quest methods run once per ``--quest-metadata`` form (int8 codes with a scale per
@@ -179,6 +182,42 @@ def stage_times(q, cache, cfg, top_p):
     return t, float(jnp.mean(counts))
 
 
+def torch_sdpa_times(batch, ctx):
+    """[(name, seconds per call)] of torch SDPA decode on contiguous K/V, one entry per backend
+    that runs here (flash, cuDNN); none without torch or CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+
+    def time_backends():
+        out = []
+        qt = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+        kt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+        vt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
+        for label, backend in (
+            ("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
+            ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ):
+            try:
+                with sdpa_kernel([backend]):
+                    t = benchlib.time_torch(
+                        lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                    )
+                out.append((f"{label} {torch.__version__}", t))
+            except Exception as e:  # a backend that does not take these shapes here
+                print(f"FAILED {label} batch {batch} ctx {ctx}: {type(e).__name__}: {e}")
+        return out
+
+    out = time_backends()
+    torch.cuda.empty_cache()  # the K/V went with time_backends' frame
+    return out
+
+
 def run(args):
     peak = benchlib.measure_copy_bandwidth()["peak"]
     print(f"copy bandwidth {peak / 1e12:.2f} TB/s", flush=True)
@@ -190,6 +229,7 @@ def run(args):
             "ctx",
             "total_us",
             "vs_cudnn",
+            "vs_best_dense",
             "attended",
             "select_us",
             "estimate_us",
@@ -227,6 +267,17 @@ def run(args):
             except Exception as e:
                 print(f"FAILED cudnn: {e}", flush=True)
                 kd = vd = None  # noqa: F841 (frees them before the cache is built)
+            dense_times = [cudnn_t] if cudnn_t else []
+            for name, t in torch_sdpa_times(batch, ctx) if args.torch else ():
+                dense_times.append(t)
+                table.add(
+                    method=name,
+                    batch=batch,
+                    ctx=ctx,
+                    total_us=t * 1e6,
+                    vs_cudnn=(cudnn_t / t) if cudnn_t else "",
+                    attended=ctx,
+                )
             try:
                 q, cache = planted_problem(
                     jax.random.fold_in(key, batch * 7 + ctx), batch, ctx, args.planted, args.lift
@@ -289,7 +340,10 @@ def run(args):
                     )
                     if cfg.selector == "dense":
                         row["attended"] = ctx
-                    else:
+                        dense_times.append(total)
+                    if dense_times:  # every dense time comes before the sparse methods'
+                        row["vs_best_dense"] = min(dense_times) / total
+                    if cfg.selector != "dense":
                         try:
                             st, attended = stage_times(q, cache, cfg, top_p)
                             row["attended"] = attended
@@ -331,6 +385,7 @@ def main():
     ap.add_argument("--budget", type=int, default=8192, help="B0 for Quest")
     ap.add_argument("--max-budget", type=int, default=4096, help="selection capacity")
     ap.add_argument("--p", type=float, default=0.85)
+    ap.add_argument("--no-torch", dest="torch", action="store_false", help="no torch SDPA rows")
     ap.add_argument("--planted", type=float, default=0.015)
     ap.add_argument("--lift", type=float, default=7.0)
     ap.add_argument(

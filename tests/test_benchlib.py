@@ -110,6 +110,7 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         lift=7.0,
         all_max_ctx=1 << 20,
         quest_metadata=["native", "int8"],
+        torch=True,  # no CUDA here: no torch rows, and none is needed for the others
         out=str(out),
     )
     bench_attention.run(args)
@@ -123,6 +124,10 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         r = by_method[name]
         assert all(r[f"{s}_us"] > 0 for s in ("select", "estimate", "threshold", "attend")), r
         assert 0 < r["attended"] <= 64
+    # Against the fastest dense time of the run: here ours alone (cuDNN and torch absent).
+    dense = by_method[("dense", "")]["total_us"]
+    for r in rows:
+        assert r["vs_best_dense"] == pytest.approx(dense / r["total_us"]), r
 
 
 def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
