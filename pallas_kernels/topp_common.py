@@ -42,6 +42,10 @@ EXACT_ITERS = 30
 #       pair in the op from 512 rows (and on Twilight over all's 32768-column rows) and loses
 #       below, where few rows leave its loop of dependent loads exposed
 #       (docs/results/session-2026-12-04e/sweep-topp-compact.md, attention-compact.md).
+#   GPU narrow_after 2: in the op, against never (0), the compacting kernel took about a third
+#       less at 64 / 32K over Quest and half over every token (planted peaked rows); in the
+#       kernel benchmark's random rows 1 step was a little ahead of 2 and 4, all well ahead
+#       of 0; 1 is not measured in the op (docs/results/session-2026-12-04f/narrow-*).
 #   TPU: the same iters; block_rows 8 not measured.
 
 
@@ -87,12 +91,18 @@ class TopPGpuConfig(_Search):
       time each: the compacting kernel's loop of dependent loads wins only once enough rows
       hide its latency.
     chunk_cols: the compacting kernel's tile width in columns, a power of two >= 16.
+    narrow_after: bisection steps after which the compacting kernel compacts its entries
+      again, keeping only those at or above the search's bracket (no later step, nor the
+      union, looks below it): in peaked rows the first steps lift the bracket past the noise,
+      and the remaining steps read a few entries instead of every one above the search's
+      lower bound. 0 (or iters and more) never compacts again.
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
     compact_min_rows: int = 512
     chunk_cols: int = 1024
+    narrow_after: int = 2
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,6 +117,9 @@ class TopPGpuConfig(_Search):
             raise ValueError(f"TopPGpuConfig.max_cols must be an int >= 1, got {self.max_cols!r}")
         _common.check_positive("TopPGpuConfig", "compact_min_rows", self.compact_min_rows)
         _common.check_pow2("TopPGpuConfig", "chunk_cols", self.chunk_cols, minimum=16)
+        k = self.narrow_after
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"TopPGpuConfig.narrow_after must be an int >= 0, got {k!r}")
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -204,13 +217,16 @@ def as_float(bits):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
+def search_threshold(mass_at_least, band_top, lo, hi, p, iters, narrow=None):
     """Per-head top-p threshold [H, 1...] from two reductions over the weights, so the same
     search runs over a resident block or a loop over chunks.
 
     mass_at_least(t): the sum of the weights >= t, per head; band_top(lo, hi): the largest
     weight in [lo, hi) per head, -1 if none. lo, hi: int32 bit patterns, lower_bits and
-    upper_bits. p >= 1 leaves t = 0 (every valid entry).
+    upper_bits. p >= 1 leaves t = 0 (every valid entry). narrow: None, or (k, fn) with
+    0 < k < iters (static): after k bisection steps fn(lo) runs, lo the bracket's lower end
+    as floats [H, 1...]; from then on mass_at_least and band_top are only asked about weights
+    >= lo, so fn may drop every entry below it (the compacting kernel does).
 
     The bisection ends with a bracket [lo, hi) of the threshold (lo reaches p, hi does not).
     The snap: the exact threshold is a weight in [lo, hi); if the heaviest weight there, b,
@@ -219,7 +235,18 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters):
     exact whenever the band holds a single weight.
     """
     target = jnp.where(p >= 1.0, jnp.inf, p)
-    lo, hi = _bisect(lambda t: mass_at_least(t) >= target, lo, hi, iters)
+
+    def passes(t):
+        return mass_at_least(t) >= target
+
+    if narrow is not None:
+        k, fn = narrow
+        if not 0 < k < iters:
+            raise ValueError(f"narrow needs 0 < k < iters = {iters}, got k = {k}")
+        lo, hi = _common.bisect_bits(lambda bits: passes(as_float(bits)), lo, hi, k)
+        fn(as_float(lo))
+        iters -= k
+    lo, hi = _bisect(passes, lo, hi, iters)
     band = band_top(lo, hi)
     ok = (band >= lo) & (mass_at_least(band) >= target)
     return jnp.where(ok, band, lo)

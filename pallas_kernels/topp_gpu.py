@@ -237,20 +237,45 @@ def _gpu_compact_kernel(
         plt.store(cbuf_ref.at[slot], col, mask=live)
         return n_live + jnp.sum(live, dtype=jnp.int32)
 
-    n_live = fold(num_chunks, compact, jnp.int32(0))
+    def chunks(n):
+        return jax.lax.div(n + chunk - 1, chunk)
+
+    # The live entries: the first n of the scratch row. Read when each later step is traced,
+    # so the narrowing below (which compacts them again) reaches every step after it.
+    live = {"n": fold(num_chunks, compact, jnp.int32(0))}
     if not interpret:  # the scratch row is read back by other threads of the program
         plt.debug_barrier()
-    live_chunks = jax.lax.div(n_live + chunk - 1, chunk)
 
     def weights_tile(c):
         """[Gp, chunk] compacted weights (-1 past the live entries) and their slots."""
         slot = c * chunk + lane
-        ok = slot < n_live
+        ok = slot < live["n"]
         w = plt.load(wbuf_ref.at[heads, slot[None, :]], mask=head_ok & ok[None, :], other=-1.0)
         return w, slot, ok
 
     def over_live(reduce, init):
-        return fold(live_chunks, lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
+        return fold(chunks(live["n"]), lambda c, acc: reduce(acc, weights_tile(c)[0]), init)
+
+    def narrow(lo):
+        """Compacts the live entries again, in place, to those where some head's weight
+        reaches its bracket's lower end lo [Gp, 1]. A tile's entries move to slots below the
+        next tile's, at or before their own; the barrier lets every thread load the tile
+        before any stores into it."""
+
+        def again(c, n_kept):
+            w, slot, ok = weights_tile(c)
+            keep = col_any(w >= lo) & ok
+            col = plt.load(cbuf_ref.at[slot], mask=ok, other=0)
+            to = jnp.where(keep, n_kept + cumsum(keep) - 1, num_cols + lane)
+            if not interpret:
+                plt.debug_barrier()
+            plt.store(wbuf_ref.at[heads, to[None, :]], w, mask=head_ok & keep[None, :])
+            plt.store(cbuf_ref.at[to], col, mask=keep)
+            return n_kept + jnp.sum(keep, dtype=jnp.int32)
+
+        live["n"] = fold(chunks(live["n"]), again, jnp.int32(0))
+        if not interpret:
+            plt.debug_barrier()
 
     # 3. The thresholds, searched over the compacted weights only.
     def mass_at_least(t):
@@ -263,7 +288,17 @@ def _gpu_compact_kernel(
 
         return over_live(top, jnp.full_like(lo, -1.0))
 
-    t = tc.search_threshold(mass_at_least, band_top, lo, hi, p, config.iters)
+    k = config.narrow_after
+    t = tc.search_threshold(
+        mass_at_least,
+        band_top,
+        lo,
+        hi,
+        p,
+        config.iters,
+        (k, narrow) if 0 < k < config.iters else None,
+    )
+    live_chunks = chunks(live["n"])
 
     def union_of(w):
         union = col_any(w >= t)

@@ -55,6 +55,9 @@ ATTN_SWEEP = [
 TOPP_SWEEP = [
     topp.TopPGpuConfig(compact_min_rows=1),  # the compacting kernel at any row count
     topp.TopPGpuConfig(compact_min_rows=1 << 30),  # the row-resident pair
+    # The compacting kernel compacting again after 0 (never), 1 and 4 bisection steps
+    # (the default: 2).
+    *(topp.TopPGpuConfig(compact_min_rows=1, narrow_after=k) for k in (0, 1, 4)),
 ]
 
 

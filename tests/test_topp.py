@@ -425,6 +425,31 @@ def test_default_iters_agree_across_forms(chunk_cols):
         np.testing.assert_allclose(outs[0][3], other[3], **TOL)
 
 
+@pytest.mark.parametrize("iters", [16, EXACT_ITERS])
+def test_narrowing_keeps_what_the_search_needs(iters):
+    # The compacting kernel compacting its entries again after k bisection steps (in place,
+    # over several 64-column tiles) keeps exactly what it keeps without (k = 0): only entries
+    # below every head's bracket, which no later step looks at, are dropped. Capacity 12 also
+    # runs the capacity cut over the narrowed entries; exact steps match the reference.
+    logits, valid, p = _mixed_batch(61, rows=10, heads=4)
+    for cap in (40, 12):
+        base = TopPGpuConfig(iters=iters, chunk_cols=64, narrow_after=0, **COMPACT)
+        want = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=base)
+        for k in (1, 2, 7, iters - 1):
+            cfg = TopPGpuConfig(iters=iters, chunk_cols=64, narrow_after=k, **COMPACT)
+            got = topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=cfg)
+            for a, b in zip(got[:3], want[:3]):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(got[3], want[3], **TOL)
+        if iters == EXACT_ITERS:
+            ref = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
+            for a, b in zip(want[:3], ref[:3]):
+                np.testing.assert_array_equal(a, b)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="TopPGpuConfig.narrow_after must be an int >= 0"):
+            TopPGpuConfig(narrow_after=bad)
+
+
 def test_long_rows_export():
     # 131072 columns: selections take the compacting kernel, which loops over tiles (its
     # kernel name); thresholds take the XLA path (no Triton call: the row-resident kernel took
