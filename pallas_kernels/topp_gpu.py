@@ -443,8 +443,11 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
     kernel compacts those once, to a scratch row, and runs the 16 search steps, the union and
     the capacity cut over the compacted entries, a tile at a time: the work of a step follows
     the entries that can matter instead of the row length, and no tile is held across steps,
-    so registers stay few and programs many. The row is read twice (softmax statistics, then
-    the compaction); a flat row keeps every entry and costs about what a whole-row search does.
+    so registers stay few and programs many. After config.narrow_after steps the search's
+    bracket has risen, and the entries below it (in peaked rows, the noise) are compacted away
+    in place, so the later steps read fewer still. The row is read twice (softmax statistics,
+    then the compaction); a flat row keeps every entry and costs about what a whole-row search
+    does.
     """
     r, g, n = logits.shape
     chunk = min(config.chunk_cols, max(16, pl.next_power_of_2(n)))
