@@ -42,10 +42,8 @@ EXACT_ITERS = 30
 #       pair in the op from 512 rows (and on Twilight over all's 32768-column rows) and loses
 #       below, where few rows leave its loop of dependent loads exposed
 #       (docs/results/session-2026-12-04e/sweep-topp-compact.md, attention-compact.md).
-#   GPU narrow_after 2: in the op, against never (0), the compacting kernel took about a third
-#       less at 64 / 32K over Quest and half over every token (planted peaked rows); in the
-#       kernel benchmark's random rows 1 step was a little ahead of 2 and 4, all well ahead
-#       of 0; 1 is not measured in the op (docs/results/session-2026-12-04f/narrow-*).
+#   GPU narrow_after 2: against 0 (never) in the op, on the planted rows of the attention
+#       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log).
 #   TPU: the same iters; block_rows 8 not measured.
 
 
@@ -223,9 +221,9 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters, narrow=None):
 
     mass_at_least(t): the sum of the weights >= t, per head; band_top(lo, hi): the largest
     weight in [lo, hi) per head, -1 if none. lo, hi: int32 bit patterns, lower_bits and
-    upper_bits. p >= 1 leaves t = 0 (every valid entry). narrow: None, or (k, fn) with
-    0 < k < iters (static): after k bisection steps fn(lo) runs, lo the bracket's lower end
-    as floats [H, 1...]; from then on mass_at_least and band_top are only asked about weights
+    upper_bits. p >= 1 leaves t = 0 (every valid entry). narrow: None, or (k, fn), k static:
+    when 0 < k < iters, after k bisection steps fn(lo) runs, lo the bracket's lower end as
+    floats [H, 1...]; from then on mass_at_least and band_top are only asked about weights
     >= lo, so fn may drop every entry below it (the compacting kernel does).
 
     The bisection ends with a bracket [lo, hi) of the threshold (lo reaches p, hi does not).
@@ -239,10 +237,8 @@ def search_threshold(mass_at_least, band_top, lo, hi, p, iters, narrow=None):
     def passes(t):
         return mass_at_least(t) >= target
 
-    if narrow is not None:
+    if narrow is not None and 0 < narrow[0] < iters:
         k, fn = narrow
-        if not 0 < k < iters:
-            raise ValueError(f"narrow needs 0 < k < iters = {iters}, got k = {k}")
         lo, hi = _common.bisect_bits(lambda bits: passes(as_float(bits)), lo, hi, k)
         fn(as_float(lo))
         iters -= k

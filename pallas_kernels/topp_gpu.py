@@ -288,15 +288,8 @@ def _gpu_compact_kernel(
 
         return over_live(top, jnp.full_like(lo, -1.0))
 
-    k = config.narrow_after
     t = tc.search_threshold(
-        mass_at_least,
-        band_top,
-        lo,
-        hi,
-        p,
-        config.iters,
-        (k, narrow) if 0 < k < config.iters else None,
+        mass_at_least, band_top, lo, hi, p, config.iters, (config.narrow_after, narrow)
     )
     live_chunks = chunks(live["n"])
 

@@ -182,42 +182,6 @@ def stage_times(q, cache, cfg, top_p):
     return t, float(jnp.mean(counts))
 
 
-def torch_sdpa_times(batch, ctx):
-    """[(name, seconds per call)] of torch SDPA decode on contiguous K/V, one entry per backend
-    that runs here (flash, cuDNN); none without torch or CUDA."""
-    try:
-        import torch
-        import torch.nn.functional as F
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-
-    def time_backends():
-        out = []
-        qt = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-        kt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-        vt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-        for label, backend in (
-            ("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
-            ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
-        ):
-            try:
-                with sdpa_kernel([backend]):
-                    t = benchlib.time_torch(
-                        lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-                    )
-                out.append((f"{label} {torch.__version__}", t))
-            except Exception as e:  # a backend that does not take these shapes here
-                print(f"FAILED {label} batch {batch} ctx {ctx}: {type(e).__name__}: {e}")
-        return out
-
-    out = time_backends()
-    torch.cuda.empty_cache()  # the K/V went with time_backends' frame
-    return out
-
-
 def run(args):
     peak = benchlib.measure_copy_bandwidth()["peak"]
     print(f"copy bandwidth {peak / 1e12:.2f} TB/s", flush=True)
@@ -268,7 +232,7 @@ def run(args):
                 print(f"FAILED cudnn: {e}", flush=True)
                 kd = vd = None  # noqa: F841 (frees them before the cache is built)
             dense_times = [cudnn_t] if cudnn_t else []
-            for name, t in torch_sdpa_times(batch, ctx) if args.torch else ():
+            for name, t in benchlib.torch_sdpa_times(batch, HQ, HKV, ctx, D) if args.torch else ():
                 dense_times.append(t)
                 table.add(
                     method=name,

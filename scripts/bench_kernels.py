@@ -149,26 +149,8 @@ def bench_config(batch, ctx, args, key, peak, record, attempt):
     if args.torch:
 
         def torch_sdpa():
-            import torch
-            import torch.nn.functional as F
-
-            qt = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-            kt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-            vt = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-            t = benchlib.time_torch(
-                lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
-            )
-            record(
-                "torch_sdpa_dense",
-                batch,
-                ctx,
-                f"{ctx} tok",
-                t,
-                kv_bytes + q_bytes,
-                f"torch {torch.__version__}",
-            )
-            del qt, kt, vt
-            torch.cuda.empty_cache()
+            for name, t in benchlib.torch_sdpa_times(batch, HQ, HKV, ctx, D):
+                record("torch_sdpa_dense", batch, ctx, f"{ctx} tok", t, kv_bytes + q_bytes, name)
 
         attempt("torch_sdpa_dense", torch_sdpa)
 

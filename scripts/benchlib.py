@@ -203,6 +203,43 @@ def time_torch(fn: Callable, *, iters: int = 20, repeats: int = 5) -> float:
     return statistics.median(ts)
 
 
+def torch_sdpa_times(batch: int, hq: int, hkv: int, ctx: int, head_dim: int):
+    """[(name, seconds per call)] of torch SDPA decode (one bf16 query, contiguous K/V, GQA),
+    one entry per backend that runs here (flash, cuDNN), timed by ``time_torch``; none without
+    torch or CUDA."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+
+    def time_backends():
+        out = []
+        qt = torch.randn(batch, hq, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+        kt = torch.randn(batch, hkv, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
+        vt = torch.randn(batch, hkv, ctx, head_dim, device="cuda", dtype=torch.bfloat16)
+        for label, backend in (
+            ("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
+            ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ):
+            try:
+                with sdpa_kernel([backend]):
+                    t = time_torch(
+                        lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                    )
+                out.append((f"{label} {torch.__version__}", t))
+            except Exception as e:  # a backend that does not take these shapes here
+                print(f"FAILED {label} batch {batch} ctx {ctx}: {type(e).__name__}: {e}")
+        return out
+
+    out = time_backends()
+    torch.cuda.empty_cache()  # the K/V went with time_backends' frame
+    return out
+
+
 class Table:
     """Rows of dicts printed as an aligned text table and saved as JSON and Markdown."""
 
