@@ -28,7 +28,7 @@ HQ, HKV, D, S = 32, 8, 128, 16
 G = HQ // HKV
 DT = jnp.bfloat16
 MIN_POOL_BYTES = 1 << 30  # the page pool is at least this large so repeated calls miss L2
-N_ROT = 4  # input sets rotated through inside one timing loop
+N_ROT = 4  # input sets rotated through inside one timed program
 
 
 # Variants timed with --sweep. The defaults were tuned at batch 64 (docs/results/
