@@ -49,7 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _common, topp_gpu, topp_tpu
-from pallas_kernels.topp_common import EXACT_ITERS, TopPGpuConfig, TopPTpuConfig
+from pallas_kernels.topp_common import (
+    EXACT_ITERS,
+    TopPGpuConfig,
+    TopPTpuConfig,
+    columns_to_positions,
+)
 from pallas_kernels.topp_gpu import topp_select_gpu, topp_select_grouped_gpu, topp_threshold_gpu
 from pallas_kernels.topp_tpu import topp_select_grouped_tpu, topp_select_tpu, topp_threshold_tpu
 
@@ -109,8 +114,8 @@ def topp_threshold_reference(logits, valid, p):
     return t, jnp.sum(kept, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(kept, w, 0.0), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity",))
-def topp_select_grouped_reference(logits, valid, p, capacity):
+@functools.partial(jax.jit, static_argnames=("capacity", "block_size"))
+def topp_select_grouped_reference(logits, valid, p, capacity, *, blocks=None, block_size=1):
     """Reference of ``topp_select_grouped``: (indices, counts, saturated, mass)."""
     logits = jnp.asarray(logits, jnp.float32)
     r, g, n = logits.shape
@@ -129,6 +134,8 @@ def topp_select_grouped_reference(logits, valid, p, capacity):
     n_union = jnp.sum(union, axis=-1, dtype=jnp.int32)
     counts = jnp.minimum(n_union, capacity)
     indices = jnp.where(jnp.arange(capacity)[None, :] < counts[:, None], cols, 0)
+    if blocks is not None:
+        indices = columns_to_positions(indices, counts, blocks, block_size)
     mass = jnp.sum(jnp.where(final[:, None, :], w, 0.0), axis=-1)
     return indices.astype(jnp.int32), counts, n_union > capacity, mass
 
@@ -163,6 +170,24 @@ def _check_p(p, rows: int) -> None:
         bad = values[~((values > 0.0) & (values <= 1.0))]
         if bad.size:
             raise ValueError(f"p must be in (0, 1], got {bad.ravel()[0]} among its values")
+
+
+def _check_blocks(blocks, block_size, logits) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise ValueError(f"block_size must be a static int >= 1, got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be a static int >= 1, got {block_size!r}")
+    if blocks is None:
+        return
+    r, n = np.shape(logits)[0], np.shape(logits)[-1]
+    _common.check_rank("blocks", blocks, 2, "[R, C]")
+    _common.check_dtype("blocks", blocks, (jnp.int32,))
+    _common.check_dim("blocks", blocks, 0, r, "rows R of logits")
+    if np.shape(blocks)[1] * block_size != n:
+        raise ValueError(
+            f"blocks [R, C] must cover the N = {n} columns of logits in blocks of block_size="
+            f"{block_size} (C * block_size == N), got shape {tuple(np.shape(blocks))}"
+        )
 
 
 def _check_common(logits, valid, p, capacity, layout: str) -> None:
@@ -219,7 +244,9 @@ def topp_threshold(logits, valid, p, *, backend="auto", config=None):
     )(logits, valid, p)
 
 
-def topp_select_grouped(logits, valid, p, capacity, *, backend="auto", config=None):
+def topp_select_grouped(
+    logits, valid, p, capacity, *, backend="auto", config=None, blocks=None, block_size=1
+):
     """Union of per-head top-p sets for heads sharing one selection, compacted.
 
     Args:
@@ -228,22 +255,29 @@ def topp_select_grouped(logits, valid, p, capacity, *, backend="auto", config=No
       p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
       capacity: static int >= 1, the selection capacity.
       backend, config: as ``topp_threshold``.
+      blocks, block_size: None, or the ids of the blocks the columns come from, [R, C] int32
+        with C * block_size == N (column c lies in block c // block_size, e.g. a candidate
+        page): the indices returned are then blocks[r, c // block_size] * block_size +
+        c % block_size (e.g. token positions) instead of the columns c, written by the GPU
+        kernels as they store, so no gather follows. block_size: static int >= 1.
 
     Returns:
-      indices: [R, capacity] int32 kept columns in ascending order; slots >= counts hold 0.
+      indices: [R, capacity] int32 kept columns in ascending order (or their positions, with
+        blocks); slots >= counts hold 0.
       counts: [R] int32 number of kept columns (<= capacity).
       saturated: [R] bool, the union exceeded capacity and was cut to the `capacity` columns
         with the highest max_g w (ties towards lower columns).
       mass: [R, G] float32, head g's weight on the final selection.
     """
     _check_common(logits, valid, p, capacity, "[R, G, N]")
+    _check_blocks(blocks, block_size, logits)
     return _common.implementation(
         backend,
         config,
         reference=topp_select_grouped_reference,
         gpu=(topp_select_grouped_gpu, topp_gpu.DEFAULT_CONFIG),
         tpu=(topp_select_grouped_tpu, topp_tpu.DEFAULT_CONFIG),
-    )(logits, valid, p, int(capacity))
+    )(logits, valid, p, int(capacity), blocks=blocks, block_size=int(block_size))
 
 
 def topp_select(logits, valid, p, capacity, *, backend="auto", config=None):

@@ -38,12 +38,16 @@ EXACT_ITERS = 30
 #   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
 #   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
 #       Triton compile alone takes minutes); longer rows take the compacting kernel.
-#   GPU compact_min_rows 512, chunk_cols 1024: the compacting kernel beats the row-resident
-#       pair in the op from 512 rows (and on Twilight over all's 32768-column rows) and loses
-#       below, where few rows leave its loop of dependent loads exposed
-#       (docs/results/session-2026-12-04e/sweep-topp-compact.md, attention-compact.md).
+#   GPU compact_min_rows 256, chunk_cols 1024: the compacting kernel (narrowing) beats the
+#       row-resident pair in the op from 256 rows (and on Twilight over all's 32768-column rows)
+#       and loses below, where few rows leave its loop of dependent loads exposed: op at 32 /
+#       32K (256 rows) 250 vs 256 us, at 16 / 32K (128 rows) 173 vs 158
+#       (docs/results/session-2026-12-04g/probe.log; chunk_cols: session-2026-12-04e/
+#       sweep-topp-compact.md, and 512 / 2048 lost in the op at 64 / 32K in the same probe).
 #   GPU narrow_after 2: against 0 (never) in the op, on the planted rows of the attention
-#       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log).
+#       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log); 1 was as fast on
+#       Twilight over Quest and much slower over all (1235 vs 995 us at 64 / 32K), 3 no
+#       faster (docs/results/session-2026-12-04g/probe.log).
 #   TPU: the same iters; block_rows 8 not measured.
 
 
@@ -98,7 +102,7 @@ class TopPGpuConfig(_Search):
 
     num_warps: int | None = None
     max_cols: int = 32768
-    compact_min_rows: int = 512
+    compact_min_rows: int = 256
     chunk_cols: int = 1024
     narrow_after: int = 2
 
@@ -259,6 +263,16 @@ def head_thresholds(w, hi, p, axes, iters, num_cols):
 
     lo = lower_bits(p, hi, num_cols)
     return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
+
+
+def columns_to_positions(indices, counts, blocks, block_size: int):
+    """What a selection with block ids returns, from its kept columns: indices [R, K] int32
+    (kept columns below counts [R]) -> blocks[r, c // block_size] * block_size +
+    c % block_size below the counts, 0 after; blocks [R, C] int32. The GPU kernels store the
+    same values directly."""
+    blk = jnp.take_along_axis(blocks, indices // block_size, axis=1, mode="clip")
+    pos = blk * block_size + indices % block_size
+    return jnp.where(jnp.arange(indices.shape[1]) < counts[:, None], pos, 0).astype(jnp.int32)
 
 
 def kept_mass(w, final, axes):

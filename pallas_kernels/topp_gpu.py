@@ -32,12 +32,29 @@ from pallas_kernels.topp_common import TopPGpuConfig
 DEFAULT_CONFIG = TopPGpuConfig()
 
 
-def _without_valid(kernel, valid):
-    """The kernel as pallas_call calls it: without a valid operand when valid is None (every
-    column of the row valid), the kernel then getting None for it."""
-    if valid is not None:
-        return kernel
-    return lambda x_ref, *refs: kernel(x_ref, None, *refs)
+def _optional_operands(kernel, valid, blocks=None):
+    """The kernel as pallas_call calls it: its valid and blocks refs (the operands after the
+    logits, in that order) are not operands when None, and the kernel gets None for them."""
+
+    def call(x_ref, *refs):
+        refs = list(refs)
+        valid_ref = None if valid is None else refs.pop(0)
+        blocks_ref = None if blocks is None else refs.pop(0)
+        return kernel(x_ref, valid_ref, blocks_ref, *refs)
+
+    return call
+
+
+def _positions(cols, blocks_ref, block_size, mask):
+    """Kept columns -> what the selection returns: the columns themselves (blocks_ref None), or
+    blocks[c // block_size] * block_size + c % block_size (loaded where mask holds)."""
+    if blocks_ref is None:
+        return cols
+    num_blocks = blocks_ref.shape[0]
+    blk = jnp.minimum(jax.lax.div(cols, block_size), num_blocks - 1)
+    return plt.load(blocks_ref.at[blk], mask=mask, other=0) * block_size + jax.lax.rem(
+        cols, block_size
+    )
 
 
 def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
@@ -58,11 +75,12 @@ def _gpu_load_row(x_ref, valid_ref, num_heads, num_cols):
     return x, valid[None, :]
 
 
-def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
+def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config, blocks_ref, block_size):
     """Union of the heads' kept sets, capacity limit, compaction and stores (one row).
 
     w [Gp, Np] f32 (-1 off valid and on padding heads), kept [Gp, Np] bool; out_refs: indices
-    [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32.
+    [capacity] i32, count [1] i32, saturated [1] i32, mass [G] f32; blocks_ref None or the
+    row's [C] block ids (the indices stored are then positions, see _positions).
     """
     indices_ref, count_ref, saturated_ref, mass_ref = out_refs
     gp, np_ = w.shape
@@ -84,7 +102,8 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
     # the end (masked on the GPU; interpret mode drops out-of-range scatter indices, and
     # distinct indices keep its gather-then-scatter emulation from colliding).
     slot = jnp.where(final, cumsum(final) - 1, capacity + col)
-    plt.store(indices_ref.at[slot], col, mask=final & (slot < capacity))
+    stored = final & (slot < capacity)
+    plt.store(indices_ref.at[slot], _positions(col, blocks_ref, block_size, stored), mask=stored)
     # Padding slots: disjoint from the kept slots, so no ordering between the two stores.
     cap_p = pl.next_power_of_2(capacity)
     out_slot = jnp.arange(cap_p, dtype=jnp.int32)
@@ -103,6 +122,7 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config):
 def _gpu_head_kernel(
     x_ref,  # [1, N] f32 logits of one head of one row
     valid_ref,  # [N] bool, or None: every column
+    blocks_ref,  # None (thresholds map no columns)
     p_ref,  # [1] f32
     *out_refs,
     # threshold only: threshold [1] f32, count [1] i32, mass [1] f32
@@ -112,6 +132,7 @@ def _gpu_head_kernel(
     config: TopPGpuConfig,
 ):
     """First kernel: one head's threshold per program (and, for select, its softmax stats)."""
+    del blocks_ref
     x, valid = _gpu_load_row(x_ref, valid_ref, 1, num_cols)  # [1, Np] each
     valid, m, z = tc.softmax_stats(x, valid, axes=(1,))  # m, z [1, 1]
     w = tc.weights_from(x, valid, m, z)  # [1, Np]
@@ -132,6 +153,7 @@ def _gpu_head_kernel(
 def _gpu_union_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
     valid_ref,  # [N] bool, or None: every column
+    blocks_ref,  # [C] i32 block ids of the row's columns, or None: indices are columns
     t_ref,  # [G] f32 thresholds from _gpu_head_kernel
     m_ref,  # [G] f32 row maxima from _gpu_head_kernel
     z_ref,  # [G] f32 softmax sums from _gpu_head_kernel
@@ -140,6 +162,7 @@ def _gpu_union_kernel(
     num_cols: int,
     capacity: int,
     config: TopPGpuConfig,
+    block_size: int,
 ):
     """Second kernel (select): union of the G heads' sets, capacity cut, compaction.
 
@@ -155,12 +178,13 @@ def _gpu_union_kernel(
     m = plt.load(m_ref.at[heads], mask=head_ok, other=0.0)[:, None]
     z = plt.load(z_ref.at[heads], mask=head_ok, other=1.0)[:, None]
     w = tc.weights_from(x, valid & (x > -jnp.inf), m, z)
-    _gpu_select_store(w, w >= t, out_refs, num_heads, capacity, config)
+    _gpu_select_store(w, w >= t, out_refs, num_heads, capacity, config, blocks_ref, block_size)
 
 
 def _gpu_compact_kernel(
     x_ref,  # [G, N] f32 logits of one row (group)
     valid_ref,  # [N] bool, or None: every column
+    blocks_ref,  # [C] i32 block ids of the row's columns, or None: indices are columns
     p_ref,  # [1] f32
     indices_ref,  # [capacity] i32
     count_ref,  # [1] i32
@@ -175,6 +199,7 @@ def _gpu_compact_kernel(
     chunk: int,
     config: TopPGpuConfig,
     interpret: bool,
+    block_size: int,
 ):
     """Select in one kernel a row, looping over [Gp, chunk] tiles (see _compact_call)."""
     gp = pl.next_power_of_2(num_heads)
@@ -327,7 +352,8 @@ def _gpu_compact_kernel(
         final = above | (band & (n_band + cumsum(band) <= room))
         col = plt.load(cbuf_ref.at[slot], mask=ok, other=0)
         out = jnp.where(final, n_out + cumsum(final) - 1, capacity + lane)  # as in compact
-        plt.store(indices_ref.at[out], col, mask=final & (out < capacity))
+        stored = final & (out < capacity)
+        plt.store(indices_ref.at[out], _positions(col, blocks_ref, block_size, stored), mask=stored)
         mass = mass + tc.kept_mass(w, final[None, :], (1,))
         n_out = n_out + jnp.sum(final, dtype=jnp.int32)
         return n_out, n_band + jnp.sum(band, dtype=jnp.int32), mass
@@ -367,10 +393,19 @@ def _valid_operand(valid, spec):
     return ((), []) if valid is None else ((valid,), [spec])
 
 
-def _kernels_call(logits, valid, p, capacity, config, interpret):
+def _blocks_operand(blocks):
+    """(operands, in_specs) of the selection's [R, C] block ids on a row grid: none when they
+    are None."""
+    if blocks is None:
+        return (), []
+    return (blocks,), [pl.BlockSpec((None, blocks.shape[1]), lambda i: (i, 0))]
+
+
+def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, block_size=1):
     """logits [R, G, N] f32, valid [R, N] bool or None (every column), p [R] f32 -> per-row
     outputs: a (row, head) grid for the thresholds, then (for select) a row grid for the union
-    and compaction.
+    and compaction. blocks: None or [R, C] i32 (select: indices are then positions, see
+    _positions).
 
     threshold (capacity None): threshold, count, mass, each [R, G].
     select: indices [R, capacity] i32, count [R] i32, saturated [R] i32, mass [R, G] f32.
@@ -385,7 +420,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
     head_kernel = functools.partial(_gpu_head_kernel, num_cols=n, capacity=capacity, config=config)
     v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i, j: (i, 0)))
     head_out = pl.pallas_call(
-        _without_valid(head_kernel, valid),
+        _optional_operands(head_kernel, valid),
         grid=(r, g),
         in_specs=[
             pl.BlockSpec((None, 1, n), lambda i, j: (i, j, 0)),
@@ -403,16 +438,23 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
 
     out_shape, out_specs = _gpu_select_outputs(r, g, capacity)
     union_kernel = functools.partial(
-        _gpu_union_kernel, num_heads=g, num_cols=n, capacity=capacity, config=config
+        _gpu_union_kernel,
+        num_heads=g,
+        num_cols=n,
+        capacity=capacity,
+        config=config,
+        block_size=block_size,
     )
     per_row = pl.BlockSpec((None, g), lambda i: (i, 0))
     v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
+    b_args, b_specs = _blocks_operand(blocks)
     return pl.pallas_call(
-        _without_valid(union_kernel, valid),
+        _optional_operands(union_kernel, valid, blocks),
         grid=(r,),
         in_specs=[
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
             *v_specs,
+            *b_specs,
             per_row,
             per_row,
             per_row,
@@ -424,10 +466,10 @@ def _kernels_call(logits, valid, p, capacity, config, interpret):
         ),
         interpret=interpret,
         name="topp_select_gpu",
-    )(logits, *v_args, *head_out)
+    )(logits, *v_args, *b_args, *head_out)
 
 
-def _compact_call(logits, valid, p, capacity, config, interpret):
+def _compact_call(logits, valid, p, capacity, config, interpret, blocks=None, block_size=1):
     """Select outputs from one kernel a row (_gpu_compact_kernel), any row length.
 
     The search's lower bound (topp_common.lower_bits) is known once the row's softmax sum is:
@@ -461,14 +503,17 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         chunk=chunk,
         config=config,
         interpret=interpret,
+        block_size=block_size,
     )
     v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
+    b_args, b_specs = _blocks_operand(blocks)
     out = pl.pallas_call(
-        _without_valid(kernel, valid),
+        _optional_operands(kernel, valid, blocks),
         grid=(r,),
         in_specs=[
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
             *v_specs,
+            *b_specs,
             pl.BlockSpec((1,), lambda i: (i,)),
         ],
         out_specs=out_specs + scratch_specs,
@@ -478,7 +523,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret):
         ),
         interpret=interpret,
         name="topp_compact_select_gpu",
-    )(logits, *v_args, p)
+    )(logits, *v_args, *b_args, p)
     return out[:4]
 
 
@@ -497,15 +542,15 @@ def _xla_threshold_call(logits, valid, p, config):
     return t[..., 0], count, mass
 
 
-def _call(logits, valid, p, capacity, config, interpret):
+def _call(logits, valid, p, capacity, config, interpret, blocks=None, block_size=1):
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:1])
     r, _, n = logits.shape
     if capacity is None:
         if n > config.max_cols:
             return _xla_threshold_call(logits, valid, p, config)
     elif n > config.max_cols or r >= config.compact_min_rows:
-        return _compact_call(logits, valid, p, capacity, config, interpret)
-    return _kernels_call(logits, valid, p, capacity, config, interpret)
+        return _compact_call(logits, valid, p, capacity, config, interpret, blocks, block_size)
+    return _kernels_call(logits, valid, p, capacity, config, interpret, blocks, block_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,11 +565,24 @@ def topp_threshold_gpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=Fal
     return t[:, 0], count[:, 0], mass[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
-def topp_select_grouped_gpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
+@functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret", "block_size"))
+def topp_select_grouped_gpu(
+    logits,
+    valid,
+    p,
+    capacity,
+    *,
+    config=DEFAULT_CONFIG,
+    interpret=False,
+    blocks=None,
+    block_size=1,
+):
     """Pallas GPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool or None,
-    p [R]."""
-    indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
+    p [R]; blocks None or [R, C] int32 with C * block_size == N (the kernels then store
+    positions, not columns)."""
+    indices, count, saturated, mass = _call(
+        logits, valid, p, capacity, config, interpret, blocks, block_size
+    )
     return indices, count, saturated != 0, mass
 
 

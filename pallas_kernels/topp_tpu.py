@@ -194,10 +194,23 @@ def topp_threshold_tpu(logits, valid, p, *, config=DEFAULT_CONFIG, interpret=Fal
     return t[:, 0], count[:, 0], mass[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret"))
-def topp_select_grouped_tpu(logits, valid, p, capacity, *, config=DEFAULT_CONFIG, interpret=False):
-    """Pallas TPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool, p [R]."""
+@functools.partial(jax.jit, static_argnames=("capacity", "config", "interpret", "block_size"))
+def topp_select_grouped_tpu(
+    logits,
+    valid,
+    p,
+    capacity,
+    *,
+    config=DEFAULT_CONFIG,
+    interpret=False,
+    blocks=None,
+    block_size=1,
+):
+    """Pallas TPU ``topp_select_grouped``. logits [R, G, N] f32, valid [R, N] bool, p [R];
+    blocks None or [R, C] int32 (columns mapped to positions by XLA after the kernel)."""
     indices, count, saturated, mass = _call(logits, valid, p, capacity, config, interpret)
+    if blocks is not None:
+        indices = tc.columns_to_positions(indices, count, blocks, block_size)
     return indices, count, saturated != 0, mass
 
 

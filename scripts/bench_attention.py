@@ -113,11 +113,13 @@ def device_memory() -> str:
 
 
 def _timed(fn, rotating, fixed):
-    """benchlib.time_fn, or direct calls where its loop program fails (see run)."""
+    """benchlib.time_fn, or direct calls where its timed program fails (see run)."""
     try:
         return benchlib.time_fn(fn, rotating, fixed)
     except Exception as e:
-        print(f"  stage loop timing failed ({type(e).__name__}); timing direct calls", flush=True)
+        print(
+            f"  stage program timing failed ({type(e).__name__}); timing direct calls", flush=True
+        )
         return benchlib.time_calls(fn, (*rotating[0], *fixed))
 
 
@@ -142,7 +144,6 @@ def stage_times(q, cache, cfg, top_p):
     cand = cand_of(blocks, count, valid)
     t = {"select": _timed(select, [(q,)], (cache,))}
     rows = HKV if cfg.gqa == "group_union" else HQ
-    positions = jnp.repeat(cand.positions, rows // HKV, axis=1)
     if top_p is not None:
 
         def estimate(q, cache, blocks, count, valid):
@@ -156,14 +157,14 @@ def stage_times(q, cache, cfg, top_p):
         def threshold(logits, blocks, count, valid, p):
             return pruner.prune(logits, cand_of(blocks, count, valid), p, cfg, backend)
 
-        cols, counts, _, _ = jax.jit(threshold)(logits, blocks, count, valid, p)
+        kept_pos, kept_count, _, _ = jax.jit(threshold)(logits, blocks, count, valid, p)
         t["threshold"] = _timed(threshold, [(logits,)], (blocks, count, valid, p))
-        kept_pos = jnp.take_along_axis(positions, cols, axis=-1)
-        kept_ok = jnp.arange(cols.shape[-1]) < counts[..., None]
+        kept_ok = jnp.arange(kept_pos.shape[-1]) < kept_count[..., None]
     else:
-        kept_pos, kept_ok = positions, cand.valid
+        kept_pos = jnp.repeat(cand.positions, rows // HKV, axis=1)
+        kept_ok, kept_count = cand.valid, None
     token_pos, counts = pruner.add_forced_tokens(
-        kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens
+        kept_pos, kept_ok, cache.lengths, cfg.sink_tokens, cfg.recent_tokens, kept_count=kept_count
     )
 
     def attend(q, cache, token_pos, counts):
@@ -284,15 +285,15 @@ def run(args):
                             op, [(q,)], (cache,), label=f"{name} batch {batch} ctx {ctx}"
                         )
                     except Exception as e:
-                        # At batch 64 / 128K the loop program asks for a ~49 GiB buffer its
+                        # At batch 64 / 128K the timed program asks for a ~49 GiB buffer its
                         # memory analysis does not show; time plain calls instead.
                         print(
-                            f"[{name} batch {batch} ctx {ctx}] loop timing failed "
+                            f"[{name} batch {batch} ctx {ctx}] program timing failed "
                             f"({type(e).__name__}: {str(e)[:200]}); timing direct calls",
                             flush=True,
                         )
                         total = benchlib.time_calls(op, (q, cache))
-                        note = "direct calls (loop program out of memory)"
+                        note = "direct calls (timed program out of memory)"
                     row = dict(
                         method=name,
                         quest_metadata=form or "",

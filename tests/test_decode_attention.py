@@ -288,12 +288,13 @@ def test_pruned_list_without_forced_tokens(selector, gqa):
 
 
 def test_compacted_kept_lists_skip_the_compaction():
-    """add_forced_tokens with kept_count (lists compacted already) and no forced tokens returns
-    what the compaction returns on the same lists: entries below the count, zeros after."""
+    """add_forced_tokens with kept_count (lists compacted already, 0 past the count, as the
+    pruner's are) and no forced tokens returns what the compaction returns on the same lists:
+    entries below the count, zeros after."""
     rng = np.random.default_rng(3)
     counts = jnp.asarray(rng.integers(0, 7, (3, 2)), jnp.int32)
-    pos = jnp.asarray(rng.integers(1, 100, (3, 2, 6)), jnp.int32)
     ok = jnp.arange(6) < counts[..., None]
+    pos = jnp.where(ok, jnp.asarray(rng.integers(1, 100, (3, 2, 6)), jnp.int32), 0)
     lengths = jnp.full((3,), 100, jnp.int32)
     want = pruner.add_forced_tokens(pos, ok, lengths, 0, 0)
     got = pruner.add_forced_tokens(pos, ok, lengths, 0, 0, kept_count=counts)

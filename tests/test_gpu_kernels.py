@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _quant_rule import halves_rows, int4_rule, page_bounds_rule
 
-from pallas_kernels import append, attention, int4, quest, spgemv, topp
+from pallas_kernels import append, attention, int4, quest, spgemv, topp, topp_common
 
 pytestmark = [
     pytest.mark.gpu,
@@ -137,6 +137,15 @@ def test_topp(groups, compact_min_rows):
     masked = jnp.where(jnp.asarray(valid)[:, None, :], jnp.asarray(logits), -jnp.inf)
     nomask = topp.topp_select_grouped(masked, None, *args[2:], backend="pallas", config=cfg)
     for a, b in zip(nomask, (idx, cnt, sat, mass)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # With block ids the kernels store positions: the same selection, each column mapped.
+    blocks = jnp.asarray(rng.integers(0, 1 << 20, (rows, n // 16)), jnp.int32)
+    mapped = topp.topp_select_grouped(
+        *args, backend="pallas", config=cfg, blocks=blocks, block_size=16
+    )
+    want = topp_common.columns_to_positions(idx, cnt, blocks, 16)
+    np.testing.assert_array_equal(np.asarray(mapped[0]), np.asarray(want))
+    for a, b in zip(mapped[1:], (cnt, sat, mass)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

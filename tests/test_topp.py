@@ -292,6 +292,44 @@ def test_grouped_kernel_matches_reference(backend, config, heads, rows, cap):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend,config", [*SELECT_KERNELS, ("reference", None)])
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_block_ids_map_the_kept_columns_to_positions(backend, config, block_size):
+    # With blocks, slot s below the count holds blocks[c // bs] * bs + c % bs for the column c
+    # the plain selection keeps there (GPU: written by the kernels as they store), 0 after;
+    # counts, saturation and mass do not change. Block ids are random, unordered and large.
+    heads, rows, cap, n = 4, 10, 40, 208
+    logits, valid, p = _mixed_batch(5 + block_size, rows=rows, heads=heads, n=n)
+    rng = np.random.default_rng(block_size)
+    blocks = jnp.asarray(rng.integers(0, 1 << 20, (rows, n // block_size)), jnp.int32)
+    plain = topp.topp_select_grouped(logits, valid, p, cap, backend=backend, config=config)
+    got = topp.topp_select_grouped(
+        logits, valid, p, cap, backend=backend, config=config, blocks=blocks, block_size=block_size
+    )
+    cols, counts = np.asarray(plain[0]), np.asarray(plain[1])
+    want = np.asarray(blocks)[np.arange(rows)[:, None], cols // block_size] * block_size
+    want = np.where(np.arange(cap) < counts[:, None], want + cols % block_size, 0)
+    assert counts.max() > 1 and (counts < cap).any()
+    np.testing.assert_array_equal(np.asarray(got[0]), want)
+    for a, b in zip(got[1:], plain[1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_block_ids():
+    logits, valid, p = _mixed_batch(0, rows=3, heads=2, n=16)
+    ok = jnp.zeros((3, 4), jnp.int32)
+    for blocks, bs, match in [
+        (ok, 0, "block_size"),
+        (ok, 2.0, "block_size"),
+        (ok, 2, "C \\* block_size == N"),
+        (jnp.zeros((2, 4), jnp.int32), 4, "rows R"),
+        (ok.astype(jnp.float32), 4, "dtype"),
+        (ok[0], 4, "rank"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            topp.topp_select_grouped(logits, valid, p, 5, blocks=blocks, block_size=bs)
+
+
 @pytest.mark.parametrize("backend,config", SELECT_KERNELS)
 def test_no_mask_is_the_mask_of_the_finite_logits(backend, config):
     """valid=None: the kernels read no mask; with the invalid entries at -inf (what the INT4
@@ -396,10 +434,20 @@ def test_exports(r, g, n, cap):
     export_tpu(functools.partial(topp.topp_select_grouped_tpu, capacity=cap), x3, v, p)
     export_cuda(topp.topp_threshold_gpu, x2, v, p)
     export_tpu(topp.topp_threshold_tpu, x2, v, p)
-    # Without a mask: one operand fewer for every kernel.
+    # Without a mask: one operand fewer for every kernel; with block ids, one more.
+    blocks = jax.ShapeDtypeStruct((r, n // 4 if n % 4 == 0 else n), jnp.int32)
+    bs = 4 if n % 4 == 0 else 1
     for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT)):
         export_cuda(
             lambda x, p, cfg=cfg: topp.topp_select_grouped_gpu(x, None, p, cap, config=cfg), x3, p
+        )
+        export_cuda(
+            lambda x, p, b, cfg=cfg: topp.topp_select_grouped_gpu(
+                x, None, p, cap, config=cfg, blocks=b, block_size=bs
+            ),
+            x3,
+            p,
+            blocks,
         )
 
 

@@ -194,19 +194,16 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
         return out, info
 
     cand = selectors.select_candidates(q, cache, sparsity, layer, backend)
-    positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
     if top_p is None:  # the base selector alone: attend to every candidate
+        positions = jnp.repeat(cand.positions, rows // hkv, axis=1)  # [B, rows, N]
         kept_pos, kept_ok, kept_count = positions, cand.valid, None  # not compacted
         mass = jnp.ones((b, hq), jnp.float32)
         saturated = jnp.zeros((b, rows), bool)
     else:
         logits = pruner.estimate_scores(q, cache, layer, cand, sparsity.estimate_bits, backend)
-        cols, kept_count, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
-        # The pruner works on candidate columns; attention wants token positions. Its lists
-        # are compacted: their first kept_count entries. Its columns (padding 0 included) lie
-        # in [0, N): "clip" is XLA's own gather, without the bounds test and fill of the default.
-        kept_pos = jnp.take_along_axis(positions, cols, axis=-1, mode="clip")
-        kept_ok = jnp.arange(cols.shape[-1]) < kept_count[..., None]
+        # Positions, compacted, 0 past kept_count: the pruner's kernels map the columns.
+        kept_pos, kept_count, saturated, mass = pruner.prune(logits, cand, top_p, sparsity, backend)
+        kept_ok = jnp.arange(kept_pos.shape[-1]) < kept_count[..., None]
     token_pos, counts = pruner.add_forced_tokens(
         kept_pos,
         kept_ok,

@@ -3,7 +3,8 @@
 1. ``estimate_scores``: logits of every candidate column from a cheap copy of K (INT4 cache by
    block_spgemv; 8 bits or exact K by a jnp gather for ablations).
 2. ``prune``: softmax over the row's candidates, the smallest set reaching mass p, compacted
-   (topp_select_grouped; one selection per KV group = union of its heads', or per head).
+   (topp_select_grouped; one selection per KV group = union of its heads', or per head), as
+   token positions (the kernels map each kept column to its position as they store it).
 3. ``add_forced_tokens``: the sink and recent tokens join, duplicates dropped, compacted.
 """
 
@@ -58,30 +59,35 @@ def estimate_scores(
 
 
 def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
-    """Top-p selection of candidate columns.
+    """Top-p selection of candidate columns, returned as the token positions they hold.
 
     logits: [B, Hq, N] estimates; p: [B] float32 (per sequence).
-    Returns (columns [B, rows, K] int32 into the N candidate columns, counts [B, rows] int32,
-    saturated [B, rows] bool, mass [B, Hq] float32 estimated weight kept per query head).
-    K, the top-p width, is min(max_budget - forced tokens, N): room for the sink and recent
-    tokens within the selection capacity max_budget.
+    Returns (positions [B, rows, K] int32 of the kept candidates in column order, 0 past the
+    counts; counts [B, rows] int32; saturated [B, rows] bool; mass [B, Hq] float32 estimated
+    weight kept per query head). K, the top-p width, is min(max_budget - forced tokens, N):
+    room for the sink and recent tokens within the selection capacity max_budget.
     """
     b, hq, n = logits.shape
+    hkv = cand.blocks.shape[1]
     rows = cand.valid.shape[1]
     g = hq // rows  # heads sharing one selection: G for group_union, 1 per head
     width = min(sparsity.max_budget - sparsity.forced_tokens, n)
     # INT4 estimates are -inf off the candidates when the mask is the count and length alone,
     # and top-p never keeps a -inf entry: the kernels then need no mask to read.
     mask_in_logits = sparsity.estimate_bits == 4 and cand.by_count
-    cols, counts, saturated, mass = topp_select_grouped(
+    # Every row of a KV head shares its block list (per-head rows repeat it).
+    blocks = jnp.repeat(cand.blocks, rows // hkv, axis=1) if rows != hkv else cand.blocks
+    pos, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         None if mask_in_logits else cand.valid.reshape(b * rows, n),
         jnp.repeat(p, rows),
         width,
         backend=backend,
+        blocks=blocks.reshape(b * rows, -1),
+        block_size=cand.block_size,
     )
     return (
-        cols[:, :width].reshape(b, rows, width),
+        pos[:, :width].reshape(b, rows, width),
         counts.reshape(b, rows),
         saturated.reshape(b, rows),
         mass.reshape(b, hq),
@@ -122,7 +128,7 @@ def add_forced_tokens(kept_pos, kept_ok, lengths, sink: int, recent: int, *, kep
     """
     if sink + recent == 0:
         if kept_count is not None:
-            return jnp.where(kept_ok, kept_pos, 0).astype(jnp.int32), kept_count
+            return kept_pos.astype(jnp.int32), kept_count
         return _compact(kept_pos, kept_ok)
     b, rows, _ = kept_pos.shape
     ln = lengths[:, None]
