@@ -565,3 +565,20 @@ def test_quest_with_a_budget_over_the_table_is_select_all():
         assert got.block_size == want.block_size
     short = selectors.select_candidates(q, cache, _cfg("quest", budget=full - S), 0, "auto")
     assert short.blocks.shape[-1] == cache.max_pages - 1
+
+
+@pytest.mark.parametrize("gqa", ["group_union", "per_head"])
+def test_candidate_token_counts_equal_the_mask_counts(gqa):
+    # Candidates.num_tokens counts from the blocks, the count and the lengths where the mask is
+    # exactly "listed and below the length" (by_count), else sums the mask: equal either way,
+    # on ragged lengths with partial last pages.
+    from twilight_jax import selectors
+
+    q, _, _, cache = _case(seed=6)
+    for selector in ("all", "quest", "streaming", "double_sparsity", "oracle"):
+        cfg = _cfg(selector, gqa=gqa)
+        cand = selectors.select_candidates(q, cache, cfg, 0, "reference")
+        got = cand.num_tokens(cache.lengths)
+        np.testing.assert_array_equal(got, np.asarray(cand.valid).sum(-1), err_msg=selector)
+        assert got.dtype == jnp.int32
+    assert any(n % S for n in LENGTHS)  # a partial page is counted

@@ -219,7 +219,7 @@ def _decode_attention(q, cache, layer, top_p, sparsity, backend):
         counts=counts,
         estimated_mass=mass,
         saturated=saturated,
-        candidates=cand.valid.sum(-1).astype(jnp.int32),
+        candidates=cand.num_tokens(cache.lengths),
         token_pos=token_pos,
     )
     return out, info

@@ -36,6 +36,19 @@ class Candidates:
     block_size: int
     by_count: bool = False
 
+    def num_tokens(self, lengths) -> jax.Array:
+        """[B, rows] int32 candidate tokens of each row: valid.sum(-1). For by_count candidates
+        from the blocks, the count and the lengths ([B, Hkv, C] work: a block's valid tokens
+        are those of its positions below the length) rather than from the [B, rows, C *
+        block_size] mask, so the mask need not be built where nothing else reads it."""
+        if not self.by_count:
+            return self.valid.sum(-1).astype(jnp.int32)
+        b, hkv, c = self.blocks.shape
+        listed = jnp.arange(c) < self.count[..., None]
+        below = jnp.clip(lengths[:, None, None] - self.blocks * self.block_size, 0, self.block_size)
+        tokens = jnp.sum(jnp.where(listed, below, 0), axis=-1, dtype=jnp.int32)  # [B, Hkv]
+        return jnp.repeat(tokens, self.valid.shape[1] // hkv, axis=1)
+
     @property
     def positions(self) -> jax.Array:
         """[B, Hkv, C * block_size] int32 logical position of every column."""
