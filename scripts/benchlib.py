@@ -106,6 +106,14 @@ def time_fn(
         jax.block_until_ready(outs)
         return time.perf_counter() - t0
 
+    return per_call_device_seconds(launches, iters, repeats=repeats, extra=extra)
+
+
+def per_call_device_seconds(launches: Callable[[int], float], iters: int, *, repeats, extra):
+    """Seconds of device work per call from ``launches(n)``, the host time of n back-to-back
+    launches of a program of ``iters`` calls, waited for once: the median over ``repeats`` of
+    (launches(1 + extra) - launches(1)) / (extra * iters), which drops the cost every
+    measurement pays once (dispatching the first program, waiting for the result)."""
     ts = []
     for _ in range(repeats):
         one = launches(1)
