@@ -36,8 +36,8 @@ topp_tpu the Pallas Mosaic kernel; topp_common their configs (one table of tuned
 the search they share.
 
 Inputs: ``logits [R, N]`` (or ``[R, G, N]``) float32, ``valid [R, N]`` bool or None (every
-entry), ``p`` a Python float or a ``[R]`` float array (may be traced), ``capacity`` a static
-int.
+entry), ``p`` a Python float or a ``[R]`` float array (may be traced; or ``[S]``, S dividing R,
+shared by R / S consecutive rows), ``capacity`` a static int.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pallas_kernels.topp_common import (
     TopPGpuConfig,
     TopPTpuConfig,
     columns_to_positions,
+    p_rows,
 )
 from pallas_kernels.topp_gpu import topp_select_gpu, topp_select_grouped_gpu, topp_threshold_gpu
 from pallas_kernels.topp_tpu import topp_select_grouped_tpu, topp_select_tpu, topp_threshold_tpu
@@ -107,7 +108,7 @@ def _threshold_reference(w, valid, p):
 def topp_threshold_reference(logits, valid, p):
     """Reference of ``topp_threshold``: (threshold f32 [R], count i32 [R], mass f32 [R])."""
     logits = jnp.asarray(logits, jnp.float32)
-    p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:-1])
+    p = p_rows(p, logits.shape[0])
     w, valid = _softmax_reference(logits, True if valid is None else valid)
     t = _threshold_reference(w, valid, p)
     kept = valid & (w >= t[..., None])
@@ -119,7 +120,7 @@ def topp_select_grouped_reference(logits, valid, p, capacity, *, blocks=None, bl
     """Reference of ``topp_select_grouped``: (indices, counts, saturated, mass)."""
     logits = jnp.asarray(logits, jnp.float32)
     r, g, n = logits.shape
-    p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (r,))
+    p = p_rows(p, r)
     w, valid_g = _softmax_reference(logits, True if valid is None else valid[:, None, :])
     t = _threshold_reference(w, valid_g, jnp.broadcast_to(p[:, None], (r, g)))
     union = jnp.any(valid_g & (w >= t[..., None]), axis=1)  # [R, N]
@@ -161,8 +162,11 @@ def _check_p(p, rows: int) -> None:
         _common.check_static_p(p)
         return
     shape = tuple(np.shape(p))
-    if shape not in ((), (rows,)):
-        raise ValueError(f"p must be a scalar or have shape ({rows},) (one per row), got {shape}")
+    if not (shape == () or (len(shape) == 1 and shape[0] >= 1 and rows % shape[0] == 0)):
+        raise ValueError(
+            f"p must be a scalar or have shape ({rows},) (one per row) or (S,) with S dividing "
+            f"{rows} (one per group of {rows} / S consecutive rows), got {shape}"
+        )
     if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
         raise ValueError(f"p must have a floating dtype, got {jnp.result_type(p)}")
     if not isinstance(p, jax.core.Tracer):
@@ -221,7 +225,8 @@ def topp_threshold(logits, valid, p, *, backend="auto", config=None):
       logits: [R, N] float32 estimated logits.
       valid: [R, N] bool; weights are a softmax over the valid entries only. None: every
         entry (the kernels then read no mask); a -inf logit is never valid either way.
-      p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
+      p: Python float in (0, 1], or a float array (may be traced): [R], a scalar, or [S]
+        with S dividing R (row r takes p[r // (R / S)], e.g. one p per sequence).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"
         (docs/kernel_api.md).
       config: TopPGpuConfig or TopPTpuConfig for the kernel that runs (None: the defaults);
@@ -252,7 +257,8 @@ def topp_select_grouped(
     Args:
       logits: [R, G, N] float32; G heads (e.g. the query heads of a KV group) per row.
       valid: [R, N] bool, shared by the G heads, or None (as ``topp_threshold``).
-      p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
+      p: Python float in (0, 1], or a float array (may be traced): [R], a scalar, or [S]
+        with S dividing R (row r takes p[r // (R / S)], e.g. one p per sequence).
       capacity: static int >= 1, the selection capacity.
       backend, config: as ``topp_threshold``.
       blocks, block_size: None, or the ids of the blocks the columns come from, [R, C] int32
@@ -286,7 +292,8 @@ def topp_select(logits, valid, p, capacity, *, backend="auto", config=None):
     Args:
       logits: [R, N] float32.
       valid: [R, N] bool, or None (as ``topp_threshold``).
-      p: Python float in (0, 1], or [R] (or scalar) float array, may be traced.
+      p: Python float in (0, 1], or a float array (may be traced): [R], a scalar, or [S]
+        with S dividing R (row r takes p[r // (R / S)], e.g. one p per sequence).
       capacity: static int >= 1.
       backend, config: as ``topp_threshold``.
 

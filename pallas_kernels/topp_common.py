@@ -265,6 +265,21 @@ def head_thresholds(w, hi, p, axes, iters, num_cols):
     return search_threshold(mass_at_least, band_top, lo, hi, p, iters)
 
 
+def p_operand(p, rows: int):
+    """p as the kernels read it: ([S] float32, rows_per): row r takes p[r // rows_per].
+
+    p: a scalar (S = 1), [R], or [S] with S dividing R (one p per group of R / S consecutive
+    rows, e.g. per sequence over its KV heads' rows): no [R] copy is made."""
+    p = jnp.asarray(p, jnp.float32).reshape(-1)
+    return p, rows // p.shape[0]
+
+
+def p_rows(p, rows: int):
+    """p as one float32 value per row, [R] (see p_operand)."""
+    p, rows_per = p_operand(p, rows)
+    return jnp.repeat(p, rows_per) if rows_per > 1 else p
+
+
 def columns_to_positions(indices, counts, blocks, block_size: int):
     """What a selection with block ids returns, from its kept columns: indices [R, K] int32
     (kept columns below counts [R]) -> blocks[r, c // block_size] * block_size +

@@ -411,6 +411,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
     select: indices [R, capacity] i32, count [R] i32, saturated [R] i32, mass [R, G] f32.
     """
     r, g, n = logits.shape
+    p, p_per = tc.p_operand(p, r)
     np_ = pl.next_power_of_2(n)
     per_head = jax.ShapeDtypeStruct((r, g), jnp.float32)
     if capacity is None:
@@ -425,7 +426,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
         in_specs=[
             pl.BlockSpec((None, 1, n), lambda i, j: (i, j, 0)),
             *v_specs,
-            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((1,), lambda i, j: (i // p_per,)),
         ],
         out_specs=[pl.BlockSpec((None, 1), lambda i, j: (i, j))] * 3,
         out_shape=head_shapes,
@@ -485,6 +486,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
     does.
     """
     r, g, n = logits.shape
+    p, p_per = tc.p_operand(p, r)
     chunk = min(config.chunk_cols, max(16, pl.next_power_of_2(n)))
     out_shape, out_specs = _gpu_select_outputs(r, g, capacity)
     scratch_shape = [
@@ -514,7 +516,7 @@ def _compact_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
             pl.BlockSpec((None, g, n), lambda i: (i, 0, 0)),
             *v_specs,
             *b_specs,
-            pl.BlockSpec((1,), lambda i: (i,)),
+            pl.BlockSpec((1,), lambda i: (i // p_per,)),
         ],
         out_specs=out_specs + scratch_specs,
         out_shape=out_shape + scratch_shape,
@@ -543,11 +545,10 @@ def _xla_threshold_call(logits, valid, p, config):
 
 
 def _call(logits, valid, p, capacity, config, interpret, blocks=None, block_size=1):
-    p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), logits.shape[:1])
     r, _, n = logits.shape
     if capacity is None:
         if n > config.max_cols:
-            return _xla_threshold_call(logits, valid, p, config)
+            return _xla_threshold_call(logits, valid, tc.p_rows(p, r), config)
     elif n > config.max_cols or r >= config.compact_min_rows:
         return _compact_call(logits, valid, p, capacity, config, interpret, blocks, block_size)
     return _kernels_call(logits, valid, p, capacity, config, interpret, blocks, block_size)

@@ -126,7 +126,7 @@ def _call(logits, valid, p, capacity, config, interpret):
     if valid is None:  # every column (the kernel takes the mask as lanes of int32 anyway)
         valid = jnp.ones((logits.shape[0], logits.shape[2]), bool)
     r, g, n = logits.shape
-    p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (r,))
+    p = tc.p_rows(p, r)
     nc = pl.cdiv(n, _LANES)
     pad = nc * _LANES - n
     # Free reshapes when N is a multiple of 128; otherwise one padding copy.

@@ -147,6 +147,14 @@ def test_topp(groups, compact_min_rows):
     np.testing.assert_array_equal(np.asarray(mapped[0]), np.asarray(want))
     for a, b in zip(mapped[1:], (cnt, sat, mass)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # One p per group of 4 rows, indexed by the kernels: the same as p repeated.
+    p_grp = jnp.asarray(p[::4])
+    grp = topp.topp_select_grouped(*args[:2], p_grp, cap, backend="pallas", config=cfg)
+    rep = topp.topp_select_grouped(
+        *args[:2], jnp.repeat(p_grp, 4), cap, backend="pallas", config=cfg
+    )
+    for a, b in zip(grp, rep):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_quest_scores():

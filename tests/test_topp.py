@@ -315,6 +315,32 @@ def test_block_ids_map_the_kept_columns_to_positions(backend, config, block_size
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend,config", [*SELECT_KERNELS, ("reference", None)])
+def test_p_per_group_of_rows_is_p_repeated(backend, config):
+    # p of shape [S], S dividing R: row r takes p[r // (R / S)] (the GPU kernels index it so,
+    # with no [R] copy): the same selections and thresholds as p repeated to [R].
+    heads, rows, cap = 4, 12, 40
+    logits, valid, _ = _mixed_batch(77, rows=rows, heads=heads)
+    p_seq = jnp.asarray([0.95, 0.5, 1.0], jnp.float32)
+    got = topp.topp_select_grouped(logits, valid, p_seq, cap, backend=backend, config=config)
+    want = topp.topp_select_grouped(
+        logits, valid, jnp.repeat(p_seq, 4), cap, backend=backend, config=config
+    )
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert len({int(c) for c in np.asarray(got[1])}) > 2  # the p differ in effect
+    if getattr(config, "compact_min_rows", 2) > 1:  # once per backend: the threshold entry
+        threshold_config = None if config is None else EXACT[backend]
+        t = topp.topp_threshold(
+            logits[:, 0], valid, p_seq, backend=backend, config=threshold_config
+        )
+        t_want = topp.topp_threshold(
+            logits[:, 0], valid, jnp.repeat(p_seq, 4), backend=backend, config=threshold_config
+        )
+        for a, b in zip(t, t_want):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_bad_block_ids():
     logits, valid, p = _mixed_batch(0, rows=3, heads=2, n=16)
     ok = jnp.zeros((3, 4), jnp.int32)
@@ -542,6 +568,10 @@ def test_bad_array_p():
         topp.topp_select(logits, valid, jnp.array([0.5, 1.5, 0.5, 0.5]), 4)
     with pytest.raises(ValueError, match=r"p must .*shape \(4,\)"):
         topp.topp_select(logits, valid, jnp.full((3,), 0.5), 4)
+    with pytest.raises(ValueError, match=r"p must .*S dividing 4"):
+        topp.topp_select(logits, valid, jnp.full((0,), 0.5), 4)
+    with pytest.raises(ValueError, match=r"p must .*shape \(4,\)"):
+        topp.topp_select(logits, valid, jnp.full((2, 2), 0.5), 4)
     with pytest.raises(ValueError, match="p must have a floating dtype"):
         topp.topp_select(logits, valid, jnp.ones((4,), jnp.int32), 4)
 

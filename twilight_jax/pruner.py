@@ -80,7 +80,7 @@ def prune(logits, cand: Candidates, p, sparsity: SparsityConfig, backend: str):
     pos, counts, saturated, mass = topp_select_grouped(
         logits.reshape(b * rows, g, n),
         None if mask_in_logits else cand.valid.reshape(b * rows, n),
-        jnp.repeat(p, rows),
+        p,  # [B]: one per sequence, shared by its rows (no [B * rows] copy)
         width,
         backend=backend,
         blocks=blocks.reshape(b * rows, -1),
