@@ -14,16 +14,18 @@ planted, peaked distribution, written layer by layer and chunk by chunk through
   carry most of its softmax mass, as in peaked real heads. The attended fraction (tokens
   attended over tokens cached, sparse layers) is measured and reported, not assumed.
 
-Each method's jitted step (the cache donated and threaded from step to step) is compiled
-ahead of time (compile seconds and XLA's temporary bytes reported), then timed as ``--steps``
-steps dispatched back to back and waited for once (device-bound: the host dispatches the next
-step while the device runs this one). The floor is the bytes the method must read at the copy
-bandwidth measured in the same run: the weights once (the LM head included, the embedding
-gather not) plus, per layer, every cached K and V (dense layers) or the page metadata, the
-INT4 keys of its candidates and the K/V of the tokens it kept (sparse layers). With
-``--profile`` three more steps run under the JAX profiler: device busy time per step (kernels
-only), device span (first kernel start to last kernel end of a step: their difference is
-launch gaps), the longest kernels, and any kernel that moves a weight-sized copy.
+Each method's jitted step (the cache donated and threaded from step to step) is compiled ahead
+of time (compile seconds and XLA's temporary bytes reported), then timed as ``--steps`` steps
+dispatched back to back and waited for once (device-bound: the host dispatches the next step
+while the device runs this one), less one step timed alone the same way: the difference over
+steps - 1 drops the dispatch of the first step and the final wait, which every such measurement
+pays once (``benchlib.per_call_device_seconds``). The floor is the bytes the method must read
+at the copy bandwidth measured in the same run: the weights once (the LM head included, the
+embedding gather not) plus, per layer, every cached K and V (dense layers) or the page
+metadata, the INT4 keys of its candidates and the K/V of the tokens it kept (sparse layers).
+With ``--profile`` three more steps run under the JAX profiler: device busy time per step
+(kernels only), device span (first kernel start to last kernel end of a step: their difference
+is launch gaps), the longest kernels, and any kernel that moves a weight-sized copy.
 
 ``--devices N`` splits the KV heads (with their query heads and weights) over N local devices
 (``twilight_jax.sharding``), the cache too: each device reads its heads' share of the cache
@@ -351,11 +353,21 @@ def run_method(jm, cache, tokens, name, cfg, args, tag):
     for _ in range(_WARMUP):
         logits, cache, info = step(cache)
     jax.block_until_ready(logits)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        logits, cache, info = step(cache)
-    jax.block_until_ready((logits, cache))
-    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    state = {"cache": cache}
+
+    def launches(n):  # n steps back to back, waited for once
+        t0 = time.perf_counter()
+        for _ in range(n):
+            lg, state["cache"], state["info"] = step(state["cache"])
+        jax.block_until_ready((lg, state["cache"]))
+        return time.perf_counter() - t0
+
+    if args.steps > 1:
+        step_s = benchlib.per_call_device_seconds(launches, 1, repeats=1, extra=args.steps - 1)
+    else:
+        step_s = launches(1)
+    cache, info = state["cache"], state["info"]
+    step_ms = step_s * 1e3
     row = {"compile_s": compile_s, "step_ms": step_ms, "temp_bytes": mem.get("temp_bytes")}
     if args.profile:
         state = {"cache": cache}
@@ -435,7 +447,7 @@ def main(argv=None):
     ]
     for batch, context in args.points:
         # Room for the warm-up, timed and profiled steps of every run.
-        room = len(runs) * (_WARMUP + args.steps + _PROFILE_STEPS) + PAGE
+        room = len(runs) * (_WARMUP + 1 + args.steps + _PROFILE_STEPS) + PAGE
         lengths = np.full((batch,), context - room, np.int32)
         if lengths.min() < PAGE:
             raise SystemExit(f"context {context} leaves no room for {room} decode steps")
