@@ -22,8 +22,8 @@ of tuned defaults), the argument checks, the reference and the public entry.
 
 Layouts (docs/kernel_api.md): q ``[B, Hq, D]``; k_int4 ``[Hkv, P, S, D // 2]`` uint8;
 k_scale, k_zero ``[Hkv, P, S]`` float32; page_table ``[B, max_pages]``; lengths ``[B]``;
-cand_blocks ``[B, Hkv, C]``; cand_count ``[B, Hkv]`` or ``[B, 1]`` (all int32). Output
-``[B, Hq, C * bs]`` float32.
+cand_blocks ``[B, Hkv, C]``; cand_count ``[B, Hkv]`` (all int32). Output ``[B, Hq, C * bs]``
+float32.
 """
 
 from __future__ import annotations
@@ -138,11 +138,10 @@ def _check_args(
     _common.check_dtype("cand_blocks", cand_blocks, _INDEX_DTYPES)
     _common.check_dim("cand_blocks", cand_blocks, 0, batch, "batch of q")
     _common.check_dim("cand_blocks", cand_blocks, 1, num_kv_heads, "num_kv_heads of k_int4")
-    _common.check_rank("cand_count", cand_count, 2, "[batch, num_kv_heads] or [batch, 1]")
+    _common.check_rank("cand_count", cand_count, 2, "[batch, num_kv_heads]")
     _common.check_dtype("cand_count", cand_count, _INDEX_DTYPES)
     _common.check_dim("cand_count", cand_count, 0, batch, "batch of q")
-    if np.shape(cand_count)[1] != 1:
-        _common.check_dim("cand_count", cand_count, 1, num_kv_heads, "num_kv_heads of k_int4, or 1")
+    _common.check_dim("cand_count", cand_count, 1, num_kv_heads, "num_kv_heads of k_int4")
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
         raise ValueError(f"block_size must be a static int, got {block_size!r}")
     if block_size <= 0 or page_size % block_size:
@@ -311,9 +310,7 @@ def block_spgemv(
       lengths: [batch] int32, tokens in the cache per sequence.
       cand_blocks: [batch, num_kv_heads, C] int32 logical block ids (block = block_size
         consecutive positions); entry c is used for c < cand_count[b, g].
-      cand_count: [batch, num_kv_heads] int32 valid entries (clamped to [0, C]); or [batch,
-        1], one count for every KV head of a sequence (the GPU kernel reads it as is, no
-        broadcast copy).
+      cand_count: [batch, num_kv_heads] int32 valid entries (clamped to [0, C]).
       block_size: static; divides page_size (page_size for Quest pages, 1 for tokens).
       scale: static logit scale, default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"

@@ -104,7 +104,7 @@ def _q_columns(half: int, word_bytes: int):
 
 
 def _gpu_kernel(
-    cand_count_ref,  # [B, Hkv] or [B, 1] int32 (whole array)
+    cand_count_ref,  # [B, Hkv] int32 (whole array)
     lengths_ref,  # [B] int32 (whole array)
     page_table_ref,  # [max_pages] int32: row b
     cand_ref,  # [C] int32: candidate blocks of (b, g)
@@ -133,8 +133,7 @@ def _gpu_kernel(
     half = q_ref.shape[1] // 2
     max_pages = page_table_ref.shape[0]
     num_tiles = pl.cdiv(num_cand, cb)  # static: tiles of the C * bs output columns
-    count_head = g if cand_count_ref.shape[1] > 1 else 0  # [B, 1]: one count per sequence
-    count = jnp.clip(cand_count_ref[b, count_head], 0, num_cand)
+    count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
     length = lengths_ref[b]
 
     # Tiles holding an entry below the count are split evenly over the splits (the trip
@@ -296,7 +295,7 @@ def launch(
         kernel,
         grid=(batch, num_kv_heads, splits),
         in_specs=[
-            pl.BlockSpec(cand_count.shape, lambda b, g, s: (0, 0)),
+            pl.BlockSpec((batch, num_kv_heads), lambda b, g, s: (0, 0)),
             pl.BlockSpec((batch,), lambda b, g, s: (0,)),
             pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
             pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),

@@ -105,8 +105,7 @@ def launch(
     lpage = jnp.clip(start // page_size, 0, max_pages - 1)
     phys = jnp.take_along_axis(page_table[:, None, :], lpage.reshape(batch, 1, -1), axis=2)
     phys = jnp.clip(phys.reshape(batch, num_kv_heads, num_cand), 0, num_pages - 1)
-    count = jnp.clip(cand_count, 0, num_cand)
-    count = jnp.broadcast_to(count, (batch, num_kv_heads)).reshape(-1)
+    count = jnp.clip(cand_count, 0, num_cand).reshape(-1)
 
     def page_map(b, g, c, count_ref, lengths_ref, start_ref, phys_ref):
         row = b * num_kv_heads + g

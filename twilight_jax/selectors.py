@@ -25,11 +25,10 @@ from twilight_jax.config import SparsityConfig
 @dataclasses.dataclass(frozen=True)
 class Candidates:
     """blocks: [B, Hkv, C] int32 logical block ids; count: [B, Hkv] int32 entries block_spgemv
-    reads, or [B, 1] where every KV head of a sequence has the same (passed as is: no
-    broadcast copy); valid: [B, rows, C * block_size] bool candidate tokens of each row
-    (position below the length included); block_size: static. by_count (static): valid is
-    exactly "entry below count and position below the length", the columns block_spgemv gives
-    -inf outside, so its estimates carry the mask themselves."""
+    reads; valid: [B, rows, C * block_size] bool candidate tokens of each row (position below
+    the length included); block_size: static. by_count (static): valid is exactly "entry
+    below count and position below the length", the columns block_spgemv gives -inf outside,
+    so its estimates carry the mask themselves."""
 
     blocks: jax.Array
     count: jax.Array
@@ -81,8 +80,7 @@ def _shared(blocks, count, lengths, block_size, rows):
 
 
 def _from_topk(ids, n_valid, lengths, block_size, hkv):
-    """Per-row top-k block ids [B, rows, k] (the first n_valid [B, rows] real, or [B, 1]: the
-    same for every row of a sequence) -> Candidates."""
+    """Per-row top-k block ids [B, rows, k] (the first n_valid [B, rows] real) -> Candidates."""
     b, rows, k = ids.shape
     if rows == hkv:
         return _shared(ids, n_valid, lengths, block_size, rows)
@@ -104,15 +102,15 @@ def _token_topk(score, lengths, budget, hkv):
     """score [B, rows, N] (-inf where invalid) -> Candidates of the top `budget` tokens."""
     k = min(budget, score.shape[-1])
     _, ids = jax.lax.top_k(score, k)
-    n_valid = jnp.minimum(lengths, k)[:, None]  # [B, 1]: every row alike
-    return _from_topk(ids, n_valid, lengths, 1, hkv)
+    n_valid = jnp.minimum(lengths, k)[:, None]
+    return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), lengths, 1, hkv)
 
 
 def select_all(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> Candidates:
     """Every token: all pages of the table, the first ceil(length / page_size) live."""
     b, m, s = cache.batch, cache.max_pages, cache.page_size
     blocks = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, cache.num_kv_heads, m))
-    count = -(-cache.lengths // s)[:, None]  # [B, 1]: every KV head alike
+    count = jnp.broadcast_to(-(-cache.lengths // s)[:, None], (b, cache.num_kv_heads))
     return _shared(blocks, count, cache.lengths, s, _rows(sparsity, cache.num_kv_heads, g))
 
 
@@ -149,8 +147,8 @@ def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
     k = min(sparsity.budget // s, cache.max_pages)
     # The set of the k best pages, in ascending page order (no sort of the scores on the GPU).
     ids = topk_ids(scores, k, backend=backend)
-    n_valid = jnp.minimum(-(-cache.lengths // s), k)[:, None]  # [B, 1]: every row alike
-    return _from_topk(ids, n_valid, cache.lengths, s, hkv)
+    n_valid = jnp.minimum(-(-cache.lengths // s), k)[:, None]
+    return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), cache.lengths, s, hkv)
 
 
 def select_double_sparsity(q, cache, sparsity, layer) -> Candidates:
