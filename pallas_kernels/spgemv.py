@@ -46,9 +46,8 @@ _INDEX_DTYPES = (np.int32,)
 # kernels-sweep{,2,3,4,6,8}-h200.*):
 #   GPU tokens_per_chunk 128, target_programs 4096, max_splits 64, num_warps 4, next tile's
 #       lookups carried in the loop, 4-byte words.
-#   GPU num_stages 3 (docs/results/session-2026-12-04e/spgemv-configs.md, with the inline-PTX
-#       unpack; each config twice, in rotation): 158-164 us vs 191-193 for 2 and 174-177 for
-#       1 at batch 64; 97-100 vs 114 at batch 32; 45 vs 50-52 at batch 8.
+#   GPU num_stages 3: faster than 1 and 2 at batch 8, 32 and 64, each config timed twice in
+#       rotation (docs/results/session-2026-12-04e/spgemv-configs.md).
 #   TPU: no knobs (one candidate block per grid step); not measured.
 
 

@@ -177,9 +177,11 @@ def _check_p(p, rows: int) -> None:
 
 
 def _check_blocks(blocks, block_size, logits) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise ValueError(f"block_size must be a static int >= 1, got {block_size!r}")
-    if block_size < 1:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size < 1
+    ):
         raise ValueError(f"block_size must be a static int >= 1, got {block_size!r}")
     if blocks is None:
         return

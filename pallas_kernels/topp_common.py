@@ -38,16 +38,14 @@ EXACT_ITERS = 30
 #   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
 #   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
 #       Triton compile alone takes minutes); longer rows take the compacting kernel.
-#   GPU compact_min_rows 256, chunk_cols 1024: the compacting kernel (narrowing) beats the
-#       row-resident pair in the op from 256 rows (and on Twilight over all's 32768-column rows)
-#       and loses below, where few rows leave its loop of dependent loads exposed: op at 32 /
-#       32K (256 rows) 250 vs 256 us, at 16 / 32K (128 rows) 173 vs 158
-#       (docs/results/session-2026-12-04g/probe.log; chunk_cols: session-2026-12-04e/
-#       sweep-topp-compact.md, and 512 / 2048 lost in the op at 64 / 32K in the same probe).
+#   GPU compact_min_rows 256, chunk_cols 1024: the compacting kernel (with its narrowing) beats
+#       the row-resident pair in the op from 256 rows (and on Twilight over all's 32768-column
+#       rows) and loses at 128 rows and below, where few rows leave its loop of dependent loads
+#       exposed; chunk_cols 512 and 2048 lost (docs/results/session-2026-12-04g/probe.log,
+#       session-2026-12-04e/sweep-topp-compact.md).
 #   GPU narrow_after 2: against 0 (never) in the op, on the planted rows of the attention
-#       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log); 1 was as fast on
-#       Twilight over Quest and much slower over all (1235 vs 995 us at 64 / 32K), 3 no
-#       faster (docs/results/session-2026-12-04g/probe.log).
+#       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log); 1 and 3 no faster
+#       over Quest, 1 slower over all (docs/results/session-2026-12-04g/probe.log).
 #   TPU: the same iters; block_rows 8 not measured.
 
 

@@ -32,15 +32,15 @@ from pallas_kernels.topp_common import TopPGpuConfig
 DEFAULT_CONFIG = TopPGpuConfig()
 
 
-def _optional_operands(kernel, valid, blocks=None):
-    """The kernel as pallas_call calls it: its valid and blocks refs (the operands after the
-    logits, in that order) are not operands when None, and the kernel gets None for them."""
+def _optional_operands(kernel, *optional):
+    """The kernel as pallas_call calls it: the optional operands after the logits (valid, then
+    for the select kernels blocks) are not operands when None, and the kernel gets None for
+    their refs."""
 
     def call(x_ref, *refs):
         refs = list(refs)
-        valid_ref = None if valid is None else refs.pop(0)
-        blocks_ref = None if blocks is None else refs.pop(0)
-        return kernel(x_ref, valid_ref, blocks_ref, *refs)
+        given = [None if x is None else refs.pop(0) for x in optional]
+        return kernel(x_ref, *given, *refs)
 
     return call
 
@@ -122,7 +122,6 @@ def _gpu_select_store(w, kept, out_refs, num_heads, capacity, config, blocks_ref
 def _gpu_head_kernel(
     x_ref,  # [1, N] f32 logits of one head of one row
     valid_ref,  # [N] bool, or None: every column
-    blocks_ref,  # None (thresholds map no columns)
     p_ref,  # [1] f32
     *out_refs,
     # threshold only: threshold [1] f32, count [1] i32, mass [1] f32
@@ -132,7 +131,6 @@ def _gpu_head_kernel(
     config: TopPGpuConfig,
 ):
     """First kernel: one head's threshold per program (and, for select, its softmax stats)."""
-    del blocks_ref
     x, valid = _gpu_load_row(x_ref, valid_ref, 1, num_cols)  # [1, Np] each
     valid, m, z = tc.softmax_stats(x, valid, axes=(1,))  # m, z [1, 1]
     w = tc.weights_from(x, valid, m, z)  # [1, Np]
@@ -388,17 +386,12 @@ def _gpu_select_outputs(r, g, capacity):
     return out_shape, out_specs
 
 
-def _valid_operand(valid, spec):
-    """(operands, in_specs) of valid: none when it is None."""
-    return ((), []) if valid is None else ((valid,), [spec])
-
-
-def _blocks_operand(blocks):
-    """(operands, in_specs) of the selection's [R, C] block ids on a row grid: none when they
-    are None."""
-    if blocks is None:
+def _row_operand(x):
+    """(operands, in_specs) of an optional [R, X] operand read one row a program (grid (R,) or
+    (R, G)): none when x is None."""
+    if x is None:
         return (), []
-    return (blocks,), [pl.BlockSpec((None, blocks.shape[1]), lambda i: (i, 0))]
+    return (x,), [pl.BlockSpec((None, x.shape[1]), lambda i, *_: (i, 0))]
 
 
 def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, block_size=1):
@@ -419,7 +412,7 @@ def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
     else:
         head_shapes = [per_head] * 3  # threshold, m, z
     head_kernel = functools.partial(_gpu_head_kernel, num_cols=n, capacity=capacity, config=config)
-    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i, j: (i, 0)))
+    v_args, v_specs = _row_operand(valid)
     head_out = pl.pallas_call(
         _optional_operands(head_kernel, valid),
         grid=(r, g),
@@ -447,8 +440,8 @@ def _kernels_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
         block_size=block_size,
     )
     per_row = pl.BlockSpec((None, g), lambda i: (i, 0))
-    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
-    b_args, b_specs = _blocks_operand(blocks)
+    v_args, v_specs = _row_operand(valid)
+    b_args, b_specs = _row_operand(blocks)
     return pl.pallas_call(
         _optional_operands(union_kernel, valid, blocks),
         grid=(r,),
@@ -507,8 +500,8 @@ def _compact_call(logits, valid, p, capacity, config, interpret, blocks=None, bl
         interpret=interpret,
         block_size=block_size,
     )
-    v_args, v_specs = _valid_operand(valid, pl.BlockSpec((None, n), lambda i: (i, 0)))
-    b_args, b_specs = _blocks_operand(blocks)
+    v_args, v_specs = _row_operand(valid)
+    b_args, b_specs = _row_operand(blocks)
     out = pl.pallas_call(
         _optional_operands(kernel, valid, blocks),
         grid=(r,),

@@ -1,17 +1,18 @@
 """Timing and reporting helpers shared by the bench_*.py scripts (GPU runs).
 
 Timing method (device time, not host dispatch): each measurement runs the function `iters`
-times inside ONE jitted program, unrolled (no while-loop iterations, whose bookkeeping costs
-the device about 8 us each on an H200), rotating through several input sets (so repeated runs
-do not measure the L2 cache), with a tiny data dependency on the previous call so XLA can
-neither hoist, merge nor drop the calls. The compiled program is launched once, and then
-`1 + extra` times back to back, each waited for with `block_until_ready`: the difference of the
-two host-clock times is `extra` programs of device work, without the dispatch and the wait
-for the result that both include (about 0.5 ms a program, which over 20 calls would add
-~25 us to each). The median over `repeats` such pairs, divided by `extra * iters`, is the time
-per call. Launch gaps between the kernels of the calls are included, as in a real decode step.
-Torch callables are timed the same way through a CUDA graph of `iters` calls (CUDA events
-around its replays), which removes torch's host launch time likewise.
+times inside ONE jitted program, unrolled (a while loop would add its own per-iteration
+bookkeeping on the device), rotating through several input sets (so repeated runs do not
+measure the L2 cache), with a tiny data dependency on the previous call so XLA can neither
+hoist, merge nor drop the calls. The compiled program is launched once, and then `1 + extra`
+times back to back, each waited for with `block_until_ready`: the difference of the two
+host-clock times is `extra` programs of device work, without the dispatch and the wait for the
+result that both include and that would otherwise be spread over the calls
+(docs/attention.md, "late night"). The median over `repeats` such pairs, divided by
+`extra * iters`, is the time per call. Launch gaps between the kernels of the calls are
+included, as in a real decode step. Torch callables are timed the same way through a CUDA
+graph of `iters` calls (CUDA events around its replays), which removes torch's host launch
+time likewise.
 """
 
 from __future__ import annotations
