@@ -96,6 +96,10 @@ class TopPGpuConfig(_Search):
       union, looks below it): in peaked rows the first steps lift the bracket past the noise,
       and the remaining steps read a few entries instead of every one above the search's
       lower bound. 0 (or iters and more) never compacts again.
+    one_pass: the compacting kernel reads the row once instead of twice: it compacts each tile
+      against the running softmax sum (a bound that keeps every column the final one keeps,
+      and some more), stores logits, then turns the kept ones into weights in a pass over
+      them alone. Same selections. Off until timed against the two passes on a GPU.
     """
 
     num_warps: int | None = None
@@ -103,6 +107,7 @@ class TopPGpuConfig(_Search):
     compact_min_rows: int = 256
     chunk_cols: int = 1024
     narrow_after: int = 2
+    one_pass: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +125,8 @@ class TopPGpuConfig(_Search):
         k = self.narrow_after
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopPGpuConfig.narrow_after must be an int >= 0, got {k!r}")
+        if not isinstance(self.one_pass, bool):
+            raise ValueError(f"TopPGpuConfig.one_pass must be a bool, got {self.one_pass!r}")
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
