@@ -22,7 +22,8 @@ of tuned defaults), the argument checks, the reference and the public entry.
 
 Layouts (docs/kernel_api.md): q ``[B, Hq, D]``; k_int4 ``[Hkv, P, S, D // 2]`` uint8;
 k_scale, k_zero ``[Hkv, P, S]`` float32; page_table ``[B, max_pages]``; lengths ``[B]``;
-cand_blocks ``[B, Hkv, C]``; cand_count ``[B, Hkv]`` (all int32). Output ``[B, Hq, C * bs]``
+cand_blocks ``[B, Hkv, C]``; cand_count ``[B, Hkv]`` (all int32), or None for the count that
+follows the lengths (``min(ceil(lengths[b] / block_size), C)``). Output ``[B, Hq, C * bs]``
 float32.
 """
 
@@ -137,10 +138,11 @@ def _check_args(
     _common.check_dtype("cand_blocks", cand_blocks, _INDEX_DTYPES)
     _common.check_dim("cand_blocks", cand_blocks, 0, batch, "batch of q")
     _common.check_dim("cand_blocks", cand_blocks, 1, num_kv_heads, "num_kv_heads of k_int4")
-    _common.check_rank("cand_count", cand_count, 2, "[batch, num_kv_heads]")
-    _common.check_dtype("cand_count", cand_count, _INDEX_DTYPES)
-    _common.check_dim("cand_count", cand_count, 0, batch, "batch of q")
-    _common.check_dim("cand_count", cand_count, 1, num_kv_heads, "num_kv_heads of k_int4")
+    if cand_count is not None:
+        _common.check_rank("cand_count", cand_count, 2, "[batch, num_kv_heads]")
+        _common.check_dtype("cand_count", cand_count, _INDEX_DTYPES)
+        _common.check_dim("cand_count", cand_count, 0, batch, "batch of q")
+        _common.check_dim("cand_count", cand_count, 1, num_kv_heads, "num_kv_heads of k_int4")
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool):
         raise ValueError(f"block_size must be a static int, got {block_size!r}")
     if block_size <= 0 or page_size % block_size:
@@ -164,6 +166,13 @@ def _check_gpu_args(head_dim: int, block_size: int) -> None:
 
 def _attn_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def counts_from_lengths(lengths, block_size: int, num_cand: int, num_kv_heads: int):
+    """The count ``cand_count=None`` stands for: min(ceil(lengths[b] / block_size), C) for
+    every KV head, [B, Hkv] int32 (lengths below 0 count 0)."""
+    count = jnp.minimum(-(-jnp.maximum(lengths, 0) // block_size), num_cand).astype(jnp.int32)
+    return jnp.broadcast_to(count[:, None], (lengths.shape[0], num_kv_heads))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +211,8 @@ def block_spgemv_reference(
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
     logits = jnp.einsum("bkgd,bknd->bkgn", qg, k_hat, precision=jax.lax.Precision.HIGHEST)
     logits = logits * _attn_scale(scale, head_dim)
+    if cand_count is None:
+        cand_count = counts_from_lengths(lengths, block_size, num_cand, num_kv_heads)
     entry = jnp.arange(num_cand * block_size) // block_size
     valid = (entry < cand_count[:, :, None]) & (pos >= 0) & (pos < lengths[:, None, None])
     logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
@@ -264,6 +275,9 @@ def block_spgemv_tpu(
     """Pallas Mosaic TPU kernel; arguments and result as `block_spgemv` (checked by the caller).
     config has no knobs (see SpGEMVTpuConfig)."""
     del config
+    if cand_count is None:  # the TPU kernel prefetches the counts to SMEM
+        num_cand, num_kv_heads = cand_blocks.shape[2], k_int4.shape[0]
+        cand_count = counts_from_lengths(lengths, block_size, num_cand, num_kv_heads)
     return spgemv_tpu.launch(
         q,
         k_int4,
@@ -309,7 +323,11 @@ def block_spgemv(
       lengths: [batch] int32, tokens in the cache per sequence.
       cand_blocks: [batch, num_kv_heads, C] int32 logical block ids (block = block_size
         consecutive positions); entry c is used for c < cand_count[b, g].
-      cand_count: [batch, num_kv_heads] int32 valid entries (clamped to [0, C]).
+      cand_count: [batch, num_kv_heads] int32 valid entries (clamped to [0, C]); None: the
+        count follows the lengths, min(ceil(lengths[b] / block_size), C) for every KV head,
+        which is what a list with the blocks below the length first needs (Quest's pages in
+        ascending order, every page); the GPU kernel computes it from the lengths it reads
+        anyway, so no XLA op has to.
       block_size: static; divides page_size (page_size for Quest pages, 1 for tokens).
       scale: static logit scale, default 1 / sqrt(head_dim).
       backend: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "reference"

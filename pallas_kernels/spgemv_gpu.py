@@ -104,7 +104,7 @@ def _q_columns(half: int, word_bytes: int):
 
 
 def _gpu_kernel(
-    cand_count_ref,  # [B, Hkv] int32 (whole array)
+    cand_count_ref,  # [B, Hkv] int32 (whole array), or None: the count follows the length
     lengths_ref,  # [B] int32 (whole array)
     page_table_ref,  # [max_pages] int32: row b
     cand_ref,  # [C] int32: candidate blocks of (b, g)
@@ -133,8 +133,13 @@ def _gpu_kernel(
     half = q_ref.shape[1] // 2
     max_pages = page_table_ref.shape[0]
     num_tiles = pl.cdiv(num_cand, cb)  # static: tiles of the C * bs output columns
-    count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
     length = lengths_ref[b]
+    if cand_count_ref is None:  # min(ceil(length / block_size), C), as spgemv.counts_from_lengths
+        count = jnp.minimum(
+            jax.lax.div(jnp.maximum(length, 0) + block_size - 1, block_size), num_cand
+        )
+    else:
+        count = jnp.clip(cand_count_ref[b, g], 0, num_cand)
 
     # Tiles holding an entry below the count are split evenly over the splits (the trip
     # count follows the count, not the capacity); the remaining tiles only get -inf, split
@@ -248,8 +253,9 @@ def launch(
     config,
     interpret: bool,
 ):
-    """The Triton kernel; arguments as `block_spgemv` (checked by pallas_kernels.spgemv),
-    attn_scale the logit scale, config a SpGEMVGpuConfig. Result as `block_spgemv`.
+    """The Triton kernel; arguments as `block_spgemv` (checked by pallas_kernels.spgemv;
+    cand_count may be None), attn_scale the logit scale, config a SpGEMVGpuConfig. Result as
+    `block_spgemv`.
 
     Grid (B, Hkv, splits); each split loops over its share of the candidate tiles, then writes
     -inf over its share of the tiles past cand_count.
@@ -291,11 +297,19 @@ def launch(
         asm_unpack=word_bytes == 4 and not interpret,
     )
 
+    # Without a count operand the kernel gets None for its ref and derives the count.
+    count_args, count_specs = (), []
+    if cand_count is not None:
+        count_args = (cand_count,)
+        count_specs = [pl.BlockSpec((batch, num_kv_heads), lambda b, g, s: (0, 0))]
+    else:
+        kernel = functools.partial(kernel, None)
+
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, splits),
         in_specs=[
-            pl.BlockSpec((batch, num_kv_heads), lambda b, g, s: (0, 0)),
+            *count_specs,
             pl.BlockSpec((batch,), lambda b, g, s: (0,)),
             pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
             pl.BlockSpec((None, None, num_cand), lambda b, g, s: (b, g, 0)),
@@ -316,7 +330,7 @@ def launch(
         interpret=interpret,
         name="block_spgemv_gpu",
     )(
-        cand_count,
+        *count_args,
         lengths,
         page_table,
         cand_blocks,

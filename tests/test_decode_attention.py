@@ -581,4 +581,17 @@ def test_candidate_token_counts_equal_the_mask_counts(gqa):
         got = cand.num_tokens(cache.lengths)
         np.testing.assert_array_equal(got, np.asarray(cand.valid).sum(-1), err_msg=selector)
         assert got.dtype == jnp.int32
+        # Where the count follows the lengths, the SpGEMV derives it itself (cand_count=None):
+        # it must be min(ceil(length / block_size), C) for every KV head, and the mask what
+        # that count implies.
+        # (Every page: whatever the rows; per-row top-k lists: one list a KV head only.)
+        topk = selector in ("quest", "double_sparsity", "oracle")
+        follows = selector == "all" or (topk and gqa == "group_union")
+        assert cand.count_follows_lengths == follows, selector
+        if follows:
+            want = np.minimum(-(-np.asarray(LENGTHS) // cand.block_size), cand.blocks.shape[-1])
+            np.testing.assert_array_equal(
+                cand.count, np.broadcast_to(want[:, None], cand.count.shape)
+            )
+            assert cand.by_count
     assert any(n % S for n in LENGTHS)  # a partial page is counted

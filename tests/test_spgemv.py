@@ -223,6 +223,35 @@ def test_gpu_tiles_and_splits(case):
     _assert_matches(_run("gpu", case, args), ref, case.q_dtype)
 
 
+# cand_count=None: the count follows the lengths (min(ceil(length / block_size), C)); the GPU
+# kernel derives it in the kernel, the TPU kernel and the reference from the same helper.
+COUNT_CASES = [
+    Case(4, 64, 16, 16, BF16, tokens_per_chunk=32, num_cand=2),  # capped at C = 2 pages
+    Case(4, 64, 16, 1, F32, tokens_per_chunk=16, num_cand=40),  # tokens; C below max_len
+]
+
+
+@pytest.mark.parametrize("case", COUNT_CASES, ids=str)
+def test_count_from_lengths(case):
+    args = _make(case, 80 + COUNT_CASES.index(case))
+    lengths, cand = args[5], args[6]
+    want = spgemv.counts_from_lengths(lengths, case.block_size, cand.shape[2], cand.shape[1])
+    np.testing.assert_array_equal(
+        want[:, 0], np.minimum(-(-np.asarray(lengths) // case.block_size), cand.shape[2])
+    )
+    assert np.asarray(want).min() == 0 and np.asarray(want).max() == cand.shape[2]
+    explicit = [*args[:7], want]
+    implicit = [*args[:7], None]
+    for run in (
+        lambda a: _run("gpu", case, a),
+        lambda a: _run("tpu", case, a),
+        lambda a: spgemv.block_spgemv(
+            *a, block_size=case.block_size, scale=case.scale, backend="reference"
+        ),
+    ):
+        np.testing.assert_array_equal(np.asarray(run(implicit)), np.asarray(run(explicit)))
+
+
 # The gather word width follows head_dim (4 bytes at D = 128, 2 at D = 64, which the cases
 # above run): bytes at D = 32, where wider words would leave Triton's dots fewer than 16 columns.
 BYTE_CASE = Case(4, 32, 16, 1, F32, tokens_per_chunk=16, batch=2, max_len=40, num_cand=24)

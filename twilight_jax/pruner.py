@@ -40,7 +40,7 @@ def estimate_scores(
             view.page_table,
             cache.lengths,
             cand.blocks,
-            cand.count,
+            None if cand.count_follows_lengths else cand.count,
             block_size=cand.block_size,
             backend=backend,
         )

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quest import quest_page_scores
+from pallas_kernels.spgemv import counts_from_lengths
 from pallas_kernels.topk import topk_ids
 from twilight_jax.cache import PagedKVCache, gather_tokens
 from twilight_jax.config import SparsityConfig
@@ -28,13 +29,17 @@ class Candidates:
     reads; valid: [B, rows, C * block_size] bool candidate tokens of each row (position below
     the length included); block_size: static. by_count (static): valid is exactly "entry
     below count and position below the length", the columns block_spgemv gives -inf outside,
-    so its estimates carry the mask themselves."""
+    so its estimates carry the mask themselves. count_follows_lengths (static): count is
+    min(ceil(length / block_size), C) for every KV head (the blocks below the length listed
+    first), which block_spgemv derives itself from the lengths (cand_count=None), so the count
+    is built only where something else reads it."""
 
     blocks: jax.Array
     count: jax.Array
     valid: jax.Array
     block_size: int
     by_count: bool = False
+    count_follows_lengths: bool = False
 
     def num_tokens(self, lengths) -> jax.Array:
         """[B, rows] int32 candidate tokens of each row: valid.sum(-1). For by_count candidates
@@ -69,21 +74,24 @@ def _group_sum(x, sparsity: SparsityConfig, hkv: int):
     return x.reshape(b, hkv, hq // hkv, m).sum(2)
 
 
-def _shared(blocks, count, lengths, block_size, rows):
-    """Candidates whose block list is common to every row of the KV head."""
+def _shared(blocks, count, lengths, block_size, rows, *, follows_lengths=False):
+    """Candidates whose block list is common to every row of the KV head; follows_lengths:
+    count is min(ceil(length / block_size), C) (see Candidates)."""
     b, hkv, c = blocks.shape
     cand = Candidates(blocks.astype(jnp.int32), count.astype(jnp.int32), None, block_size)
     entry_ok = jnp.arange(c) < count[..., None]  # [B, Hkv, C]
     ok = jnp.repeat(entry_ok, block_size, -1) & (cand.positions < lengths[:, None, None])
     ok = jnp.repeat(ok, rows // hkv, axis=1)
-    return dataclasses.replace(cand, valid=ok, by_count=True)
+    return dataclasses.replace(cand, valid=ok, by_count=True, count_follows_lengths=follows_lengths)
 
 
-def _from_topk(ids, n_valid, lengths, block_size, hkv):
-    """Per-row top-k block ids [B, rows, k] (the first n_valid [B, rows] real) -> Candidates."""
+def _from_topk(ids, lengths, block_size, hkv):
+    """Per-row top-k block ids [B, rows, k], in ascending order with the blocks below the
+    length first (their real ones: the first min(ceil(length / block_size), k)) -> Candidates."""
     b, rows, k = ids.shape
+    n_valid = counts_from_lengths(lengths, block_size, k, rows)  # [B, rows]
     if rows == hkv:
-        return _shared(ids, n_valid, lengths, block_size, rows)
+        return _shared(ids, n_valid, lengths, block_size, rows, follows_lengths=True)
     g = rows // hkv
     blocks = ids.reshape(b, hkv, g * k)
     cand = _shared(blocks, jnp.full((b, hkv), g * k), lengths, block_size, rows)
@@ -102,16 +110,16 @@ def _token_topk(score, lengths, budget, hkv):
     """score [B, rows, N] (-inf where invalid) -> Candidates of the top `budget` tokens."""
     k = min(budget, score.shape[-1])
     _, ids = jax.lax.top_k(score, k)
-    n_valid = jnp.minimum(lengths, k)[:, None]
-    return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), lengths, 1, hkv)
+    return _from_topk(ids, lengths, 1, hkv)
 
 
 def select_all(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> Candidates:
     """Every token: all pages of the table, the first ceil(length / page_size) live."""
     b, m, s = cache.batch, cache.max_pages, cache.page_size
     blocks = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, cache.num_kv_heads, m))
-    count = jnp.broadcast_to(-(-cache.lengths // s)[:, None], (b, cache.num_kv_heads))
-    return _shared(blocks, count, cache.lengths, s, _rows(sparsity, cache.num_kv_heads, g))
+    count = counts_from_lengths(cache.lengths, s, m, cache.num_kv_heads)
+    rows = _rows(sparsity, cache.num_kv_heads, g)
+    return _shared(blocks, count, cache.lengths, s, rows, follows_lengths=True)
 
 
 def select_streaming(cache: PagedKVCache, sparsity: SparsityConfig, g: int) -> Candidates:
@@ -147,8 +155,7 @@ def select_quest(q, cache, sparsity, layer, backend) -> Candidates:
     k = min(sparsity.budget // s, cache.max_pages)
     # The set of the k best pages, in ascending page order (no sort of the scores on the GPU).
     ids = topk_ids(scores, k, backend=backend)
-    n_valid = jnp.minimum(-(-cache.lengths // s), k)[:, None]
-    return _from_topk(ids, jnp.broadcast_to(n_valid, ids.shape[:2]), cache.lengths, s, hkv)
+    return _from_topk(ids, cache.lengths, s, hkv)
 
 
 def select_double_sparsity(q, cache, sparsity, layer) -> Candidates:
