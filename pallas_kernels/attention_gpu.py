@@ -5,7 +5,9 @@ Grid (batch, Hi, splits): the count of each list row is cut into ``splits`` equa
 runs an online softmax over its range in tiles of ``block_tokens`` rows gathered through the
 page table with masked loads, and writes a partial (acc, max, sum); a jnp step merges the
 splits. The query rows are padded to 16, Triton's smallest dot, inside the kernel (masked
-loads of q, masked stores of the partials): only the real rows travel.
+loads of q, masked stores of the partials): only the real rows travel. With one split a row
+(few tokens a row, many rows) the program writes the normalized output itself and no merge
+runs after the kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _gpu_kernel(
     k_ref,  # [num_pages * page_size, D] K rows of this KV head
     v_ref,  # [num_pages * page_size, D] V rows of this KV head
     *refs,  # sparse: pos_ref [capacity]; then (whole arrays) o_ref [B, Hi, S, R, D],
-    # m_ref [B, Hi, S, R], den_ref [B, Hi, S, R]
+    # m_ref [B, Hi, S, R], den_ref [B, Hi, S, R]; one split: o_ref [B, Hi, R, D] alone
     rp: int,
     sparse: bool,
     num_splits: int,
@@ -45,9 +47,8 @@ def _gpu_kernel(
     precision,
 ):
     if sparse:
-        pos_ref, o_ref, m_ref, den_ref = refs
-    else:
-        o_ref, m_ref, den_ref = refs
+        pos_ref, *refs = refs
+    o_ref, *stat_refs = refs
     head_dim = q_ref.shape[-1]
     b, i, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q_rows = jnp.arange(rp, dtype=jnp.int32)
@@ -112,6 +113,15 @@ def _gpu_kernel(
         jnp.zeros((rp,), jnp.float32),
     )
     acc, m, den = lax.fori_loop(0, num_tiles, body, init)
+    if num_splits == 1:
+        # The whole list in this program: the output itself, as _combine_splits would give it
+        # (an empty list: zeros), with no partials and no merge after the kernel.
+        out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+        plt.store(
+            o_ref.at[b, i, q_rows[:, None], cols], out.astype(o_ref.dtype), mask=row_ok[:, None]
+        )
+        return
+    m_ref, den_ref = stat_refs
     plt.store(o_ref.at[b, i, split, q_rows[:, None], cols], acc, mask=row_ok[:, None])
     plt.store(m_ref.at[b, i, split, q_rows], m, mask=row_ok)
     plt.store(den_ref.at[b, i, split, q_rows], den, mask=row_ok)
@@ -174,21 +184,25 @@ def decode_attention_gpu(
         qk_scale_log2=scale * _LOG2E,
         precision=precision,
     )
-    acc, m, den = pl.pallas_call(
-        kernel,
-        grid=(batch, rows, splits),
-        in_specs=in_specs,
-        out_specs=[pl.no_block_spec] * 3,
-        out_shape=[
+    if splits == 1:  # the kernel writes the output (see _gpu_kernel)
+        out_shape = [jax.ShapeDtypeStruct((batch, rows, per_row, head_dim), q.dtype)]
+    else:
+        out_shape = [
             jax.ShapeDtypeStruct((batch, rows, splits, per_row, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((batch, rows, splits, per_row), jnp.float32),
             jax.ShapeDtypeStruct((batch, rows, splits, per_row), jnp.float32),
-        ],
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, rows, splits),
+        in_specs=in_specs,
+        out_specs=[pl.no_block_spec] * len(out_shape),
+        out_shape=out_shape,
         compiler_params=plt.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="sparse_decode_attention" if sparse else "paged_decode_attention",
     )(*args)
-    out = _combine_splits(acc, m, den)
+    out = outs[0] if splits == 1 else _combine_splits(*outs)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

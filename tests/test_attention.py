@@ -7,6 +7,7 @@ anything read that should not be shows up as NaN or a wrong value. The TPU inter
 fills unwritten output with NaN and raises on out-of-bounds reads.
 """
 
+import functools
 import math
 
 import jax
@@ -234,6 +235,27 @@ def test_gpu_splits_cover_uneven_counts():
     args = (a["q"], a["k_pages"], a["v_pages"], a["page_table"], a["lengths"])
     out = attention.paged_decode_attention(*args, backend="pallas_gpu", config=config)
     _close(out, attention.paged_decode_attention_reference(*args), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_one_split_writes_the_output(dtype):
+    """One split a row: the kernel normalizes and stores the output in q's dtype itself (no
+    partials, no merge); empty rows give zeros; dense and sparse lists. Exported for CUDA."""
+    a, _, rng = _cache(43, lengths=(70, 0, 33), group=4, head_dim=64, page_size=16, dtype=dtype)
+    config = AttentionGpuConfig(block_tokens=16, max_splits=1)
+    cache = (a["q"], a["k_pages"], a["v_pages"], a["page_table"])
+    out = attention.paged_decode_attention(
+        *cache, a["lengths"], backend="pallas_gpu", config=config
+    )
+    assert out.dtype == dtype
+    _close(out, attention.paged_decode_attention_reference(*cache, a["lengths"]), dtype)
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    lists = _lists(rng, (70, 0, 33), NUM_KV_HEADS, CAPACITY)
+    out = attention.sparse_decode_attention(*cache, *lists, backend="pallas_gpu", config=config)
+    _close(out, attention.sparse_decode_attention_reference(*cache, *lists), dtype)
+    dense, sparse = _shapes(16, 32, 8, 128, 4097, 16, 2048, 256, 8, jnp.bfloat16)
+    export_cuda(functools.partial(attention.paged_decode_attention_gpu, config=config), *dense)
+    export_cuda(functools.partial(attention.sparse_decode_attention_gpu, config=config), *sparse)
 
 
 def test_jit_no_retrace_on_counts():
