@@ -27,7 +27,7 @@ import jax
 
 import benchlib
 from bench_attention import method_configs, planted_problem
-from pallas_kernels import quest, spgemv, topp_gpu
+from pallas_kernels import attention, quest, spgemv, topp_gpu
 from pallas_kernels.topp_common import TopPGpuConfig
 from twilight_jax import decode_attention
 
@@ -36,6 +36,7 @@ MODULES = {
     "topp": (topp_gpu, "DEFAULT_CONFIG"),
     "quest": (quest, "DEFAULT_GPU_CONFIG"),
     "spgemv": (spgemv, "DEFAULT_GPU_CONFIG"),
+    "attention": (attention, "SPARSE_GPU_CONFIG"),
 }
 
 
@@ -47,13 +48,38 @@ def SP(**kw):
     return {"spgemv": spgemv.SpGEMVGpuConfig(**kw)}
 
 
+def ATT(**kw):
+    return {"attention": attention.AttentionGpuConfig(**kw)}
+
+
 # (batch, context, method, {variant: patch}); "default" patches nothing. The variants pending
 # a GPU measurement: the compacting top-p's one-pass form (TopPGpuConfig.one_pass) where that
-# kernel runs (256 rows and more, rows over 32768 columns), and the SpGEMV's program count at
-# the decode step's small batches (one 128-token tile a program at batch 8).
+# kernel runs (256 rows and more, rows over 32768 columns); the sparse attention with one split
+# a row where rows are many (the kernel then writes the output and no merge runs: 512 target
+# programs at 64 x 8 rows); the SpGEMV's program count at the decode step's small batches (one
+# 128-token tile a program at batch 8).
 POINTS = [
-    (64, 32768, "twilight/quest", {"default": {}, "topp one_pass": T(one_pass=True)}),
-    (32, 32768, "twilight/quest", {"default": {}, "topp one_pass": T(one_pass=True)}),
+    (
+        64,
+        32768,
+        "twilight/quest",
+        {
+            "default": {},
+            "topp one_pass": T(one_pass=True),
+            "attention target_programs=512 (1 split)": ATT(target_programs=512),
+            "both": {**T(one_pass=True), **ATT(target_programs=512)},
+        },
+    ),
+    (
+        32,
+        32768,
+        "twilight/quest",
+        {
+            "default": {},
+            "topp one_pass": T(one_pass=True),
+            "attention target_programs=256 (1 split)": ATT(target_programs=256),
+        },
+    ),
     (
         8,
         32768,

@@ -82,6 +82,10 @@ def test_sparse_attention(per_head):
     out = attention.sparse_decode_attention(*args, backend="pallas")
     ref = attention.sparse_decode_attention(*args, backend="reference")
     _close(out, ref, 5e-3)
+    # One split a row: the kernel writes the normalized bf16 output itself (no merge).
+    one = attention.AttentionGpuConfig(max_splits=1)
+    out1 = attention.sparse_decode_attention(*args, backend="pallas", config=one)
+    _close(out1, ref, 5e-3)
 
 
 @pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
@@ -105,6 +109,12 @@ def test_block_spgemv(q_dtype):
     # bf16 q exact, float32 q as two bf16 terms (16 mantissa bits), against the f32
     # reference, f32 accumulation in another order: |logit| ~ 1, sum of |terms| ~ 20.
     np.testing.assert_allclose(out[fin], ref[fin], rtol=1e-4, atol=5e-4)
+    # The count from the lengths, derived in the kernel (cand_count=None): the same kernel
+    # output as with that count passed.
+    derived = spgemv.counts_from_lengths(c["lengths"], S, n_cand, HKV)
+    got = spgemv.block_spgemv(*args[:7], None, block_size=S, backend="pallas")
+    want = spgemv.block_spgemv(*args[:7], derived, block_size=S, backend="pallas")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("compact_min_rows", [1, 1 << 20])
