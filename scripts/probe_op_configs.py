@@ -57,7 +57,8 @@ def ATT(**kw):
 # kernel runs (256 rows and more, rows over 32768 columns); the sparse attention with one split
 # a row where rows are many (the kernel then writes the output and no merge runs: 512 target
 # programs at 64 x 8 rows); the SpGEMV's program count at the decode step's small batches (one
-# 128-token tile a program at batch 8).
+# 128-token tile a program at batch 8); Twilight over all at batch 1, whose 8 rows of 4 x 32768
+# run the row-resident pair (32768 floats a program), against the compacting kernel.
 POINTS = [
     (
         64,
@@ -92,6 +93,16 @@ POINTS = [
         },
     ),
     (64, 32768, "twilight/all", {"default": {}, "topp one_pass": T(one_pass=True)}),
+    (
+        1,
+        32768,
+        "twilight/all",
+        {
+            "default": {},
+            "topp compacting": T(compact_min_rows=1),
+            "topp compacting one_pass": T(compact_min_rows=1, one_pass=True),
+        },
+    ),
     (16, 131072, "twilight/all", {"default": {}, "topp one_pass": T(one_pass=True)}),
 ]
 
