@@ -301,13 +301,16 @@ def _gpu_compact_kernel(
             plt.debug_barrier()
 
         def to_weights(c, carry):
-            # In place, slot for slot: a thread stores what it loaded.
+            # In place, slot for slot; the barrier keeps any thread from storing a weight over
+            # a logit another thread has yet to load (their layouts need not match).
             slot = c * chunk + lane
             ok = slot < n_live
             x = plt.load(
                 wbuf_ref.at[heads, slot[None, :]], mask=head_ok & ok[None, :], other=-jnp.inf
             )
             w = tc.weights_from(x, x > -jnp.inf, m, z)
+            if not interpret:
+                plt.debug_barrier()
             plt.store(wbuf_ref.at[heads, slot[None, :]], w, mask=head_ok & ok[None, :])
             return carry
 
