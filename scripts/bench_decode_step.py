@@ -360,6 +360,7 @@ def run_method(jm, cache, tokens, name, cfg, args, tag):
         for _ in range(n):
             lg, state["cache"], state["info"] = step(state["cache"])
         jax.block_until_ready((lg, state["cache"]))
+        state["logits"] = lg
         return time.perf_counter() - t0
 
     if args.steps > 1:
@@ -369,6 +370,10 @@ def run_method(jm, cache, tokens, name, cfg, args, tag):
     cache, info = state["cache"], state["info"]
     step_ms = step_s * 1e3
     row = {"compile_s": compile_s, "step_ms": step_ms, "temp_bytes": mem.get("temp_bytes")}
+    # A fingerprint of the last timed step's logits: the same steps run in the same order
+    # whatever the XLA flags, so runs that differ only in runtime flags must print the same
+    # value (gpu_suite step "xlaflags").
+    row["logits_sum"] = float(jnp.sum(jnp.abs(state["logits"].astype(jnp.float32))))
     if args.profile:
         state = {"cache": cache}
 
@@ -431,6 +436,7 @@ def main(argv=None):
             "temp_GB",
             "peak_GB",
             "compile_s",
+            "logits_sum",
             "note",
         ]
     )
@@ -512,6 +518,7 @@ def main(argv=None):
                 temp_GB=None if row["temp_bytes"] is None else row["temp_bytes"] / 1e9,
                 peak_GB=stats.get("peak_bytes_in_use", 0) / 1e9 or None,
                 compile_s=row["compile_s"],
+                logits_sum=row["logits_sum"],
                 note="WEIGHT COPIES" if row.get("weight_copies") else "",
             )
             details[f"{name} | {form_shown} | {batch}x{context}"] = {

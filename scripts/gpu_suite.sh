@@ -6,8 +6,8 @@
 # gguf for the embedded model; for the engine and serving steps (which import the HTTP server)
 # the server's pure-Python dependencies: uvicorn, starlette, httpx, httpcore, h11, anyio,
 # sniffio, click, idna, certifi (the jax 0.11.2 image had no uvicorn, 2026-12-04).
-# Steps: stage tests kernels sweep ptxas profile ncu probe attention baseline decode generate
-# engine serving eval multigpu scaling (any order; the last two want several GPUs:
+# Steps: stage tests kernels sweep ptxas profile ncu probe attention baseline decode xlaflags
+# generate engine serving eval multigpu scaling (any order; the last two want several GPUs:
 # docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
@@ -62,6 +62,26 @@ for step in $STEPS; do
           --out "$OUT/decode_step_$point" ${DECODE_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" \
           | tee -a "$OUT/decode.log" | grep -E "method=|FAILED|Error"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
+    xlaflags)
+      # The SmolLM2-shaped step at batch 1 is host-bound (3.3 ms a step for 1.4 ms of device
+      # work, docs/generate.md): one process per XLA_FLAGS set (";"-separated), the same steps
+      # in each, so step_ms compares the runtimes and logits_sum must agree. The default sets:
+      # none, then XLA's command-buffer update modes (a CUDA graph re-recorded whenever a
+      # buffer address changes could be the host time) and its exclusive-lock mode.
+      DEFAULT_FLAG_SETS=";--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
+      DEFAULT_FLAG_SETS+=";--xla_gpu_command_buffer_update_mode=CAPTURE_CMD_NEVER_UPDATE"
+      DEFAULT_FLAG_SETS+=";--xla_gpu_require_exclusive_lock=true"
+      rc=0; i=0
+      IFS=';' read -ra flag_sets <<< "${XLA_FLAG_SETS:-$DEFAULT_FLAG_SETS}"
+      for flags in "${flag_sets[@]}"; do
+        echo "--- XLA_FLAGS='$flags'" | tee -a "$OUT/xlaflags.log"
+        XLA_FLAGS="$flags" python3 scripts/bench_decode_step.py --shape smollm2 \
+          --points 1x4096 64x4096 --methods dense twilight/quest --steps 20 \
+          --out "$OUT/xlaflags_$i" ${XLAFLAGS_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" \
+          | tee -a "$OUT/xlaflags.log" | grep -E "method=|FAILED|Error"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+        i=$((i + 1))
       done ;;
     multigpu)
       # The sharding checks (tests/multidevice_checks.py) on the GPUs themselves: 4 needed.
