@@ -159,6 +159,7 @@ def test_bench_decode_step_runs_end_to_end_on_cpu(tmp_path):
     assert [(r["method"], r["quest_metadata"]) for r in rows] == want
     for r in rows:
         assert r["step_ms"] > 0 and r["floor_ms"] > 0 and r["temp_GB"] is not None, r
+        assert r["logits_sum"] > 0, r  # the last step's fingerprint (gpu_suite "xlaflags")
     int8 = {r["method"]: r for r in rows if r["quest_metadata"] == "int8"}
     assert int8["quest"]["cache_GB"] < rows[1]["cache_GB"]  # the same cache, int8 metadata
     # The floors' metadata bytes: 2 * D * 2 a page and KV head (bf16), 2 * D + 4 (int8).
@@ -207,6 +208,8 @@ def test_bench_decode_step_devices_splits_the_heads(tmp_path):
         assert three[m]["attended"] == one[m]["attended"], (m, one[m], three[m])
         assert three[m]["cache_GB"] == pytest.approx(one[m]["cache_GB"] / 3, rel=1e-3)
         assert three[m]["floor_ms"] < one[m]["floor_ms"], (m, one[m], three[m])
+        # The same steps on the same cache: the same logits, up to the split sums' rounding.
+        assert three[m]["logits_sum"] == pytest.approx(one[m]["logits_sum"], rel=1e-4)
     assert 0 < three["twilight/quest"]["attended"] < 1.0
 
 
