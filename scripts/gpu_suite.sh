@@ -77,7 +77,7 @@ for step in $STEPS; do
       for flags in "${flag_sets[@]}"; do
         echo "--- XLA_FLAGS='$flags'" | tee -a "$OUT/xlaflags.log"
         XLA_FLAGS="$flags" python3 scripts/bench_decode_step.py --shape smollm2 \
-          --points 1x4096 64x4096 --methods dense twilight/quest --steps 20 \
+          --points 1x4096 64x4096 --methods dense twilight/quest --steps 20 --profile \
           --out "$OUT/xlaflags_$i" ${XLAFLAGS_ARGS:-} 2>&1 | grep -v "^W\|Warning\|return rule" \
           | tee -a "$OUT/xlaflags.log" | grep -E "method=|FAILED|Error"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
