@@ -6,9 +6,9 @@
 # gguf for the embedded model; for the engine and serving steps (which import the HTTP server)
 # the server's pure-Python dependencies: uvicorn, starlette, httpx, httpcore, h11, anyio,
 # sniffio, click, idna, certifi (the jax 0.11.2 image had no uvicorn, 2026-12-04).
-# Steps: stage tests kernels sweep ptxas profile ncu probe attention baseline decode xlaflags
-# generate engine serving eval multigpu scaling (any order; the last two want several GPUs:
-# docs/multihost.md).
+# Steps: stage tests kernels sweep ptxas profile ncu probe mgpu_gather attention baseline decode
+# xlaflags generate engine serving eval multigpu scaling (any order; the last two want several
+# GPUs: docs/multihost.md).
 # The embedded GGUF (98 MB) is over one call's carry limit: `split -n 2 -d` it into the
 # git-ignored .stage/a and .stage/b and carry one per call; the "stage" step copies the carried
 # part to /tmp/twc and joins the parts into $TWILIGHT_JAX_CACHE once both are there (files
@@ -176,6 +176,11 @@ for step in $STEPS; do
       # Kernel-config variants inside the op, timed in rotation (scripts/probe_op_configs.py).
       python3 scripts/probe_op_configs.py --out "$OUT/probe" ${PROBE_ARGS:-} 2>&1 \
         | grep -v "Warning\|return rule" | tee "$OUT/probe.log"
+      rc=${PIPESTATUS[0]} ;;
+    mgpu_gather)
+      # The SpGEMV's candidate pages moved by Mosaic GPU TMA copies, against the Triton kernel.
+      python3 scripts/probe_mgpu_gather.py ${MGPU_ARGS:-} 2>&1 \
+        | grep -v "Warning\|return rule" | tee "$OUT/mgpu_gather.log"
       rc=${PIPESTATUS[0]} ;;
     attention)
       python3 scripts/bench_attention.py --out "$OUT/attention" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log"

@@ -308,3 +308,12 @@ def test_bench_engine_bad_flags_exit_2(argv, message, capsys):
         bench_engine.parse_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_probe_mgpu_gather_lowers_for_cuda(capsys):
+    # The Mosaic GPU page-gather probe runs only on a GPU; its lowering is checked here so the
+    # script does not rot between device sessions.
+    import probe_mgpu_gather
+
+    assert probe_mgpu_gather.main(["--check", "--pages", "32", "128"]) == 0
+    assert capsys.readouterr().out.count("lowers for CUDA") == 2

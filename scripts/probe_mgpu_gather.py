@@ -1,0 +1,177 @@
+"""Probe (GPU): how fast Pallas Mosaic GPU moves the SpGEMV's candidate pages by TMA.
+
+The Triton SpGEMV gathers each candidate token's INT4 row (64 bytes at head_dim 128) with
+per-thread vector loads and is bound by instruction issue, not bytes (docs/kernels.md): 129.6 us
+for its 371 MB at batch 64 / 32K, 67% of the copy bandwidth. In the paged INT4 pool
+[Hkv, P, S, D/2] one page of one KV head is a contiguous S x D/2 = 1 KB block, so a Mosaic GPU
+kernel could move each candidate page with one TMA copy instead (the Quest kernel's TMAs moved
+128-256 bytes each and were bound by their count, 2.5 TB/s). Before a whole kernel is built, this
+measures the gather alone: programs of `--pages` candidate pages each (grid B x Hkv x C/pages)
+copy their pages by TMA into shared memory and wait on one barrier; each writes its last page
+back out, which the script checks against XLA's gather. The Triton SpGEMV at the same point
+runs beside it, in the same process, with the same device timing (benchlib.time_fn).
+
+    python scripts/probe_mgpu_gather.py --batches 64 8 --pages 32 64
+    python scripts/probe_mgpu_gather.py --check   # lowering only, no GPU needed
+
+Bytes: the candidate pages' INT4 rows (B x Hkv x C x 1 KB); the Triton row adds its scales,
+zeros and logits as it reads and writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+import benchlib
+from pallas_kernels import spgemv
+
+HKV, G, D, S = 8, 4, 128, 16
+_GRID = ("b", "g", "t")
+_OUT_KW = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
+
+
+def _kernel(phys_hbm, k_hbm, o_hbm, *, pages):
+    """phys_hbm [B, Hkv, C] int32 physical page of each candidate; k_hbm [Hkv, P, W] uint32,
+    a page's rows as W = S * D / 8 words (one 1 KB TMA each); o_hbm [B, Hkv, C / pages, W]:
+    each program's last page, copied back out so the result can be checked."""
+    page_words = k_hbm.shape[-1]
+    pl.run_scoped(
+        functools.partial(_tile, phys_hbm, k_hbm, o_hbm, pages),
+        plgpu.SMEM((pages,), jnp.int32),
+        plgpu.SMEM((pages, page_words), jnp.uint32),
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=pages),
+    )
+
+
+def _tile(phys_hbm, k_hbm, o_hbm, pages, ids, rows, ids_bar, rows_bar):
+    b, g, t = (jax.lax.axis_index(n) for n in _GRID)
+    plgpu.copy_gmem_to_smem(phys_hbm.at[b, g, pl.ds(t * pages, pages)], ids, ids_bar)
+    plgpu.barrier_wait(ids_bar)
+    for i in range(pages):  # every page's copy in flight before one wait
+        plgpu.copy_gmem_to_smem(k_hbm.at[g, pl.ds(ids[i], 1)], rows.at[pl.ds(i, 1)], rows_bar)
+    plgpu.barrier_wait(rows_bar)
+    # The copies are asynchronous side effects: nothing can drop them. One page goes back out
+    # (0.1-1% of the bytes) so a wrong gather shows.
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(rows.at[pl.ds(pages - 1, 1)], o_hbm.at[b, g, pl.ds(t, 1)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("pages",))
+def gather_pages(phys, k_int4, *, pages):
+    """phys [B, Hkv, C] int32, k_int4 [Hkv, P, S, D/2] uint8 -> [B, Hkv, C / pages, S * D/2]
+    uint8: the last page of each program's tile (the pages themselves land in shared memory)."""
+    batch, hkv, num_cand = phys.shape
+    if num_cand % pages:
+        raise ValueError(f"--pages must divide C={num_cand}, got {pages}")
+    # Free in XLA: a page's rows are contiguous, viewed as 4-byte words (a TMA box holds at
+    # most 256 elements a dimension: 1 KB is 256 words).
+    words = k_int4.reshape(hkv, k_int4.shape[1], -1, 4)
+    words = jax.lax.bitcast_convert_type(words, jnp.uint32)
+    tiles = num_cand // pages
+    out = plgpu.kernel(
+        functools.partial(_kernel, pages=pages),
+        **{_OUT_KW: jax.ShapeDtypeStruct((batch, hkv, tiles, words.shape[-1]), jnp.uint32)},
+        grid=(batch, hkv, tiles),
+        grid_names=_GRID,
+        compiler_params=plgpu.CompilerParams(),
+    )(phys, words)
+    return jax.lax.bitcast_convert_type(out, jnp.uint8).reshape(batch, hkv, tiles, -1)
+
+
+def problem(key, batch, ctx, num_cand):
+    """Random INT4 pool, page tables and candidate pages (a Quest-like choice per KV head)."""
+    pages_per_seq = ctx // S
+    num_pages = batch * pages_per_seq + 1
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    k_int4 = jax.random.randint(k1, (HKV, num_pages, S, D // 2), 0, 256, jnp.int32).astype(
+        jnp.uint8
+    )
+    table = jax.random.permutation(k2, num_pages - 1)[: batch * pages_per_seq] + 1
+    table = table.reshape(batch, pages_per_seq).astype(jnp.int32)
+    scores = jax.random.uniform(k3, (batch, HKV, pages_per_seq))
+    cand = jnp.sort(jax.lax.top_k(scores, num_cand)[1], axis=-1).astype(jnp.int32)
+    phys = jnp.take_along_axis(table[:, None, :], cand, axis=2)
+    q = jax.random.normal(k4, (batch, HKV * G, D), jnp.bfloat16)
+    scale = jnp.ones((HKV, num_pages, S), jnp.float32)
+    lengths = jnp.full((batch,), ctx, jnp.int32)
+    return q, k_int4, scale, table, lengths, cand, phys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 8])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--budget", type=int, default=8192, help="candidate tokens (B0)")
+    ap.add_argument("--pages", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--check", action="store_true", help="lower for CUDA only (no GPU needed)")
+    args = ap.parse_args(argv)
+    num_cand = args.budget // S
+    if args.check:
+        for pages in args.pages:
+            shapes = jax.eval_shape(
+                lambda k: problem(k, 2, 4096, 256), jax.random.key(0)
+            )  # small: lowering only
+            phys, k_int4 = shapes[6], shapes[1]
+            exp = jax.export.export(
+                jax.jit(functools.partial(gather_pages, pages=pages)), platforms=["cuda"]
+            )(phys, k_int4)
+            assert "mosaic_gpu" in exp.mlir_module()
+            print(f"pages={pages}: lowers for CUDA")
+        return 0
+    bw = benchlib.measure_copy_bandwidth()["peak"]
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    for batch in args.batches:
+        q, k_int4, scale, table, lengths, cand, phys = problem(
+            jax.random.key(batch), batch, args.context, num_cand
+        )
+        page_bytes = batch * HKV * num_cand * S * D // 2
+        for pages in args.pages:
+            # The right answer: the last candidate page of every tile, gathered by XLA.
+            last = phys[:, :, pages - 1 :: pages]
+            want = np.asarray(k_int4[jnp.arange(HKV)[None, :, None], last]).reshape(
+                batch, HKV, -1, S * D // 2
+            )
+            try:
+                got = np.asarray(gather_pages(phys, k_int4, pages=pages))
+                ok = np.array_equal(got, want)
+                t = benchlib.time_fn(
+                    lambda p, k: gather_pages(p, k, pages=pages), [(phys,)], (k_int4,)
+                )
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"batch {batch} pages {pages}: FAILED {type(e).__name__}: {e}"[:600])
+                continue
+            print(
+                f"batch {batch} Mosaic TMA gather, {pages} pages a program: {t * 1e6:8.1f} us "
+                f"{page_bytes / t / 1e12:5.2f} TB/s ({page_bytes / t / bw:4.0%} of copy) "
+                f"{'correct' if ok else 'WRONG PAGES'}",
+                flush=True,
+            )
+        zero = jnp.zeros_like(scale)
+        t = benchlib.time_fn(
+            lambda q, k, s, z, pt, ln, c: spgemv.block_spgemv(
+                q, k, s, z, pt, ln, c, None, block_size=S, backend="pallas"
+            ),
+            [(q,), (q * -1,)],
+            (k_int4, scale, zero, table, lengths, cand),
+        )
+        print(
+            f"batch {batch} Triton SpGEMV (unpack, dots, logits):      {t * 1e6:8.1f} us "
+            f"{page_bytes / t / 1e12:5.2f} TB/s of INT4 rows",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
