@@ -8,8 +8,10 @@ kernel could move each candidate page with one TMA copy instead (the Quest kerne
 128-256 bytes each and were bound by their count, 2.5 TB/s). Before a whole kernel is built, this
 measures the gather alone: programs of `--pages` candidate pages each (grid B x Hkv x C/pages)
 copy their pages by TMA into shared memory and wait on one barrier; each writes its last page
-back out, which the script checks against XLA's gather. The Triton SpGEMV at the same point
-runs beside it, in the same process, with the same device timing (benchlib.time_fn).
+back out, which the script checks against XLA's gather. A second variant also loads every page
+into registers and unpacks and sums its nibbles (the work a SpGEMV does before its dots),
+checked against XLA's sums. The Triton SpGEMV at the same point runs beside both, in the same
+process, with the same device timing (benchlib.time_fn).
 
     python scripts/probe_mgpu_gather.py --batches 64 8 --pages 32 64
     python scripts/probe_mgpu_gather.py --check   # lowering only, no GPU needed
@@ -39,54 +41,82 @@ _GRID = ("b", "g", "t")
 _OUT_KW = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
 
 
-def _kernel(phys_hbm, k_hbm, o_hbm, *, pages):
+def _kernel(phys_hbm, k_hbm, o_hbm, *sums_hbm, pages):
     """phys_hbm [B, Hkv, C] int32 physical page of each candidate; k_hbm [Hkv, P, W] uint32,
     a page's rows as W = S * D / 8 words (one 1 KB TMA each); o_hbm [B, Hkv, C / pages, W]:
-    each program's last page, copied back out so the result can be checked."""
+    each program's last page, copied back out so the result can be checked; with unpack,
+    sums_hbm [B, Hkv, C] float32: each page's sum of nibbles, from registers."""
     page_words = k_hbm.shape[-1]
-    pl.run_scoped(
-        functools.partial(_tile, phys_hbm, k_hbm, o_hbm, pages),
+    scratch = [
         plgpu.SMEM((pages,), jnp.int32),
         plgpu.SMEM((pages, page_words), jnp.uint32),
         plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=pages),
-    )
+    ]
+    if sums_hbm:
+        scratch.append(plgpu.SMEM((pages,), jnp.float32))
+    pl.run_scoped(functools.partial(_tile, phys_hbm, k_hbm, o_hbm, sums_hbm, pages), *scratch)
 
 
-def _tile(phys_hbm, k_hbm, o_hbm, pages, ids, rows, ids_bar, rows_bar):
+def _tile(phys_hbm, k_hbm, o_hbm, sums_hbm, pages, ids, rows, ids_bar, rows_bar, *sums):
     b, g, t = (jax.lax.axis_index(n) for n in _GRID)
-    plgpu.copy_gmem_to_smem(phys_hbm.at[b, g, pl.ds(t * pages, pages)], ids, ids_bar)
+    tile = pl.ds(t * pages, pages)
+    plgpu.copy_gmem_to_smem(phys_hbm.at[b, g, tile], ids, ids_bar)
     plgpu.barrier_wait(ids_bar)
     for i in range(pages):  # every page's copy in flight before one wait
         plgpu.copy_gmem_to_smem(k_hbm.at[g, pl.ds(ids[i], 1)], rows.at[pl.ds(i, 1)], rows_bar)
     plgpu.barrier_wait(rows_bar)
+    if sums_hbm:
+        # The unpack a SpGEMV would do before its dots: every nibble of 64 pages at a time
+        # from shared memory into registers (WGMMA layout, rows = pages; optimized=False: rows
+        # filled by TMA without a swizzle), summed per page.
+        for r in range(pages // 64):
+            w = plgpu.load(
+                rows.at[pl.ds(r * 64, 64)], (), layout=plgpu.Layout.WGMMA, optimized=False
+            )
+            # Division and remainder by powers of two: Pallas Mosaic GPU (jax 0.10.1) lowers
+            # neither shift on arrays (the compiler turns these into shifts and masks).
+            nibbles = [((w // 16**k) % 16).astype(jnp.float32) for k in range(8)]
+            total = nibbles[0]
+            for n in nibbles[1:]:
+                total = total + n
+            sums[0][pl.ds(r * 64, 64)] = jnp.sum(total, axis=1)
     # The copies are asynchronous side effects: nothing can drop them. One page goes back out
     # (0.1-1% of the bytes) so a wrong gather shows.
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(rows.at[pl.ds(pages - 1, 1)], o_hbm.at[b, g, pl.ds(t, 1)])
+    if sums_hbm:
+        plgpu.copy_smem_to_gmem(sums[0], sums_hbm[0].at[b, g, tile])
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("pages",))
-def gather_pages(phys, k_int4, *, pages):
+@functools.partial(jax.jit, static_argnames=("pages", "unpack"))
+def gather_pages(phys, k_int4, *, pages, unpack=False):
     """phys [B, Hkv, C] int32, k_int4 [Hkv, P, S, D/2] uint8 -> [B, Hkv, C / pages, S * D/2]
-    uint8: the last page of each program's tile (the pages themselves land in shared memory)."""
+    uint8: the last page of each program's tile (the pages themselves land in shared memory);
+    with unpack, also [B, Hkv, C] float32, each candidate page's sum of nibbles."""
     batch, hkv, num_cand = phys.shape
-    if num_cand % pages:
-        raise ValueError(f"--pages must divide C={num_cand}, got {pages}")
+    if num_cand % pages or (unpack and pages % 64):
+        raise ValueError(
+            f"--pages must divide C={num_cand} (and be a multiple of 64 with --unpack), got {pages}"
+        )
     # Free in XLA: a page's rows are contiguous, viewed as 4-byte words (a TMA box holds at
     # most 256 elements a dimension: 1 KB is 256 words).
     words = k_int4.reshape(hkv, k_int4.shape[1], -1, 4)
     words = jax.lax.bitcast_convert_type(words, jnp.uint32)
     tiles = num_cand // pages
-    out = plgpu.kernel(
+    out_types = [jax.ShapeDtypeStruct((batch, hkv, tiles, words.shape[-1]), jnp.uint32)]
+    if unpack:
+        out_types.append(jax.ShapeDtypeStruct((batch, hkv, num_cand), jnp.float32))
+    outs = plgpu.kernel(
         functools.partial(_kernel, pages=pages),
-        **{_OUT_KW: jax.ShapeDtypeStruct((batch, hkv, tiles, words.shape[-1]), jnp.uint32)},
+        **{_OUT_KW: out_types},
         grid=(batch, hkv, tiles),
         grid_names=_GRID,
         compiler_params=plgpu.CompilerParams(),
     )(phys, words)
-    return jax.lax.bitcast_convert_type(out, jnp.uint8).reshape(batch, hkv, tiles, -1)
+    last = jax.lax.bitcast_convert_type(outs[0], jnp.uint8).reshape(batch, hkv, tiles, -1)
+    return (last, outs[1]) if unpack else last
 
 
 def problem(key, batch, ctx, num_cand):
@@ -115,6 +145,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=8192, help="candidate tokens (B0)")
     ap.add_argument("--pages", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--check", action="store_true", help="lower for CUDA only (no GPU needed)")
+    ap.add_argument(
+        "--no-unpack",
+        action="store_true",
+        help="skip the variant that also unpacks every nibble into registers",
+    )
     args = ap.parse_args(argv)
     num_cand = args.budget // S
     if args.check:
@@ -123,11 +158,11 @@ def main(argv=None):
                 lambda k: problem(k, 2, 4096, 256), jax.random.key(0)
             )  # small: lowering only
             phys, k_int4 = shapes[6], shapes[1]
-            exp = jax.export.export(
-                jax.jit(functools.partial(gather_pages, pages=pages)), platforms=["cuda"]
-            )(phys, k_int4)
-            assert "mosaic_gpu" in exp.mlir_module()
-            print(f"pages={pages}: lowers for CUDA")
+            for unpack in (False, True) if pages % 64 == 0 else (False,):
+                fn = functools.partial(gather_pages, pages=pages, unpack=unpack)
+                exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(phys, k_int4)
+                assert "mosaic_gpu" in exp.mlir_module()
+                print(f"pages={pages} unpack={unpack}: lowers for CUDA")
         return 0
     bw = benchlib.measure_copy_bandwidth()["peak"]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -136,27 +171,36 @@ def main(argv=None):
             jax.random.key(batch), batch, args.context, num_cand
         )
         page_bytes = batch * HKV * num_cand * S * D // 2
+        # The right answers: each candidate page's sum of nibbles, and the last candidate page
+        # of every tile, from XLA.
+        pages_bytes = k_int4[jnp.arange(HKV)[None, :, None], phys]  # [B, Hkv, C, S, D/2]
+        want_sums = np.asarray(
+            ((pages_bytes & 15) + (pages_bytes >> 4)).astype(jnp.float32).sum((-1, -2))
+        )
         for pages in args.pages:
-            # The right answer: the last candidate page of every tile, gathered by XLA.
-            last = phys[:, :, pages - 1 :: pages]
-            want = np.asarray(k_int4[jnp.arange(HKV)[None, :, None], last]).reshape(
+            want = np.asarray(pages_bytes[:, :, pages - 1 :: pages]).reshape(
                 batch, HKV, -1, S * D // 2
             )
-            try:
-                got = np.asarray(gather_pages(phys, k_int4, pages=pages))
-                ok = np.array_equal(got, want)
-                t = benchlib.time_fn(
-                    lambda p, k: gather_pages(p, k, pages=pages), [(phys,)], (k_int4,)
+            unpacks = (False,) if args.no_unpack or pages % 64 else (False, True)
+            for unpack in unpacks:
+                fn = functools.partial(gather_pages, pages=pages, unpack=unpack)
+                try:
+                    out = fn(phys, k_int4)
+                    last, sums = out if unpack else (out, None)
+                    ok = np.array_equal(np.asarray(last), want)
+                    if unpack:
+                        ok = ok and np.array_equal(np.asarray(sums), want_sums)
+                    t = benchlib.time_fn(lambda p, k, fn=fn: fn(p, k), [(phys,)], (k_int4,))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"batch {batch} pages {pages} unpack {unpack}: FAILED {e!r}"[:600])
+                    continue
+                what = "gather + unpack" if unpack else "gather"
+                print(
+                    f"batch {batch} Mosaic TMA {what}, {pages} pages a program: "
+                    f"{t * 1e6:8.1f} us {page_bytes / t / 1e12:5.2f} TB/s "
+                    f"({page_bytes / t / bw:4.0%} of copy) {'correct' if ok else 'WRONG'}",
+                    flush=True,
                 )
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"batch {batch} pages {pages}: FAILED {type(e).__name__}: {e}"[:600])
-                continue
-            print(
-                f"batch {batch} Mosaic TMA gather, {pages} pages a program: {t * 1e6:8.1f} us "
-                f"{page_bytes / t / 1e12:5.2f} TB/s ({page_bytes / t / bw:4.0%} of copy) "
-                f"{'correct' if ok else 'WRONG PAGES'}",
-                flush=True,
-            )
         zero = jnp.zeros_like(scale)
         t = benchlib.time_fn(
             lambda q, k, s, z, pt, ln, c: spgemv.block_spgemv(
