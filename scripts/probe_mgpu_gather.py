@@ -10,8 +10,11 @@ measures the gather alone: programs of `--pages` candidate pages each (grid B x 
 copy their pages by TMA into shared memory and wait on one barrier; each writes its last page
 back out, which the script checks against XLA's gather. A second variant also loads every page
 into registers and unpacks and sums its nibbles (the work a SpGEMV does before its dots),
-checked against XLA's sums. The Triton SpGEMV at the same point runs beside both, in the same
-process, with the same device timing (benchlib.time_fn).
+checked against XLA's sums; a third (`gather_dot`) runs a SpGEMV's whole data path: 16 token
+rows a page by TMA, 64 tokens at a time into registers, each of the 8 nibble blocks to bf16
+and through a WGMMA with the q columns of that block (the G heads padded to N = 64), summed
+over the heads per token and checked against XLA. The Triton SpGEMV at the same point runs
+beside them, in the same process, with the same device timing (benchlib.time_fn).
 
     python scripts/probe_mgpu_gather.py --batches 64 8 --pages 32 64
     python scripts/probe_mgpu_gather.py --check   # lowering only, no GPU needed
@@ -119,6 +122,89 @@ def gather_pages(phys, k_int4, *, pages, unpack=False):
     return (last, outs[1]) if unpack else last
 
 
+# The nibble blocks of a token row's 16 words: byte k of word w holds dims 4w + k (low
+# nibble) and 64 + 4w + k (high nibble); block 2k + half is [tokens, 16] over w.
+_BLOCKS = [(k, half) for k in range(4) for half in (0, 1)]
+_HEADS_PAD = 64  # the dot's N: the G query heads padded to WGMMA's 128-byte swizzled tile
+
+
+def _dot_kernel(phys_hbm, k_hbm, qb_hbm, o_hbm, *, pages):
+    """phys_hbm [B, Hkv, C] int32; k_hbm [Hkv, P * S, 16] uint32 (a token's 64 bytes as 16
+    words); qb_hbm [B, Hkv, 8, 16, 64] bf16, the q columns of each nibble block, heads padded
+    to 64; o_hbm [B, Hkv, C * S] float32: each token's logits summed over the heads."""
+    tokens = pages * S
+    tiled = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
+    pl.run_scoped(
+        functools.partial(_dot_tile, phys_hbm, k_hbm, qb_hbm, o_hbm, pages),
+        plgpu.SMEM((pages,), jnp.int32),
+        plgpu.SMEM((tokens, 16), jnp.uint32),
+        plgpu.SMEM((8, 16, _HEADS_PAD), jnp.bfloat16, transforms=tiled),
+        plgpu.SMEM((tokens,), jnp.float32),
+        plgpu.Barrier(num_arrivals=1 + len(_BLOCKS)),
+        plgpu.Barrier(num_arrivals=pages),
+    )
+
+
+def _dot_tile(phys_hbm, k_hbm, qb_hbm, o_hbm, pages, ids, rows, qb, sums, head_bar, rows_bar):
+    b, g, t = (jax.lax.axis_index(n) for n in _GRID)
+    tokens = pages * S
+    plgpu.copy_gmem_to_smem(phys_hbm.at[b, g, pl.ds(t * pages, pages)], ids, head_bar)
+    for j in range(len(_BLOCKS)):  # one copy a block: a tiled [8, 16, 64] copy has too
+        plgpu.copy_gmem_to_smem(qb_hbm.at[b, g, j], qb.at[j], head_bar)  # many strides
+    plgpu.barrier_wait(head_bar)
+    for i in range(pages):  # a page is S token rows of 16 words: one 1 KB copy
+        src = k_hbm.at[g, pl.ds(ids[i] * S, S)]
+        plgpu.copy_gmem_to_smem(src, rows.at[pl.ds(i * S, S)], rows_bar)
+    plgpu.barrier_wait(rows_bar)
+    for c in range(tokens // 64):
+        words = plgpu.load(
+            rows.at[pl.ds(c * 64, 64)], (), layout=plgpu.Layout.WGMMA, optimized=False
+        )
+
+        def dots(acc_ref, words=words):
+            for j, (k, half) in enumerate(_BLOCKS):
+                # Division and remainder, not shifts (see the gather's unpack).
+                nib = (words // 2 ** (8 * k + 4 * half)) % 16
+                plgpu.wgmma(acc_ref, nib.astype(jnp.bfloat16), qb.at[j])
+            return acc_ref[...]
+
+        acc = pl.run_scoped(dots, plgpu.ACC((64, _HEADS_PAD), jnp.float32))
+        sums[pl.ds(c * 64, 64)] = jnp.sum(acc, axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sums, o_hbm.at[b, g, pl.ds(t * tokens, tokens)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def q_blocks(q):
+    """q [B, Hkv * G, D] -> [B, Hkv, 8, 16, 64] bf16: per nibble block (see _BLOCKS) its 16 q
+    columns as rows, the G heads as the first columns of 64."""
+    batch = q.shape[0]
+    qg = q.reshape(batch, HKV, G, D).astype(jnp.bfloat16)
+    w = np.arange(16)
+    cols = np.stack([half * (D // 2) + 4 * w + k for k, half in _BLOCKS])  # [8, 16]
+    qb = jnp.transpose(qg[:, :, :, cols], (0, 1, 3, 4, 2))  # [B, Hkv, 8, 16, G]
+    return jnp.pad(qb, ((0, 0), (0, 0), (0, 0), (0, 0), (0, _HEADS_PAD - G)))
+
+
+@functools.partial(jax.jit, static_argnames=("pages",))
+def gather_dot(phys, k_int4, q, *, pages):
+    """The gather, the unpack and the tensor-core dots of a SpGEMV: [B, Hkv, C * S] float32,
+    each candidate token's q . nibbles summed over the group's heads (no scale, zero or mask:
+    what it measures is the data path)."""
+    batch, hkv, num_cand = phys.shape
+    if num_cand % pages or (pages * S) % 64:
+        raise ValueError(f"--pages must divide C={num_cand} and hold 64 tokens, got {pages}")
+    words = k_int4.reshape(hkv, k_int4.shape[1] * S, D // 8, 4)  # free: 16 words a token
+    words = jax.lax.bitcast_convert_type(words, jnp.uint32)
+    return plgpu.kernel(
+        functools.partial(_dot_kernel, pages=pages),
+        **{_OUT_KW: jax.ShapeDtypeStruct((batch, hkv, num_cand * S), jnp.float32)},
+        grid=(batch, hkv, num_cand // pages),
+        grid_names=_GRID,
+        compiler_params=plgpu.CompilerParams(),
+    )(phys, words, q_blocks(q))
+
+
 def problem(key, batch, ctx, num_cand):
     """Random INT4 pool, page tables and candidate pages (a Quest-like choice per KV head)."""
     pages_per_seq = ctx // S
@@ -163,6 +249,10 @@ def main(argv=None):
                 exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(phys, k_int4)
                 assert "mosaic_gpu" in exp.mlir_module()
                 print(f"pages={pages} unpack={unpack}: lowers for CUDA")
+            fn = functools.partial(gather_dot, pages=pages)
+            exp = jax.export.export(jax.jit(fn), platforms=["cuda"])(phys, k_int4, shapes[0])
+            assert "mosaic_gpu" in exp.mlir_module()
+            print(f"pages={pages} dots: lowers for CUDA")
         return 0
     bw = benchlib.measure_copy_bandwidth()["peak"]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -201,6 +291,29 @@ def main(argv=None):
                     f"({page_bytes / t / bw:4.0%} of copy) {'correct' if ok else 'WRONG'}",
                     flush=True,
                 )
+            # The whole data path of a SpGEMV: gather, unpack, tensor-core dots (bf16 q and
+            # nibbles are exact; float32 sums in another order than XLA's).
+            qsum = q.astype(jnp.float32).reshape(batch, HKV, G, D).sum(2)
+            nib = jnp.concatenate([pages_bytes & 15, pages_bytes >> 4], axis=-1)
+            want_dots = np.asarray(
+                jnp.einsum("bgcsd,bgd->bgcs", nib.astype(jnp.float32), qsum)
+            ).reshape(batch, HKV, -1)
+            fn = functools.partial(gather_dot, pages=pages)
+            try:
+                got = np.asarray(fn(phys, k_int4, q))
+                ok = np.allclose(got, want_dots, rtol=1e-5, atol=1e-3)
+                t = benchlib.time_fn(
+                    lambda q, p, k, fn=fn: fn(p, k, q), [(q,), (q * -1,)], (phys, k_int4)
+                )
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"batch {batch} pages {pages} dots: FAILED {e!r}"[:600])
+                continue
+            print(
+                f"batch {batch} Mosaic TMA gather + unpack + WGMMA, {pages} pages a program: "
+                f"{t * 1e6:8.1f} us {page_bytes / t / 1e12:5.2f} TB/s "
+                f"({page_bytes / t / bw:4.0%} of copy) {'correct' if ok else 'WRONG'}",
+                flush=True,
+            )
         zero = jnp.zeros_like(scale)
         t = benchlib.time_fn(
             lambda q, k, s, z, pt, ln, c: spgemv.block_spgemv(

@@ -316,5 +316,6 @@ def test_probe_mgpu_gather_lowers_for_cuda(capsys):
     import probe_mgpu_gather
 
     assert probe_mgpu_gather.main(["--check", "--pages", "32", "128"]) == 0
-    # 32 pages: the gather; 128: the gather, and with the nibble unpack (64-page row tiles).
-    assert capsys.readouterr().out.count("lowers for CUDA") == 3
+    # 32 pages: the gather and the dots; 128: the gather, the nibble unpack (64-page row
+    # tiles) and the dots.
+    assert capsys.readouterr().out.count("lowers for CUDA") == 5
