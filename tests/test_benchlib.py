@@ -319,3 +319,32 @@ def test_probe_mgpu_gather_lowers_for_cuda(capsys):
     # 32 pages: the gather and the dots; 128: the gather, the nibble unpack (64-page row
     # tiles) and the dots.
     assert capsys.readouterr().out.count("lowers for CUDA") == 5
+
+
+def test_probe_op_configs_variants_reach_the_kernels():
+    # Each variant of the op probe patches a kernel module's default config; exported for CUDA
+    # at the point's real shapes (abstract: no memory), every variant must change the program,
+    # or its GPU time would be the default's under another name.
+    from _export import export_cuda
+
+    import probe_op_configs
+    from bench_attention import _planted_cache, method_configs
+    from pallas_kernels import assume_platform
+    from twilight_jax import decode_attention
+
+    for batch, ctx, method, variants in probe_op_configs.POINTS:
+        q, cache = jax.eval_shape(
+            lambda k, b=batch, c=ctx: _planted_cache(b, c, 0.015, 7.0, k), jax.random.key(0)
+        )
+        cache = jax.eval_shape(lambda c: c.with_quest_metadata("int8"), cache)
+        cfg = method_configs(ctx, 8192, 0.85, 4096)[method]
+        texts = {}
+        for name, patch in variants.items():
+            jax.clear_caches()
+            with probe_op_configs.patched(patch), assume_platform("gpu"):
+                texts[name] = export_cuda(
+                    lambda q, c, cfg=cfg: decode_attention(q, c, cfg)[0], q, cache
+                ).mlir_module()
+        same = [n for n in texts if n != "default" and texts[n] == texts["default"]]
+        assert not same, (batch, ctx, method, same)
+    jax.clear_caches()
