@@ -202,9 +202,14 @@ def lower_bits(p, hi, num_cols: int):
     bound, so the entries under it can be dropped before the search.
     """
     # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
-    bound = jnp.broadcast_to((1.0 - p) * (0.5 / num_cols), hi.shape)
-    lo = jnp.where(p <= 1.0 - 2.0**-10, jax.lax.bitcast_convert_type(bound, jnp.int32), 0)
-    return jnp.clip(lo, 0, hi - 1)
+    bound = jnp.broadcast_to(search_floor(p, num_cols), hi.shape)
+    return jnp.clip(jax.lax.bitcast_convert_type(bound, jnp.int32), 0, hi - 1)
+
+
+def search_floor(p, num_cols: int):
+    """lower_bits' bound as a float before its clip below 1 / z: (1 - p) / (2 N) where 1 - p
+    is not tiny, else 0 (whatever the row's softmax sum)."""
+    return jnp.where(p <= 1.0 - 2.0**-10, (1.0 - p) * (0.5 / num_cols), 0.0)
 
 
 def _bisect(passes, lo, hi, iters):

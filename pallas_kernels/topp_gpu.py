@@ -274,18 +274,16 @@ def _gpu_compact_kernel(
 
         n_live = fold(num_chunks, compact, jnp.int32(0))
     else:
-        # 1+2 in one pass over the row. The floor is (1 - p) / (2 N) whatever the sum (see
-        # tc.lower_bits: for 0 <= p <= 1 - 2**-10 its clip never applies, as z <= N; 0
-        # otherwise), and a tile's exp(x - base) over the running sum at the same base bounds
+        # 1+2 in one pass over the row. The floor needs no statistics (tc.search_floor: for
+        # p >= 0 the clip of tc.lower_bits never applies, as z <= N; p < 0 keeps every
+        # column), and a tile's exp(x - base) over the running sum at the same base bounds
         # the entry's final weight from above (the final sum only adds terms). So the columns
         # passing that test with the floor lowered by 2**-7 (far above the float error of
         # either side) hold every column the exact test keeps; the extra ones sit below every
         # head's floor, where no step of the search, the union or the narrowing looks. Their
         # logits go to the scratch row (-inf off valid), then one pass over the kept entries
         # turns them into the same weights (same expression, same m and z) in place.
-        pre_floor = jnp.where(
-            (p >= 0.0) & (p <= 1.0 - 2.0**-10), (1.0 - p) * (0.5 / num_cols), 0.0
-        ) * (1.0 - 2.0**-7)
+        pre_floor = jnp.where(p >= 0.0, tc.search_floor(p, num_cols), 0.0) * (1.0 - 2.0**-7)
 
         def stats_compact(c, carry):
             m, z, n_live = carry

@@ -84,18 +84,17 @@ def time_fn(
     to it with weight 0 so the calls are ordered but their results unchanged. With a
     `label`, the compiled program's scratch memory is printed first (report_memory).
     """
-    launches = unrolled_launches(fn, rotating, fixed, iters=iters, label=label)
+    launches, _ = unrolled_launches(fn, rotating, fixed, iters=iters, label=label)
     return per_call_device_seconds(launches, iters, repeats=repeats, extra=extra)
 
 
 def unrolled_launches(
     fn: Callable, rotating: Sequence[tuple], fixed: tuple = (), *, iters: int = 20, label=None
-) -> Callable[[int], float]:
-    """time_fn's program, compiled and run once: returns launches(n), the host seconds of n
-    back-to-back launches of it waited for once (for per_call_device_seconds), with the
-    compiled program's text as its attribute ``compiled_text``. Compiling
-    variants first and timing them later, in rotation, keeps any one of them from owning
-    the first-run slot (scripts/probe_op_configs.py)."""
+):
+    """time_fn's program, compiled and run once: returns (launches, compiled), launches(n)
+    the host seconds of n back-to-back launches of it waited for once (for
+    per_call_device_seconds). Compiling variants first and timing them later, in rotation,
+    keeps any one of them from owning the first-run slot (scripts/probe_op_configs.py)."""
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
     n_sets = len(rotating)
 
@@ -119,8 +118,7 @@ def unrolled_launches(
         jax.block_until_ready(outs)
         return time.perf_counter() - t0
 
-    launches.compiled_text = compiled.as_text()
-    return launches
+    return launches, compiled
 
 
 def per_call_device_seconds(launches: Callable[[int], float], iters: int, *, repeats, extra):

@@ -138,8 +138,8 @@ def probe_point(batch, ctx, method, variants, *, key, rounds, iters, extra):
         jax.clear_caches()
         try:
             with patched(patch):
-                launches[name] = benchlib.unrolled_launches(op, qs, (cache,), iters=iters)
-            texts[name] = launches[name].compiled_text
+                launches[name], compiled = benchlib.unrolled_launches(op, qs, (cache,), iters=iters)
+            texts[name] = compiled.as_text()
         except Exception as e:  # noqa: BLE001 - a variant that fails to build is reported
             print(f"[{tag}] {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     same = [n for n in texts if n != "default" and texts[n] == texts.get("default")]

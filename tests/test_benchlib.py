@@ -16,10 +16,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+from _export import export_cuda  # noqa: E402
+
 import bench_attention  # noqa: E402
 import bench_decode_step  # noqa: E402
 import bench_engine  # noqa: E402
 import benchlib  # noqa: E402
+import probe_mgpu_gather  # noqa: E402
+import probe_op_configs  # noqa: E402
+from pallas_kernels import assume_platform  # noqa: E402
+from twilight_jax import decode_attention  # noqa: E402
 
 
 def _write(path, events):
@@ -313,8 +319,6 @@ def test_bench_engine_bad_flags_exit_2(argv, message, capsys):
 def test_probe_mgpu_gather_lowers_for_cuda(capsys):
     # The Mosaic GPU page-gather probe runs only on a GPU; its lowering is checked here so the
     # script does not rot between device sessions.
-    import probe_mgpu_gather
-
     assert probe_mgpu_gather.main(["--check", "--pages", "32", "128"]) == 0
     # 32 pages: the gather and the dots; 128: the gather, the nibble unpack (64-page row
     # tiles) and the dots.
@@ -325,19 +329,13 @@ def test_probe_op_configs_variants_reach_the_kernels():
     # Each variant of the op probe patches a kernel module's default config; exported for CUDA
     # at the point's real shapes (abstract: no memory), every variant must change the program,
     # or its GPU time would be the default's under another name.
-    from _export import export_cuda
-
-    import probe_op_configs
-    from bench_attention import _planted_cache, method_configs
-    from pallas_kernels import assume_platform
-    from twilight_jax import decode_attention
-
     for batch, ctx, method, variants in probe_op_configs.POINTS:
         q, cache = jax.eval_shape(
-            lambda k, b=batch, c=ctx: _planted_cache(b, c, 0.015, 7.0, k), jax.random.key(0)
+            lambda k, b=batch, c=ctx: bench_attention._planted_cache(b, c, 0.015, 7.0, k),
+            jax.random.key(0),
         )
         cache = jax.eval_shape(lambda c: c.with_quest_metadata("int8"), cache)
-        cfg = method_configs(ctx, 8192, 0.85, 4096)[method]
+        cfg = bench_attention.method_configs(ctx, 8192, 0.85, 4096)[method]
         texts = {}
         for name, patch in variants.items():
             jax.clear_caches()

@@ -15,7 +15,7 @@ import pytest
 from _export import export_cuda, export_tpu, pallas_kernels_called
 
 from pallas_kernels import assume_platform
-from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner
+from twilight_jax import PagedKVCache, SparsityConfig, decode_attention, pruner, selectors
 from twilight_jax.attention import _decode_attention
 from twilight_jax.reference import decode_attention_reference
 
@@ -552,8 +552,6 @@ def test_bad_inputs_raise_before_tracing():
 def test_quest_with_a_budget_over_the_table_is_select_all():
     # B0 >= every page: the scores are skipped (select_all); the candidates must be exactly
     # what Quest's page top-k gives, and a budget one page short still scores.
-    from twilight_jax import selectors
-
     q, _, _, cache = _case(seed=4)
     full = cache.max_pages * S
     for budget in (full, full + 5 * S):
@@ -572,8 +570,6 @@ def test_candidate_token_counts_equal_the_mask_counts(gqa):
     # Candidates.num_tokens counts from the blocks, the count and the lengths where the mask is
     # exactly "listed and below the length" (by_count), else sums the mask: equal either way,
     # on ragged lengths with partial last pages.
-    from twilight_jax import selectors
-
     q, _, _, cache = _case(seed=6)
     for selector in ("all", "quest", "streaming", "double_sparsity", "oracle"):
         cfg = _cfg(selector, gqa=gqa)
