@@ -38,10 +38,12 @@ EXACT_ITERS = 30
 #   GPU num_warps None: about 32 row elements a thread, clamped to [4, 16].
 #   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
 #       Triton compile alone takes minutes); longer rows take the compacting kernel.
-#   GPU compact_min_rows 256, chunk_cols 1024: the compacting kernel (with its narrowing) beats
-#       the row-resident pair in the op from 256 rows (and on Twilight over all's 32768-column
-#       rows) and loses at 128 rows and below, where few rows leave its loop of dependent loads
-#       exposed; chunk_cols 512 and 2048 lost (docs/results/session-2026-12-04g/probe.log,
+#   GPU compact_min_rows 512, chunk_cols 1024: the compacting kernel (with its narrowing) beats
+#       the row-resident pair from 512 rows (and on Twilight over all's 32768-column rows). At
+#       256 rows it won the op on the benchmark's sharply peaked rows by 3.5% but cost 106
+#       against the pair's ~69 us a layer in the decode step's less peaked ones, where more
+#       columns pass its floor; at 128 rows and below its loop of dependent loads is exposed.
+#       chunk_cols 512 and 2048 lost (docs/results/session-2026-12-05/,
 #       session-2026-12-04e/sweep-topp-compact.md).
 #   GPU narrow_after 2: against 0 (never) in the op, on the planted rows of the attention
 #       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log); 1 and 3 no faster
@@ -96,18 +98,13 @@ class TopPGpuConfig(_Search):
       union, looks below it): in peaked rows the first steps lift the bracket past the noise,
       and the remaining steps read a few entries instead of every one above the search's
       lower bound. 0 (or iters and more) never compacts again.
-    one_pass: the compacting kernel reads the row once instead of twice: it compacts each tile
-      against the running softmax sum (a bound that keeps every column the final one keeps,
-      and some more), stores logits, then turns the kept ones into weights in a pass over
-      them alone. Same selections. Off until timed against the two passes on a GPU.
     """
 
     num_warps: int | None = None
     max_cols: int = 32768
-    compact_min_rows: int = 256
+    compact_min_rows: int = 512
     chunk_cols: int = 1024
     narrow_after: int = 2
-    one_pass: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,8 +122,6 @@ class TopPGpuConfig(_Search):
         k = self.narrow_after
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopPGpuConfig.narrow_after must be an int >= 0, got {k!r}")
-        if not isinstance(self.one_pass, bool):
-            raise ValueError(f"TopPGpuConfig.one_pass must be a bool, got {self.one_pass!r}")
 
     def warps_for(self, block_elems: int) -> int:
         """num_warps, or the automatic choice for a program holding block_elems values."""
@@ -202,14 +197,9 @@ def lower_bits(p, hi, num_cols: int):
     bound, so the entries under it can be dropped before the search.
     """
     # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
-    bound = jnp.broadcast_to(search_floor(p, num_cols), hi.shape)
+    floor = jnp.where(p <= 1.0 - 2.0**-10, (1.0 - p) * (0.5 / num_cols), 0.0)
+    bound = jnp.broadcast_to(floor, hi.shape)
     return jnp.clip(jax.lax.bitcast_convert_type(bound, jnp.int32), 0, hi - 1)
-
-
-def search_floor(p, num_cols: int):
-    """lower_bits' bound as a float before its clip below 1 / z: (1 - p) / (2 N) where 1 - p
-    is not tiny, else 0 (whatever the row's softmax sum)."""
-    return jnp.where(p <= 1.0 - 2.0**-10, (1.0 - p) * (0.5 / num_cols), 0.0)
 
 
 def _bisect(passes, lo, hi, iters):

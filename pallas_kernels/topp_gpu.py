@@ -239,12 +239,12 @@ def _gpu_compact_kernel(
         return m, z, hi, lo, tc.as_float(lo)
 
     def update_stats(m, z, x, valid):
-        """Online softmax statistics after one more tile: the running max, the sum of exp(x -
-        base) at the new base, and that tile's exp(x - base) (0 off valid)."""
+        """Online softmax statistics after one more tile: the running max and the sum of
+        exp(x - base) at the new base."""
         m_new = jnp.maximum(m, jnp.max(jnp.where(valid, x, -jnp.inf), axis=1, keepdims=True))
         base = jnp.where(m_new > -jnp.inf, m_new, 0.0)
         e = jnp.where(valid, jnp.exp(x - base), 0.0)
-        return m_new, z * jnp.exp(m - base) + row_sum(e), e
+        return m_new, z * jnp.exp(m - base) + row_sum(e)
 
     def store_live(live, n_live, col, values):
         # The others get distinct slots past the row (masked on the GPU; interpret mode drops
@@ -255,64 +255,22 @@ def _gpu_compact_kernel(
         plt.store(cbuf_ref.at[slot], col, mask=live)
         return n_live + jnp.sum(live, dtype=jnp.int32)
 
+    # 1. Softmax statistics, online over the tiles: max m and sum z of exp(x - m) per head.
+    def stats(c, carry):
+        x, valid, _ = logits_tile(c)
+        return update_stats(*carry, x, valid)
+
     stats0 = (jnp.full((gp, 1), -jnp.inf), jnp.zeros((gp, 1)))
-    if not config.one_pass:
-        # 1. Softmax statistics, online over the tiles: max m and sum z of exp(x - m) per head.
-        def stats(c, carry):
-            x, valid, _ = logits_tile(c)
-            return update_stats(*carry, x, valid)[:2]
+    m, z, hi, lo, floor = finish_stats(*fold(num_chunks, stats, stats0))
 
-        m, z, hi, lo, floor = finish_stats(*fold(num_chunks, stats, stats0))
+    # 2. Compaction: the columns where some head's weight reaches its search floor (no step of
+    # the search looks below it), their weights written in column order to the scratch row.
+    def compact(c, n_live):
+        x, valid, col = logits_tile(c)
+        w = tc.weights_from(x, valid, m, z)
+        return store_live(col_any(w >= floor), n_live, col, w)
 
-        # 2. Compaction: the columns where some head's weight reaches its search floor (no
-        # step of the search looks below it), their weights written in column order to the
-        # scratch row.
-        def compact(c, n_live):
-            x, valid, col = logits_tile(c)
-            w = tc.weights_from(x, valid, m, z)
-            return store_live(col_any(w >= floor), n_live, col, w)
-
-        n_live = fold(num_chunks, compact, jnp.int32(0))
-    else:
-        # 1+2 in one pass over the row. The floor needs no statistics (tc.search_floor: for
-        # p >= 0 the clip of tc.lower_bits never applies, as z <= N; p < 0 keeps every
-        # column), and a tile's exp(x - base) over the running sum at the same base bounds
-        # the entry's final weight from above (the final sum only adds terms). So the columns
-        # passing that test with the floor lowered by 2**-7 (far above the float error of
-        # either side) hold every column the exact test keeps; the extra ones sit below every
-        # head's floor, where no step of the search, the union or the narrowing looks. Their
-        # logits go to the scratch row (-inf off valid), then one pass over the kept entries
-        # turns them into the same weights (same expression, same m and z) in place.
-        pre_floor = jnp.where(p >= 0.0, tc.search_floor(p, num_cols), 0.0) * (1.0 - 2.0**-7)
-
-        def stats_compact(c, carry):
-            m, z, n_live = carry
-            x, valid, col = logits_tile(c)
-            m, z, e = update_stats(m, z, x, valid)
-            live = col_any(valid & (e >= pre_floor * z))
-            n_live = store_live(live, n_live, col, jnp.where(valid, x, -jnp.inf))
-            return m, z, n_live
-
-        m, z, n_live = fold(num_chunks, stats_compact, (*stats0, jnp.int32(0)))
-        m, z, hi, lo, floor = finish_stats(m, z)
-        if not interpret:
-            plt.debug_barrier()
-
-        def to_weights(c, carry):
-            # In place, slot for slot; the barrier keeps any thread from storing a weight over
-            # a logit another thread has yet to load (their layouts need not match).
-            slot = c * chunk + lane
-            ok = slot < n_live
-            x = plt.load(
-                wbuf_ref.at[heads, slot[None, :]], mask=head_ok & ok[None, :], other=-jnp.inf
-            )
-            w = tc.weights_from(x, x > -jnp.inf, m, z)
-            if not interpret:
-                plt.debug_barrier()
-            plt.store(wbuf_ref.at[heads, slot[None, :]], w, mask=head_ok & ok[None, :])
-            return carry
-
-        fold(jax.lax.div(n_live + chunk - 1, chunk), to_weights, 0)
+    n_live = fold(num_chunks, compact, jnp.int32(0))
 
     def chunks(n):
         return jax.lax.div(n + chunk - 1, chunk)

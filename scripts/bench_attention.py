@@ -112,10 +112,10 @@ def device_memory() -> str:
     )
 
 
-def _timed(fn, rotating, fixed):
+def _timed(fn, rotating, fixed, flush_bytes=0):
     """benchlib.time_fn, or direct calls where its timed program fails (see run)."""
     try:
-        return benchlib.time_fn(fn, rotating, fixed)
+        return benchlib.time_fn(fn, rotating, fixed, flush_bytes=flush_bytes)
     except Exception as e:
         print(
             f"  stage program timing failed ({type(e).__name__}); timing direct calls", flush=True
@@ -123,7 +123,7 @@ def _timed(fn, rotating, fixed):
         return benchlib.time_calls(fn, (*rotating[0], *fixed))
 
 
-def stage_times(q, cache, cfg, top_p):
+def stage_times(q, cache, cfg, top_p, flush_bytes=0):
     """Seconds of each stage of decode_attention, each fed the previous stage's outputs.
 
     Candidates is a plain dataclass (not a pytree), so it crosses jit boundaries as its arrays.
@@ -142,7 +142,7 @@ def stage_times(q, cache, cfg, top_p):
     bs = selectors.select_candidates(q, cache, cfg, layer, backend).block_size
     blocks, count, valid = jax.jit(select)(q, cache)
     cand = cand_of(blocks, count, valid)
-    t = {"select": _timed(select, [(q,)], (cache,))}
+    t = {"select": _timed(select, [(q,)], (cache,), flush_bytes)}
     rows = HKV if cfg.gqa == "group_union" else HQ
     if top_p is not None:
 
@@ -151,14 +151,14 @@ def stage_times(q, cache, cfg, top_p):
             return pruner.estimate_scores(q, cache, layer, c, cfg.estimate_bits, backend)
 
         logits = jax.jit(estimate)(q, cache, blocks, count, valid)
-        t["estimate"] = _timed(estimate, [(q,)], (cache, blocks, count, valid))
+        t["estimate"] = _timed(estimate, [(q,)], (cache, blocks, count, valid), flush_bytes)
         p = jnp.full((q.shape[0],), top_p, jnp.float32)
 
         def threshold(logits, blocks, count, valid, p):
             return pruner.prune(logits, cand_of(blocks, count, valid), p, cfg, backend)
 
         kept_pos, kept_count, _, _ = jax.jit(threshold)(logits, blocks, count, valid, p)
-        t["threshold"] = _timed(threshold, [(logits,)], (blocks, count, valid, p))
+        t["threshold"] = _timed(threshold, [(logits,)], (blocks, count, valid, p), flush_bytes)
         kept_ok = jnp.arange(kept_pos.shape[-1]) < kept_count[..., None]
     else:
         kept_pos = jnp.repeat(cand.positions, rows // HKV, axis=1)
@@ -179,7 +179,7 @@ def stage_times(q, cache, cfg, top_p):
             backend=backend,
         )
 
-    t["attend"] = _timed(attend, [(q,)], (cache, token_pos, counts))
+    t["attend"] = _timed(attend, [(q,)], (cache, token_pos, counts), flush_bytes)
     return t, float(jnp.mean(counts))
 
 
@@ -204,6 +204,7 @@ def run(args):
         ]
     )
     key = jax.random.key(0)
+    flush = args.flush_l2_mb << 20
     for batch in args.batches:
         for ctx in args.contexts:
             # The cuDNN baseline first, on its own contiguous K/V, freed before the paged
@@ -219,6 +220,7 @@ def run(args):
                     [(jax.random.normal(key, (batch, HQ, D), DT),)],
                     (kd, vd),
                     label=f"jax cuDNN batch {batch} ctx {ctx}",
+                    flush_bytes=flush,
                 )
                 table.add(
                     method="jax cuDNN dense",
@@ -282,7 +284,11 @@ def run(args):
                     note = ""
                     try:
                         total = benchlib.time_fn(
-                            op, [(q,)], (cache,), label=f"{name} batch {batch} ctx {ctx}"
+                            op,
+                            [(q,)],
+                            (cache,),
+                            label=f"{name} batch {batch} ctx {ctx}",
+                            flush_bytes=flush,
                         )
                     except Exception as e:
                         # At batch 64 / 128K the timed program asks for a ~49 GiB buffer its
@@ -310,7 +316,7 @@ def run(args):
                         row["vs_best_dense"] = min(dense_times) / total
                     if cfg.selector != "dense":
                         try:
-                            st, attended = stage_times(q, cache, cfg, top_p)
+                            st, attended = stage_times(q, cache, cfg, top_p, flush)
                             row["attended"] = attended
                             row.update({f"{k}_us": v * 1e6 for k, v in st.items()})
                         except Exception as e:  # keep the total even if a stage fails
@@ -336,6 +342,7 @@ def run(args):
         p=args.p,
         budget=args.budget,
         max_budget=args.max_budget,
+        flush_l2_mb=args.flush_l2_mb,
         quest_metadata=args.quest_metadata,
         command="python scripts/bench_attention.py " + " ".join(sys.argv[1:]),
     )
@@ -367,6 +374,15 @@ def main():
         default=["int8"],
         help="forms of Quest's page metadata to time the Quest methods with, each a row "
         "(default: int8, the cache's default)",
+    )
+    ap.add_argument(
+        "--flush-l2-mb",
+        type=int,
+        default=0,
+        help="read a buffer of this many MB after every timed jax call and subtract that "
+        "read's time (benchlib.time_fn): no call finds the last one's data in the L2 cache, "
+        "as in a decode step where the other layers run in between. The torch rows are not "
+        "flushed (dense reads that outgrow the L2 several times over)",
     )
     ap.add_argument("--out", default="docs/results/attention")
     args = ap.parse_args()

@@ -58,8 +58,6 @@ TOPP_SWEEP = [
     # The compacting kernel compacting again after 0 (never), 1 and 4 bisection steps
     # (the default: 2).
     *(topp.TopPGpuConfig(compact_min_rows=1, narrow_after=k) for k in (0, 1, 4)),
-    # Its one-pass form (statistics and the first compaction in one read of the row).
-    topp.TopPGpuConfig(compact_min_rows=1, one_pass=True),
 ]
 
 

@@ -74,9 +74,16 @@ def time_fn(
     repeats: int = 5,
     extra: int = 4,
     label: str | None = None,
+    flush_bytes: int = 0,
 ) -> float:
     """Device seconds per call of fn(*rotating[i], *fixed), the calls unrolled in one jitted
     program (see the module docstring for the method).
+
+    flush_bytes > 0 reads a buffer of that size after every call, so no call finds the
+    previous call's data in the L2 cache (a sparse call at batch 1 reads a few MB, which a
+    50 MB L2 would otherwise serve on every repeat, unlike a decode step that runs the other
+    layers in between); that read's own time, measured the same way around a call that does
+    nothing, is subtracted.
 
     `rotating` holds small per-call inputs (the query, page tables, index lists); `fixed` the
     large ones (the caches), passed as jit arguments, never captured as constants. The first
@@ -84,37 +91,59 @@ def time_fn(
     to it with weight 0 so the calls are ordered but their results unchanged. With a
     `label`, the compiled program's scratch memory is printed first (report_memory).
     """
-    launches, _ = unrolled_launches(fn, rotating, fixed, iters=iters, label=label)
-    return per_call_device_seconds(launches, iters, repeats=repeats, extra=extra)
+    launches, _ = unrolled_launches(
+        fn, rotating, fixed, iters=iters, label=label, flush_bytes=flush_bytes
+    )
+    t = per_call_device_seconds(launches, iters, repeats=repeats, extra=extra)
+    if flush_bytes:
+        idle, _ = unrolled_launches(
+            lambda q, *_: q, rotating[:1], (), iters=iters, flush_bytes=flush_bytes
+        )
+        t_idle = per_call_device_seconds(idle, iters, repeats=repeats, extra=extra)
+        # A call too short to show above the read's noise keeps its unsubtracted time, an
+        # upper bound (as per_call_device_seconds does for a program too short to time).
+        t = t - t_idle if t > t_idle else t
+    return t
 
 
 def unrolled_launches(
-    fn: Callable, rotating: Sequence[tuple], fixed: tuple = (), *, iters: int = 20, label=None
+    fn: Callable,
+    rotating: Sequence[tuple],
+    fixed: tuple = (),
+    *,
+    iters: int = 20,
+    label=None,
+    flush_bytes: int = 0,
 ):
     """time_fn's program, compiled and run once: returns (launches, compiled), launches(n)
     the host seconds of n back-to-back launches of it waited for once (for
     per_call_device_seconds). Compiling variants first and timing them later, in rotation,
-    keeps any one of them from owning the first-run slot (scripts/probe_op_configs.py)."""
+    keeps any one of them from owning the first-run slot (scripts/probe_op_configs.py).
+    flush_bytes: see time_fn."""
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rotating)
     n_sets = len(rotating)
+    scrub = jnp.zeros((max(flush_bytes // 4, 1),), jnp.float32) if flush_bytes else None
 
     @jax.jit
-    def program(stacked, fixed):
+    def program(stacked, fixed, scrub):
         carry = jnp.float32(0)
         for i in range(iters):  # unrolled: no loop iterations on the device
             args = jax.tree.map(lambda s, i=i: s[i % n_sets], stacked)
             q = args[0] + (carry * 0).astype(args[0].dtype)
             out = fn(q, *args[1:], *fixed)
             carry = jax.tree.leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
+            if scrub is not None:
+                # Scaled by the carry so it is read again each call (not hoisted as invariant).
+                carry = carry + 0 * jnp.sum(scrub * carry)
         return carry
 
-    compiled = program.lower(stacked, fixed).compile()
+    compiled = program.lower(stacked, fixed, scrub).compile()
     report_memory(compiled, fixed, label)
-    compiled(stacked, fixed).block_until_ready()
+    compiled(stacked, fixed, scrub).block_until_ready()
 
     def launches(n):
         t0 = time.perf_counter()
-        outs = [compiled(stacked, fixed) for _ in range(n)]
+        outs = [compiled(stacked, fixed, scrub) for _ in range(n)]
         jax.block_until_ready(outs)
         return time.perf_counter() - t0
 

@@ -93,6 +93,24 @@ def test_per_call_time_drops_the_once_per_measurement_cost():
     assert benchlib.per_call_device_seconds(lambda n: 1e-3, 20, repeats=3, extra=4) == 1e-3 / 20
 
 
+def test_l2_flush_reads_its_buffer_after_every_call_and_leaves_results_alone():
+    # The flush must be read once per call (a sum XLA hoisted out of the unrolled calls would
+    # flush once per program) and must not change what the calls compute.
+    q = jnp.arange(1, 5, dtype=jnp.float32)
+    n = 1 << 18  # floats in a 1 MiB flush buffer
+    fn = lambda q: q * 2 + 1  # noqa: E731
+    launches, flushed = benchlib.unrolled_launches(fn, [(q,)], (), iters=3, flush_bytes=4 * n)
+    sums = [ln for ln in flushed.as_text().splitlines() if " reduce(" in ln]
+    assert len(sums) == 3, sums
+    _, plain = benchlib.unrolled_launches(fn, [(q,)], (), iters=3)
+    stacked = (q[None],)
+    got = flushed(stacked, (), jnp.zeros((n,), jnp.float32))
+    assert float(got) == float(plain(stacked, (), None)) == 3.0  # q[0] * 2 + 1, each call
+    assert launches(1) > 0
+    t = benchlib.time_fn(fn, [(q,)], (), iters=3, repeats=1, flush_bytes=4 * n)
+    assert isinstance(t, float)
+
+
 def test_time_fn_reports_a_cache_sized_scratch_copy(capsys):
     cache = jnp.ones((256, 1024), jnp.float32)  # 1 MiB "cache"
 
@@ -130,6 +148,7 @@ def test_bench_attention_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         all_max_ctx=1 << 20,
         quest_metadata=["native", "int8"],
         torch=True,  # no CUDA here: no torch rows, and none is needed for the others
+        flush_l2_mb=1,  # the flushed timing path, end to end
         out=str(out),
     )
     bench_attention.run(args)

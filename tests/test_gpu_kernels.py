@@ -168,14 +168,6 @@ def test_topp(groups, compact_min_rows):
     )
     for a, b in zip(grp, rep):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    if compact_min_rows == 1:
-        # The compacting kernel's one-pass form: the same selection (the mass summed in
-        # another order over the compacted entries).
-        one = topp.TopPGpuConfig(compact_min_rows=1, one_pass=True)
-        got = topp.topp_select_grouped(*args, backend="pallas", config=one)
-        for a, b in zip(got[:3], (idx, cnt, sat)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        np.testing.assert_allclose(np.asarray(got[3]), np.asarray(mass), rtol=1e-5, atol=1e-6)
 
 
 def test_quest_scores():

@@ -461,7 +461,7 @@ def test_exports(r, g, n, cap):
     x2 = jax.ShapeDtypeStruct((r, n), jnp.float32)
     v = jax.ShapeDtypeStruct((r, n), jnp.bool_)
     p = jax.ShapeDtypeStruct((r,), jnp.float32)
-    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT), TopPGpuConfig(one_pass=True, **COMPACT)):
+    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT)):
         export_cuda(
             functools.partial(topp.topp_select_grouped_gpu, capacity=cap, config=cfg), x3, v, p
         )
@@ -471,7 +471,7 @@ def test_exports(r, g, n, cap):
     # Without a mask: one operand fewer for every kernel; with block ids, one more.
     blocks = jax.ShapeDtypeStruct((r, n // 4 if n % 4 == 0 else n), jnp.int32)
     bs = 4 if n % 4 == 0 else 1
-    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT), TopPGpuConfig(one_pass=True, **COMPACT)):
+    for cfg in (TopPGpuConfig(), TopPGpuConfig(**COMPACT)):
         export_cuda(
             lambda x, p, cfg=cfg: topp.topp_select_grouped_gpu(x, None, p, cap, config=cfg), x3, p
         )
@@ -525,39 +525,6 @@ def test_narrowing_keeps_what_the_search_needs(iters):
     for bad in (-1, 2.0, True):
         with pytest.raises(ValueError, match="TopPGpuConfig.narrow_after must be an int >= 0"):
             TopPGpuConfig(narrow_after=bad)
-
-
-def test_one_pass_keeps_what_two_passes_keep():
-    # TopPGpuConfig.one_pass compacts each tile against the running softmax sum, a bound that
-    # keeps more columns than the final one: rows 5 and 6 (flat, then a peak in the last tile)
-    # keep nearly every column that way, and exactly the peak after the row's last tile. The
-    # extra entries must change nothing, whether the narrowing drops them (k = 2) or every step
-    # reads them (k = 0), with and without the capacity cut; exact steps match the reference.
-    logits, valid, p = _mixed_batch(43, rows=10, heads=4)
-    x, v = np.array(logits), np.array(valid)
-    x[5] = 0.3 * np.random.default_rng(1).standard_normal(x[5].shape)
-    x[5][:, -5:] += 9.0
-    x[6] = -3.0
-    x[6][:, -1] = 20.0
-    v[5:7] = True
-    logits, valid = jnp.asarray(x), jnp.asarray(v)
-    for iters, k, cap in ((16, 2, 40), (16, 0, 12), (EXACT_ITERS, 2, 12)):
-        cfgs = [
-            TopPGpuConfig(iters=iters, chunk_cols=64, narrow_after=k, one_pass=one, **COMPACT)
-            for one in (False, True)
-        ]
-        want, got = (
-            topp.topp_select_grouped(logits, valid, p, cap, backend="pallas", config=c)
-            for c in cfgs
-        )
-        # The mass is summed tile by tile over the compacted entries, which the extra ones
-        # shift: the same terms in another order.
-        _assert_same_selection(got, want)
-        if iters == EXACT_ITERS:
-            ref = topp.topp_select_grouped(logits, valid, p, cap, backend="reference")
-            _assert_same_selection(got, ref)
-    with pytest.raises(ValueError, match="TopPGpuConfig.one_pass must be a bool"):
-        TopPGpuConfig(one_pass=1)
 
 
 def test_long_rows_export():
