@@ -193,6 +193,28 @@ def check_dtype(name: str, x, allowed: Sequence) -> None:
         raise ValueError(f"{name} must have dtype in ({names}), got {dt}")
 
 
+# Pallas Triton indexes an array of at most 2**32 bytes with signed 32-bit element offsets
+# (jax's lowering picks 64 bits only above that size): for one-byte elements, offsets from
+# 2**31 up wrap around and address memory outside the array, silently.
+TRITON_I32_ELEMENTS = 2**31
+
+
+def triton_offsets_overflow(x) -> bool:
+    """Whether a GPU kernel indexing x element by element would hit that wrap-around."""
+    itemsize = np.dtype(x.dtype).itemsize
+    return itemsize == 1 and TRITON_I32_ELEMENTS <= int(np.prod(np.shape(x))) <= 2**32
+
+
+def check_triton_offsets(name: str, x, remedy: str) -> None:
+    """A clear error instead of the wrong addresses of triton_offsets_overflow."""
+    if triton_offsets_overflow(x):
+        raise ValueError(
+            f"{name} holds {int(np.prod(np.shape(x)))} one-byte elements: the Pallas Triton "
+            "kernel would index it with 32-bit offsets, which overflow from 2**31 on "
+            f"(wrong addresses, silently); {remedy}"
+        )
+
+
 def check_static_p(p) -> None:
     """Checks a Python-number p; traced or array p is checked only for shape by callers."""
     if isinstance(p, (int, float)) and not (0.0 < float(p) <= 1.0):

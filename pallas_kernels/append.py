@@ -45,6 +45,7 @@ from pallas_kernels import _common
 from pallas_kernels.int4 import (
     _half_cols,
     _kernel_divide,
+    _pack_nibbles,
     _quantize_halves,
     quantize_int4_reference,
 )
@@ -56,14 +57,23 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 @dataclasses.dataclass(frozen=True)
 class AppendGpuConfig:
     """Triton launch knobs. seqs_per_block: sequences (rows) one program writes, a power of
-    two; num_warps: a power of two. (No loop in the kernel: no pipeline stages to set.)"""
+    two; num_warps: a power of two. (No loop in the kernel: no pipeline stages to set.)
+    word_stores: write the INT4 codes as 4-byte (or, for D/2 not a multiple of 4, 2-byte)
+    words instead of bytes. None: only where byte offsets would overflow the kernel's 32-bit
+    indexing (k_int4 of 2**31 to 2**32 bytes, _common.triton_offsets_overflow), as in a 17-34
+    GB cache of 8 KV heads of dimension 128; True always (tests), False never."""
 
     seqs_per_block: int = 16
     num_warps: int = 4
+    word_stores: bool | None = None
 
     def __post_init__(self):
         _common.check_pow2("AppendGpuConfig", "seqs_per_block", self.seqs_per_block)
         _common.check_pow2("AppendGpuConfig", "num_warps", self.num_warps)
+        if not (self.word_stores is None or isinstance(self.word_stores, bool)):
+            raise ValueError(
+                f"AppendGpuConfig.word_stores must be None or a bool, got {self.word_stores!r}"
+            )
 
 
 DEFAULT_GPU_CONFIG = AppendGpuConfig()
@@ -172,10 +182,12 @@ def _gpu_kernel(
     pos_ref,  # [B] int32, < 0 = skip
     pt_ref,  # [B, max_pages] int32
     *refs,  # n aliased inputs (not read), then the n outputs:
-    # kp, vp [Hkv, P*S, D]; k4 [Hkv, P*S, D/2] u8; ks, kz [Hkv, P*S] f32; mn, mx [Hkv, P, D]
-    # (float, or int8 codes followed by their scale [Hkv, P] f32)
+    # kp, vp [Hkv, P*S, D]; k4 [Hkv, P*S, D/2] u8 (or [Hkv, P*S, D/2/W] words of W bytes);
+    # ks, kz [Hkv, P*S] f32; mn, mx [Hkv, P, D] (float, or int8 codes followed by their scale
+    # [Hkv, P] f32)
     seqs_per_block: int,
     page_size: int,
+    word_bytes: int,
     divide,
 ):
     outs = refs[len(refs) // 2 :]
@@ -184,7 +196,7 @@ def _gpu_kernel(
     h = pl.program_id(0)
     batch, max_pages = pt_ref.shape
     num_pages = mn_ref.shape[1]
-    half = k4_ref.shape[2]
+    half = k_new_ref.shape[2] // 2
     seq = pl.program_id(1) * seqs_per_block + jnp.arange(seqs_per_block)
     in_range = seq < batch
     pos = plt.load(pos_ref.at[seq], mask=in_range, other=-1)
@@ -234,7 +246,27 @@ def _gpu_kernel(
             plt.store(mx_ref.at[h, p2, c2 + off], hi.astype(mdt), mask=ok2)
         plt.store(sc_ref.at[h, phys], new_scale[:, 0], mask=ok)
     packed, scale, zero = _quantize_halves(*halves, col_ok, divide=divide)
-    plt.store(k4_ref.at[h, d2, c2], packed.astype(jnp.uint8), mask=ok2)
+    if word_bytes == 1:
+        plt.store(k4_ref.at[h, d2, c2], packed.astype(jnp.uint8), mask=ok2)
+    else:
+        # Word w holds bytes W w .. W w + W - 1 (little-endian): byte j packs columns j and
+        # j + D/2, re-read here in word order and coded under the row's scale and zero.
+        w2, w_ok = _half_cols(half // word_bytes)
+        okw = _common.and_mask(ok[:, None], w_ok)
+        word_dt = k4_ref.dtype
+        word = None
+        for k in range(word_bytes):
+            cols = w2 * word_bytes + k
+            lo, hi = (
+                plt.load(k_new_ref.at[s2, h, cols + off], mask=okw, other=0)
+                .astype(kdt)
+                .astype(jnp.float32)
+                for off in (0, half)
+            )
+            byte = _pack_nibbles(lo, hi, scale, zero, divide=divide).astype(word_dt)
+            part = byte * word_dt.type(256**k) if k else byte
+            word = part if word is None else word | part
+        plt.store(k4_ref.at[h, d2, w2], word, mask=okw)
     plt.store(ks_ref.at[h, dest], scale[:, 0], mask=ok)
     plt.store(kz_ref.at[h, dest], zero[:, 0], mask=ok)
 
@@ -267,10 +299,20 @@ def cache_append_decode_gpu(
         return shapes
     rows = min(config.seqs_per_block, pl.next_power_of_2(batch))
     slots = num_pages * page_size
+    word_bytes = _word_bytes(k_int4, config)
+    k_words = k_int4.reshape(hkv, slots, d // 2 // word_bytes, word_bytes)
+    if word_bytes == 1:
+        k_words = k_words[..., 0]
+    else:  # a free view in XLA
+        k_words = jax.lax.bitcast_convert_type(k_words, _WORD_DTYPES[word_bytes])
+    for name, x in (("k_min", k_min), ("k_max", k_max)):
+        _common.check_triton_offsets(
+            name, x, "use float Quest metadata, or split the cache over more devices"
+        )
     cache = (
         k_pages.reshape(hkv, slots, d),
         v_pages.reshape(hkv, slots, d),
-        k_int4.reshape(hkv, slots, d // 2),
+        k_words,
         k_scale.reshape(hkv, slots),
         k_zero.reshape(hkv, slots),
         *shapes[5:],
@@ -281,6 +323,7 @@ def cache_append_decode_gpu(
             _gpu_kernel,
             seqs_per_block=rows,
             page_size=page_size,
+            word_bytes=word_bytes,
             divide=_kernel_divide("gpu", interpret),
         ),
         grid=(hkv, pl.cdiv(batch, rows)),
@@ -292,7 +335,32 @@ def cache_append_decode_gpu(
         interpret=interpret,
         name="cache_append_decode_gpu",
     )(k_new, v_new, positions, page_table, *cache)
+    out = list(out)
+    if word_bytes > 1:
+        out[2] = jax.lax.bitcast_convert_type(out[2], jnp.uint8)
     return tuple(o.reshape(x.shape) for o, x in zip(out, shapes))
+
+
+_WORD_DTYPES = {2: jnp.uint16, 4: jnp.uint32}
+
+
+def _word_bytes(k_int4, config: AppendGpuConfig) -> int:
+    """Bytes per stored INT4 word: 1 (bytes) unless config.word_stores asks for words or
+    leaves it to the size of k_int4 (see AppendGpuConfig)."""
+    words = config.word_stores
+    if words is None:
+        words = _common.triton_offsets_overflow(k_int4)
+    if not words:
+        return 1
+    half = k_int4.shape[-1]
+    if half % 4 == 0:
+        return 4
+    if half % 2 == 0:
+        return 2
+    _common.check_triton_offsets(
+        "k_int4", k_int4, "a head_dim that is a multiple of 4 lets it store 2-byte words"
+    )
+    return 1
 
 
 def cache_append_decode(

@@ -208,12 +208,17 @@ def _quantize_halves(lo, hi, col_ok=None, *, divide):
     zero = jnp.minimum(lo_min.min(axis=-1, keepdims=True), hi_min.min(axis=-1, keepdims=True))
     top = jnp.maximum(lo_max.max(axis=-1, keepdims=True), hi_max.max(axis=-1, keepdims=True))
     scale = divide(top - zero, 15.0)
+    return _pack_nibbles(lo, hi, scale, zero, divide=divide), scale, zero
+
+
+def _pack_nibbles(lo, hi, scale, zero, *, divide):
+    """The bytes (i32) of columns lo, hi under a row's scale and zero (_quantize_halves)."""
     safe = jnp.where(scale > 0, scale, 1.0)
 
     def nibble(v):
         return jnp.clip(jnp.floor(divide(v - zero, safe) + 0.5), 0, 15).astype(jnp.int32)
 
-    return nibble(lo) | (nibble(hi) << 4), scale, zero
+    return nibble(lo) | (nibble(hi) << 4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -583,6 +583,14 @@ def quest_page_scores_gpu(
             )
             for x in (k_min, k_max)
         )
+    else:
+        for name, x in (("k_min", k_min), ("k_max", k_max)):
+            _common.check_triton_offsets(
+                name,
+                x,
+                "QuestGpuConfig(int8_asm=True) with a head_dim that is a multiple of 4 "
+                "reads it as 4-byte words",
+            )
     inputs = (q, k_min, k_max, page_table, lengths) + (() if scale is None else (scale,))
     return pl.pallas_call(
         functools.partial(

@@ -276,6 +276,9 @@ def launch(
     # byte W w + k), so the kernel gathers W times fewer elements.
     k_words = k_int4.reshape(num_kv_heads, num_pages * page_size, words_per_row, word_bytes)
     if word_bytes == 1:
+        _common.check_triton_offsets(
+            "k_int4", k_int4, "a head_dim of 64 or more lets the kernel read 2- or 4-byte words"
+        )
         k_words = k_words[..., 0]
     else:
         k_words = jax.lax.bitcast_convert_type(k_words, _WORD_DTYPES[word_bytes])

@@ -1,12 +1,14 @@
 """cache_append_decode: the GPU kernel (interpret mode) against the reference, bit for bit, and
 the reference against the rule written out in numpy, with float and with INT8 Quest metadata."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _export import export_cuda
 from _quant_rule import page_bounds_rule
 
-from pallas_kernels import append, quest
+from pallas_kernels import _common, append, quest
 from pallas_kernels.int4 import quantize_int4_reference
 
 HKV, S = 3, 4
@@ -243,3 +245,77 @@ def test_int8_bad_scale_names_itself():
         append.cache_append_decode(*cache, *new, table, pos, k_mm_scale=scale[:, :3])
     with pytest.raises(ValueError, match="k_min must have dtype"):  # int8 codes, no scale
         append.cache_append_decode(*cache, *new, table, pos)
+
+
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (48, jnp.float32), (16, jnp.bfloat16)])
+def test_word_stores_write_the_same_bytes(d, dtype):
+    # The INT4 codes stored as 4-byte words: D/2 = 32, 24 and 8 columns (the 24 as 6 words,
+    # padded to 8 in the kernel).
+    cache, new, table, pos = _case(17 + d, 5, d, dtype, num_pages=16)
+    ref = append.cache_append_decode(*cache, *new, table, pos, backend="reference")
+    words = append.AppendGpuConfig(word_stores=True)
+    got = append.cache_append_decode_gpu(*cache, *new, table, pos, interpret=True, config=words)
+    for name, r, g in zip(("kp", "vp", "k4", "ks", "kz", "mn", "mx"), ref, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r), err_msg=name)
+    export_cuda(
+        lambda *a: append.cache_append_decode_gpu(*a, config=words), *cache, *new, table, pos
+    )
+
+
+def test_large_int4_pools_store_words():
+    # k_int4 of 2**31 to 2**32 bytes: byte offsets past 2**31 would wrap in the kernel's 32-bit
+    # indexing (a 16-layer, batch 8, 32K cache of LLaMA-3.1-8B shapes decoded garbage on an
+    # H200 that way), so the kernel stores 4-byte words there; below and above, bytes.
+    def k4_operand(pages):
+        shapes = [
+            jax.ShapeDtypeStruct((8, pages, 16, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, pages, 16, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, pages, 16, 64), jnp.uint8),
+            jax.ShapeDtypeStruct((8, pages, 16), jnp.float32),
+            jax.ShapeDtypeStruct((8, pages, 16), jnp.float32),
+            jax.ShapeDtypeStruct((8, pages, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, pages, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8, 8, 128), jnp.float32),
+            jax.ShapeDtypeStruct((8, 8, 128), jnp.float32),
+            jax.ShapeDtypeStruct((8, 2048), jnp.int32),
+            jax.ShapeDtypeStruct((8,), jnp.int32),
+        ]
+        jaxpr = jax.make_jaxpr(append.cache_append_decode_gpu)(*shapes)
+        calls = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        assert len(calls) == 1
+        return calls[0].invars[4 + 2].aval  # after k_new, v_new, positions, page_table
+
+    assert k4_operand(16 * 16385).dtype == jnp.uint32  # 2**31 + 131072 bytes
+    assert k4_operand(16 * 12289).dtype == jnp.uint8  # 1.6e9 bytes
+    assert k4_operand(16 * 32769).dtype == jnp.uint8  # over 2**32: 64-bit offsets
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:  # and those of the jaxprs in their params (jit, pallas_call)
+        yield e
+        for v in e.params.values():
+            if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield from _all_eqns(v.jaxpr)
+            elif hasattr(v, "eqns"):
+                yield from _all_eqns(v)
+
+
+def test_config_word_stores():
+    with pytest.raises(ValueError, match="AppendGpuConfig.word_stores must be None or a bool"):
+        append.AppendGpuConfig(word_stores=1)
+
+
+def test_one_byte_arrays_past_2_31_elements_are_named():
+    # jax's Pallas Triton lowering indexes arrays of at most 2**32 bytes with signed 32-bit
+    # element offsets: for one-byte elements those wrap from 2**31 on.
+    def arr(n, dtype=jnp.uint8):
+        return jax.ShapeDtypeStruct((n,), dtype)
+
+    overflow = _common.triton_offsets_overflow
+    assert not overflow(arr(2**31 - 1))
+    assert overflow(arr(2**31)) and overflow(arr(2**32)) and overflow(arr(2**31, jnp.int8))
+    assert not overflow(arr(2**32 + 1))  # 64-bit offsets above 2**32 bytes
+    assert not overflow(arr(2**31, jnp.bfloat16))
+    with pytest.raises(ValueError, match="k_min holds 2147483648 one-byte elements.*use this"):
+        _common.check_triton_offsets("k_min", arr(2**31, jnp.int8), "use this")
+    _common.check_triton_offsets("k_min", arr(2**31 - 1, jnp.int8), "fine")

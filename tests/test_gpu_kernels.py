@@ -200,10 +200,12 @@ def test_int4_quantizer_is_the_documented_rule_bit_for_bit():
         np.testing.assert_array_equal(np.asarray(g), w)
 
 
-def test_cache_append_decode_is_the_reference_bit_for_bit():
+@pytest.mark.parametrize("word_stores", [False, True], ids=["bytes", "words"])
+def test_cache_append_decode_is_the_reference_bit_for_bit(word_stores):
     """The decode append kernel natively: pages and Quest min/max equal the XLA reference
     exactly, INT4 codes, scales and zeros the rule in numpy (fresh pages, mid-page writes,
-    skipped sequences)."""
+    skipped sequences); the codes stored as bytes and as 4-byte words (what pools of 2**31
+    to 2**32 code bytes take)."""
 
     rng = np.random.default_rng(11)
     batch, num_pages = 48, 200
@@ -222,7 +224,8 @@ def test_cache_append_decode_is_the_reference_bit_for_bit():
     table = jnp.asarray(rng.permutation(np.arange(1, num_pages))[: batch * 4].reshape(batch, 4))
     pos = jnp.asarray(rng.choice([0, 5, 15, 16, 40, 63, -1], batch), jnp.int32)
     args = (*cache, k_new, v_new, table.astype(jnp.int32), pos)
-    got = append.cache_append_decode(*args, backend="pallas")
+    cfg = append.AppendGpuConfig(word_stores=word_stores)
+    got = append.cache_append_decode_gpu(*args, config=cfg)
     want = [np.array(x) for x in append.cache_append_decode(*args, backend="reference")]
     # The reference's INT4 rows come from XLA's GPU division; put the rule's there instead.
     live = np.asarray(pos) >= 0
