@@ -22,7 +22,9 @@ k_mm_scale [Hkv, P] float32); k_new, v_new [B, Hkv, D]; page_table [B, max_pages
 positions [B] int32.
 
 GPU (Triton): grid (Hkv, blocks of sequences); masked stores into the aliased cache arrays, so
-under jit with the cache donated the update is in place. There is no TPU kernel: on a TPU the
+under jit with the cache donated the update is in place. The INT4 codes go as bytes, or as
+4-byte words where k_int4 holds 2**31 to 2**32 bytes (Pallas Triton indexes such an array
+with 32-bit offsets, which overflow past 2**31 one-byte elements; AppendGpuConfig). There is no TPU kernel: on a TPU the
 reference runs (XLA scatters, in place under donation as well).
 
 Defaults (AppendGpuConfig; docs/kernels.md, "Decode append"): 16 sequences a program, 4 warps,
