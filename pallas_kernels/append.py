@@ -24,8 +24,8 @@ positions [B] int32.
 GPU (Triton): grid (Hkv, blocks of sequences); masked stores into the aliased cache arrays, so
 under jit with the cache donated the update is in place. The INT4 codes go as bytes, or as
 4-byte words where k_int4 holds 2**31 to 2**32 bytes (Pallas Triton indexes such an array
-with 32-bit offsets, which overflow past 2**31 one-byte elements; AppendGpuConfig). There is no TPU kernel: on a TPU the
-reference runs (XLA scatters, in place under donation as well).
+with 32-bit offsets, which overflow past 2**31 one-byte elements; AppendGpuConfig). There is
+no TPU kernel: on a TPU the reference runs (XLA scatters, in place under donation as well).
 
 Defaults (AppendGpuConfig; docs/kernels.md, "Decode append"): 16 sequences a program, 4 warps,
 measured inside the LLaMA-8B-shaped decode step on an H200 (4.5 us a layer at batch 8); not

@@ -333,6 +333,18 @@ def weight_copies(kernels) -> list[tuple[str, float]]:
     ]
 
 
+def _note(row) -> str:
+    """Warnings for a row: weight copies in the profile, and logits that are all zero or not
+    finite (random weights give about 1 per logit: a zero or non-finite sum means the step ran
+    on a corrupted state, as an overflowed kernel offset once made it, and its time is not the
+    method's)."""
+    notes = ["WEIGHT COPIES"] if row.get("weight_copies") else []
+    total = row["logits_sum"]
+    if not math.isfinite(total) or total == 0:
+        notes.append("LOGITS ZERO OR NON-FINITE")
+    return "; ".join(notes)
+
+
 def run_method(jm, cache, tokens, name, cfg, args, tag):
     """Compile, time and (optionally) profile one method; returns (row, cache, info)."""
     t0 = time.perf_counter()
@@ -519,7 +531,7 @@ def main(argv=None):
                 peak_GB=stats.get("peak_bytes_in_use", 0) / 1e9 or None,
                 compile_s=row["compile_s"],
                 logits_sum=row["logits_sum"],
-                note="WEIGHT COPIES" if row.get("weight_copies") else "",
+                note=_note(row),
             )
             details[f"{name} | {form_shown} | {batch}x{context}"] = {
                 "floor_bytes": fb,

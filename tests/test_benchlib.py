@@ -365,3 +365,13 @@ def test_probe_op_configs_variants_reach_the_kernels():
         same = [n for n in texts if n != "default" and texts[n] == texts["default"]]
         assert not same, (batch, ctx, method, same)
     jax.clear_caches()
+
+
+def test_decode_step_rows_flag_zero_or_non_finite_logits():
+    # A step whose logits are all zero or not finite ran on a corrupted state (an overflowed
+    # kernel offset once wrote over the step's buffers): its row must say so.
+    assert bench_decode_step._note({"logits_sum": 131000.0}) == ""
+    for bad in (0.0, float("nan"), float("inf")):
+        assert bench_decode_step._note({"logits_sum": bad}) == "LOGITS ZERO OR NON-FINITE"
+    both = bench_decode_step._note({"logits_sum": 0.0, "weight_copies": [("copy", 9.0)]})
+    assert both == "WEIGHT COPIES; LOGITS ZERO OR NON-FINITE"
