@@ -266,8 +266,7 @@ def _gpu_kernel(
                 for off in (0, half)
             )
             byte = _pack_nibbles(lo, hi, scale, zero, divide=divide).astype(word_dt)
-            part = byte * word_dt.type(256**k) if k else byte
-            word = part if word is None else word | part
+            word = byte if word is None else word | (byte << (8 * k))
         plt.store(k4_ref.at[h, d2, w2], word, mask=okw)
     plt.store(ks_ref.at[h, dest], scale[:, 0], mask=ok)
     plt.store(kz_ref.at[h, dest], zero[:, 0], mask=ok)

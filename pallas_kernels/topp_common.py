@@ -39,12 +39,10 @@ EXACT_ITERS = 30
 #   GPU max_cols 32768: rows must fit on chip for the row-resident pair (at 131072 columns its
 #       Triton compile alone takes minutes); longer rows take the compacting kernel.
 #   GPU compact_min_rows 512, chunk_cols 1024: the compacting kernel (with its narrowing) beats
-#       the row-resident pair from 512 rows (and on Twilight over all's 32768-column rows). At
-#       256 rows it won the op on the benchmark's sharply peaked rows by 3.5% but cost 106
-#       against the pair's ~69 us a layer in the decode step's less peaked ones, where more
-#       columns pass its floor; at 128 rows and below its loop of dependent loads is exposed.
-#       chunk_cols 512 and 2048 lost (docs/results/session-2026-12-05/,
-#       session-2026-12-04e/sweep-topp-compact.md).
+#       the row-resident pair from 512 rows (and on Twilight over all's 32768-column rows);
+#       below that the pair wins in the decode step, whose rows are less peaked than the op
+#       benchmark's (docs/decode_step.md, "2026-12-05"; chunk widths:
+#       docs/results/session-2026-12-04e/sweep-topp-compact.md).
 #   GPU narrow_after 2: against 0 (never) in the op, on the planted rows of the attention
 #       benchmark (docs/results/session-2026-12-04f/narrow-*.md and .log); 1 and 3 no faster
 #       over Quest, 1 slower over all (docs/results/session-2026-12-04g/probe.log).
@@ -197,9 +195,9 @@ def lower_bits(p, hi, num_cols: int):
     bound, so the entries under it can be dropped before the search.
     """
     # Broadcast before the bitcast: on TPU p is an SMEM scalar, the bitcast wants a vector.
-    floor = jnp.where(p <= 1.0 - 2.0**-10, (1.0 - p) * (0.5 / num_cols), 0.0)
-    bound = jnp.broadcast_to(floor, hi.shape)
-    return jnp.clip(jax.lax.bitcast_convert_type(bound, jnp.int32), 0, hi - 1)
+    bound = jnp.broadcast_to((1.0 - p) * (0.5 / num_cols), hi.shape)
+    lo = jnp.where(p <= 1.0 - 2.0**-10, jax.lax.bitcast_convert_type(bound, jnp.int32), 0)
+    return jnp.clip(lo, 0, hi - 1)
 
 
 def _bisect(passes, lo, hi, iters):

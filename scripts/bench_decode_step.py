@@ -335,9 +335,8 @@ def weight_copies(kernels) -> list[tuple[str, float]]:
 
 def _note(row) -> str:
     """Warnings for a row: weight copies in the profile, and logits that are all zero or not
-    finite (random weights give about 1 per logit: a zero or non-finite sum means the step ran
-    on a corrupted state, as an overflowed kernel offset once made it, and its time is not the
-    method's)."""
+    finite (random weights give about 1 per logit: such a sum means the step ran on a
+    corrupted state, and its time is not the method's)."""
     notes = ["WEIGHT COPIES"] if row.get("weight_copies") else []
     total = row["logits_sum"]
     if not math.isfinite(total) or total == 0:

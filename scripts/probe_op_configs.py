@@ -27,7 +27,7 @@ import jax
 
 import benchlib
 from bench_attention import method_configs, planted_problem
-from pallas_kernels import attention, quest, spgemv, topp_gpu
+from pallas_kernels import quest, spgemv, topp_gpu
 from pallas_kernels.topp_common import TopPGpuConfig
 from twilight_jax import decode_attention
 
@@ -36,7 +36,6 @@ MODULES = {
     "topp": (topp_gpu, "DEFAULT_CONFIG"),
     "quest": (quest, "DEFAULT_GPU_CONFIG"),
     "spgemv": (spgemv, "DEFAULT_GPU_CONFIG"),
-    "attention": (attention, "SPARSE_GPU_CONFIG"),
 }
 
 
@@ -92,8 +91,8 @@ def probe_point(batch, ctx, method, variants, *, key, rounds, iters, extra, max_
     tag = f"{batch}/{ctx}/{method}"
     q, cache = planted_problem(jax.random.fold_in(key, batch * 7 + ctx), batch, ctx, 0.015, 7.0)
     cache = cache.with_quest_metadata("int8")
-    # One query: the planted keys follow it (a negated query, say, would make a flat problem
-    # with other selections). The points' caches are 20 times the L2 cache or more.
+    # One query: the planted keys follow it, so any other query would pose another problem.
+    # The points' caches are 20 times the L2 cache or more.
     qs = [(q,)]
     cfg = method_configs(ctx, 8192, 0.85, max_budget)[method]
 
